@@ -1,0 +1,88 @@
+"""AnalogConfig: which algorithm trains an analog tensor, on which devices."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .devices import LinearResponse, ResponseDevice
+
+ALGORITHMS = ("digital", "asgd", "rl", "rl2")
+BUFFERS = ("accumulate", "ema")
+
+
+@dataclass(frozen=True)
+class AnalogConfig:
+    """How one analog tensor is stored and trained (SPEC section 3).
+
+    Attributes:
+        algorithm: ``digital`` (plain SGD, no device), ``asgd`` (Analog SGD),
+            ``rl`` (Residual Learning v1; ``gamma=0`` is Tiki-Taka) or ``rl2``
+            (Residual Learning v2: digital buffer and threshold transfer).
+        device: the main array W's device.
+        residual_device: the residual array P's device (default: ``device``).
+        gamma: mixing weight of the forward weight ``W + gamma * P`` (>= 0).
+        transfer_lr: step size of the P -> W transfer (> 0).
+        transfer_every: ``rl`` transfers every this many optimizer steps (>= 1).
+        read_noise: std of the additive noise of each read of P, weight units (>= 0).
+        buffer: ``rl2`` buffer mode, ``accumulate`` (threshold transfer) or ``ema``.
+        threshold: ``rl2`` accumulate mode transfers once ``|H| >= threshold * dw_min_W`` (>= 1).
+        max_pulses: cap on pulses per element per write (None: no cap).
+        zero_shift: use P's device with its symmetric point subtracted (``G_P(0) = 0``).
+    """
+
+    algorithm: str = "rl2"
+    device: ResponseDevice = LinearResponse()
+    residual_device: ResponseDevice | None = None
+    gamma: float = 0.1
+    transfer_lr: float = 1.0
+    transfer_every: int = 1
+    read_noise: float = 0.0
+    buffer: str = "accumulate"
+    threshold: float = 1.0
+    max_pulses: int | None = None
+    zero_shift: bool = True
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+        if not isinstance(self.device, ResponseDevice):
+            raise TypeError(f"device must be a ResponseDevice (e.g. fastanalog.PowerResponse(tau=0.6)), got {self.device!r}")
+        if self.residual_device is None:
+            object.__setattr__(self, "residual_device", self.device)
+        elif not isinstance(self.residual_device, ResponseDevice):
+            raise TypeError(f"residual_device must be a ResponseDevice or None, got {self.residual_device!r}")
+        for name in ("gamma", "transfer_lr", "read_noise", "threshold"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0 (mixing weight of W + gamma*P), got {self.gamma}")
+        if self.transfer_lr <= 0:
+            raise ValueError(f"transfer_lr must be > 0, got {self.transfer_lr}")
+        if self.buffer == "ema" and self.transfer_lr > 1:
+            raise ValueError(f"transfer_lr must be <= 1 with buffer='ema' (it is the moving-average weight), got {self.transfer_lr}")
+        if isinstance(self.transfer_every, bool) or not isinstance(self.transfer_every, int) or self.transfer_every < 1:
+            raise ValueError(f"transfer_every must be an int >= 1, got {self.transfer_every!r}")
+        if self.read_noise < 0:
+            raise ValueError(f"read_noise must be >= 0 (std of the read of P), got {self.read_noise}")
+        if self.buffer not in BUFFERS:
+            raise ValueError(f"unknown buffer {self.buffer!r}: choose 'accumulate' or 'ema'")
+        if self.threshold < 1:
+            raise ValueError(f"threshold must be >= 1 (in units of dw_min of W), got {self.threshold}")
+        if self.max_pulses is not None and (
+            isinstance(self.max_pulses, bool) or not isinstance(self.max_pulses, int) or self.max_pulses < 1
+        ):
+            raise ValueError(f"max_pulses must be None or an int >= 1, got {self.max_pulses!r}")
+
+    @property
+    def is_analog(self) -> bool:
+        return self.algorithm != "digital"
+
+    @property
+    def has_residual(self) -> bool:
+        return self.algorithm in ("rl", "rl2")
+
+    @property
+    def has_buffer(self) -> bool:
+        return self.algorithm == "rl2"

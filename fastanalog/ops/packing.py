@@ -1,0 +1,68 @@
+"""Flat scalar descriptions of devices and steps, for kernels that take no Python objects.
+
+A fused kernel regenerates per-element device parameters from these scalars with
+exactly the formulas of ``ResponseDevice.element_params`` (SPEC section 1):
+``mean * max(1 + d2d_std * clamp(z, -3, 3), 0.05)`` with ``z`` the four normals of
+``randn4x(var_key, i)`` for ``(tau_min, tau_max, gamma, dw_min)`` and the first
+normal of ``randn4x(var_key ^ 1, i)`` for the asymmetry (then clipped to
+``[-0.99, 0.99]``); ``gamma`` varies only for families with a shape parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import AnalogConfig
+from ..devices import ResponseDevice
+from . import philox
+
+FAMILY_IDS = {"linear": 0, "power": 1, "exp": 2, "table": 3}
+
+
+@dataclass(frozen=True)
+class PackedDevice:
+    """One array's device as scalars (floats are rounded to float32 by the kernels)."""
+
+    family: int  # 0 linear, 1 power, 2 exp, 3 table
+    tau_min: float
+    tau_max: float
+    gamma: float
+    dw_min: float
+    asym: float
+    d2d_std: float
+    c2c_std: float
+    var_key: int  # Philox key of the d2d draw (0 and unused when d2d_std == 0)
+    has_gamma: bool  # whether d2d varies gamma
+    shift: float  # nominal symmetric point if zero-shifted (used when d2d_std == 0), else 0
+    zero_shift: bool  # the array is zero-shifted (with d2d: per-element symmetric point)
+    table_up: tuple[float, ...] = ()
+    table_down: tuple[float, ...] = ()
+
+
+def pack_device(device: ResponseDevice, tensor_id: int, array: int, zero_shift: bool) -> PackedDevice:
+    """Scalars of ``device`` as array ``array`` (0: W, 1: P) of analog tensor ``tensor_id``."""
+    var_key = philox.variation_key(device.variation_seed, tensor_id, array) if device.d2d_std > 0 else 0
+    shift = float(device.symmetric_point()) if zero_shift else 0.0
+    return PackedDevice(
+        family=FAMILY_IDS[device.family],
+        tau_min=float(device.tau_min),
+        tau_max=float(device.tau_max),
+        gamma=float(device.gamma_value),
+        dw_min=float(device.dw_min),
+        asym=float(device.asymmetry),
+        d2d_std=float(device.d2d_std),
+        c2c_std=float(device.c2c_std),
+        var_key=var_key,
+        has_gamma=bool(device.has_gamma),
+        shift=shift,
+        zero_shift=bool(zero_shift),
+        table_up=tuple(getattr(device, "up", ())),
+        table_down=tuple(getattr(device, "down", ())),
+    )
+
+
+def pack_config(config: AnalogConfig, tensor_id: int) -> tuple[PackedDevice, PackedDevice | None]:
+    """(W's packed device, P's packed device or None) of one analog tensor."""
+    dev_w = pack_device(config.device, tensor_id, 0, zero_shift=False)
+    dev_p = pack_device(config.residual_device, tensor_id, 1, zero_shift=config.zero_shift) if config.has_residual else None
+    return dev_w, dev_p
