@@ -1,0 +1,165 @@
+"""AnalogSGD: routing, exact resume, schedulers, non-finite gradients, bad input."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastanalog as fa
+
+ALGORITHMS = ["digital", "asgd", "rl", "rl2"]
+
+
+def _model(algorithm: str, seed: int = 0, **cfg) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    device = fa.PowerResponse(tau=0.6, gamma=0.5, dw_min=0.002, d2d_std=0.1, c2c_std=0.05)
+    return fa.convert_to_analog(m, fa.AnalogConfig(algorithm=algorithm, device=device, read_noise=0.01, **cfg))
+
+
+def _train(model, opt, steps: int, start: int = 0):
+    for k in range(start, start + steps):
+        g = torch.Generator().manual_seed(k)
+        x = torch.randn(8, 12, generator=g)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def _arrays(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_resume_from_state_dicts_continues_the_exact_trajectory(algorithm):
+    full = _model(algorithm)
+    opt = fa.AnalogSGD(full.parameters(), lr=0.2, momentum=0.5, seed=42)
+    _train(full, opt, 6)
+
+    first = _model(algorithm)
+    opt1 = fa.AnalogSGD(first.parameters(), lr=0.2, momentum=0.5, seed=42)
+    _train(first, opt1, 3)
+    model_sd, opt_sd = copy.deepcopy(first.state_dict()), copy.deepcopy(opt1.state_dict())
+
+    resumed = _model(algorithm, seed=123)  # different init: everything must come from the checkpoint
+    opt2 = fa.AnalogSGD(resumed.parameters(), lr=0.2, momentum=0.5, seed=7)
+    resumed.load_state_dict(model_sd)
+    opt2.load_state_dict(opt_sd)
+    _train(resumed, opt2, 3, start=3)
+
+    a, b = _arrays(full), _arrays(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    if algorithm != "digital":
+        assert fa.total_pulses(full) > 0
+
+
+def test_same_seed_same_result_other_seed_other_result():
+    runs = []
+    for seed in (1, 1, 2):
+        m = _model("rl2")
+        _train(m, fa.AnalogSGD(m.parameters(), lr=0.2, seed=seed), 3)
+        runs.append(m[0].analog_main.clone())
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_seed_none_follows_torch_manual_seed():
+    torch.manual_seed(5)
+    a = fa.AnalogSGD([nn.Parameter(torch.zeros(1))], lr=0.1).seed
+    torch.manual_seed(5)
+    b = fa.AnalogSGD([nn.Parameter(torch.zeros(1))], lr=0.1).seed
+    assert a == b
+
+
+def test_digital_parameters_follow_torch_sgd_exactly():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3))
+    ours = copy.deepcopy(plain)
+    opt_ref = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    opt = fa.AnalogSGD(ours.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    for k in range(3):
+        x = torch.randn(6, 5, generator=torch.Generator().manual_seed(k))
+        for m, o in ((plain, opt_ref), (ours, opt)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    for p, q in zip(plain.parameters(), ours.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("algorithm", ["asgd", "rl", "rl2"])
+def test_step_writes_forward_weight_from_arrays_and_counts_pulses(algorithm):
+    m = _model(algorithm)
+    opt = fa.AnalogSGD(m.parameters(), lr=0.5, seed=3)
+    _train(m, opt, 2)
+    layer = m[0]
+    st = layer.analog_state()
+    if algorithm == "asgd":
+        assert st["main"].data_ptr() == layer.weight.data_ptr() and st["residual"] is None
+    else:
+        torch.testing.assert_close(layer.weight.detach(), st["main"] + 0.1 * st["residual"], rtol=0, atol=1e-7)
+        assert (st["buffer"] is not None) == (algorithm == "rl2")
+    assert int(layer.analog_last_pulses.sum()) > 0
+    assert int(layer.analog_pulses.sum()) >= int(layer.analog_last_pulses.sum())
+
+
+def test_lr_is_read_from_the_param_group_so_schedulers_work():
+    m = _model("asgd")
+    opt = fa.AnalogSGD(m.parameters(), lr=0.5, seed=3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.0)  # lr -> 0
+    before = m[0].weight.detach().clone()
+    _train(m, opt, 1)
+    assert torch.equal(before, m[0].weight.detach())  # lr 0: no pulse
+    sched.last_epoch = -1
+    opt.param_groups[0]["lr"] = 0.5
+    _train(m, opt, 1)
+    assert not torch.equal(before, m[0].weight.detach())
+
+
+@pytest.mark.parametrize("algorithm", ["asgd", "rl2"])
+def test_nonfinite_gradient_raises_and_touches_nothing(algorithm):
+    m = _model(algorithm)
+    opt = fa.AnalogSGD(m.parameters(), lr=0.5, seed=3)
+    _train(m, opt, 1)
+    before = _arrays(m)
+    opt.zero_grad()
+    m(torch.randn(4, 12)).sum().backward()
+    m[2].weight.grad[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="nonfinite='skip'"):
+        opt.step()
+    after = _arrays(m)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert opt.step_count == 1
+
+    skip = fa.AnalogSGD(m.parameters(), lr=0.5, seed=3, nonfinite="skip")
+    skip.step()
+    assert skip.skipped_steps == 1 and skip.step_count == 0
+    after = _arrays(m)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lr=0.0), "lr must be"),
+        (dict(lr=-1.0), "lr must be"),
+        (dict(lr=0.1, momentum=1.5), "momentum"),
+        (dict(lr=0.1, weight_decay=-1.0), "weight_decay"),
+        (dict(lr=0.1, seed=-1), "seed"),
+        (dict(lr=0.1, nonfinite="ignore"), "nonfinite"),
+    ],
+)
+def test_bad_optimizer_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fa.AnalogSGD([nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_loading_a_plain_sgd_state_dict_is_refused():
+    p = nn.Parameter(torch.zeros(2))
+    sd = torch.optim.SGD([p], lr=0.1).state_dict()
+    with pytest.raises(ValueError, match="not saved by AnalogSGD"):
+        fa.AnalogSGD([p], lr=0.1).load_state_dict(sd)
