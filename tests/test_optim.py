@@ -163,3 +163,24 @@ def test_loading_a_plain_sgd_state_dict_is_refused():
     sd = torch.optim.SGD([p], lr=0.1).state_dict()
     with pytest.raises(ValueError, match="not saved by AnalogSGD"):
         fa.AnalogSGD([p], lr=0.1).load_state_dict(sd)
+
+
+def test_channels_last_conv_gives_the_same_update_as_contiguous():
+    def run(channels_last: bool):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+        m = fa.convert_to_analog(m, fa.AnalogConfig(algorithm="rl2", device=fa.LinearResponse(tau=1.0, dw_min=0.002)))
+        if channels_last:
+            m = m.to(memory_format=torch.channels_last)
+            assert not m[0].weight.is_contiguous() and not m[0].analog_main.is_contiguous()
+        opt = fa.AnalogSGD(m.parameters(), lr=0.5, seed=1)
+        gen = torch.Generator().manual_seed(0)
+        for p in m.parameters():  # identical gradients (conv backward sums in a layout-dependent order)
+            p.grad = torch.randn(p.shape, generator=gen).to(memory_format=torch.channels_last if p.dim() == 4 and channels_last else torch.contiguous_format)
+        opt.step()
+        return {k: v.contiguous() for k, v in m.state_dict().items()}
+
+    a, b = run(False), run(True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert int(a["0.analog_last_pulses"].sum()) > 0
