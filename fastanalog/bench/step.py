@@ -1,0 +1,226 @@
+"""``fastanalog bench step``: the optimizer step alone, on whole timm models.
+
+For each model and algorithm: one backward pass leaves gradients in an analog copy
+and in a plain copy of the same model; then ``AnalogSGD.step`` and
+``torch.optim.SGD(foreach=True).step`` are timed interleaved, again and again on the
+same gradients (the steps move the weights, which does not matter for timing). The
+figure is the analog step time over the SGD step time, per algorithm.
+
+A second figure is the launch count of one step, read from ``torch.profiler``: on
+CUDA the GPU kernels; on CPU the calls of ``fastanalog::*`` custom ops when a
+compiled backend serves the update, else (the plain-PyTorch reference backend) the
+torch ops issued at the top level of the step. The CSV says which in
+``*_launch_kind``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import fastanalog as fa
+
+from .common import (
+    MS,
+    TINY_RESNET,
+    TINY_VIT,
+    ModelSpec,
+    Panel,
+    Report,
+    Stats,
+    analog_config,
+    count_params,
+    device_note,
+    device_range,
+    measure_interleaved,
+    ratio_stats,
+    stats_columns,
+    stats_names,
+    synchronizer,
+)
+
+# Full-size models: timm's default 1000-class heads; the ViT sized to 32x32 inputs to keep the one backward cheap.
+STEP_MODELS: dict[str, ModelSpec] = {
+    "resnet": ModelSpec("resnet50", "resnet50", (), (3, 32, 32), 2, 1000),
+    "vit": ModelSpec("vit_small_patch16_224", "vit_small_patch16_224", (("img_size", 32),), (3, 32, 32), 2, 1000),
+}
+TINY_STEP_MODELS: dict[str, ModelSpec] = {"resnet": TINY_RESNET, "vit": TINY_VIT}
+
+# Learning rate of both optimizers (any positive value; the timing does not depend on it).
+LR = 0.01
+
+COLUMNS = [
+    "model",
+    "params",
+    "analog_layers",
+    "algorithm",
+    "tau",
+    *stats_names("analog_ms"),
+    *stats_names("sgd_ms"),
+    *stats_names("ratio"),
+    "analog_launches",
+    "analog_launch_kind",
+    "sgd_launches",
+    "sgd_launch_kind",
+    "warmup",
+    "repeats",
+]
+
+
+def _is_wrapper(name: str) -> bool:
+    """Profiler ranges that torch wraps around ``Optimizer.step`` (not ops themselves)."""
+    return name.startswith("Optimizer.")
+
+
+def count_launches(fn: Callable[[], Any], device: torch.device, *, custom_ops: bool = True) -> tuple[int, str]:
+    """Run ``fn`` once under ``torch.profiler`` and count what it launches; return ``(count, kind)``.
+
+    ``kind`` is ``cuda kernels`` on CUDA; on CPU ``fastanalog:: op calls`` when
+    ``custom_ops`` and any were called, else ``top-level torch ops`` (the ops called
+    directly by ``fn``, not counting the ``Optimizer.step`` range torch wraps around it).
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync = synchronizer(device)
+    sync()
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if e.device_type == DeviceType.CUDA), "cuda kernels"
+    if custom_ops:
+        n = sum(1 for e in events if e.name.startswith("fastanalog::"))
+        if n:
+            return n, "fastanalog:: op calls"
+    top = 0
+    for e in events:
+        if e.device_type != DeviceType.CPU:
+            continue
+        parent = e.cpu_parent
+        if parent is None:
+            top += not _is_wrapper(e.name)
+        elif parent.cpu_parent is None and _is_wrapper(parent.name):
+            top += 1
+    return top, "top-level torch ops"
+
+
+def _backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+
+
+def bench_model(
+    spec: ModelSpec, algorithms: Sequence[str], device: torch.device, *, warmup: int, repeats: int, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Time ``AnalogSGD.step`` against ``SGD(foreach=True).step`` on ``spec`` for each algorithm; one row each."""
+    torch.manual_seed(seed)
+    base = spec.build().to(device)
+    tau = device_range(base)
+    x, y = spec.data(device, seed)
+    sync = synchronizer(device)
+
+    sgd_model = copy.deepcopy(base)
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=LR, foreach=True)
+    _backward(sgd_model, x, y)
+    sgd_launches, sgd_kind = count_launches(sgd.step, device, custom_ops=False)
+
+    rows = []
+    for algorithm in algorithms:
+        model = fa.convert_to_analog(copy.deepcopy(base), analog_config(algorithm, tau))
+        opt = fa.AnalogSGD(model.parameters(), lr=LR, seed=seed)
+        _backward(model, x, y)
+        times = measure_interleaved({"analog": opt.step, "sgd": sgd.step}, warmup=warmup, repeats=repeats, sync=sync)
+        launches, kind = count_launches(opt.step, device)
+        analog_ms = Stats.of(times["analog"]).scaled(MS)
+        sgd_ms = Stats.of(times["sgd"]).scaled(MS)
+        ratio = ratio_stats(times["analog"], times["sgd"])
+        rows.append(
+            {
+                "model": spec.label,
+                "params": count_params(base),
+                "analog_layers": sum(1 for _ in fa.analog_layers(model)),
+                "algorithm": algorithm,
+                "tau": tau,
+                **stats_columns("analog_ms", analog_ms),
+                **stats_columns("sgd_ms", sgd_ms),
+                **stats_columns("ratio", ratio),
+                "analog_launches": launches,
+                "analog_launch_kind": kind,
+                "sgd_launches": sgd_launches,
+                "sgd_launch_kind": sgd_kind,
+                "warmup": warmup,
+                "repeats": repeats,
+            }
+        )
+        print(
+            f"  {spec.label} / {algorithm}: AnalogSGD.step {analog_ms.median:.3g} ms, SGD.step {sgd_ms.median:.3g} ms, "
+            f"ratio {ratio.median:.3g}, {launches} {kind}",
+            flush=True,
+        )
+        del model, opt
+    return rows
+
+
+def _stats(row: dict[str, Any], prefix: str) -> Stats:
+    return Stats(row[f"{prefix}_median"], row[f"{prefix}_min"], row[f"{prefix}_max"], row["repeats"])
+
+
+def run_step(
+    *,
+    models: Sequence[str],
+    algorithms: Sequence[str],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    tiny: bool,
+) -> Report:
+    """Run the step benchmark on the named models (keys of :data:`STEP_MODELS`) and build its report."""
+    table = TINY_STEP_MODELS if tiny else STEP_MODELS
+    specs = [table[m] for m in models]
+    rows: list[dict[str, Any]] = []
+    for spec in specs:
+        print(f"step: {spec.label} ({'tiny' if tiny else 'full'} size), algorithms {', '.join(algorithms)}", flush=True)
+        rows += bench_model(spec, algorithms, device, warmup=warmup, repeats=repeats)
+
+    groups = [s.label for s in specs]
+
+    def bars(key: Callable[[dict[str, Any]], Stats | None], algorithm: str) -> list[Stats | None]:
+        by_model = {r["model"]: r for r in rows if r["algorithm"] == algorithm}
+        return [key(by_model[g]) if g in by_model else None for g in groups]
+
+    ratio_panel = Panel(
+        "AnalogSGD.step time / torch.optim.SGD(foreach=True).step time",
+        "time ratio (median, min-max)",
+        groups,
+        {a: bars(lambda r: _stats(r, "ratio"), a) for a in algorithms},
+    )
+    launch_series = {a: bars(lambda r: Stats(r["analog_launches"], r["analog_launches"], r["analog_launches"], 1), a) for a in algorithms}
+    sgd_by_model = {r["model"]: r["sgd_launches"] for r in rows}
+    launch_series["SGD(foreach)"] = [Stats(sgd_by_model[g], sgd_by_model[g], sgd_by_model[g], 1) if g in sgd_by_model else None for g in groups]
+    kinds = sorted({r["analog_launch_kind"] for r in rows})
+    launch_panel = Panel(f"launches per step ({'; '.join(kinds)})", "count", groups, launch_series, baseline=None)
+
+    notes = [
+        f"Ratio: AnalogSGD.step time / torch.optim.SGD(foreach=True).step time on the same model and gradients, "
+        f"repeat by repeat; median [min, max] over {repeats} repeats after {warmup} warm-up steps.",
+        device_note(rows),
+        "Launches: cuda kernels on GPU; on CPU fastanalog:: custom-op calls when a compiled backend serves the update, "
+        "else the torch ops issued at the top level of the step (reference backend).",
+    ]
+    table_spec = [
+        ("model", lambda r: r["model"]),
+        ("params", lambda r: f"{r['params']:,}"),
+        ("algorithm", lambda r: r["algorithm"]),
+        ("AnalogSGD.step ms", lambda r: _stats(r, "analog_ms").fmt()),
+        ("SGD.step ms", lambda r: _stats(r, "sgd_ms").fmt()),
+        ("ratio", lambda r: _stats(r, "ratio").fmt()),
+        ("launches (analog / SGD)", lambda r: f"{r['analog_launches']} / {r['sgd_launches']} ({r['analog_launch_kind']})"),
+    ]
+    return Report("step", "Optimizer step: AnalogSGD over SGD(foreach)", COLUMNS, rows, table_spec, [ratio_panel, launch_panel], notes)

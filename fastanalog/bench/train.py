@@ -1,0 +1,390 @@
+"""``fastanalog bench train``: end-to-end training steps, analog over digital.
+
+One training step is ``zero_grad``, forward, cross-entropy, backward and ``step``. For
+each model, the analog model (``convert_to_analog`` + ``AnalogSGD``) and the digital
+one (the same initial weights, plain modules + ``torch.optim.SGD``) are timed
+interleaved on the same fixed batch; the figure is analog time over digital time.
+
+Peak memory, analog over digital: on CUDA ``torch.cuda.max_memory_allocated`` of a
+few training steps, in this process. On CPU every configuration runs in a fresh
+process (one worker started for the benchmark imports torch, then forks one child per
+configuration), which reads its own peak resident set size
+(``getrusage(RUSAGE_SELF).ru_maxrss``). Each measurement first runs one warm-up step
+of its configuration on a two-sample batch and frees it, so the libraries' pages are
+resident before the baseline is taken; the figure compares the peaks above those
+baselines (the configuration's own data), and the CSV keeps the absolute peaks too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import gc
+import importlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import fastanalog as fa
+
+from .common import (
+    MS,
+    REPO_ROOT,
+    TINY_RESNET,
+    TINY_VIT,
+    ModelSpec,
+    Panel,
+    Report,
+    Stats,
+    analog_config,
+    backend_name,
+    count_params,
+    device_note,
+    device_range,
+    linear_spec,
+    measure_interleaved,
+    ratio_stats,
+    set_threads,
+    stats_columns,
+    stats_names,
+    synchronizer,
+)
+
+TRAIN_MODELS: dict[str, ModelSpec] = {
+    "linear": linear_spec(1024, 128),
+    "resnet": ModelSpec("resnet18", "resnet18", (("num_classes", 10),), (3, 32, 32), 32, 10),
+    "vit": ModelSpec(
+        "vit_tiny_p4", "vit_tiny_patch16_224", (("img_size", 32), ("patch_size", 4), ("num_classes", 10)), (3, 32, 32), 32, 10
+    ),
+}
+TINY_TRAIN_MODELS: dict[str, ModelSpec] = {"linear": linear_spec(64, 8), "resnet": TINY_RESNET, "vit": TINY_VIT}
+
+# Learning rate of both optimizers.
+LR = 0.01
+# Training steps each memory measurement runs (the first allocates gradients and optimizer state).
+MEMORY_STEPS = 2
+# Name of the digital baseline in memory jobs.
+BASELINE = "torch"
+# Prefix of the worker's result line on stdout.
+_RESULT_TAG = "FASTANALOG_BENCH_MEMORY "
+MB = 1 / 2**20
+
+COLUMNS = [
+    "model",
+    "batch",
+    "params",
+    "algorithm",
+    "tau",
+    *stats_names("analog_ms"),
+    *stats_names("digital_ms"),
+    *stats_names("ratio"),
+    "analog_peak_mb",
+    "digital_peak_mb",
+    "analog_mem_mb",
+    "digital_mem_mb",
+    "mem_ratio",
+    "mem_kind",
+    "warmup",
+    "repeats",
+]
+
+
+# ----- models and steps --------------------------------------------------------------------
+def build_pair(spec: ModelSpec, algorithm: str, device: torch.device, seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, float]:
+    """``(model, optimizer, tau)`` for ``algorithm``, or for the plain-torch baseline when it is ``torch``."""
+    torch.manual_seed(seed)
+    model = spec.build().to(device)
+    tau = device_range(model)
+    if algorithm == BASELINE:
+        return model, torch.optim.SGD(model.parameters(), lr=LR), tau
+    model = fa.convert_to_analog(model, analog_config(algorithm, tau))
+    return model, fa.AnalogSGD(model.parameters(), lr=LR, seed=seed), tau
+
+
+def train_step_fn(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One training step (zero_grad, forward, cross-entropy, backward, step) as a callable."""
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+# ----- memory ----------------------------------------------------------------------------
+def _rss_now() -> int:
+    """Resident set size of this process now, bytes (Linux ``/proc``; else the peak so far)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return _rss_peak()
+
+
+def _rss_peak() -> int:
+    """Peak resident set size of this process, bytes (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def memory_job(spec: ModelSpec, algorithm: str, device: torch.device, threads: int | None, steps: int = MEMORY_STEPS) -> dict[str, Any]:
+    """A memory measurement of ``spec`` trained with ``algorithm`` (``torch``: the digital baseline), as plain JSON data."""
+    return {"spec": dataclasses.asdict(spec), "algorithm": algorithm, "device": str(device), "threads": threads, "steps": steps}
+
+
+def spec_from_json(data: dict[str, Any]) -> ModelSpec:
+    """The :class:`ModelSpec` of ``dataclasses.asdict(spec)`` after a JSON round trip (lists back to tuples)."""
+
+    def tup(v: Any) -> Any:
+        return tuple(tup(x) for x in v) if isinstance(v, list) else v
+
+    return ModelSpec(**{k: tup(v) for k, v in data.items()})
+
+
+def _release_freed_heap() -> None:
+    """Hand freed heap memory back to the system (glibc ``malloc_trim``), so the resident size reflects live data."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _warm_up(spec: ModelSpec, algorithm: str, device: torch.device) -> None:
+    """One training step of the configuration on a batch of (at most) two samples, then free it.
+
+    It loads the code the measured steps run (library pages, kernels, lazy
+    initialisations), so the baseline taken after it holds them and the measured peak
+    above the baseline is the configuration's own data.
+    """
+    small = dataclasses.replace(spec, batch=min(2, spec.batch))
+    model, opt, _ = build_pair(small, algorithm, device)
+    x, y = small.data(device)
+    train_step_fn(model, opt, x, y)()
+    del model, opt, x, y
+
+
+def run_memory_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Build one configuration, run a few training steps; return its peak and baseline memory in bytes.
+
+    ``job`` (see :func:`memory_job`) holds ``spec``, ``algorithm`` (or ``torch`` for
+    the digital baseline), ``device``, ``threads`` and ``steps``. The baseline is taken
+    after a warm-up step on a two-sample batch (see :func:`_warm_up`).
+    """
+    set_threads(job.get("threads"))
+    device = torch.device(job["device"])
+    spec = spec_from_json(job["spec"])
+    cuda = device.type == "cuda"
+    _warm_up(spec, job["algorithm"], device)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    else:
+        _release_freed_heap()
+        baseline = _rss_now()
+    model, opt, _ = build_pair(spec, job["algorithm"], device)
+    x, y = spec.data(device)
+    step = train_step_fn(model, opt, x, y)
+    for _ in range(job["steps"]):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        del model, opt, x, y, step
+        torch.cuda.empty_cache()
+    else:
+        peak = _rss_peak()
+    return {"peak": int(peak), "baseline": int(baseline)}
+
+
+def _run_forked(job: dict[str, Any]) -> dict[str, Any]:
+    """Run ``job`` in a forked child of this (fresh) worker and return what it reports."""
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # child: measure, report through the pipe, leave without running any parent clean-up
+        os.close(read_fd)
+        try:
+            payload = json.dumps(run_memory_job(job))
+        except BaseException as e:  # every failure, even an interrupt, is reported to the parent
+            payload = json.dumps({"error": f"{type(e).__name__}: {e}"})
+        data = payload.encode()
+        while data:
+            data = data[os.write(write_fd, data) :]
+        os.close(write_fd)
+        os._exit(0)
+    os.close(write_fd)
+    chunks = []
+    while chunk := os.read(read_fd, 65536):
+        chunks.append(chunk)
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    if not chunks:
+        return {"error": f"the measuring process ended without a result (wait status {status})"}
+    return json.loads(b"".join(chunks))
+
+
+def memory_worker_main() -> None:
+    """Entry of the fresh worker process: read jobs (JSON) from stdin, print the results line."""
+    jobs = json.loads(sys.stdin.read())
+    # Load what the configurations use once, before forking: timm (when a job needs it) and the CPU
+    # update backend (no torch op runs here, so no thread pool exists to be lost in the children).
+    if any(job["spec"]["timm_name"] for job in jobs):
+        importlib.import_module("timm")
+    backend_name(torch.device("cpu"))
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=LR)  # an optimizer's first construction imports torch._dynamo
+    results = [_run_forked(job) if hasattr(os, "fork") else run_memory_job(job) for job in jobs]
+    print(_RESULT_TAG + json.dumps(results), flush=True)
+
+
+def _run_worker(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    cmd = [sys.executable, "-c", "from fastanalog.bench.train import memory_worker_main; memory_worker_main()"]
+    proc = subprocess.run(cmd, input=json.dumps(jobs), capture_output=True, text=True, env=env, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"the memory-measuring process failed (exit status {proc.returncode}):\n{tail}")
+    return json.loads(lines[-1][len(_RESULT_TAG) :])
+
+
+def measure_memory(jobs: list[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
+    """Peak and baseline memory (bytes) of each job: in this process on CUDA, in fresh processes on CPU."""
+    if device.type == "cuda":
+        return [run_memory_job(job) for job in jobs]
+    if hasattr(os, "fork"):
+        return _run_worker(jobs)  # one fresh worker, one forked child per job
+    return [r for job in jobs for r in _run_worker([job])]  # no fork: one fresh process per job
+
+
+# ----- the benchmark ---------------------------------------------------------------------
+def time_model(spec: ModelSpec, algorithms: Sequence[str], device: torch.device, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
+    """Time the training step of ``spec`` for each algorithm against the digital baseline; one row each (no memory yet)."""
+    sync = synchronizer(device)
+    x, y = spec.data(device)
+    digital, digital_opt, tau = build_pair(spec, BASELINE, device)
+    digital_step = train_step_fn(digital, digital_opt, x, y)
+    rows = []
+    for algorithm in algorithms:
+        model, opt, _ = build_pair(spec, algorithm, device)
+        step = train_step_fn(model, opt, x, y)
+        t = measure_interleaved({"analog": step, "digital": digital_step}, warmup=warmup, repeats=repeats, sync=sync)
+        analog_ms, digital_ms = Stats.of(t["analog"]).scaled(MS), Stats.of(t["digital"]).scaled(MS)
+        print(f"  {spec.label} / {algorithm}: analog {analog_ms.median:.3g} ms, digital {digital_ms.median:.3g} ms per training step", flush=True)
+        rows.append(
+            {
+                "model": spec.label,
+                "batch": spec.batch,
+                "params": count_params(digital),
+                "algorithm": algorithm,
+                "tau": tau,
+                **stats_columns("analog_ms", analog_ms),
+                **stats_columns("digital_ms", digital_ms),
+                **stats_columns("ratio", ratio_stats(t["analog"], t["digital"])),
+                "warmup": warmup,
+                "repeats": repeats,
+            }
+        )
+        del model, opt, step
+    return rows
+
+
+def add_memory(rows: list[dict[str, Any]], specs: Sequence[ModelSpec], device: torch.device, threads: int | None) -> None:
+    """Measure peak memory of every model of ``specs`` (digital baseline and each algorithm of ``rows``); fill the rows' memory columns.
+
+    On CPU all configurations share one fresh worker process (one forked child each).
+    """
+    by_label = {s.label: s for s in specs}
+    keys = [(label, BASELINE) for label in by_label] + [(r["model"], r["algorithm"]) for r in rows]
+    keys = list(dict.fromkeys(keys))
+    print(f"train: peak memory of {len(keys)} configurations", flush=True)
+    results = measure_memory([memory_job(by_label[label], algorithm, device, threads) for label, algorithm in keys], device)
+    memory = dict(zip(keys, results))
+    errors = [f"{label} / {algorithm}: {m['error']}" for (label, algorithm), m in memory.items() if "error" in m]
+    if errors:
+        raise RuntimeError("memory measurement failed: " + "; ".join(errors))
+    mem_kind = "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS, fresh process"
+    for row in rows:
+        mem, dig = memory[(row["model"], row["algorithm"])], memory[(row["model"], BASELINE)]
+        extra, dig_extra = mem["peak"] - mem["baseline"], dig["peak"] - dig["baseline"]
+        row.update(
+            {
+                "analog_peak_mb": mem["peak"] * MB,
+                "digital_peak_mb": dig["peak"] * MB,
+                "analog_mem_mb": extra * MB,
+                "digital_mem_mb": dig_extra * MB,
+                "mem_ratio": extra / dig_extra if dig_extra > 0 else float("nan"),
+                "mem_kind": mem_kind,
+            }
+        )
+
+
+def _stats(row: dict[str, Any], prefix: str) -> Stats:
+    return Stats(row[f"{prefix}_median"], row[f"{prefix}_min"], row[f"{prefix}_max"], row["repeats"])
+
+
+def run_train(
+    *,
+    models: Sequence[str],
+    algorithms: Sequence[str],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    tiny: bool,
+    threads: int | None,
+) -> Report:
+    """Run the training-step benchmark on the named models (keys of :data:`TRAIN_MODELS`) and build its report."""
+    table = TINY_TRAIN_MODELS if tiny else TRAIN_MODELS
+    specs = [table[key] for key in models]
+    rows: list[dict[str, Any]] = []
+    for spec in specs:
+        print(f"train: {spec.label} batch {spec.batch} ({'tiny' if tiny else 'full'} size), algorithms {', '.join(algorithms)}", flush=True)
+        rows += time_model(spec, algorithms, device, warmup=warmup, repeats=repeats)
+    add_memory(rows, specs, device, threads)
+
+    groups = [table[k].label for k in models]
+
+    def bars(key: Callable[[dict[str, Any]], Stats], algorithm: str) -> list[Stats | None]:
+        by_model = {r["model"]: r for r in rows if r["algorithm"] == algorithm}
+        return [key(by_model[g]) if g in by_model else None for g in groups]
+
+    def mem(r: dict[str, Any]) -> Stats:
+        return Stats(r["mem_ratio"], r["mem_ratio"], r["mem_ratio"], 1)
+
+    panels = [
+        Panel("training step time, analog / digital", "time ratio (median, min-max)", groups, {a: bars(lambda r: _stats(r, "ratio"), a) for a in algorithms}),
+        Panel(f"peak memory above baseline, analog / digital ({rows[0]['mem_kind'] if rows else ''})", "memory ratio", groups, {a: bars(mem, a) for a in algorithms}),
+    ]
+    notes = [
+        "Time ratio: one training step (zero_grad, forward, cross-entropy, backward, step) of the analog model "
+        "(convert_to_analog + AnalogSGD) over the same step of the digital model (plain modules + torch.optim.SGD), "
+        f"repeat by repeat; median [min, max] over {repeats} repeats after {warmup} warm-up steps.",
+        f"Memory: peak during {MEMORY_STEPS} training steps, above the size after a freed two-sample warm-up step "
+        + ("(torch.cuda.max_memory_allocated)." if device.type == "cuda" else "(ru_maxrss of a fresh process per configuration)."),
+        device_note(rows),
+    ]
+    table_spec = [
+        ("model", lambda r: r["model"]),
+        ("batch", lambda r: str(r["batch"])),
+        ("params", lambda r: f"{r['params']:,}"),
+        ("algorithm", lambda r: r["algorithm"]),
+        ("analog ms", lambda r: _stats(r, "analog_ms").fmt()),
+        ("digital ms", lambda r: _stats(r, "digital_ms").fmt()),
+        ("time ratio", lambda r: _stats(r, "ratio").fmt()),
+        ("mem MB (analog / digital)", lambda r: f"{r['analog_mem_mb']:.1f} / {r['digital_mem_mb']:.1f}"),
+        ("mem ratio", lambda r: f"{r['mem_ratio']:.3g}"),
+    ]
+    return Report("train", "Training step: analog over digital", COLUMNS, rows, table_spec, panels, notes)

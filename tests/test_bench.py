@@ -1,0 +1,337 @@
+"""Tests of ``fastanalog bench``: each benchmark writes its CSV, markdown table and plot at --tiny sizes,
+the aihwkit comparison exits 0 with or without aihwkit, the kernel scripts are found and called, and bad
+options fail with a clear message."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from fastanalog.bench import cli
+from fastanalog.bench.common import ALGORITHMS, ENV_COLUMNS, measure_interleaved, ratio_stats
+
+# One thread: the smallest models run fastest single-threaded, and a busy machine does not stall them.
+TINY = ["--tiny", "--threads", "1"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_outputs(out: Path, name: str, columns: list[str], n_rows: int) -> list[dict[str, str]]:
+    """Check ``<name>.csv`` (columns, environment record, row count), ``<name>.md`` and ``<name>.png``; return the rows."""
+    with open(out / f"{name}.csv", newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
+    missing = [c for c in [*columns, *ENV_COLUMNS] if c not in header]
+    assert not missing, f"{name}.csv lacks columns {missing}"
+    assert len(rows) == n_rows
+    for row in rows:
+        assert row["torch"] == torch.__version__
+        assert row["machine"] and row["cpu"] and row["commit"] and row["backend"]
+        assert row["threads"] == "1"
+    md = (out / f"{name}.md").read_text(encoding="utf-8")
+    table_lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert len(table_lines) == n_rows + 2, "markdown table: header, separator and one line per row"
+    png = (out / f"{name}.png").read_bytes()
+    assert len(png) > 1000 and png.startswith(PNG_MAGIC)
+    return rows
+
+
+def check_stats(row: dict[str, str], prefix: str) -> float:
+    """``prefix``'s median lies in [min, max] and is positive; return it."""
+    lo, med, hi = (float(row[f"{prefix}_{k}"]) for k in ("min", "median", "max"))
+    assert 0 < lo <= med <= hi
+    return med
+
+
+# ----- step and train ---------------------------------------------------------------------
+def test_step_tiny_writes_one_row_per_model_and_algorithm(tmp_path, capsys):
+    assert cli.main(["step", *TINY, "--out", str(tmp_path)]) == 0
+    rows = check_outputs(tmp_path, "step", ["model", "algorithm", "ratio_median", "ratio_min", "ratio_max", "analog_launches"], 8)
+    assert {(r["model"], r["algorithm"]) for r in rows} == {(m, a) for m in ("test_resnet-tiny", "test_vit-tiny") for a in ALGORITHMS}
+    for r in rows:
+        check_stats(r, "analog_ms")
+        check_stats(r, "sgd_ms")
+        check_stats(r, "ratio")
+        assert int(r["analog_launches"]) > 0 and int(r["sgd_launches"]) > 0
+        assert r["analog_launch_kind"] in ("fastanalog:: op calls", "top-level torch ops")
+        if r["algorithm"] == "digital":  # no analog update: the per-parameter torch ops of AnalogSGD
+            assert r["analog_launch_kind"] == "top-level torch ops"
+    out = capsys.readouterr().out
+    assert "| model | params | algorithm |" in out and "step.csv" in out
+
+
+def test_train_tiny_times_and_measures_memory(tmp_path, capsys):
+    assert cli.main(["train", *TINY, "--out", str(tmp_path)]) == 0
+    rows = check_outputs(tmp_path, "train", ["model", "algorithm", "ratio_median", "mem_ratio", "analog_peak_mb", "mem_kind"], 12)
+    assert {(r["model"], r["algorithm"]) for r in rows} == {
+        (m, a) for m in ("linear64", "test_resnet-tiny", "test_vit-tiny") for a in ALGORITHMS
+    }
+    for r in rows:
+        check_stats(r, "ratio")
+        assert r["mem_kind"] == "cpu peak RSS, fresh process"
+        assert float(r["analog_peak_mb"]) > float(r["analog_mem_mb"]) > 0
+        assert float(r["digital_mem_mb"]) > 0
+        assert 0.2 < float(r["mem_ratio"]) < 20
+    assert "| model | batch | params |" in capsys.readouterr().out
+
+
+def test_train_memory_grows_with_the_layer():
+    """The fresh-process peak sees a layer's own data: a 512x512 layer's peak exceeds a 64x64 layer's by megabytes."""
+    from fastanalog.bench.common import linear_spec
+    from fastanalog.bench.train import measure_memory, memory_job
+
+    cpu = torch.device("cpu")
+    small, large = measure_memory([memory_job(linear_spec(n, 8), "rl2", cpu, 1, steps=1) for n in (64, 512)], cpu)
+    extra = [(r["peak"] - r["baseline"]) / 2**20 for r in (small, large)]
+    # rl2 on 512x512 holds W, P, H, the forward weight and its gradient: five arrays of 1 MiB each.
+    assert extra[1] - extra[0] > 4, extra
+
+
+# ----- aihwkit ------------------------------------------------------------------------------
+def test_aihwkit_exits_0_as_installed(tmp_path, capsys):
+    """Passes whether or not aihwkit is installed here: results when it is, the way to get it when not."""
+    assert cli.main(["aihwkit", *TINY, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    try:
+        import aihwkit  # noqa: F401
+    except ImportError:
+        assert "make bench-aihwkit" in out
+        assert not (tmp_path / "aihwkit.csv").exists()
+    else:
+        assert "aihwkit simulates per-sample pulse trains; fastanalog uses the paper's aggregated pulse model" in out
+        check_outputs(tmp_path, "aihwkit", ["aihwkit_config", "status", "aihwkit_over_fastanalog_median"], 5)
+
+
+def test_aihwkit_missing_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "aihwkit", None)  # makes `import aihwkit` fail
+    assert cli.main(["aihwkit", *TINY, "--out", str(tmp_path)]) == 0
+    assert "make bench-aihwkit" in capsys.readouterr().out
+    assert not (tmp_path / "aihwkit.csv").exists()
+
+
+@dataclass
+class _IO:
+    is_perfect: bool = False
+
+
+@dataclass
+class _Pulsed:
+    w_max: float = 0.6
+    w_min: float = -0.6
+    dw_min: float = 0.001
+    dw_min_dtod: float = 0.3
+    dw_min_std: float = 0.3
+    w_max_dtod: float = 0.3
+    w_min_dtod: float = 0.3
+    up_down_dtod: float = 0.01
+
+
+@dataclass
+class _PowStep(_Pulsed):
+    pow_gamma: float = 1.0
+    pow_gamma_dtod: float = 0.1
+
+
+@dataclass
+class _Transfer:
+    unit_cell_devices: list = field(default_factory=list)
+    transfer_every: float = 1.0
+    units_in_mbatch: bool = True
+    gamma: float = 0.0
+    transfer_forward: _IO = field(default_factory=_IO)
+
+
+@dataclass
+class _RPUConfig:
+    device: Any = None
+    forward: _IO = field(default_factory=_IO)
+    backward: _IO = field(default_factory=_IO)
+
+
+@dataclass
+class _TTv2Preset(_RPUConfig):
+    device: Any = field(default_factory=lambda: _Transfer([_Pulsed(), _Pulsed()], gamma=0.0))
+
+
+def _stand_in_aihwkit(created: list) -> dict[str, types.ModuleType]:
+    """A stand-in for aihwkit's Python API (layer, optimizer, configs, one of the two TTv2 presets)."""
+
+    class AnalogLinear(nn.Linear):
+        def __init__(self, in_features: int, out_features: int, bias: bool = True, rpu_config: Any = None):
+            super().__init__(in_features, out_features, bias=bias)
+            created.append(rpu_config)
+
+    class AnalogSGD(torch.optim.SGD):
+        def regroup_param_groups(self, model: nn.Module) -> None:
+            self.regrouped = model
+
+    mods = {name: types.ModuleType(name) for name in ("aihwkit", "aihwkit.nn", "aihwkit.optim", "aihwkit.simulator", "aihwkit.simulator.configs", "aihwkit.simulator.presets")}
+    mods["aihwkit"].__version__ = "0.0-stand-in"
+    mods["aihwkit.nn"].AnalogLinear = AnalogLinear
+    mods["aihwkit.optim"].AnalogSGD = AnalogSGD
+    configs = mods["aihwkit.simulator.configs"]
+    configs.SingleRPUConfig = configs.UnitCellRPUConfig = _RPUConfig
+    configs.SoftBoundsDevice, configs.PowStepDevice, configs.TransferCompound = _Pulsed, _PowStep, _Transfer
+    mods["aihwkit.simulator.presets"].TTv2ReRamSBPreset = _TTv2Preset  # no ChoppedTTv2ReRamSBPreset: it must be skipped
+    return mods
+
+
+def test_aihwkit_comparison_with_a_stand_in(tmp_path, capsys, monkeypatch):
+    created: list = []
+    for name, module in _stand_in_aihwkit(created).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    assert cli.main(["aihwkit", *TINY, "--out", str(tmp_path)]) == 0
+    rows = check_outputs(tmp_path, "aihwkit", ["aihwkit_config", "fastanalog_config", "status", "aihwkit_over_digital_median"], 5)
+    status = {r["aihwkit_config"]: r["status"] for r in rows}
+    assert list(status.values())[:4] == ["ok"] * 4
+    assert status["ChoppedTTv2ReRamSBPreset (c-TTv2)"].startswith("skipped:") and "ChoppedTTv2ReRamSBPreset" in status["ChoppedTTv2ReRamSBPreset (c-TTv2)"]
+    pairs = {r["aihwkit_config"]: r["fastanalog_config"] for r in rows}
+    assert pairs["SingleRPUConfig(SoftBoundsDevice)"] == "asgd LinearResponse"
+    assert pairs["SingleRPUConfig(PowStepDevice)"].startswith("asgd PowerResponse")
+    assert pairs["UnitCellRPUConfig(TransferCompound), Tiki-Taka"] == "rl LinearResponse, gamma=0"
+    assert pairs["TTv2ReRamSBPreset"].startswith("rl2")
+    for r in rows[:4]:
+        for prefix in ("aihwkit_over_digital", "fastanalog_over_digital", "aihwkit_over_fastanalog"):
+            check_stats(r, prefix)
+    assert rows[4]["aihwkit_over_fastanalog_median"] == ""
+    # The configurations handed to aihwkit: ideal reads, no variation, the same range and dw_min.
+    soft, power, tiki, ttv2 = created
+    for cfg in created:
+        assert cfg.forward.is_perfect and cfg.backward.is_perfect
+    assert (soft.device.w_max, soft.device.w_min, soft.device.dw_min, soft.device.dw_min_dtod, soft.device.dw_min_std) == (0.6, -0.6, 0.001, 0, 0)
+    assert power.device.pow_gamma == 0.5 and power.device.pow_gamma_dtod == 0
+    assert tiki.device.gamma == 0 and tiki.device.transfer_forward.is_perfect and len(tiki.device.unit_cell_devices) == 2
+    assert ttv2.device.transfer_forward.is_perfect
+    out = capsys.readouterr().out
+    assert "aihwkit simulates per-sample pulse trains; fastanalog uses the paper's aggregated pulse model" in out
+    assert "skipped ChoppedTTv2ReRamSBPreset" in out
+
+
+# ----- kernels ------------------------------------------------------------------------------
+def test_kernels_says_when_the_scripts_are_absent(tmp_path, capsys):
+    assert cli.main(["kernels", "--scripts", str(tmp_path / "nowhere")]) == 0
+    out = capsys.readouterr().out
+    assert "bench_kernels_cpu.py does not exist" in out and "bench_kernels_triton.py does not exist" in out
+
+
+def test_kernels_calls_main_with_the_shared_options(tmp_path, capsys):
+    (tmp_path / "bench_kernels_cpu.py").write_text(
+        "import json, pathlib\n"
+        "def main(argv=None):\n"
+        "    pathlib.Path(__file__).with_name('argv.json').write_text(json.dumps(argv))\n"
+        "    return 0\n"
+    )
+    (tmp_path / "bench_kernels_triton.py").write_text("import a_module_that_is_not_installed\n")
+    out_dir = tmp_path / "res"
+    assert cli.main(["kernels", "--scripts", str(tmp_path), "--tiny", "--threads", "1", "--out", str(out_dir)]) == 0
+    assert (tmp_path / "argv.json").read_text() == (
+        f'["--out", "{out_dir}", "--repeats", "1", "--warmup", "1", "--tiny", "--threads", "1"]'
+    )
+    assert "bench_kernels_triton.py cannot be imported here" in capsys.readouterr().out
+
+
+def test_kernels_hands_a_script_only_the_options_its_parser_has(tmp_path):
+    (tmp_path / "bench_kernels_cpu.py").write_text(
+        "import argparse, json, pathlib\n"
+        "def build_parser():\n"
+        "    p = argparse.ArgumentParser()\n"
+        "    p.add_argument('--csv')\n"
+        "    p.add_argument('--smoke', action='store_true')\n"
+        "    p.add_argument('--algorithms')\n"
+        "    return p\n"
+        "def main(argv=None):\n"
+        "    build_parser().parse_args(argv)\n"
+        "    pathlib.Path(__file__).with_name('argv.json').write_text(json.dumps(argv))\n"
+        "    return 0\n"
+    )
+    out_dir = tmp_path / "res"
+    argv = ["kernels", "--which", "cpu", "--scripts", str(tmp_path), "--tiny", "--algorithms", "digital,rl2", "--out", str(out_dir)]
+    assert cli.main(argv) == 0
+    assert (tmp_path / "argv.json").read_text() == f'["--csv", "{out_dir / "kernels_cpu.csv"}", "--smoke", "--algorithms", "rl2"]'
+    assert out_dir.is_dir()
+
+
+def test_kernels_hands_over_options_after_dashes_and_its_exit_status(tmp_path, capsys):
+    (tmp_path / "bench_kernels_cpu.py").write_text(
+        "import argparse\n"
+        "def main(argv=None):\n"
+        "    args = argparse.ArgumentParser().parse_args(argv) if argv != ['--size', '8'] else None\n"
+        "    return 3 if args is None else 0\n"
+    )
+    assert cli.main(["kernels", "--scripts", str(tmp_path), "--which", "cpu", "--", "--size", "8"]) == 3
+    assert "exited with status 3" in capsys.readouterr().out
+    # The shared options, which this script's parser rejects: its argparse exit is reported, not raised.
+    assert cli.main(["kernels", "--scripts", str(tmp_path), "--which", "cpu"]) == 2
+    assert "give its own after --" in capsys.readouterr().out
+
+
+# ----- options and helpers ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["step", "--repeats", "0"], "--repeats must be >= 1, got --repeats 0"),
+        (["train", "--warmup", "-1"], "--warmup must be >= 0, got --warmup -1"),
+        (["step", "--threads", "two"], "--threads takes an integer, got 'two'"),
+    ],
+)
+def test_bad_numbers_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--algorithms", "asgd,sgd"], "unknown algorithm(s) 'sgd' in --algorithms"),
+        (["step", "--models", "resnet,bert"], "--models 'resnet,bert' names 'bert'"),
+        (["aihwkit", "--algorithms", "digital"], "pairs with no aihwkit configuration"),
+    ],
+)
+def test_bad_values_exit_2_with_a_message(argv, message, tmp_path, capsys):
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_out_must_be_a_folder_and_backend_must_exist(tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    assert cli.main(["step", *TINY, "--out", str(afile)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.setenv("FASTANALOG_BACKEND", "nonsense")
+    assert cli.main(["step", *TINY, "--out", str(tmp_path)]) == 2
+    assert "FASTANALOG_BACKEND='nonsense'" in capsys.readouterr().err
+
+
+def test_add_parser_registers_bench_on_a_command_line():
+    parser = argparse.ArgumentParser(prog="fastanalog")
+    commands = parser.add_subparsers(dest="command", required=True)
+    cli.add_parser(commands)
+    args = parser.parse_args(["bench", "train", "--tiny", "--models", "linear"])
+    assert args.func is cli.run and args.bench_command == "train" and args.tiny and args.models == "linear"
+
+
+def test_threads_are_restored_after_a_run(tmp_path):
+    before = torch.get_num_threads()
+    cli.main(["kernels", "--threads", "1", "--scripts", str(tmp_path)])
+    assert torch.get_num_threads() == before
+
+
+def test_interleaved_timing_and_repeat_by_repeat_ratios():
+    calls: list[str] = []
+    times = measure_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=2, repeats=3)
+    assert calls == ["a", "b"] * 5 and len(times["a"]) == len(times["b"]) == 3
+    r = ratio_stats([2.0, 4.0, 6.0], [1.0, 1.0, 2.0])
+    assert (r.median, r.min, r.max, r.n) == (3.0, 2.0, 4.0, 3)
+    with pytest.raises(ValueError, match="repeats must be an int >= 1"):
+        measure_interleaved({"a": lambda: None}, warmup=0, repeats=0)
