@@ -6,15 +6,15 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test test-slow lint clean
+.PHONY: setup data demo test test-slow lint bench bench-aihwkit clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel ninja
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e ".[dev]"
+	MAX_JOBS=2 $(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 data: $(FMNIST)
@@ -34,6 +34,19 @@ test: setup data lint
 
 test-slow: setup data
 	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) -m fastanalog bench step
+	$(PY) -m fastanalog bench train
+	$(PY) -m fastanalog bench kernels
+
+# aihwkit builds from source against the venv's torch (about 10 minutes here).
+bench-aihwkit: setup
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq build-essential python3-dev libopenblas-dev
+	$(PY) -m pip install --quiet cmake scikit-build pybind11 ninja setuptools wheel scipy mypy
+	$(PY) -m pip install --no-build-isolation --no-binary aihwkit aihwkit
+	$(PY) -m fastanalog bench aihwkit
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -76,13 +76,17 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as exc:
         if isinstance(exc, FileNotFoundError):
             raise
-        raise IDXFormatError(f"{path}: cannot decompress/read the file ({exc}); the file is corrupt, download it again") from exc
+        raise IDXFormatError(
+            f"{path}: cannot decompress/read the file ({exc}); the file is corrupt, download it again"
+        ) from exc
 
     if len(raw) < 4:
         raise IDXFormatError(f"{path}: file is {len(raw)} bytes, too short for an IDX header (needs at least 4)")
     zero0, zero1, type_code, ndim = raw[0], raw[1], raw[2], raw[3]
     if zero0 != 0 or zero1 != 0:
-        raise IDXFormatError(f"{path}: bad IDX magic number 0x{raw[:4].hex()} (must start with two zero bytes); not an IDX file")
+        raise IDXFormatError(
+            f"{path}: bad IDX magic number 0x{raw[:4].hex()} (must start with two zero bytes); not an IDX file"
+        )
     if type_code not in _IDX_DTYPES:
         known = ", ".join(f"0x{c:02X}" for c in _IDX_DTYPES)
         raise IDXFormatError(f"{path}: unknown IDX element type code 0x{type_code:02X} (known: {known})")
@@ -96,14 +100,18 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     got = len(raw) - header_len
     if got < expected:
-        raise IDXFormatError(f"{path}: truncated IDX data: header declares shape {dims} ({expected} bytes), file holds {got} bytes")
+        raise IDXFormatError(
+            f"{path}: truncated IDX data: header declares shape {dims} ({expected} bytes), file holds {got} bytes"
+        )
     if got > expected:
         raise IDXFormatError(f"{path}: {got - expected} unexpected trailing bytes after the IDX data of shape {dims}")
     data = np.frombuffer(raw, dtype=dtype, count=expected // dtype.itemsize, offset=header_len)
     return data.reshape(dims).astype(dtype.newbyteorder("="))
 
 
-def load_fashion_mnist(root: str | os.PathLike[str] = DEFAULT_FASHION_MNIST_ROOT, train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def load_fashion_mnist(
+    root: str | os.PathLike[str] = DEFAULT_FASHION_MNIST_ROOT, train: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Load Fashion-MNIST from the IDX ``.gz`` files in ``root``.
 
     Args:

@@ -76,6 +76,18 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+def check_model_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is ``cnn``, ``mlp`` or a name in ``timm.list_models()``."""
+    if name in BUILTIN_MODELS:
+        return
+    import timm
+
+    if name not in timm.list_models():
+        raise ValueError(
+            f"unknown model {name!r}: choose cnn, mlp or any name in timm.list_models() (e.g. resnet18, vit_tiny_patch16_224)"
+        )
+
+
 def build_model(name: str, in_channels: int = 1, num_classes: int = 10, image_size: int = 28) -> nn.Module:
     """Build a model by name: ``cnn`` (SmallCNN), ``mlp`` (MLP) or any timm model name.
 
@@ -95,10 +107,9 @@ def build_model(name: str, in_channels: int = 1, num_classes: int = 10, image_si
         return SmallCNN(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     if name == "mlp":
         return MLP(in_features=in_channels * image_size * image_size, num_classes=num_classes)
+    check_model_name(name)
     import timm
 
-    if name not in timm.list_models():
-        raise ValueError(f"unknown model {name!r}: choose cnn, mlp or any name in timm.list_models() (e.g. resnet18, vit_tiny_patch16_224)")
     kwargs: dict[str, object] = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels}
     if name.startswith(_IMG_SIZE_PREFIXES):
         kwargs["img_size"] = image_size
