@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..config import AnalogConfig
-from ..devices import ResponseDevice
+from ..devices import MATH_DTYPE, DeviceParams, ResponseDevice
 from . import philox
 
 FAMILY_IDS = {"linear": 0, "power": 1, "exp": 2, "table": 3}
@@ -33,16 +35,28 @@ class PackedDevice:
     c2c_std: float
     var_key: int  # Philox key of the d2d draw (0 and unused when d2d_std == 0)
     has_gamma: bool  # whether d2d varies gamma
-    shift: float  # nominal symmetric point if zero-shifted (used when d2d_std == 0), else 0
+    shift: float  # nominal symmetric point of a zero-shifted array without d2d, else 0
     zero_shift: bool  # the array is zero-shifted (with d2d: per-element symmetric point)
     table_up: tuple[float, ...] = ()
     table_down: tuple[float, ...] = ()
 
 
+def nominal_symmetric_point(device: ResponseDevice) -> float:
+    """The nominal symmetric point exactly as the reference computes it.
+
+    The reference rounds the nominal parameters to float32 before it evaluates
+    ``device.symmetric_point``; from the float64 parameters the result can differ by
+    an ulp or two where the asymmetry is non-zero or the device is a table.
+    """
+    p = device.params()
+    p32 = DeviceParams(*(torch.tensor(float(v), dtype=MATH_DTYPE) for v in (p.tau_min, p.tau_max, p.gamma, p.dw_min, p.asym)))
+    return float(device.symmetric_point(p32))
+
+
 def pack_device(device: ResponseDevice, tensor_id: int, array: int, zero_shift: bool) -> PackedDevice:
     """Scalars of ``device`` as array ``array`` (0: W, 1: P) of analog tensor ``tensor_id``."""
     var_key = philox.variation_key(device.variation_seed, tensor_id, array) if device.d2d_std > 0 else 0
-    shift = float(device.symmetric_point()) if zero_shift else 0.0
+    shift = nominal_symmetric_point(device) if zero_shift and device.d2d_std == 0 else 0.0
     return PackedDevice(
         family=FAMILY_IDS[device.family],
         tau_min=float(device.tau_min),

@@ -1,0 +1,586 @@
+"""Shared pieces of the fused Triton update kernels: device math, pulses, storage, launch helpers.
+
+Every ``@triton.jit`` helper here reproduces one step of ``fastanalog.ops.reference``
+operation for operation, in float32, so that a kernel applies the same pulse counts as
+the reference element for element (SPEC section 4):
+
+* Scalars (learning rates, device means, ...) reach the kernels already rounded to
+  float32 (:func:`f32`), as the reference rounds every Python scalar first.
+* Divisions use ``tl.div_rn`` and square roots ``tl.sqrt_rn`` (IEEE round-to-nearest
+  on every target; plain ``/`` and ``tl.sqrt`` may be approximate on GPUs), and the
+  launchers turn off multiply-add contraction (``enable_fp_fusion=False``), because
+  the reference rounds every product before the following sum.
+* Transcendentals of the response curves (``pow`` of the power family, ``expm1`` of
+  the exponential family) and of the closed-form symmetric points are evaluated in
+  float64 and rounded once to float32, which is the correctly rounded float32 value
+  in all but vanishingly rare cases. The normals of Box-Muller follow Triton's own
+  ``pair_uniform_to_normal`` (float32 ``log``/``cos``/``sin``), as SPEC section 4
+  prescribes. These functions are not correctly rounded on every platform (torch's
+  CPU kernels, numpy under ``TRITON_INTERPRET=1`` and GPU approximations each differ
+  by an ulp or a few), which moves stored values by far less than one pulse and flips
+  a pulse count only when a rounding decision sits within an ulp of its threshold.
+* Storage dtypes: float32, bfloat16 and float16 arrays are widened on load and
+  written back with round-to-nearest-even like ``tensor.to(dtype)``; bfloat16 is
+  rounded with integer bit operations (the interpreter's own float32 -> bfloat16
+  cast truncates), float16 by the native conversion.
+
+Device-to-device parameters are regenerated in-kernel exactly like
+``ResponseDevice.element_params``: ``mean * max(1 + d2d_std * clamp(z, -3, 3), 0.05)``
+with ``(z_tau_min, z_tau_max, z_gamma, z_dw_min) = tl.randn4x(var_key, i)`` and
+``z_asym`` the first normal of ``randn4x(var_key ^ 1, i)``; the asymmetry is then
+clipped to ``[-0.99, 0.99]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ...config import AnalogConfig
+from .. import philox
+from ..packing import PackedDevice, pack_config
+
+FAMILY_LINEAR = 0
+FAMILY_POWER = 1
+FAMILY_EXP = 2
+FAMILY_TABLE = 3
+
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Elements per program: one warp-friendly tile on a GPU; under the interpreter every
+# program is a Python-level loop iteration, so fewer, larger programs are faster.
+BLOCK_GPU = 1024
+BLOCK_INTERPRETER = 4096
+NUM_WARPS = 4
+
+
+# ----------------------------------------------------------------------------------------
+# Host-side helpers
+# ----------------------------------------------------------------------------------------
+def f32(x: float) -> float:
+    """``x`` rounded to the nearest float32, returned as a Python float (exactly representable)."""
+    return float(np.float32(x))
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def block_size() -> int:
+    """Elements per Triton program for the current mode."""
+    return BLOCK_INTERPRETER if interpreting() else BLOCK_GPU
+
+
+def launch_options() -> dict:
+    """Launch keywords shared by every kernel (ignored by the interpreter)."""
+    return dict(num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _table_tensor(values: tuple[float, ...], device: str) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def table_tensor(dev: PackedDevice, where: torch.device) -> torch.Tensor:
+    """``[up_0 .. up_n, down_0 .. down_n]`` in float64 (a one-element dummy for analytic families).
+
+    Interpolation rounds the samples to float32 in-kernel (as ``torch.tensor(samples,
+    dtype=float32)`` does in the reference); the symmetric-point search uses them in
+    float64 like the reference's bisection.
+    """
+    values = tuple(dev.table_up) + tuple(dev.table_down) if dev.family == FAMILY_TABLE else (0.0,)
+    return _table_tensor(values, str(where))
+
+
+def table_geometry(table: torch.Tensor, family: int) -> tuple[int, int]:
+    """(number of table intervals ``n``, bisection steps ``ceil(log2 n)``); (1, 0) for analytic families."""
+    if family != FAMILY_TABLE:
+        return 1, 0
+    n = table.numel() // 2 - 1
+    return n, max(0, math.ceil(math.log2(n)))
+
+
+@dataclass(frozen=True)
+class DeviceArgs:
+    """One array's device as the flat scalar lists a ``torch.library`` op can carry.
+
+    ``floats``: ``[tau_min, tau_max, gamma, dw_min, asym, d2d_std, c2c_std, shift]``
+    (float32-rounded; ``shift`` is the nominal symmetric point of a zero-shifted array
+    without variation, else 0). ``ints``: ``[family, var_key, has_gamma, zero_shift]``.
+    """
+
+    floats: tuple[float, ...]
+    ints: tuple[int, ...]
+
+    @classmethod
+    def make(cls, dev: PackedDevice) -> DeviceArgs:
+        floats = tuple(
+            f32(v) for v in (dev.tau_min, dev.tau_max, dev.gamma, dev.dw_min, dev.asym, dev.d2d_std, dev.c2c_std, dev.shift)
+        )
+        ints = (int(dev.family), int(dev.var_key), int(dev.has_gamma), int(dev.zero_shift))
+        return cls(floats, ints)
+
+
+@functools.lru_cache(maxsize=256)
+def packed_arrays(
+    config: AnalogConfig, tensor_id: int
+) -> tuple[PackedDevice, DeviceArgs, PackedDevice | None, DeviceArgs | None]:
+    """(W's packed device, its op arguments, P's packed device, its op arguments), cached per config and tensor.
+
+    Packing evaluates symmetric points (a float64 bisection for tables), so launchers
+    reuse it across steps; configs are frozen, hence valid cache keys.
+    """
+    dev_w, dev_p = pack_config(config, tensor_id)
+    args_w = DeviceArgs.make(dev_w)
+    args_p = DeviceArgs.make(dev_p) if dev_p is not None else None
+    return dev_w, args_w, dev_p, args_p
+
+
+def kernel_device_args(floats: list[float], ints: list[int], table: torch.Tensor) -> tuple[dict, dict]:
+    """(run-time scalars, constexprs) of one array for a kernel (see ``DeviceArgs`` for the lists)."""
+    n_table, steps = table_geometry(table, ints[0])
+    tau_min, tau_max, gamma, dw_min, asym, d2d_std, c2c_std, shift = floats
+    family, var_key, has_gamma, zero_shift = ints
+    d2d = d2d_std > 0
+    runtime = dict(
+        tmin=tau_min,
+        tmax=tau_max,
+        gamma=gamma,
+        dw=dw_min,
+        asym=asym,
+        d2d=d2d_std,
+        c2c=c2c_std,
+        shift=shift,
+        var_key=var_key if d2d else 0,
+        var_key_a=(var_key ^ 1) if d2d else 0,
+        table=table,
+    )
+    const = dict(
+        FAMILY=family,
+        D2D=d2d,
+        HAS_GAMMA=bool(has_gamma) and d2d,
+        C2C=c2c_std > 0,
+        ZERO_SHIFT=bool(zero_shift),
+        TABLE_N=n_table,
+        TABLE_STEPS=steps,
+    )
+    return runtime, const
+
+
+def prefixed(prefix: str, runtime: dict, const: dict) -> dict:
+    """Kernel keyword arguments of one array: ``{prefix}_{name}`` / ``{PREFIX}_{NAME}``."""
+    out = {f"{prefix}_{k}": v for k, v in runtime.items()}
+    out.update({f"{prefix.upper()}_{k}": v for k, v in const.items()})
+    return out
+
+
+def check_arrays(numel: int, **tensors: torch.Tensor) -> None:
+    """Flat, contiguous, same-device tensors of ``numel`` elements in a supported storage dtype."""
+    where = None
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a flat contiguous 1-D tensor (use .view(-1)), got shape {tuple(t.shape)}")
+        if t.numel() != numel:
+            raise ValueError(f"{name} has {t.numel()} elements, expected {numel} like the main array")
+        if t.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}: Triton kernels store float32, bfloat16 or float16")
+        if where is None:
+            where = t.device
+        elif t.device != where:
+            raise ValueError(f"{name} is on {t.device} but the other arrays are on {where}: put them on one device")
+    if where is not None and where.type == "cpu" and not interpreting():
+        raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set before importing triton)")
+
+
+def step_scalars(config: AnalogConfig, lr: float) -> dict:
+    """Float32-rounded algorithm scalars shared by the kernels, and the pulse cap."""
+    cap = config.max_pulses
+    return dict(
+        lr=f32(lr),
+        tlr=f32(config.transfer_lr),
+        mix=f32(config.gamma),
+        read_noise=f32(config.read_noise),
+        threshold=f32(config.threshold),
+        cap=f32(cap) if cap is not None else 0.0,
+        has_cap=cap is not None,
+    )
+
+
+def c2c_key(key: int) -> int:
+    """Step key of the second random stream (cycle-to-cycle noise of W)."""
+    return int(key) ^ philox.STREAM_W_C2C
+
+
+# ----------------------------------------------------------------------------------------
+# Storage
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def load_f32(ptr, offs, mask):
+    """Load a block and widen it to float32 exactly (bfloat16 by shifting its bits)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.uint16, bitcast=True)
+        return (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_f32(ptr, offs, x, mask):
+    """Store float32 ``x`` in the array's dtype (round to nearest even); return the stored value as float32."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays a quiet NaN
+        tl.store(ptr + offs, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        return (rounded << 16).to(tl.float32, bitcast=True)
+    elif ptr.dtype.element_ty == tl.float16:
+        h = x.to(tl.float16)
+        tl.store(ptr + offs, h, mask=mask)
+        return h.to(tl.float32)
+    else:
+        tl.store(ptr + offs, x, mask=mask)
+        return x
+
+
+# ----------------------------------------------------------------------------------------
+# Random numbers (SPEC section 4)
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def normal_pair(ra, rb):
+    """Two normals (cosine, sine) from two 32-bit words, by Triton's Box-Muller."""
+    return tl.pair_uniform_to_normal(tl.uint_to_uniform_float(ra), tl.uint_to_uniform_float(rb))
+
+
+@triton.jit
+def _vary(mean, z, d2d):
+    """``mean * max(1 + d2d * clamp(z, -3, 3), 0.05)`` in float32 (``ResponseDevice.element_params``)."""
+    factor = tl.maximum(1.0 + d2d * tl.minimum(tl.maximum(z, -3.0), 3.0), 0.05)
+    return mean * factor
+
+
+@triton.jit
+def element_params(idx, var_key, var_key_a, tmin, tmax, gamma, dw, asym, d2d, HAS_GAMMA: tl.constexpr):
+    """Per-element ``(tau_min, tau_max, gamma, dw_min, asym)`` of global elements ``idx``."""
+    z0, z1, z2, z3 = tl.randn4x(var_key, idx)
+    ra0, ra1, _, _ = tl.randint4x(var_key_a, idx)
+    za, _ = normal_pair(ra0, ra1)
+    e_tmin = _vary(tmin, z0, d2d)
+    e_tmax = _vary(tmax, z1, d2d)
+    if HAS_GAMMA:
+        e_gamma = _vary(gamma, z2, d2d)
+    else:
+        e_gamma = gamma
+    e_dw = _vary(dw, z3, d2d)
+    e_asym = tl.minimum(tl.maximum(_vary(asym, za, d2d), -0.99), 0.99)
+    return e_tmin, e_tmax, e_gamma, e_dw, e_asym
+
+
+# ----------------------------------------------------------------------------------------
+# Responses (SPEC section 1)
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def expm1_f64(x):
+    """``exp(x) - 1`` in float64, accurate to ~1e-11 relative (Taylor series near 0)."""
+    small = x + x * x * 0.5 + x * x * x * (1.0 / 6.0)
+    return tl.where(tl.abs(x) < 1e-5, small, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _shape(u, gamma, FAMILY: tl.constexpr):
+    """Response of the analytic family at normalised distance ``u`` in [0, 2], before asymmetry."""
+    if FAMILY == 1:
+        # u ** gamma, evaluated as exp(gamma * log(u)) in float64 and rounded once.
+        u64 = u.to(tl.float64)
+        pos = u64 > 0.0
+        r = tl.exp(gamma.to(tl.float64) * tl.log(tl.where(pos, u64, 1.0)))
+        return tl.where(pos, r, 0.0).to(tl.float32)
+    elif FAMILY == 2:
+        # expm1(gamma * u) / expm1(gamma): each expm1 rounded to float32 as torch.expm1 returns it.
+        num = expm1_f64((gamma * u).to(tl.float64)).to(tl.float32)
+        den = expm1_f64(gamma.to(tl.float64)).to(tl.float32)
+        return tl.div_rn(num, den)
+    else:
+        return u
+
+
+@triton.jit
+def response(w, up, tmin, tmax, gamma, asym, table_ptr, FAMILY: tl.constexpr, TABLE_N: tl.constexpr):
+    """``q_up(w)`` where ``up`` else ``q_down(w)``, float32, physical weight ``w``.
+
+    Analytic families: ``u_up = clamp((tau_max - w) / half, 0, 2)``, ``u_down =
+    clamp((w - tau_min) / half, 0, 2)`` with ``half = (tau_max - tau_min) / 2``.
+    Tables: linear interpolation of the float32 samples on the uniform grid over
+    ``[tau_min, tau_max]`` (``TableResponse._interp``). Then ``* (1 + a)`` for up,
+    ``* (1 - a)`` for down. Only the selected direction is evaluated.
+    """
+    if FAMILY == 3:
+        x = tl.minimum(tl.maximum(tl.div_rn(w - tmin, tmax - tmin), 0.0), 1.0) * TABLE_N
+        fl = tl.minimum(tl.floor(x), TABLE_N - 1)
+        frac = x - fl
+        i = tl.minimum(tl.maximum(fl.to(tl.int32), 0), TABLE_N - 1)
+        i = i + tl.where(up, 0, TABLE_N + 1)
+        t0 = tl.load(table_ptr + i).to(tl.float32)
+        t1 = tl.load(table_ptr + i + 1).to(tl.float32)
+        r = t0 + (t1 - t0) * frac
+    else:
+        half = tl.div_rn(tmax - tmin, 2.0)
+        u = tl.where(up, tl.div_rn(tmax - w, half), tl.div_rn(w - tmin, half))
+        u = tl.minimum(tl.maximum(u, 0.0), 2.0)
+        r = _shape(u, gamma, FAMILY)
+    return r * tl.where(up, 1.0 + asym, 1.0 - asym)
+
+
+@triton.jit
+def _table_g(table_ptr, k, a64, TABLE_N: tl.constexpr):
+    """``2 G`` at knot ``k`` in float64: ``(1 - a) down_k - (1 + a) up_k``."""
+    up = tl.load(table_ptr + k)
+    down = tl.load(table_ptr + TABLE_N + 1 + k)
+    return (1.0 - a64) * down - (1.0 + a64) * up
+
+
+@triton.jit
+def symmetric_point(
+    tmin, tmax, gamma, asym, table_ptr, FAMILY: tl.constexpr, TABLE_N: tl.constexpr, TABLE_STEPS: tl.constexpr
+):
+    """Per-element symmetric point (``G = 0``), float32, like ``<Family>.symmetric_point``.
+
+    Linear: ``((1 + a) tau_max + (1 - a) tau_min) / 2`` in float32. Power:
+    ``tau_min + (tau_max - tau_min) / 2 * 2 / (1 + ((1 - a) / (1 + a)) ** (1 / gamma))``
+    in float64. Exponential: ``u_down = log(x) / gamma`` with ``x`` the positive root of
+    ``(1 - a) x^2 + 2 a x - (1 + a) e^{2 gamma}``, in float64. Tables: ``G`` is piecewise
+    linear between the grid knots, so instead of the reference's 60 float64 halvings
+    over ``[tau_min, tau_max]`` this bisects over the knot indices (``TABLE_STEPS =
+    ceil(log2 n)`` steps, keeping ``G(lo) <= 0 < G(hi)`` like the reference) and then
+    solves the linear segment exactly in float64. Both land within ~1e-16 of the same
+    crossing, so the float32 results agree whenever ``G`` crosses zero once (true for
+    every device whose ``q_up`` falls and ``q_down`` rises); with several crossings the
+    two may pick different ones.
+    """
+    if FAMILY == 0:
+        return tl.div_rn((1.0 + asym) * tmax + (1.0 - asym) * tmin, 2.0)
+    elif FAMILY == 1:
+        a = asym.to(tl.float64)
+        g = gamma.to(tl.float64)
+        ratio = tl.exp(tl.log((1.0 - a) / (1.0 + a)) * (1.0 / g))
+        u_down = 2.0 / (1.0 + ratio)
+        lo = tmin.to(tl.float64)
+        hi = tmax.to(tl.float64)
+        return (lo + (hi - lo) / 2.0 * u_down).to(tl.float32)
+    elif FAMILY == 2:
+        a = asym.to(tl.float64)
+        g = gamma.to(tl.float64)
+        x = (-a + tl.sqrt(a * a + (1.0 - a * a) * tl.exp(2.0 * g))) / (1.0 - a)
+        u_down = tl.log(x) / g
+        lo = tmin.to(tl.float64)
+        hi = tmax.to(tl.float64)
+        return (lo + (hi - lo) / 2.0 * u_down).to(tl.float32)
+    else:
+        a = asym.to(tl.float64)
+        k_lo = tl.zeros_like(a).to(tl.int32)
+        k_hi = k_lo + TABLE_N
+        for _ in tl.static_range(TABLE_STEPS):
+            active = (k_hi - k_lo) > 1
+            mid = (k_lo + k_hi) // 2
+            above = _table_g(table_ptr, mid, a, TABLE_N) > 0.0
+            k_hi = tl.where(active & above, mid, k_hi)
+            k_lo = tl.where(active & (~above), mid, k_lo)
+        g_lo = _table_g(table_ptr, k_lo, a, TABLE_N)
+        g_hi = _table_g(table_ptr, k_lo + 1, a, TABLE_N)
+        x = k_lo.to(tl.float64) + g_lo / (g_lo - g_hi)
+        lo = tmin.to(tl.float64)
+        hi = tmax.to(tl.float64)
+        return (lo + (hi - lo) * (x / TABLE_N)).to(tl.float32)
+
+
+# ----------------------------------------------------------------------------------------
+# Pulses (SPEC section 2)
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def stochastic_count(n, u, cap, CAP: tl.constexpr):
+    """``floor(n) + (u < n - floor(n))``, then clamped to ``[-cap, cap]`` if ``CAP``."""
+    fl = tl.floor(n)
+    count = fl + (u < (n - fl)).to(tl.float32)
+    if CAP:
+        count = tl.minimum(tl.maximum(count, -cap), cap)
+    return count
+
+
+@triton.jit
+def truncated_count(n, cap, CAP: tl.constexpr):
+    """``trunc(n)`` (toward zero), then clamped to ``[-cap, cap]`` if ``CAP``."""
+    count = tl.where(n < 0.0, tl.ceil(n), tl.floor(n))
+    if CAP:
+        count = tl.minimum(tl.maximum(count, -cap), cap)
+    return count
+
+
+@triton.jit
+def apply_pulses(
+    x,
+    count,
+    z,
+    shift,
+    tmin,
+    tmax,
+    gamma,
+    dw,
+    asym,
+    c2c,
+    table_ptr,
+    FAMILY: tl.constexpr,
+    TABLE_N: tl.constexpr,
+    C2C: tl.constexpr,
+    ZERO_SHIFT: tl.constexpr,
+):
+    """Stored value after ``count`` pulses (float32).
+
+    ``x + (count * dw + c2c * dw * sqrt(|count|) * z) * q_s(x + shift)``, clamped to
+    ``[tau_min - shift, tau_max - shift]``; ``q_s`` is ``q_up`` for ``count > 0``, else
+    ``q_down``; ``shift`` is used only for a zero-shifted array and ``z`` only with
+    cycle-to-cycle noise.
+    """
+    if ZERO_SHIFT:
+        w = x + shift
+    else:
+        w = x
+    q = response(w, count > 0.0, tmin, tmax, gamma, asym, table_ptr, FAMILY, TABLE_N)
+    step = count * dw
+    if C2C:
+        step = step + c2c * dw * tl.sqrt_rn(tl.abs(count)) * z
+    x_new = x + step * q
+    if ZERO_SHIFT:
+        lo = tmin - shift
+        hi = tmax - shift
+    else:
+        lo = tmin
+        hi = tmax
+    return tl.minimum(tl.maximum(x_new, lo), hi)
+
+
+@triton.jit
+def array_params(
+    idx,
+    var_key,
+    var_key_a,
+    tmin,
+    tmax,
+    gamma,
+    dw,
+    asym,
+    d2d,
+    shift,
+    table_ptr,
+    FAMILY: tl.constexpr,
+    D2D: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    ZERO_SHIFT: tl.constexpr,
+    TABLE_N: tl.constexpr,
+    TABLE_STEPS: tl.constexpr,
+):
+    """``(tau_min, tau_max, gamma, dw_min, asym, shift)`` of one array: scalars, or per element with variation.
+
+    ``shift`` is the symmetric point of a zero-shifted array: the nominal one passed
+    in without variation, else computed per element from that element's parameters.
+    """
+    if D2D:
+        e_tmin, e_tmax, e_gamma, e_dw, e_asym = element_params(
+            idx,
+            var_key,
+            var_key_a,
+            tl.to_tensor(tmin),
+            tl.to_tensor(tmax),
+            tl.to_tensor(gamma),
+            tl.to_tensor(dw),
+            tl.to_tensor(asym),
+            tl.to_tensor(d2d),
+            HAS_GAMMA,
+        )
+        if ZERO_SHIFT:
+            e_shift = symmetric_point(e_tmin, e_tmax, e_gamma, e_asym, table_ptr, FAMILY, TABLE_N, TABLE_STEPS)
+        else:
+            e_shift = tl.to_tensor(shift)
+        return e_tmin, e_tmax, e_gamma, e_dw, e_asym, e_shift
+    else:
+        return (
+            tl.to_tensor(tmin),
+            tl.to_tensor(tmax),
+            tl.to_tensor(gamma),
+            tl.to_tensor(dw),
+            tl.to_tensor(asym),
+            tl.to_tensor(shift),
+        )
+
+
+@triton.jit
+def residual_write(
+    P_ptr,
+    local,
+    mask,
+    idx,
+    g,
+    lr,
+    u0,
+    z_c2c,
+    cap,
+    p_tmin,
+    p_tmax,
+    p_gamma,
+    p_dw,
+    p_asym,
+    p_d2d,
+    p_c2c,
+    p_shift,
+    p_var_key,
+    p_var_key_a,
+    p_table,
+    HAS_CAP: tl.constexpr,
+    P_FAMILY: tl.constexpr,
+    P_D2D: tl.constexpr,
+    P_HAS_GAMMA: tl.constexpr,
+    P_C2C: tl.constexpr,
+    P_ZERO_SHIFT: tl.constexpr,
+    P_TABLE_N: tl.constexpr,
+    P_TABLE_STEPS: tl.constexpr,
+):
+    """``P <- pulse_update_P(P, -lr * g)`` (rl, rl2); returns (P as stored, in float32; pulse counts).
+
+    Rounding uses ``u0`` (word r0), cycle-to-cycle noise ``z_c2c`` (the sine normal of
+    words r2, r3); responses are evaluated at ``P + shift`` for a zero-shifted P.
+    """
+    x = load_f32(P_ptr, local, mask)
+    tmin, tmax, gamma, dw, asym, shift = array_params(
+        idx,
+        p_var_key,
+        p_var_key_a,
+        p_tmin,
+        p_tmax,
+        p_gamma,
+        p_dw,
+        p_asym,
+        p_d2d,
+        p_shift,
+        p_table,
+        P_FAMILY,
+        P_D2D,
+        P_HAS_GAMMA,
+        P_ZERO_SHIFT,
+        P_TABLE_N,
+        P_TABLE_STEPS,
+    )
+    d = (-tl.to_tensor(lr)) * g
+    count = stochastic_count(tl.div_rn(d, dw), u0, cap, HAS_CAP)
+    x_new = apply_pulses(
+        x, count, z_c2c, shift, tmin, tmax, gamma, dw, asym, p_c2c, p_table, P_FAMILY, P_TABLE_N, P_C2C, P_ZERO_SHIFT
+    )
+    stored = store_f32(P_ptr, local, x_new, mask)
+    return stored, count

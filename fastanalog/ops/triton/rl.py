@@ -1,0 +1,389 @@
+"""Fused Residual Learning v1 step (Tiki-Taka with mixing) in one pass (SPEC section 3).
+
+Per element ``i`` (global index ``offset + i``), float32 math, words ``r0..r3`` of
+``randint4x(key, i)``:
+
+    P    <- pulse_update_P(P, -lr * g)           rounding u0; c2c: sine normal of (r2, r3)
+    if transfer (a compile-time switch):
+      Phat = P + read_noise * zr                   zr: cosine normal of (r2, r3)
+      W    <- pulse_update_W(W, transfer_lr * Phat)   rounding u1; c2c: cosine normal of
+                                                      randint4x(key ^ STREAM_W_C2C, i) words 0, 1
+    Wbar <- W + gamma * P
+
+P is zero-shifted when the config says so (responses at ``P + w_sym``). Reads g, W, P;
+writes P, Wbar (and W on transfer steps) and int32 pulse counts: at float32 24 bytes
+per element on a transfer step (g, W, P in; W, P, Wbar out), 20 without.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...config import AnalogConfig
+from ..reference import StepPulses
+from .common import (
+    apply_pulses,
+    array_params,
+    block_size,
+    c2c_key,
+    check_arrays,
+    kernel_device_args,
+    launch_options,
+    load_f32,
+    normal_pair,
+    packed_arrays,
+    prefixed,
+    residual_write,
+    step_scalars,
+    stochastic_count,
+    store_f32,
+    table_tensor,
+)
+
+
+@triton.jit
+def _rl_step_kernel(
+    W_ptr,
+    P_ptr,
+    Wbar_ptr,
+    g_ptr,
+    count_p_ptr,
+    count_w_ptr,
+    numel,
+    key,
+    key_c2c,
+    offset,
+    lr,
+    tlr,
+    mix,
+    read_noise,
+    cap,
+    w_tmin,
+    w_tmax,
+    w_gamma,
+    w_dw,
+    w_asym,
+    w_d2d,
+    w_c2c,
+    w_shift,
+    w_var_key,
+    w_var_key_a,
+    w_table,
+    p_tmin,
+    p_tmax,
+    p_gamma,
+    p_dw,
+    p_asym,
+    p_d2d,
+    p_c2c,
+    p_shift,
+    p_var_key,
+    p_var_key_a,
+    p_table,
+    TRANSFER: tl.constexpr,
+    READ_NOISE: tl.constexpr,
+    HAS_CAP: tl.constexpr,
+    W_FAMILY: tl.constexpr,
+    W_D2D: tl.constexpr,
+    W_HAS_GAMMA: tl.constexpr,
+    W_C2C: tl.constexpr,
+    W_ZERO_SHIFT: tl.constexpr,
+    W_TABLE_N: tl.constexpr,
+    W_TABLE_STEPS: tl.constexpr,
+    P_FAMILY: tl.constexpr,
+    P_D2D: tl.constexpr,
+    P_HAS_GAMMA: tl.constexpr,
+    P_C2C: tl.constexpr,
+    P_ZERO_SHIFT: tl.constexpr,
+    P_TABLE_N: tl.constexpr,
+    P_TABLE_STEPS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    local = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = local < numel
+    idx = local + tl.to_tensor(offset).to(tl.int64)
+
+    g = load_f32(g_ptr, local, mask)
+    x_w = load_f32(W_ptr, local, mask)
+    r0, r1, r2, r3 = tl.randint4x(key, idx)
+    if P_C2C or (TRANSFER and READ_NOISE):
+        z_read, z_c2c = normal_pair(r2, r3)
+    else:
+        z_read = 0.0
+        z_c2c = 0.0
+
+    p_st, count_p = residual_write(
+        P_ptr,
+        local,
+        mask,
+        idx,
+        g,
+        lr,
+        tl.uint_to_uniform_float(r0),
+        z_c2c,
+        cap,
+        p_tmin,
+        p_tmax,
+        p_gamma,
+        p_dw,
+        p_asym,
+        p_d2d,
+        p_c2c,
+        p_shift,
+        p_var_key,
+        p_var_key_a,
+        p_table,
+        HAS_CAP,
+        P_FAMILY,
+        P_D2D,
+        P_HAS_GAMMA,
+        P_C2C,
+        P_ZERO_SHIFT,
+        P_TABLE_N,
+        P_TABLE_STEPS,
+    )
+    tl.store(count_p_ptr + local, count_p.to(tl.int32), mask=mask)
+
+    if TRANSFER:
+        tmin, tmax, gamma, dw, asym, shift = array_params(
+            idx,
+            w_var_key,
+            w_var_key_a,
+            w_tmin,
+            w_tmax,
+            w_gamma,
+            w_dw,
+            w_asym,
+            w_d2d,
+            w_shift,
+            w_table,
+            W_FAMILY,
+            W_D2D,
+            W_HAS_GAMMA,
+            W_ZERO_SHIFT,
+            W_TABLE_N,
+            W_TABLE_STEPS,
+        )
+        if READ_NOISE:
+            p_hat = p_st + tl.to_tensor(read_noise) * z_read
+        else:
+            p_hat = p_st
+        d = tl.to_tensor(tlr) * p_hat
+        count_w = stochastic_count(tl.div_rn(d, dw), tl.uint_to_uniform_float(r1), cap, HAS_CAP)
+        if W_C2C:
+            v0, v1, _, _ = tl.randint4x(key_c2c, idx)
+            z_w, _ = normal_pair(v0, v1)
+        else:
+            z_w = 0.0
+        x_new = apply_pulses(
+            x_w, count_w, z_w, shift, tmin, tmax, gamma, dw, asym, w_c2c, w_table, W_FAMILY, W_TABLE_N, W_C2C, W_ZERO_SHIFT
+        )
+        w_st = store_f32(W_ptr, local, x_new, mask)
+        tl.store(count_w_ptr + local, count_w.to(tl.int32), mask=mask)
+    else:
+        w_st = x_w
+    store_f32(Wbar_ptr, local, w_st + tl.to_tensor(mix) * p_st, mask)
+
+
+def _launch(
+    W,
+    P,
+    Wbar,
+    g,
+    pulses_p,
+    pulses_w,
+    table_w,
+    table_p,
+    key,
+    offset,
+    transfer,
+    scalars,
+    flags,
+    dev_w_floats,
+    dev_w_ints,
+    dev_p_floats,
+    dev_p_ints,
+):
+    numel = W.numel()
+    if numel == 0:
+        return
+    lr, tlr, mix, read_noise, cap = scalars
+    has_cap, read_on = flags
+    rt_w, c_w = kernel_device_args(dev_w_floats, dev_w_ints, table_w)
+    rt_p, c_p = kernel_device_args(dev_p_floats, dev_p_ints, table_p)
+    block = block_size()
+    _rl_step_kernel[(triton.cdiv(numel, block),)](
+        W,
+        P,
+        Wbar,
+        g,
+        pulses_p,
+        pulses_w if transfer else pulses_p,
+        numel,
+        key,
+        c2c_key(key),
+        offset,
+        lr,
+        tlr,
+        mix,
+        read_noise,
+        cap,
+        TRANSFER=bool(transfer),
+        READ_NOISE=bool(read_on),
+        HAS_CAP=bool(has_cap),
+        BLOCK=block,
+        **prefixed("w", rt_w, c_w),
+        **prefixed("p", rt_p, c_p),
+        **launch_options(),
+    )
+
+
+@torch.library.custom_op("fastanalog::rl_step_triton_", mutates_args=("W", "P", "Wbar", "pulses_p", "pulses_w"))
+def rl_step_triton_(
+    W: torch.Tensor,
+    P: torch.Tensor,
+    Wbar: torch.Tensor,
+    g: torch.Tensor,
+    pulses_p: torch.Tensor,
+    pulses_w: torch.Tensor,
+    table_w: torch.Tensor,
+    table_p: torch.Tensor,
+    key: int,
+    offset: int,
+    transfer: bool,
+    scalars: list[float],
+    flags: list[bool],
+    dev_w_floats: list[float],
+    dev_w_ints: list[int],
+    dev_p_floats: list[float],
+    dev_p_ints: list[int],
+) -> None:
+    """In-place rl step (the op behind :func:`rl_step_triton`).
+
+    ``scalars = [lr, transfer_lr, gamma, read_noise, max_pulses]`` (float32-rounded),
+    ``flags = [has max_pulses, read_noise > 0]``; ``pulses_w`` is written only when
+    ``transfer``; device lists as in ``common.DeviceArgs``.
+    """
+    _launch(
+        W,
+        P,
+        Wbar,
+        g,
+        pulses_p,
+        pulses_w,
+        table_w,
+        table_p,
+        key,
+        offset,
+        transfer,
+        scalars,
+        flags,
+        dev_w_floats,
+        dev_w_ints,
+        dev_p_floats,
+        dev_p_ints,
+    )
+
+
+@rl_step_triton_.register_fake
+def _(
+    W,
+    P,
+    Wbar,
+    g,
+    pulses_p,
+    pulses_w,
+    table_w,
+    table_p,
+    key,
+    offset,
+    transfer,
+    scalars,
+    flags,
+    dev_w_floats,
+    dev_w_ints,
+    dev_p_floats,
+    dev_p_ints,
+) -> None:
+    return None
+
+
+def _prepare(
+    W: torch.Tensor,
+    P: torch.Tensor,
+    Wbar: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    lr: float,
+    config: AnalogConfig,
+    key: int,
+    tensor_id: int,
+    transfer: bool,
+    offset: int = 0,
+) -> tuple[tuple, StepPulses]:
+    """(arguments of ``fastanalog::rl_step_triton_``, the StepPulses it fills)."""
+    numel = W.numel()
+    check_arrays(numel, W=W, P=P, Wbar=Wbar, g=g)
+    dev_w, args_w, dev_p, args_p = packed_arrays(config, tensor_id)
+    s = step_scalars(config, lr)
+    pulses_p = torch.empty(numel, dtype=torch.int32, device=W.device)
+    pulses_w = torch.empty(numel if transfer else 0, dtype=torch.int32, device=W.device)
+    args = (
+        W,
+        P,
+        Wbar,
+        g,
+        pulses_p,
+        pulses_w,
+        table_tensor(dev_w, W.device),
+        table_tensor(dev_p, W.device),
+        int(key),
+        int(offset),
+        bool(transfer),
+        [s["lr"], s["tlr"], s["mix"], s["read_noise"], s["cap"]],
+        [s["has_cap"], config.read_noise > 0],
+        list(args_w.floats),
+        list(args_w.ints),
+        list(args_p.floats),
+        list(args_p.ints),
+    )
+    return args, StepPulses(first=pulses_p, main=pulses_w if transfer else None)
+
+
+def rl_step_triton(
+    W: torch.Tensor,
+    P: torch.Tensor,
+    Wbar: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    lr: float,
+    config: AnalogConfig,
+    key: int,
+    tensor_id: int,
+    transfer: bool,
+    offset: int = 0,
+) -> StepPulses:
+    """Residual Learning v1 on flat tensors, in place; same signature and result as ``rl_step_ref``.
+
+    Args:
+        W, P, Wbar: main, residual and mixed forward arrays (weight units), updated in place.
+        g: gradient at Wbar.
+        lr: learning rate (rounded to float32).
+        config: the tensor's ``AnalogConfig`` (``device`` for W, ``residual_device`` for P).
+        key: this step's 63-bit Philox key; tensor_id: the analog tensor's id.
+        transfer: whether this step transfers P into W.
+        offset: global index of element 0.
+
+    Returns:
+        ``StepPulses(first=N_P, main=N_W or None without transfer)``, int32 per element.
+    """
+    args, pulses = _prepare(
+        W, P, Wbar, g, lr=lr, config=config, key=key, tensor_id=tensor_id, transfer=transfer, offset=offset
+    )
+    torch.ops.fastanalog.rl_step_triton_(*args)
+    return pulses
+
+
+__all__ = ["rl_step_triton", "rl_step_triton_", "_rl_step_kernel"]
