@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The CUDA toolkit that compiles the CUDA kernels (they build and link without a GPU).
+CUDA_HOME ?= /usr/local/cuda
+export CUDA_HOME
 
 .PHONY: setup data demo test test-slow lint bench bench-aihwkit clean
 
@@ -49,4 +52,4 @@ bench-aihwkit: setup
 	$(PY) -m fastanalog bench aihwkit
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info fastanalog/*.so

@@ -1,0 +1,226 @@
+"""Throughput of the fused C++ analog-update kernels on CPU, against memory bandwidth and the reference.
+
+For each algorithm (and device family) at ``--size`` float32 elements this measures, in one
+process and on the same threads (``--threads``; torch's intra-op threads otherwise):
+
+* the kernel alone (``torch.ops.fastanalog.<alg>_step_cpp_`` with empty pulse tensors, so no
+  pulse counts are written): GB/s with the bytes the step must move, every array read and
+  written once: asgd 12 B/element (g, W in; W out), rl 28 (g, W, P in; W, P, Wbar out; a
+  transfer every step), rl2 32 (g, W, P, H in; W, P, H, Wbar out);
+* the same with int32 pulse counts written (+4 B per written array: asgd 16, rl 36, rl2 40);
+* the triad ``a = b + s * c`` (12 B/element) on the same threads, in C++ in the extension:
+  the kernel's share of it is the "of triad" column;
+* the full launcher (``<alg>_step_cpp``, pulses included, as the optimizer calls it) against
+  the eager reference (``<alg>_step_ref``) and against ``torch.compile`` of the reference:
+  speed-ups of medians over repeats after warm-up (compilation excluded).
+
+``python benchmarks/bench_kernels_cpu.py [--size N] [--algorithms asgd,rl,rl2] [--devices
+linear,power] [--threads T] [--repeats R] [--no-reference] [--out DIR]`` prints a markdown
+table; with ``--out`` it also writes ``bench_kernels_cpu.csv`` and ``.md`` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fastanalog as fa
+from fastanalog.ops import cpp
+from fastanalog.ops.packing import pack_config
+from fastanalog.ops.reference import asgd_step_ref, rl2_step_ref, rl_step_ref
+
+ARRAY_BYTES = {"asgd": 12, "rl": 28, "rl2": 32}
+PULSE_BYTES = {"asgd": 4, "rl": 8, "rl2": 8}
+TRIAD_BYTES = 12
+DEVICES = {
+    "linear": lambda: fa.LinearResponse(tau=0.6, dw_min=0.001),
+    "power": lambda: fa.PowerResponse(tau=0.6, gamma=0.5, dw_min=0.001),
+    "exp": lambda: fa.ExpResponse(tau=0.6, gamma=1.0, dw_min=0.001),
+    "table": lambda: fa.TableResponse(tau=0.6, dw_min=0.001, up=(2.0, 1.0, 0.0), down=(0.0, 1.0, 2.0)),
+}
+KEY = 0x1234_5678_9ABC
+LR = 0.01
+
+
+def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _arrays(n: int):
+    gen = torch.Generator().manual_seed(0)
+    W = torch.rand(n, generator=gen) * 0.8 - 0.4
+    P = torch.randn(n, generator=gen) * 0.01
+    H = torch.zeros(n)
+    Wbar = torch.zeros(n)
+    g = torch.randn(n, generator=gen) * 0.1  # lr * g / dw_min ~ N(0, 1): most elements pulse
+    return W, P, H, Wbar, g
+
+
+def _kernel_call(alg: str, config: fa.AnalogConfig, arrays, pulses: bool):
+    """The raw op on the arrays: with or without int32 pulse outputs."""
+    W, P, H, Wbar, g = arrays
+    n = W.numel()
+
+    def out():
+        return torch.empty(n if pulses else 0, dtype=torch.int32)
+
+    mp = config.max_pulses or 0
+    if alg == "asgd":
+        desc = cpp.device_args(pack_config(config, 0)[0])
+        p = out()
+        return lambda: torch.ops.fastanalog.asgd_step_cpp_(W, g, p, LR, KEY, 0, *desc, mp)
+    desc = cpp._residual_args(config, 0)
+    p1, p2 = out(), out()
+    if alg == "rl":
+        return lambda: torch.ops.fastanalog.rl_step_cpp_(
+            W, P, Wbar, g, p1, p2, LR, KEY, 0, True, config.gamma, config.transfer_lr, config.read_noise, mp, *desc
+        )
+    return lambda: torch.ops.fastanalog.rl2_step_cpp_(
+        W, P, H, Wbar, g, p1, p2, LR, KEY, 0, config.buffer == "ema", config.gamma, config.transfer_lr, config.read_noise,
+        config.threshold, mp, *desc,
+    )  # fmt: skip
+
+
+def _step_call(fn, alg: str, config: fa.AnalogConfig, arrays):
+    """A launcher with the reference signature (reference, compiled reference or C++)."""
+    W, P, H, Wbar, g = arrays
+    kw = dict(lr=LR, config=config, key=KEY, tensor_id=0)
+    if alg == "asgd":
+        return lambda: fn(W, g, **kw)
+    if alg == "rl":
+        return lambda: fn(W, P, Wbar, g, transfer=True, **kw)
+    return lambda: fn(W, P, H, Wbar, g, **kw)
+
+
+def bench(size: int, algorithms: list[str], devices: list[str], repeats: int, reference: bool) -> list[dict]:
+    if not cpp.cpp_available():
+        raise SystemExit(f"the C++ kernels are unavailable: {cpp._state['error']}")
+    a, b, c = torch.empty(size), torch.rand(size), torch.rand(size)
+    triad_times = []
+
+    def triad() -> float:
+        t = _median_seconds(lambda: cpp.triad_cpp(a, b, c, 0.5), repeats)
+        triad_times.append(t)
+        return TRIAD_BYTES * size / t / 1e9
+
+    refs = {"asgd": asgd_step_ref, "rl": rl_step_ref, "rl2": rl2_step_ref}
+    launchers = {"asgd": cpp.asgd_step_cpp, "rl": cpp.rl_step_cpp, "rl2": cpp.rl2_step_cpp}
+    rows = []
+    for alg in algorithms:
+        for dev in devices:
+            config = fa.AnalogConfig(algorithm=alg, device=DEVICES[dev]())
+            arrays = _arrays(size)
+            triad_gbs = triad()
+            t_kernel = _median_seconds(_kernel_call(alg, config, arrays, pulses=False), repeats)
+            t_pulses = _median_seconds(_kernel_call(alg, config, arrays, pulses=True), repeats)
+            t_launch = _median_seconds(_step_call(launchers[alg], alg, config, arrays), repeats)
+            row = {
+                "algorithm": alg,
+                "device": dev,
+                "size": size,
+                "threads": torch.get_num_threads(),
+                "kernel_ms": 1e3 * t_kernel,
+                "kernel_GBps": ARRAY_BYTES[alg] * size / t_kernel / 1e9,
+                "triad_GBps": triad_gbs,
+                "of_triad": ARRAY_BYTES[alg] * size / t_kernel / 1e9 / triad_gbs,
+                "with_pulses_ms": 1e3 * t_pulses,
+                "with_pulses_GBps": (ARRAY_BYTES[alg] + PULSE_BYTES[alg]) * size / t_pulses / 1e9,
+                "launcher_ms": 1e3 * t_launch,
+            }
+            if reference:
+                ref_arrays = _arrays(size)
+                t_eager = _median_seconds(_step_call(refs[alg], alg, config, ref_arrays), max(1, repeats // 2))
+                compiled = torch.compile(refs[alg])
+                t_compiled = _median_seconds(_step_call(compiled, alg, config, ref_arrays), repeats, warmup=2)
+                row.update(
+                    eager_ms=1e3 * t_eager,
+                    speedup_eager=t_eager / t_launch,
+                    compiled_ms=1e3 * t_compiled,
+                    speedup_compiled=t_compiled / t_launch,
+                )
+            rows.append(row)
+            print(_row_line(row), file=sys.stderr, flush=True)
+    return rows
+
+
+COLUMNS = [
+    ("algorithm", "algorithm", "{}"),
+    ("device", "device", "{}"),
+    ("kernel_ms", "kernel ms", "{:.1f}"),
+    ("kernel_GBps", "kernel GB/s", "{:.2f}"),
+    ("triad_GBps", "triad GB/s", "{:.2f}"),
+    ("of_triad", "of triad", "{:.0%}"),
+    ("with_pulses_GBps", "GB/s with pulses", "{:.2f}"),
+    ("launcher_ms", "launcher ms", "{:.1f}"),
+    ("eager_ms", "eager ref ms", "{:.0f}"),
+    ("speedup_eager", "x eager", "{:.1f}"),
+    ("compiled_ms", "compiled ref ms", "{:.0f}"),
+    ("speedup_compiled", "x compiled", "{:.1f}"),
+]
+
+
+def _row_line(row: dict) -> str:
+    return "  ".join(f"{title}={fmt.format(row[key])}" for key, title, fmt in COLUMNS if key in row)
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(t for _, t, _ in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt.format(r[k]) if k in r else "" for k, _, fmt in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=16 * 2**20, help="elements per tensor (default 16M)")
+    parser.add_argument("--algorithms", default="asgd,rl,rl2", help="comma-separated subset of asgd,rl,rl2")
+    parser.add_argument("--devices", default="linear,power", help=f"comma-separated device families of {','.join(DEVICES)}")
+    parser.add_argument("--threads", type=int, default=None, help="threads (default: torch's intra-op threads)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the eager and compiled reference")
+    parser.add_argument("--out", type=Path, default=None, help="directory for bench_kernels_cpu.csv and .md")
+    args = parser.parse_args(argv)
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    for a in algorithms:
+        if a not in ARRAY_BYTES:
+            parser.error(f"unknown algorithm {a!r}: choose from asgd, rl, rl2")
+    for d in devices:
+        if d not in DEVICES:
+            parser.error(f"unknown device {d!r}: choose from {', '.join(DEVICES)}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows = bench(args.size, algorithms, devices, args.repeats, not args.no_reference)
+    table = markdown(rows)
+    header = (
+        f"{args.size} float32 elements, {torch.get_num_threads()} threads, CPU kernels: {cpp.cpu_variant()} "
+        f"({torch.backends.cpu.get_cpu_capability()})"
+    )
+    print(header)
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "bench_kernels_cpu.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+            writer.writeheader()
+            writer.writerows(rows)
+        (args.out / "bench_kernels_cpu.md").write_text(header + "\n\n" + table + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

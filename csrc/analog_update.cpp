@@ -1,0 +1,1753 @@
+// Fused CPU kernels of the analog update (SPEC section 3): asgd, rl, rl2; op registration.
+//
+// Each op updates its arrays in place in one pass over memory: every element's g, W, P, H
+// is read once and W, P, H, Wbar and the int32 pulse counts are written once. The work is
+// cut into blocks of kBlock elements; a thread takes a contiguous run of blocks and runs
+// each block through a few short phases on block-sized scratch arrays that stay in the
+// L1/L2 cache:
+//
+//   draws    one Philox4x32-10 call per element (AVX2: 8 lanes of 32x32->64 multiplies),
+//            Triton's uniforms, Box-Muller normals only where a noise option needs them,
+//            the second stream (key ^ STREAM_W_C2C) only for c2c noise of W;
+//   params   device-to-device parameters regenerated from the variation key, exactly as
+//            ResponseDevice.element_params (only when d2d_std > 0; otherwise the block
+//            holds the nominal values, filled once per call);
+//   segments the update itself, in two or three branch-free loops per block (pulse count
+//            and response argument -> response -> write, read, buffer, transfer, mix),
+//            specialised by template parameters (storage dtype, noise options, buffer
+//            mode); the response family is one shape loop per family, picked once per
+//            block.
+//
+// Bitwise parity with the reference (fastanalog/ops/reference.py). All math is float32 in
+// the reference's operation order and the build uses -ffp-contract=off, so no multiply-add
+// is fused. The transcendental functions are the ones torch's own CPU kernels call, so
+// that the reference and these kernels produce the same bits:
+//   log, sqrt, cos, sin (float32 and float64), exp (float64): MKL VML in high-accuracy mode
+//     (vmsLn, vmsSqrt, ...; torch's at::vml does the same when built with MKL); without MKL
+//     the Sleef/std functions at::vml falls back to;
+//   pow, expm1: Sleef_powf8_u10 / Sleef_expm1f8_u10 (torch's AVX2 and AVX-512 kernels), or
+//     std::pow / std::expm1 when torch runs its DEFAULT kernels.
+// The one known difference: torch evaluates the last (numel mod 16) elements of each
+// thread's chunk of a float `pow` with std::pow instead of Sleef, which differs in the last
+// bit for about 2% of arguments; these kernels use Sleef for every element, so such
+// elements may differ by one ulp in the response of the power family.
+//
+// Instruction sets. The kernel templates below the FA_ISA_BODY guard are compiled twice, by
+// including this file into itself: once under `#pragma GCC target("avx2,fma,f16c")` (AVX2
+// Philox intrinsics, Sleef vector calls; chosen at run time when the CPU has AVX2 and torch
+// runs its AVX2 or AVX-512 kernels) and once for the build's baseline instruction set
+// (portable Philox, std::pow/std::expm1; chosen when torch runs its DEFAULT kernels). No
+// -march flag is needed for the fast path, so a wheel built for x86-64 stays portable.
+#ifndef FA_ISA_BODY
+
+#include <ATen/Config.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define FA_HAVE_AVX2_VARIANT 1
+#else
+#define FA_HAVE_AVX2_VARIANT 0
+#endif
+
+#include "philox.h"
+
+#if AT_MKL_ENABLED() && !defined(__APPLE__)
+#define FA_HAVE_MKL 1
+// MKL VML, linked into libtorch_cpu. n is MKL_INT (32 or 64 bit: passed as 64 bit, of
+// which an LP64 build reads the low half), mode is MKL_INT64.
+extern "C" {
+void vmsLn(long long n, const float* a, float* r, long long mode);
+void vmsSqrt(long long n, const float* a, float* r, long long mode);
+void vmsCos(long long n, const float* a, float* r, long long mode);
+void vmsSin(long long n, const float* a, float* r, long long mode);
+void vmdLn(long long n, const double* a, double* r, long long mode);
+void vmdSqrt(long long n, const double* a, double* r, long long mode);
+void vmdExp(long long n, const double* a, double* r, long long mode);
+}
+#else
+#define FA_HAVE_MKL 0
+#endif
+
+namespace fastanalog {
+namespace cpu {
+
+// The mode torch's at::vml passes to MKL: VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
+constexpr long long kVmlMode = 0x00000002LL | 0x00140000LL | 0x00000100LL;
+
+// Elements per block. Block loops run over whole groups of kLanes elements (the AVX2
+// Philox makes 16 at a time); block arrays have room for that.
+constexpr int kBlock = 256;
+constexpr int kLanes = 16;
+// Below this many elements per thread, fewer threads are used (a thread start costs more).
+constexpr int64_t kMinPerThread = 16384;
+// Table bisection (per-element symmetric point of a zero-shifted table device): the
+// halvings of TableResponse's inherited ResponseDevice.symmetric_point.
+constexpr int kBisectionSteps = 60;
+
+enum Family : int { kLinear = 0, kPower = 1, kExp = 2, kTable = 3 };
+enum Algorithm : int { kAsgd = 0, kRl = 1, kRl2 = 2 };
+enum Storage : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// Layout of the float[] device description the ops take (fastanalog/ops/cpp.py builds it).
+enum DeviceField : int {
+  kFamily = 0,
+  kTauMin,
+  kTauMax,
+  kGamma,
+  kDwMin,
+  kAsym,
+  kD2dStd,
+  kC2cStd,
+  kHasGamma,
+  kZeroShift,
+  kShift,
+  kDeviceFields
+};
+
+// One array's device as the kernels use it; floats are the float32 roundings of the
+// Python values (as the reference's f32()).
+struct Device {
+  int family = kLinear;
+  float tau_min = -1.f, tau_max = 1.f, gamma = 1.f, dw_min = 1e-3f, asym = 0.f;
+  float d2d_std = 0.f, c2c_std = 0.f;
+  bool has_gamma = false, zero_shift = false;
+  float shift = 0.f;  // symmetric point of the nominal device when zero-shifted (d2d_std == 0)
+  uint64_t var_key = 0;
+  int table_segments = 0;          // number of table intervals m (m + 1 samples per direction)
+  const float* table = nullptr;    // up[0..m] then down[0..m], float32
+  const double* table64 = nullptr; // the same samples in float64 (bisection)
+  bool d2d() const { return d2d_std > 0.f; }
+  bool c2c() const { return c2c_std > 0.f; }
+};
+
+// Everything one call needs; pointers are to the first element of each flat tensor.
+struct StepArgs {
+  int64_t numel = 0;
+  int64_t offset = 0;  // global index of element 0 (shards)
+  uint64_t key = 0;
+  const void* g = nullptr;
+  void* W = nullptr;
+  void* P = nullptr;
+  void* H = nullptr;
+  void* Wbar = nullptr;
+  int32_t* pulses_first = nullptr;  // may be null: pulse counts not written
+  int32_t* pulses_main = nullptr;
+  float neg_lr = 0.f;         // -float32(lr)
+  float tlr = 0.f;            // float32(transfer_lr)
+  float one_minus_tlr = 1.f;  // 1 - float32(transfer_lr), in float32
+  float gamma_mix = 0.f;      // float32(gamma) of Wbar = W + gamma * P
+  float read_noise = 0.f;
+  float threshold = 1.f;
+  float max_pulses = std::numeric_limits<float>::infinity();  // +inf: no cap
+  bool transfer = true;  // rl: this step transfers P to W
+  bool ema = false;      // rl2: buffer mode "ema" (else "accumulate")
+  Device dev_w, dev_p;
+};
+
+using RangeFn = void (*)(const StepArgs&, int64_t, int64_t);
+
+}  // namespace cpu
+}  // namespace fastanalog
+
+// ---------------------------------------------------------------------------------------
+// The kernel templates, once per instruction set.
+#define FA_ISA_BODY 1
+#if FA_HAVE_AVX2_VARIANT
+#define FA_ISA_AVX2 1
+namespace fastanalog {
+namespace cpu {
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include "analog_update.cpp"
+#pragma GCC pop_options
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace fastanalog
+#undef FA_ISA_AVX2
+#endif
+#define FA_ISA_AVX2 0
+namespace fastanalog {
+namespace cpu {
+namespace generic {
+#include "analog_update.cpp"
+}  // namespace generic
+}  // namespace cpu
+}  // namespace fastanalog
+#undef FA_ISA_AVX2
+#undef FA_ISA_BODY
+
+// ---------------------------------------------------------------------------------------
+// Dispatch, argument checks, registration.
+namespace fastanalog {
+namespace cpu {
+namespace {
+
+// The AVX2 variant reproduces torch's AVX2/AVX-512 kernels, the generic one its DEFAULT
+// kernels; follow torch's own choice (ATEN_CPU_CAPABILITY included).
+bool use_avx2_variant() {
+#if FA_HAVE_AVX2_VARIANT
+  static const bool use = [] {
+    const std::string cap = at::get_cpu_capability();
+    const bool torch_vector = cap == "AVX2" || cap == "AVX512";
+    __builtin_cpu_init();
+    return torch_vector && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  }();
+  return use;
+#else
+  return false;
+#endif
+}
+
+RangeFn select_range(int algorithm, int storage, bool g_is_f32) {
+#if FA_HAVE_AVX2_VARIANT
+  if (use_avx2_variant()) return avx2::range_fn(algorithm, storage, g_is_f32);
+#endif
+  return generic::range_fn(algorithm, storage, g_is_f32);
+}
+
+// Runs fn over [0, numel) on torch's intra-op threads: thread t gets a contiguous run of
+// whole blocks, so every element sees the same arithmetic whatever the thread count.
+void run_parallel(RangeFn fn, const StepArgs& a) {
+  const int64_t n = a.numel;
+  if (n <= 0) return;
+  const int64_t nblocks = (n + kBlock - 1) / kBlock;
+  const int64_t useful = std::max<int64_t>(1, n / kMinPerThread);
+  const int nt = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), useful, nblocks}));
+  if (nt <= 1) {
+    fn(a, 0, n);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t T = omp_get_num_threads();
+    const int64_t t = omp_get_thread_num();
+    const int64_t b0 = nblocks * t / T;
+    const int64_t b1 = nblocks * (t + 1) / T;
+    if (b0 < b1) fn(a, b0 * kBlock, std::min(n, b1 * kBlock));
+  }
+}
+
+int storage_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return kF32;
+    case at::kBFloat16:
+      return kBF16;
+    case at::kHalf:
+      return kF16;
+    default:
+      TORCH_CHECK(false, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+  return kF32;
+}
+
+void check_array(const at::Tensor& t, const at::Tensor& ref, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.numel() == ref.numel(), name, " has ", t.numel(), " elements, expected ", ref.numel());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of W (", ref.scalar_type(), "), got ",
+              t.scalar_type());
+}
+
+int32_t* pulses_ptr(at::Tensor& p, const at::Tensor& ref, const char* name) {
+  if (p.numel() == 0) return nullptr;  // an empty tensor: do not write pulse counts
+  TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.scalar_type() == at::kInt, name,
+              " must be a contiguous CPU int32 tensor (or empty)");
+  TORCH_CHECK(p.numel() == ref.numel(), name, " has ", p.numel(), " elements, expected ", ref.numel());
+  return p.data_ptr<int32_t>();
+}
+
+// Storage for one device's table samples, kept alive for the duration of a call.
+struct TableStore {
+  std::vector<float> f32;
+  std::vector<double> f64;
+};
+
+Device parse_device(c10::ArrayRef<double> d, int64_t var_key, c10::ArrayRef<double> table, TableStore& store) {
+  TORCH_CHECK(d.size() == static_cast<size_t>(kDeviceFields), "device description must have ", static_cast<int>(kDeviceFields),
+              " entries, got ", d.size());
+  Device dev;
+  dev.family = static_cast<int>(d[kFamily]);
+  TORCH_CHECK(dev.family >= kLinear && dev.family <= kTable, "unknown response family id ", dev.family);
+  dev.tau_min = static_cast<float>(d[kTauMin]);
+  dev.tau_max = static_cast<float>(d[kTauMax]);
+  dev.gamma = static_cast<float>(d[kGamma]);
+  dev.dw_min = static_cast<float>(d[kDwMin]);
+  dev.asym = static_cast<float>(d[kAsym]);
+  dev.d2d_std = static_cast<float>(d[kD2dStd]);
+  dev.c2c_std = static_cast<float>(d[kC2cStd]);
+  dev.has_gamma = d[kHasGamma] != 0.0;
+  dev.zero_shift = d[kZeroShift] != 0.0;
+  dev.shift = static_cast<float>(d[kShift]);
+  dev.var_key = static_cast<uint64_t>(var_key);
+  if (dev.family == kTable) {
+    TORCH_CHECK(table.size() >= 4 && table.size() % 2 == 0, "a table device needs up and down samples of equal length >= 2");
+    store.f64.assign(table.begin(), table.end());
+    store.f32.resize(table.size());
+    for (size_t i = 0; i < table.size(); ++i) store.f32[i] = static_cast<float>(table[i]);
+    dev.table = store.f32.data();
+    dev.table64 = store.f64.data();
+    dev.table_segments = static_cast<int>(table.size() / 2) - 1;
+  }
+  return dev;
+}
+
+float max_pulses_of(int64_t max_pulses) {
+  return max_pulses > 0 ? static_cast<float>(max_pulses) : std::numeric_limits<float>::infinity();
+}
+
+// g in float32 or W's dtype; anything else is widened to float32 first.
+at::Tensor grad_for(const at::Tensor& g, const at::Tensor& W) {
+  TORCH_CHECK(g.device().is_cpu(), "g must be a CPU tensor, got ", g.device());
+  TORCH_CHECK(g.numel() == W.numel(), "g has ", g.numel(), " elements, expected ", W.numel());
+  TORCH_CHECK(at::isFloatingType(g.scalar_type()), "g must be a floating tensor, got ", g.scalar_type());
+  if (g.scalar_type() != at::kFloat && g.scalar_type() != W.scalar_type()) return g.to(at::kFloat).contiguous();
+  return g.contiguous();
+}
+
+void asgd_step_cpu(at::Tensor& W, const at::Tensor& g, at::Tensor& pulses, double lr, int64_t key, int64_t offset,
+                   c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w, int64_t max_pulses) {
+  check_array(W, W, "W");
+  const int storage = storage_of(W, "W");
+  const at::Tensor gc = grad_for(g, W);
+  TORCH_CHECK(offset >= 0, "offset must be >= 0, got ", offset);
+  TableStore tw;
+  StepArgs a;
+  a.numel = W.numel();
+  a.offset = offset;
+  a.key = static_cast<uint64_t>(key);
+  a.g = gc.data_ptr();
+  a.W = W.data_ptr();
+  a.pulses_first = pulses_ptr(pulses, W, "pulses");
+  a.neg_lr = -static_cast<float>(lr);
+  a.max_pulses = max_pulses_of(max_pulses);
+  a.dev_w = parse_device(dev_w, var_key_w, table_w, tw);
+  run_parallel(select_range(kAsgd, storage, gc.scalar_type() == at::kFloat), a);
+}
+
+void residual_common(StepArgs& a, at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tensor& gc, at::Tensor& pulses_p,
+                     at::Tensor& pulses_w, double lr, int64_t key, int64_t offset, double gamma, double transfer_lr,
+                     double read_noise, int64_t max_pulses) {
+  TORCH_CHECK(offset >= 0, "offset must be >= 0, got ", offset);
+  a.numel = W.numel();
+  a.offset = offset;
+  a.key = static_cast<uint64_t>(key);
+  a.g = gc.data_ptr();
+  a.W = W.data_ptr();
+  a.P = P.data_ptr();
+  a.Wbar = Wbar.data_ptr();
+  a.pulses_first = pulses_ptr(pulses_p, W, "pulses_p");
+  a.pulses_main = pulses_ptr(pulses_w, W, "pulses_w");
+  a.neg_lr = -static_cast<float>(lr);
+  a.tlr = static_cast<float>(transfer_lr);
+  a.one_minus_tlr = 1.0f - a.tlr;
+  a.gamma_mix = static_cast<float>(gamma);
+  a.read_noise = static_cast<float>(read_noise);
+  a.max_pulses = max_pulses_of(max_pulses);
+}
+
+void rl_step_cpu(at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tensor& g, at::Tensor& pulses_p, at::Tensor& pulses_w,
+                 double lr, int64_t key, int64_t offset, bool transfer, double gamma, double transfer_lr, double read_noise,
+                 int64_t max_pulses, c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w,
+                 c10::ArrayRef<double> dev_p, int64_t var_key_p, c10::ArrayRef<double> table_p) {
+  check_array(W, W, "W");
+  check_array(P, W, "P");
+  check_array(Wbar, W, "Wbar");
+  const int storage = storage_of(W, "W");
+  const at::Tensor gc = grad_for(g, W);
+  TableStore tw, tp;
+  StepArgs a;
+  residual_common(a, W, P, Wbar, gc, pulses_p, pulses_w, lr, key, offset, gamma, transfer_lr, read_noise, max_pulses);
+  a.transfer = transfer;
+  if (!transfer) a.pulses_main = nullptr;
+  a.dev_w = parse_device(dev_w, var_key_w, table_w, tw);
+  a.dev_p = parse_device(dev_p, var_key_p, table_p, tp);
+  run_parallel(select_range(kRl, storage, gc.scalar_type() == at::kFloat), a);
+}
+
+void rl2_step_cpu(at::Tensor& W, at::Tensor& P, at::Tensor& H, at::Tensor& Wbar, const at::Tensor& g, at::Tensor& pulses_p,
+                  at::Tensor& pulses_w, double lr, int64_t key, int64_t offset, bool ema, double gamma, double transfer_lr,
+                  double read_noise, double threshold, int64_t max_pulses, c10::ArrayRef<double> dev_w, int64_t var_key_w,
+                  c10::ArrayRef<double> table_w, c10::ArrayRef<double> dev_p, int64_t var_key_p, c10::ArrayRef<double> table_p) {
+  check_array(W, W, "W");
+  check_array(P, W, "P");
+  check_array(H, W, "H");
+  check_array(Wbar, W, "Wbar");
+  const int storage = storage_of(W, "W");
+  const at::Tensor gc = grad_for(g, W);
+  TableStore tw, tp;
+  StepArgs a;
+  residual_common(a, W, P, Wbar, gc, pulses_p, pulses_w, lr, key, offset, gamma, transfer_lr, read_noise, max_pulses);
+  a.H = H.data_ptr();
+  a.ema = ema;
+  a.threshold = static_cast<float>(threshold);
+  a.dev_w = parse_device(dev_w, var_key_w, table_w, tw);
+  a.dev_p = parse_device(dev_p, var_key_p, table_p, tp);
+  run_parallel(select_range(kRl2, storage, gc.scalar_type() == at::kFloat), a);
+}
+
+// a = b + s * c over float32 tensors, on the same threads and partition as the kernels:
+// the in-process memory-bandwidth yardstick of the benchmarks.
+void triad_cpu(at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double s) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && c.scalar_type() == at::kFloat,
+              "triad takes float32 tensors");
+  TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && c.is_contiguous(), "triad takes contiguous tensors");
+  TORCH_CHECK(a.numel() == b.numel() && a.numel() == c.numel(), "triad takes tensors of equal numel");
+  float* __restrict__ pa = a.data_ptr<float>();
+  const float* __restrict__ pb = b.data_ptr<float>();
+  const float* __restrict__ pc = c.data_ptr<float>();
+  const float sf = static_cast<float>(s);
+  const int64_t n = a.numel();
+  const int nt = static_cast<int>(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, n / kMinPerThread)));
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t i = 0; i < n; ++i) pa[i] = pb[i] + sf * pc[i];
+}
+
+// Which code path the CPU kernels take in this process ("avx2" or "generic").
+std::string cpu_variant() { return use_avx2_variant() ? "avx2" : "generic"; }
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastanalog
+
+TORCH_LIBRARY_FRAGMENT(fastanalog, m) {
+  m.def(
+      "asgd_step_cpp_(Tensor(a!) W, Tensor g, Tensor(b!) pulses, float lr, int key, int offset, float[] dev_w, int var_key_w, "
+      "float[] table_w, int max_pulses) -> ()");
+  m.def(
+      "rl_step_cpp_(Tensor(a!) W, Tensor(b!) P, Tensor(c!) Wbar, Tensor g, Tensor(d!) pulses_p, Tensor(e!) pulses_w, float lr, "
+      "int key, int offset, bool transfer, float gamma, float transfer_lr, float read_noise, int max_pulses, float[] dev_w, "
+      "int var_key_w, float[] table_w, float[] dev_p, int var_key_p, float[] table_p) -> ()");
+  m.def(
+      "rl2_step_cpp_(Tensor(a!) W, Tensor(b!) P, Tensor(c!) H, Tensor(d!) Wbar, Tensor g, Tensor(e!) pulses_p, "
+      "Tensor(f!) pulses_w, float lr, int key, int offset, bool ema, float gamma, float transfer_lr, float read_noise, "
+      "float threshold, int max_pulses, float[] dev_w, int var_key_w, float[] table_w, float[] dev_p, int var_key_p, "
+      "float[] table_p) -> ()");
+  m.def("triad_cpp_(Tensor(a!) a, Tensor b, Tensor c, float s) -> ()");
+  m.def("cpu_variant_cpp() -> str", &fastanalog::cpu::cpu_variant);
+}
+
+TORCH_LIBRARY_IMPL(fastanalog, CPU, m) {
+  m.impl("asgd_step_cpp_", &fastanalog::cpu::asgd_step_cpu);
+  m.impl("rl_step_cpp_", &fastanalog::cpu::rl_step_cpu);
+  m.impl("rl2_step_cpp_", &fastanalog::cpu::rl2_step_cpu);
+  m.impl("triad_cpp_", &fastanalog::cpu::triad_cpu);
+}
+
+#else  // FA_ISA_BODY ====================================================================
+// Everything below is compiled once per instruction set (see the top of the file); it
+// lives in namespace fastanalog::cpu::avx2 or fastanalog::cpu::generic.
+
+#define FA_INLINE inline __attribute__((always_inline))
+
+// ----- vector math on blocks -------------------------------------------------------------
+// y[j] = f(a[j]) for j < n; n is a multiple of kLanes and the arrays are 64-byte aligned.
+#if FA_ISA_AVX2
+extern "C" {
+__m256 Sleef_powf8_u10(__m256, __m256);
+__m256 Sleef_expm1f8_u10(__m256);
+__m256d Sleef_powd4_u10(__m256d, __m256d);
+#if !FA_HAVE_MKL
+__m256 Sleef_logf8_u10(__m256);
+__m256 Sleef_cosf8_u35(__m256);
+__m256 Sleef_sinf8_u35(__m256);
+__m256d Sleef_logd4_u10(__m256d);
+__m256d Sleef_expd4_u10(__m256d);
+#endif
+}
+#endif
+
+static void vm_log(const float* a, float* y, int n) {
+#if FA_HAVE_MKL
+  vmsLn(n, a, y, kVmlMode);
+#elif FA_ISA_AVX2
+  for (int j = 0; j < n; j += 8) _mm256_store_ps(y + j, Sleef_logf8_u10(_mm256_load_ps(a + j)));
+#else
+  for (int j = 0; j < n; ++j) y[j] = std::log(a[j]);
+#endif
+}
+
+static void vm_sqrt(const float* a, float* y, int n) {
+#if FA_HAVE_MKL
+  vmsSqrt(n, a, y, kVmlMode);
+#else
+  for (int j = 0; j < n; ++j) y[j] = std::sqrt(a[j]);
+#endif
+}
+
+static void vm_cos(const float* a, float* y, int n) {
+#if FA_HAVE_MKL
+  vmsCos(n, a, y, kVmlMode);
+#elif FA_ISA_AVX2
+  for (int j = 0; j < n; j += 8) _mm256_store_ps(y + j, Sleef_cosf8_u35(_mm256_load_ps(a + j)));
+#else
+  for (int j = 0; j < n; ++j) y[j] = std::cos(a[j]);
+#endif
+}
+
+static void vm_sin(const float* a, float* y, int n) {
+#if FA_HAVE_MKL
+  vmsSin(n, a, y, kVmlMode);
+#elif FA_ISA_AVX2
+  for (int j = 0; j < n; j += 8) _mm256_store_ps(y + j, Sleef_sinf8_u35(_mm256_load_ps(a + j)));
+#else
+  for (int j = 0; j < n; ++j) y[j] = std::sin(a[j]);
+#endif
+}
+
+static void vm_pow(const float* a, const float* b, float* y, int n) {
+#if FA_ISA_AVX2
+  for (int j = 0; j < n; j += 8) _mm256_store_ps(y + j, Sleef_powf8_u10(_mm256_load_ps(a + j), _mm256_load_ps(b + j)));
+#else
+  for (int j = 0; j < n; ++j) y[j] = std::pow(a[j], b[j]);
+#endif
+}
+
+static void vm_expm1(const float* a, float* y, int n) {
+#if FA_ISA_AVX2
+  for (int j = 0; j < n; j += 8) _mm256_store_ps(y + j, Sleef_expm1f8_u10(_mm256_load_ps(a + j)));
+#else
+  for (int j = 0; j < n; ++j) y[j] = std::expm1(a[j]);
+#endif
+}
+
+static void vm_pow64(const double* a, const double* b, double* y, int n) {
+#if FA_ISA_AVX2
+  for (int j = 0; j < n; j += 4) _mm256_store_pd(y + j, Sleef_powd4_u10(_mm256_load_pd(a + j), _mm256_load_pd(b + j)));
+#else
+  for (int j = 0; j < n; ++j) y[j] = std::pow(a[j], b[j]);
+#endif
+}
+
+static void vm_exp64(const double* a, double* y, int n) {
+#if FA_HAVE_MKL
+  vmdExp(n, a, y, kVmlMode);
+#elif FA_ISA_AVX2
+  for (int j = 0; j < n; j += 4) _mm256_store_pd(y + j, Sleef_expd4_u10(_mm256_load_pd(a + j)));
+#else
+  for (int j = 0; j < n; ++j) y[j] = std::exp(a[j]);
+#endif
+}
+
+static void vm_log64(const double* a, double* y, int n) {
+#if FA_HAVE_MKL
+  vmdLn(n, a, y, kVmlMode);
+#elif FA_ISA_AVX2
+  for (int j = 0; j < n; j += 4) _mm256_store_pd(y + j, Sleef_logd4_u10(_mm256_load_pd(a + j)));
+#else
+  for (int j = 0; j < n; ++j) y[j] = std::log(a[j]);
+#endif
+}
+
+static void vm_sqrt64(const double* a, double* y, int n) {
+#if FA_HAVE_MKL
+  vmdSqrt(n, a, y, kVmlMode);
+#else
+  for (int j = 0; j < n; ++j) y[j] = std::sqrt(a[j]);
+#endif
+}
+
+// ----- Philox on blocks ------------------------------------------------------------------
+#if FA_ISA_AVX2
+// Triton's uint_to_uniform_float on eight words (see philox.h).
+static FA_INLINE __m256 uniform8(__m256i x) {
+  const __m256i s = _mm256_xor_si256(x, _mm256_srai_epi32(x, 31));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(kUniformScale));
+}
+
+// Eight 32-bit words from the low halves of two vectors of four 64-bit lanes, the first
+// holding elements 0, 2, 4, 6 and the second elements 1, 3, 5, 7.
+static FA_INLINE __m256i interleave8(__m256i even, __m256i odd) {
+  return _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+#endif
+
+// Philox round keys of one key, broadcast to all lanes.
+struct PhiloxKeys {
+#if FA_ISA_AVX2
+  __m256i k0[kPhiloxRounds], k1[kPhiloxRounds];
+#endif
+  uint64_t key;
+};
+
+static FA_INLINE void philox_keys(uint64_t key, PhiloxKeys& k) {
+  k.key = key;
+#if FA_ISA_AVX2
+  const uint32_t key0 = static_cast<uint32_t>(key), key1 = static_cast<uint32_t>(key >> 32);
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    k.k0[r] = _mm256_set1_epi32(static_cast<int>(key0 + static_cast<uint32_t>(r) * kPhiloxKeyA));
+    k.k1[r] = _mm256_set1_epi32(static_cast<int>(key1 + static_cast<uint32_t>(r) * kPhiloxKeyB));
+  }
+#endif
+}
+
+// Uniforms of randint4x(key, first + j) for the 16 elements j = 0..15: u0 always, u1 if
+// U1, u2 and u3 if U23 (the other pointers are not touched).
+//
+// AVX2: each Philox word lives in the low half of a 64-bit lane, four elements per vector,
+// so that vpmuludq yields the full 32x32->64-bit products directly: the high word is one
+// shift away and the low word is already in place (the upper halves carry junk that no
+// later multiply or output reads). The four vectors run interleaved so their 10-round
+// dependency chains overlap. Without U23 the last round skips the product that only feeds
+// words 2 and 3.
+template <bool U1, bool U23>
+static FA_INLINE void philox_group16(const PhiloxKeys& k, uint64_t first, float* u0, float* u1, float* u2, float* u3) {
+#if FA_ISA_AVX2
+  constexpr int kVec = 4;  // elements {0,2,4,6}, {1,3,5,7}, {8,10,12,14}, {9,11,13,15}
+  const __m256i ma = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
+  const __m256i mb = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  __m256i c0[kVec], c1[kVec], c2[kVec], c3[kVec];
+  for (int v = 0; v < kVec; ++v) {
+    // 64-bit global indices: the low word is the counter's c0, the high word its c1.
+    const __m256i lanes = (v % 2) ? _mm256_setr_epi64x(1, 3, 5, 7) : _mm256_setr_epi64x(0, 2, 4, 6);
+    const uint64_t base = first + static_cast<uint64_t>(8 * (v / 2));
+    const __m256i idx = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(base)), lanes);
+    // Round 1 with c2 = c3 = 0: the product with c2 vanishes.
+    const __m256i pa = _mm256_mul_epu32(idx, ma);
+    c0[v] = _mm256_xor_si256(_mm256_srli_epi64(idx, 32), k.k0[0]);
+    c1[v] = _mm256_setzero_si256();
+    c2[v] = _mm256_xor_si256(_mm256_srli_epi64(pa, 32), k.k1[0]);
+    c3[v] = pa;
+  }
+#pragma GCC unroll 8
+  for (int r = 1; r < kPhiloxRounds - 1; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < kVec; ++v) {
+      const __m256i pb = _mm256_mul_epu32(c2[v], mb);
+      const __m256i pa = _mm256_mul_epu32(c0[v], ma);
+      c0[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), c1[v]), k.k0[r]);
+      c1[v] = pb;
+      c2[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), c3[v]), k.k1[r]);
+      c3[v] = pa;
+    }
+  }
+  constexpr int r = kPhiloxRounds - 1;
+#pragma GCC unroll 4
+  for (int v = 0; v < kVec; ++v) {
+    const __m256i pb = _mm256_mul_epu32(c2[v], mb);
+    if constexpr (U23) {
+      const __m256i pa = _mm256_mul_epu32(c0[v], ma);
+      c2[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), c3[v]), k.k1[r]);
+      c3[v] = pa;
+    }
+    c0[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), c1[v]), k.k0[r]);
+    c1[v] = pb;
+  }
+  for (int h = 0; h < 2; ++h) {
+    _mm256_store_ps(u0 + 8 * h, uniform8(interleave8(c0[2 * h], c0[2 * h + 1])));
+    if constexpr (U1) _mm256_store_ps(u1 + 8 * h, uniform8(interleave8(c1[2 * h], c1[2 * h + 1])));
+    if constexpr (U23) {
+      _mm256_store_ps(u2 + 8 * h, uniform8(interleave8(c2[2 * h], c2[2 * h + 1])));
+      _mm256_store_ps(u3 + 8 * h, uniform8(interleave8(c3[2 * h], c3[2 * h + 1])));
+    }
+  }
+#else
+  for (int j = 0; j < 16; ++j) {
+    const Philox4 r = philox4x32_10(k.key, first + static_cast<uint64_t>(j));
+    u0[j] = uint_to_uniform(r.r0);
+    if constexpr (U1) u1[j] = uint_to_uniform(r.r1);
+    if constexpr (U23) {
+      u2[j] = uint_to_uniform(r.r2);
+      u3[j] = uint_to_uniform(r.r3);
+    }
+  }
+#endif
+}
+
+// philox_group16 over j < n (n a multiple of kLanes = 16).
+template <bool U1, bool U23>
+static void philox_uniform_block(uint64_t key, uint64_t first, int n, float* u0, float* u1, float* u2, float* u3) {
+  PhiloxKeys k;
+  philox_keys(key, k);
+  for (int j = 0; j < n; j += 16)
+    philox_group16<U1, U23>(k, first + static_cast<uint64_t>(j), u0 + j, U1 ? u1 + j : u1, U23 ? u2 + j : u2, U23 ? u3 + j : u3);
+}
+
+// Uniforms of the words a phase needs (see philox_uniform_block).
+static void draw_uniforms(bool want_u1, bool want_u23, uint64_t key, uint64_t first, int n, float* u0, float* u1, float* u2,
+                          float* u3) {
+  if (want_u23) {
+    if (want_u1)
+      philox_uniform_block<true, true>(key, first, n, u0, u1, u2, u3);
+    else
+      philox_uniform_block<false, true>(key, first, n, u0, u1, u2, u3);
+  } else if (want_u1) {
+    philox_uniform_block<true, false>(key, first, n, u0, u1, u2, u3);
+  } else {
+    philox_uniform_block<false, false>(key, first, n, u0, u1, u2, u3);
+  }
+}
+
+// ----- per-thread scratch ----------------------------------------------------------------
+// Per-element device parameters of one array for one block (float32, as element_params).
+struct alignas(64) ParamBlock {
+  alignas(64) float tau_min[kBlock];
+  alignas(64) float tau_max[kBlock];
+  alignas(64) float gamma[kBlock];
+  alignas(64) float dw_min[kBlock];
+  alignas(64) float asym[kBlock];
+  alignas(64) float denom[kBlock];  // exp family: expm1(gamma)
+  alignas(64) float shift[kBlock];  // symmetric point (zero-shifted array), else 0
+};
+
+// The state of one array's write inside a block: stored value x, pulse count, response
+// argument (u_up or u_down as the sign selects), physical weight w = x + shift, shape of
+// the response, sqrt|count| (c2c noise).
+struct alignas(64) WriteBlock {
+  alignas(64) float x[kBlock];
+  alignas(64) float count[kBlock];
+  alignas(64) float u[kBlock];
+  alignas(64) float w[kBlock];
+  alignas(64) float shape[kBlock];
+  alignas(64) float sqrt_count[kBlock];
+};
+
+constexpr int kTemps = 12;
+
+// Packing the lanes that pulse. A lane without pulses needs no response (x + 0 * q = x
+// for any finite q), so the power and exp shapes, whose vector-math calls cost the most,
+// are evaluated only on the lanes with a nonzero count: pack(...) gathers their u, gamma
+// and denominator densely (keeping the order), the shape is evaluated on the packed
+// arrays, and unpack(...) spreads the results back, with 0 in the other lanes.
+struct Packed {
+  alignas(64) float u[kBlock + 8];
+  alignas(64) float gamma[kBlock + 8];
+  alignas(64) float denom[kBlock + 8];
+  alignas(64) float shape[kBlock + 8];
+  alignas(64) float tmp[kBlock + 8];
+  alignas(64) int32_t index[kBlock + 8];
+  int masks[kBlock / 8];
+};
+
+struct alignas(64) Scratch {
+  alignas(64) float u0[kBlock];  // r0: rounds the first array written
+  alignas(64) float u1[kBlock];  // r1: rounds W (rl; rl2 "ema")
+  alignas(64) float u2[kBlock];  // (r2, r3): Box-Muller pair
+  alignas(64) float u3[kBlock];
+  alignas(64) float n_read[kBlock];     // cosine normal of (r2, r3): read noise of P
+  alignas(64) float n_c2c[kBlock];      // sine normal of (r2, r3): c2c noise of the first array
+  alignas(64) float z_w[kBlock];        // cosine normal of the second stream: c2c noise of W
+  alignas(64) float p32[kBlock];        // P after its write, as stored, widened
+  alignas(64) float h[kBlock];          // rl2 buffer after the read of P
+  alignas(64) float t[kTemps][kBlock];  // temporaries
+  alignas(64) double d[4][kBlock];      // float64 temporaries (per-element symmetric points)
+  ParamBlock pw, pp;                    // device parameters of W and of P
+  WriteBlock first, second;             // the array written first (P; asgd: W) and W
+  Packed packed;                        // pulsing lanes of a power or exp write
+};
+
+// ----- Box-Muller and device-to-device parameters ----------------------------------------
+// Triton's pair_uniform_to_normal on blocks: n1 = r cos(th) and n2 = r sin(th) (either may
+// be null) with r = sqrt(-2 log(max(a, 1e-7))), th = b * 2pi. t: three temporaries.
+static void box_muller_block(const float* __restrict__ a, const float* __restrict__ b, int n, float* __restrict__ n1,
+                             float* __restrict__ n2, float (*t)[kBlock]) {
+  float* __restrict__ r = t[0];
+  float* __restrict__ th = t[1];
+  float* __restrict__ lg = t[2];
+  for (int j = 0; j < n; ++j) {
+    r[j] = a[j] < kMinUniform ? kMinUniform : a[j];
+    th[j] = b[j] * kTwoPi;
+  }
+  vm_log(r, lg, n);
+  for (int j = 0; j < n; ++j) lg[j] = -2.0f * lg[j];
+  vm_sqrt(lg, r, n);
+  if (n1 != nullptr) {
+    vm_cos(th, n1, n);
+    for (int j = 0; j < n; ++j) n1[j] = r[j] * n1[j];
+  }
+  if (n2 != nullptr) {
+    vm_sin(th, n2, n);
+    for (int j = 0; j < n; ++j) n2[j] = r[j] * n2[j];
+  }
+}
+
+// factor = max(1 + d2d_std * clamp(z, -3, 3), 0.05), each step a float32 rounding.
+static FA_INLINE float d2d_factor(float z, float d2d_std) {
+  const float zc = std::min(std::max(z, -3.0f), 3.0f);
+  return std::max(1.0f + d2d_std * zc, 0.05f);
+}
+
+static FA_INLINE float clampf(float v, float lo, float hi) { return std::min(std::max(v, lo), hi); }
+
+// The nominal parameters in every slot of a block (no device-to-device variation).
+static void fill_nominal(const Device& dev, ParamBlock& p) {
+  for (int j = 0; j < kBlock; ++j) {
+    p.tau_min[j] = dev.tau_min;
+    p.tau_max[j] = dev.tau_max;
+    p.gamma[j] = dev.gamma;
+    p.dw_min[j] = dev.dw_min;
+    p.asym[j] = dev.asym;
+    p.shift[j] = dev.zero_shift ? dev.shift : 0.0f;
+    p.denom[j] = 1.0f;
+  }
+  if (dev.family == kExp) vm_expm1(p.gamma, p.denom, kBlock);
+}
+
+// G = (q_down - q_up) / 2 of a table device in float64, as TableResponse._interp.
+static FA_INLINE double table_g64(const double* tab, int m, double w, double tmin, double tmax, double asym) {
+  double x = (w - tmin) / (tmax - tmin);
+  x = std::min(std::max(x, 0.0), 1.0) * static_cast<double>(m);
+  double i = std::floor(x);
+  i = std::min(i, static_cast<double>(m - 1));
+  i = i >= 0.0 ? i : 0.0;
+  const int k = static_cast<int>(i);
+  const double frac = x - i;
+  const double* up = tab;
+  const double* down = tab + (m + 1);
+  const double q_up = (up[k] + (up[k + 1] - up[k]) * frac) * (1.0 + asym);
+  const double q_down = (down[k] + (down[k + 1] - down[k]) * frac) * (1.0 - asym);
+  return (q_down - q_up) / 2.0;
+}
+
+// Per-element symmetric point of a zero-shifted array with d2d variation, as the family's
+// symmetric_point on per-element float32 parameters.
+static void symmetric_point_block(const Device& dev, ParamBlock& p, int n, Scratch& s) {
+  switch (dev.family) {
+    case kLinear:
+      // (1 + a)(tau_max - w) = (1 - a)(w - tau_min), in float32.
+      for (int j = 0; j < n; ++j)
+        p.shift[j] = ((1.0f + p.asym[j]) * p.tau_max[j] + (1.0f - p.asym[j]) * p.tau_min[j]) / 2.0f;
+      break;
+    case kPower: {
+      // (1+a) u_up^g = (1-a) u_down^g, u_up + u_down = 2, in float64:
+      // ratio = ((1-a)/(1+a))^(1/g), u_down = 2 / (1 + ratio).
+      double* base = s.d[0];
+      double* expo = s.d[1];
+      double* ratio = s.d[2];
+      for (int j = 0; j < n; ++j) {
+        const double a = p.asym[j];
+        base[j] = (1.0 - a) / (1.0 + a);
+        expo[j] = 1.0 / static_cast<double>(p.gamma[j]);
+      }
+      vm_pow64(base, expo, ratio, n);
+      for (int j = 0; j < n; ++j) {
+        const double u_down = 2.0 / (1.0 + ratio[j]);
+        const double tmin = p.tau_min[j], tmax = p.tau_max[j];
+        p.shift[j] = static_cast<float>(tmin + (tmax - tmin) / 2.0 * u_down);
+      }
+      break;
+    }
+    case kExp: {
+      // x = e^{g u_down} solves (1-a) x^2 + 2a x - (1+a) e^{2g} = 0 (positive root), in float64.
+      double* e2g = s.d[0];
+      double* root = s.d[1];
+      double* x = s.d[2];
+      for (int j = 0; j < n; ++j) x[j] = 2.0 * static_cast<double>(p.gamma[j]);
+      vm_exp64(x, e2g, n);
+      for (int j = 0; j < n; ++j) {
+        const double a = p.asym[j];
+        x[j] = a * a + (1.0 - a * a) * e2g[j];
+      }
+      vm_sqrt64(x, root, n);
+      for (int j = 0; j < n; ++j) {
+        const double a = p.asym[j];
+        x[j] = (-a + root[j]) / (1.0 - a);
+      }
+      vm_log64(x, root, n);
+      for (int j = 0; j < n; ++j) {
+        const double u_down = root[j] / static_cast<double>(p.gamma[j]);
+        const double tmin = p.tau_min[j], tmax = p.tau_max[j];
+        p.shift[j] = static_cast<float>(tmin + (tmax - tmin) / 2.0 * u_down);
+      }
+      break;
+    }
+    default:
+      // Bisection on G (< 0 at tau_min, > 0 at tau_max) in float64; costs kBisectionSteps
+      // table evaluations per element.
+      for (int j = 0; j < n; ++j) {
+        const double tmin = p.tau_min[j], tmax = p.tau_max[j], a = p.asym[j];
+        double lo = tmin, hi = tmax;
+        for (int it = 0; it < kBisectionSteps; ++it) {
+          const double mid = (lo + hi) / 2.0;
+          const bool pos = table_g64(dev.table64, dev.table_segments, mid, tmin, tmax, a) > 0.0;
+          lo = pos ? lo : mid;
+          hi = pos ? mid : hi;
+        }
+        p.shift[j] = static_cast<float>((lo + hi) / 2.0);
+      }
+      break;
+  }
+}
+
+// Device-to-device parameters of elements first .. first+n-1 (ResponseDevice.element_params):
+// normals (z0, z1, z2, z3) = randn4x(var_key, i) for (tau_min, tau_max, gamma, dw_min), the
+// first normal of randn4x(var_key ^ 1, i) for the asymmetry.
+static void d2d_params_block(const Device& dev, uint64_t first, int n, ParamBlock& p, Scratch& s) {
+  float* a0 = s.t[0];
+  float* a1 = s.t[1];
+  float* a2 = s.t[2];
+  float* a3 = s.t[3];
+  float* z0 = s.t[4];
+  float* z1 = s.t[5];
+  float* z2 = s.t[6];
+  float* z3 = s.t[7];
+  float* za = s.t[8];
+  float(*bm)[kBlock] = s.t + 9;
+  philox_uniform_block<true, true>(dev.var_key, first, n, a0, a1, a2, a3);
+  box_muller_block(a0, a1, n, z0, z1, bm);
+  box_muller_block(a2, a3, n, z2, z3, bm);
+  philox_uniform_block<true, false>(dev.var_key ^ 1ULL, first, n, a0, a1, a2, a3);
+  box_muller_block(a0, a1, n, za, nullptr, bm);
+  const float sd = dev.d2d_std;
+  // A family without a shape parameter keeps gamma: a factor with std 0 is exactly 1.
+  const float sd_gamma = dev.has_gamma ? sd : 0.0f;
+  const float tmin = dev.tau_min, tmax = dev.tau_max, gamma = dev.gamma, dw = dev.dw_min, asym = dev.asym;
+  float* __restrict__ o_tmin = p.tau_min;
+  float* __restrict__ o_tmax = p.tau_max;
+  float* __restrict__ o_gamma = p.gamma;
+  float* __restrict__ o_dw = p.dw_min;
+  float* __restrict__ o_asym = p.asym;
+  for (int j = 0; j < n; ++j) {
+    o_tmin[j] = tmin * d2d_factor(z0[j], sd);
+    o_tmax[j] = tmax * d2d_factor(z1[j], sd);
+    o_gamma[j] = gamma * d2d_factor(z2[j], sd_gamma);
+    o_dw[j] = dw * d2d_factor(z3[j], sd);
+    o_asym[j] = clampf(asym * d2d_factor(za[j], sd), -0.99f, 0.99f);
+  }
+  if (dev.family == kExp) vm_expm1(p.gamma, p.denom, n);
+  if (dev.zero_shift) symmetric_point_block(dev, p, n, s);
+}
+
+// ----- storage dtypes --------------------------------------------------------------------
+static FA_INLINE float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+}
+static FA_INLINE uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+}
+
+// load: the stored value widened to float32 (exact); store: float32 rounded to nearest
+// even, bit for bit as tensor.to(dtype) (c10's conversions).
+struct StoreF32 {
+  using T = float;
+  static FA_INLINE float load(T v) { return v; }
+  static FA_INLINE T store(float v) { return v; }
+};
+
+struct StoreBF16 {
+  using T = uint16_t;
+  static FA_INLINE float load(T v) { return bits_to_float(static_cast<uint32_t>(v) << 16); }
+  static FA_INLINE T store(float v) {
+    const uint32_t u = float_to_bits(v);
+    const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+    return static_cast<T>(v != v ? 0x7FC0u : rounded);  // NaN -> canonical quiet NaN
+  }
+};
+
+struct StoreF16 {
+  using T = uint16_t;
+  // c10's fp16_ieee_to_fp32_value: exact, branch-free.
+  static FA_INLINE float load(T h) {
+    const uint32_t w = static_cast<uint32_t>(h) << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+    const uint32_t result = sign | (two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized));
+    return bits_to_float(result);
+  }
+  // c10's fp16_ieee_from_fp32_value (round to nearest even, NaN -> 0x7E00).
+  static FA_INLINE T store(float f) {
+    float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = float_to_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    bias = bias < 0x71000000u ? 0x71000000u : bias;
+    base = bits_to_float((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = float_to_bits(base);
+    const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+    const uint32_t mantissa_bits = bits & 0x00000FFFu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    return static_cast<T>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+  }
+};
+
+// ----- the pieces of one write (SPEC section 2) ------------------------------------------
+// Stochastic rounding N = floor(n) + (u < n - floor(n)), then the max_pulses cap.
+static FA_INLINE float stochastic_count(float n, float u, float max_pulses) {
+  const float fl = std::floor(n);
+  const float c = fl + (u < n - fl ? 1.0f : 0.0f);
+  return clampf(c, -max_pulses, max_pulses);
+}
+
+// One element's device parameters with the derived quantities a write uses, each the same
+// float32 operation as in the reference (so precomputing them changes no bit).
+struct Elem {
+  float tau_min, tau_max, half, dw, up, down, shift, lo, hi;
+};
+
+static FA_INLINE Elem make_elem(float tmin, float tmax, float dw, float asym, float shift) {
+  Elem e;
+  e.tau_min = tmin;
+  e.tau_max = tmax;
+  e.half = (tmax - tmin) / 2.0f;  // tau_max - c = c - tau_min
+  e.dw = dw;
+  e.up = 1.0f + asym;    // q_up scale
+  e.down = 1.0f - asym;  // q_down scale
+  e.shift = shift;
+  e.lo = tmin - shift;  // the stored range of a zero-shifted array
+  e.hi = tmax - shift;
+  return e;
+}
+
+static FA_INLINE Elem elem_at(const ParamBlock& p, int j) {
+  return make_elem(p.tau_min[j], p.tau_max[j], p.dw_min[j], p.asym[j], p.shift[j]);
+}
+
+static Elem nominal_elem(const Device& dev) {
+  return make_elem(dev.tau_min, dev.tau_max, dev.dw_min, dev.asym, dev.zero_shift ? dev.shift : 0.0f);
+}
+
+// Response argument of a write of `count` pulses at stored value x: with w = x + shift,
+// u_up = clamp((tau_max - w)/half, 0, 2) for count > 0, else u_down = clamp((w - tau_min)/half,
+// 0, 2). Only the selected branch is evaluated: dividing the selected numerator is the same
+// rounding as selecting after dividing.
+static FA_INLINE void response_arg(float x, float count, const Elem& e, float& u, float& w) {
+  w = x + e.shift;
+  const float num = count > 0.0f ? e.tau_max - w : w - e.tau_min;
+  u = clampf(num / e.half, 0.0f, 2.0f);
+}
+
+// Stored value after the write: x + (D + c2c*dw*sqrt|N|*z) * q with D = N*dw and
+// q = shape * (1 + a) for N > 0, shape * (1 - a) otherwise; clamped to the device range
+// (shifted by the zero shift).
+template <bool C2C>
+static FA_INLINE float apply_write(float x, float count, float shape, float sqrt_count, float z, float c2c, const Elem& e) {
+  const float q = shape * (count > 0.0f ? e.up : e.down);
+  float step = count * e.dw;
+  if constexpr (C2C) step = step + c2c * e.dw * sqrt_count * z;
+  return clampf(x + step * q, e.lo, e.hi);
+}
+
+
+#if FA_ISA_AVX2
+// For each 8-bit lane mask: the lanes with their bit set, in order (compress), and for each
+// lane its rank among them (expand).
+struct PackTables {
+  alignas(32) int32_t compress[256][8];
+  alignas(32) int32_t expand[256][8];
+  PackTables() {
+    for (int m = 0; m < 256; ++m) {
+      int k = 0;
+      for (int l = 0; l < 8; ++l) {
+        compress[m][l] = 0;
+        expand[m][l] = 0;
+      }
+      for (int l = 0; l < 8; ++l)
+        if (m & (1 << l)) {
+          compress[m][k] = l;
+          expand[m][l] = k;
+          ++k;
+        }
+    }
+  }
+};
+static const PackTables kPackTables;
+#endif
+
+// Gathers the lanes j < n (n a multiple of 8) with count != 0; returns how many.
+static int pack(const float* __restrict__ count, const float* __restrict__ u, const float* __restrict__ gamma,
+                const float* __restrict__ denom, int n, Packed& pk) {
+  int k = 0;
+#if FA_ISA_AVX2
+  const __m256 zero = _mm256_setzero_ps();
+  for (int j = 0; j < n; j += 8) {
+    const int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(count + j), zero, _CMP_NEQ_OQ));
+    pk.masks[j / 8] = m;
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPackTables.compress[m]));
+    _mm256_storeu_ps(pk.u + k, _mm256_permutevar8x32_ps(_mm256_load_ps(u + j), perm));
+    _mm256_storeu_ps(pk.gamma + k, _mm256_permutevar8x32_ps(_mm256_load_ps(gamma + j), perm));
+    _mm256_storeu_ps(pk.denom + k, _mm256_permutevar8x32_ps(_mm256_load_ps(denom + j), perm));
+    k += __builtin_popcount(static_cast<unsigned>(m));
+  }
+#else
+  for (int j = 0; j < n; ++j) {
+    pk.index[k] = j;
+    pk.u[k] = u[j];
+    pk.gamma[k] = gamma[j];
+    pk.denom[k] = denom[j];
+    k += count[j] != 0.0f ? 1 : 0;
+  }
+#endif
+  return k;
+}
+
+// shape[j] for j < n from the packed results, 0 where count == 0.
+static void unpack(const Packed& pk, int n, float* __restrict__ shape) {
+#if FA_ISA_AVX2
+  int k = 0;
+  for (int j = 0; j < n; j += 8) {
+    const int m = pk.masks[j / 8];
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPackTables.expand[m]));
+    const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(m), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128));
+    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, _mm256_setzero_si256()));
+    const __m256 v = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pk.shape + k), perm);
+    _mm256_store_ps(shape + j, _mm256_andnot_ps(keep, v));
+    k += __builtin_popcount(static_cast<unsigned>(m));
+  }
+#else
+  const int k = 0;
+  (void)k;
+  for (int j = 0; j < n; ++j) shape[j] = 0.0f;
+#endif
+}
+
+// shape[j] = f(u[j], gamma[j], denom[j]) for the power or exp family on lanes j < n:
+// densely when at least 7/8 of the lanes pulse, else on the packed pulsing lanes.
+template <int F>
+static void transcendental_shape(const float* __restrict__ u, const float* __restrict__ gamma, const float* __restrict__ denom,
+                                 const float* __restrict__ count, float* __restrict__ shape, int n, Scratch& s) {
+  auto eval = [](const float* uu, const float* gg, const float* dd, float* out, float* tmp, int m) {
+    if constexpr (F == kPower) {
+      vm_pow(uu, gg, out, m);
+    } else {
+      for (int j = 0; j < m; ++j) tmp[j] = gg[j] * uu[j];
+      vm_expm1(tmp, out, m);
+      for (int j = 0; j < m; ++j) out[j] = out[j] / dd[j];
+    }
+  };
+  Packed& pk = s.packed;
+  const int k = pack(count, u, gamma, denom, n, pk);
+  if (8 * k >= 7 * n) {
+    eval(u, gamma, denom, shape, pk.tmp, n);
+    return;
+  }
+  const int kp = (k + 7) / 8 * 8;
+  for (int i = k; i < kp; ++i) {  // whole vectors of valid arguments
+    pk.u[i] = 1.0f;
+    pk.gamma[i] = 1.0f;
+    pk.denom[i] = 1.0f;
+  }
+  if (kp > 0) eval(pk.u, pk.gamma, pk.denom, pk.shape, pk.tmp, kp);
+  unpack(pk, n, shape);
+#if !FA_ISA_AVX2
+  for (int i = 0; i < k; ++i) shape[pk.index[i]] = pk.shape[i];
+#endif
+}
+
+// The response shape of the block's write for the array's family: linear u, power u^g,
+// exp expm1(g u)/expm1(g), table piecewise-linear in w (TableResponse._interp).
+static const float* response_shape(const Device& dev, const ParamBlock& p, WriteBlock& b, int n, Scratch& s) {
+  switch (dev.family) {
+    case kPower:
+      transcendental_shape<kPower>(b.u, p.gamma, p.denom, b.count, b.shape, n, s);
+      return b.shape;
+    case kExp:
+      transcendental_shape<kExp>(b.u, p.gamma, p.denom, b.count, b.shape, n, s);
+      return b.shape;
+    case kTable: {
+      const int m = dev.table_segments;
+      const float mf = static_cast<float>(m);
+      const float last = static_cast<float>(m - 1);
+      const float* __restrict__ tab = dev.table;
+      const float* __restrict__ w = b.w;
+      const float* __restrict__ cnt = b.count;
+      const float* __restrict__ tmin = p.tau_min;
+      const float* __restrict__ tmax = p.tau_max;
+      float* __restrict__ sh = b.shape;
+      for (int j = 0; j < n; ++j) {
+        const float x = clampf((w[j] - tmin[j]) / (tmax[j] - tmin[j]), 0.0f, 1.0f) * mf;
+        float i = std::min(std::floor(x), last);
+        i = i >= 0.0f ? i : 0.0f;  // a NaN weight reads sample 0 instead of out of bounds
+        const int k = static_cast<int>(i) + (cnt[j] > 0.0f ? 0 : m + 1);
+        const float frac = x - i;
+        sh[j] = tab[k] + (tab[k + 1] - tab[k]) * frac;
+      }
+      return b.shape;
+    }
+    default:
+      return b.u;  // linear: the shape is the argument itself
+  }
+}
+
+// sqrt|N| through the same sqrt as torch.sqrt (MKL's is not always correctly rounded).
+static void sqrt_abs_count(WriteBlock& b, int n, float* tmp) {
+  const float* __restrict__ cnt = b.count;
+  float* __restrict__ t = tmp;
+  for (int j = 0; j < n; ++j) t[j] = std::fabs(cnt[j]);
+  vm_sqrt(t, b.sqrt_count, n);
+}
+
+static void write_pulses(int32_t* dst, int64_t b, int n, const float* __restrict__ count) {
+  if (dst == nullptr) return;
+  int32_t* __restrict__ d = dst + b;
+  for (int j = 0; j < n; ++j) d[j] = static_cast<int32_t>(count[j]);
+}
+
+// ----- segments: the update of one block, between the response evaluations ---------------
+// All take (args, block start b, valid elements n, scratch, shape of the write they finish).
+using SegFn = void (*)(const StepArgs&, int64_t, int, Scratch&, const float*);
+
+// First write (W for asgd, P for rl/rl2): N = round_stochastic(-lr * g / dw_min) with u0,
+// and the response argument at the stored value.
+template <class S, class G, bool RESIDUAL>
+static void seg_first(const StepArgs& a, int64_t b, int n, Scratch& s, const float*) {
+  using ST = typename S::T;
+  using GT = typename G::T;
+  const GT* __restrict__ g = static_cast<const GT*>(a.g) + b;
+  const ST* __restrict__ x = static_cast<const ST*>(RESIDUAL ? a.P : a.W) + b;
+  const ParamBlock& p = RESIDUAL ? s.pp : s.pw;
+  const float* __restrict__ u0 = s.u0;
+  float* __restrict__ xo = s.first.x;
+  float* __restrict__ co = s.first.count;
+  float* __restrict__ uo = s.first.u;
+  float* __restrict__ wo = s.first.w;
+  const float neg_lr = a.neg_lr, mp = a.max_pulses;
+  for (int j = 0; j < n; ++j) {
+    const Elem e = elem_at(p, j);
+    const float xv = S::load(x[j]);
+    const float cnt = stochastic_count((neg_lr * G::load(g[j])) / e.dw, u0[j], mp);
+    float u, w;
+    response_arg(xv, cnt, e, u, w);
+    xo[j] = xv;
+    co[j] = cnt;
+    uo[j] = u;
+    wo[j] = w;
+  }
+}
+
+// The arguments of apply_write for the block's write `wb` on parameters `p`.
+#define FA_WRITE_ARGS(wb, shape, z, c2c, p, j) (wb).x[j], (wb).count[j], (shape)[j], (wb).sqrt_count[j], (z)[j], (c2c), elem_at(p, j)
+
+// asgd: finish the write of W.
+template <class S, bool C2C>
+static void asgd_last(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
+  using ST = typename S::T;
+  ST* __restrict__ W = static_cast<ST*>(a.W) + b;
+  const WriteBlock& f = s.first;
+  const ParamBlock& p = s.pw;
+  const float c2c = a.dev_w.c2c_std;
+  for (int j = 0; j < n; ++j) W[j] = S::store(apply_write<C2C>(FA_WRITE_ARGS(f, shape, s.n_c2c, c2c, p, j)));
+}
+
+// rl, transfer step: finish P, read it (noisy), N_W = round_stochastic(transfer_lr * P_hat
+// / dw_min_W) with u1, and W's response argument.
+template <class S, bool C2C, bool READ>
+static void rl_mid(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
+  using ST = typename S::T;
+  ST* __restrict__ P = static_cast<ST*>(a.P) + b;
+  const ST* __restrict__ W = static_cast<const ST*>(a.W) + b;
+  const WriteBlock& f = s.first;
+  WriteBlock& sec = s.second;
+  const ParamBlock& pp = s.pp;
+  const ParamBlock& pw = s.pw;
+  const float c2c = a.dev_p.c2c_std, rn = a.read_noise, tlr = a.tlr, mp = a.max_pulses;
+  for (int j = 0; j < n; ++j) {
+    const ST ps = S::store(apply_write<C2C>(FA_WRITE_ARGS(f, shape, s.n_c2c, c2c, pp, j)));
+    P[j] = ps;
+    const float p32 = S::load(ps);
+    float p_hat = p32;
+    if constexpr (READ) p_hat = p32 + rn * s.n_read[j];
+    const Elem e = elem_at(pw, j);
+    const float cnt = stochastic_count((tlr * p_hat) / e.dw, s.u1[j], mp);
+    const float xw = S::load(W[j]);
+    float u, w;
+    response_arg(xw, cnt, e, u, w);
+    s.p32[j] = p32;
+    sec.x[j] = xw;
+    sec.count[j] = cnt;
+    sec.u[j] = u;
+    sec.w[j] = w;
+  }
+}
+
+// rl, step without transfer: finish P, Wbar = W + gamma * P.
+template <class S, bool C2C>
+static void rl_hold(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
+  using ST = typename S::T;
+  ST* __restrict__ P = static_cast<ST*>(a.P) + b;
+  const ST* __restrict__ W = static_cast<const ST*>(a.W) + b;
+  ST* __restrict__ Wbar = static_cast<ST*>(a.Wbar) + b;
+  const WriteBlock& f = s.first;
+  const ParamBlock& pp = s.pp;
+  const float c2c = a.dev_p.c2c_std, gm = a.gamma_mix;
+  for (int j = 0; j < n; ++j) {
+    const ST ps = S::store(apply_write<C2C>(FA_WRITE_ARGS(f, shape, s.n_c2c, c2c, pp, j)));
+    P[j] = ps;
+    Wbar[j] = S::store(S::load(W[j]) + gm * S::load(ps));
+  }
+}
+
+// rl, transfer step: finish W, Wbar = W + gamma * P.
+template <class S, bool C2C>
+static void rl_last(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
+  using ST = typename S::T;
+  ST* __restrict__ W = static_cast<ST*>(a.W) + b;
+  ST* __restrict__ Wbar = static_cast<ST*>(a.Wbar) + b;
+  const WriteBlock& sec = s.second;
+  const ParamBlock& pw = s.pw;
+  const float c2c = a.dev_w.c2c_std, gm = a.gamma_mix;
+  for (int j = 0; j < n; ++j) {
+    const ST ws = S::store(apply_write<C2C>(FA_WRITE_ARGS(sec, shape, s.z_w, c2c, pw, j)));
+    W[j] = ws;
+    Wbar[j] = S::store(S::load(ws) + gm * s.p32[j]);
+  }
+}
+
+// rl2: finish P, read it (noisy), update the buffer and choose W's pulses:
+//   accumulate: H += transfer_lr * P_hat; N = trunc(H / dw) where |H| >= threshold * dw
+//   ema:        H = (1 - transfer_lr) H + transfer_lr P_hat; N = round_stochastic(transfer_lr * H / dw) with u1
+template <class S, bool C2C, bool READ, bool EMA>
+static void rl2_mid(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
+  using ST = typename S::T;
+  ST* __restrict__ P = static_cast<ST*>(a.P) + b;
+  const ST* __restrict__ W = static_cast<const ST*>(a.W) + b;
+  const ST* __restrict__ H = static_cast<const ST*>(a.H) + b;
+  const WriteBlock& f = s.first;
+  WriteBlock& sec = s.second;
+  const ParamBlock& pp = s.pp;
+  const ParamBlock& pw = s.pw;
+  const float c2c = a.dev_p.c2c_std, rn = a.read_noise, tlr = a.tlr, omt = a.one_minus_tlr, thr = a.threshold;
+  const float mp = a.max_pulses;
+  for (int j = 0; j < n; ++j) {
+    const ST ps = S::store(apply_write<C2C>(FA_WRITE_ARGS(f, shape, s.n_c2c, c2c, pp, j)));
+    P[j] = ps;
+    const float p32 = S::load(ps);
+    float p_hat = p32;
+    if constexpr (READ) p_hat = p32 + rn * s.n_read[j];
+    const float h0 = S::load(H[j]);
+    const Elem e = elem_at(pw, j);
+    const float dw = e.dw;
+    float h, cnt;
+    if constexpr (EMA) {
+      h = omt * h0 + tlr * p_hat;
+      cnt = stochastic_count((tlr * h) / dw, s.u1[j], mp);
+    } else {
+      h = h0 + tlr * p_hat;
+      const float t = std::trunc(h / dw);
+      cnt = clampf(std::fabs(h) >= thr * dw ? t : 0.0f, -mp, mp);
+    }
+    const float xw = S::load(W[j]);
+    float u, w;
+    response_arg(xw, cnt, e, u, w);
+    s.p32[j] = p32;
+    s.h[j] = h;
+    sec.x[j] = xw;
+    sec.count[j] = cnt;
+    sec.u[j] = u;
+    sec.w[j] = w;
+  }
+}
+
+// rl2: finish W, drain the buffer (accumulate: H -= N * dw), Wbar = W + gamma * P.
+template <class S, bool C2C, bool EMA>
+static void rl2_last(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
+  using ST = typename S::T;
+  ST* __restrict__ W = static_cast<ST*>(a.W) + b;
+  ST* __restrict__ H = static_cast<ST*>(a.H) + b;
+  ST* __restrict__ Wbar = static_cast<ST*>(a.Wbar) + b;
+  const WriteBlock& sec = s.second;
+  const ParamBlock& pw = s.pw;
+  const float c2c = a.dev_w.c2c_std, gm = a.gamma_mix;
+  for (int j = 0; j < n; ++j) {
+    const ST ws = S::store(apply_write<C2C>(FA_WRITE_ARGS(sec, shape, s.z_w, c2c, pw, j)));
+    W[j] = ws;
+    float h = s.h[j];
+    if constexpr (!EMA) h = h - sec.count[j] * pw.dw_min[j];
+    H[j] = S::store(h);
+    Wbar[j] = S::store(S::load(ws) + gm * s.p32[j]);
+  }
+}
+#undef FA_WRITE_ARGS
+
+// ----- fused paths: the common case in one loop ---------------------------------------------
+// When every array written this step has a linear response, nominal parameters and no c2c
+// noise, no vector-math call is needed between an element's pulse count and its write, and
+// its whole update runs in one loop with the device parameters as scalars. Same operations,
+// same order as the segments above.
+
+// The write of a linear array without c2c noise; returns the stored value. Both response
+// arguments are computed (as the reference does) so that their divisions need not wait for
+// the pulse count; the one the sign selects is the same value response_arg gives.
+template <class S>
+static FA_INLINE typename S::T linear_write(float x, float count, const Elem& e) {
+  const float w = x + e.shift;
+  const float u_up = clampf((e.tau_max - w) / e.half, 0.0f, 2.0f);
+  const float u_down = clampf((w - e.tau_min) / e.half, 0.0f, 2.0f);
+  return S::store(apply_write<false>(x, count, count > 0.0f ? u_up : u_down, 0.0f, 0.0f, 0.0f, e));
+}
+
+// Scalars of a fused update, as float32.
+struct FusedScalars {
+  float neg_lr, max_pulses, read_noise, tlr, one_minus_tlr, gamma_mix, threshold;
+};
+
+static FusedScalars fused_scalars(const StepArgs& a) {
+  return FusedScalars{a.neg_lr, a.max_pulses, a.read_noise, a.tlr, a.one_minus_tlr, a.gamma_mix, a.threshold};
+}
+
+// asgd on elements j < n.
+template <class S, class G>
+static FA_INLINE void asgd_elements(int n, const typename G::T* __restrict__ g, typename S::T* __restrict__ W,
+                                    const float* __restrict__ u0, float* __restrict__ count_w, const FusedScalars c, const Elem ew) {
+  for (int j = 0; j < n; ++j) {
+    const float cnt = stochastic_count((c.neg_lr * G::load(g[j])) / ew.dw, u0[j], c.max_pulses);
+    W[j] = linear_write<S>(S::load(W[j]), cnt, ew);
+    count_w[j] = cnt;
+  }
+}
+
+// rl with a transfer on elements j < n.
+template <class S, class G, bool READ>
+static FA_INLINE void rl_elements(int n, const typename G::T* __restrict__ g, typename S::T* __restrict__ W,
+                                  typename S::T* __restrict__ P, typename S::T* __restrict__ Wbar, const float* __restrict__ u0,
+                                  const float* __restrict__ u1, const float* __restrict__ n_read, float* __restrict__ count_p,
+                                  float* __restrict__ count_w, const FusedScalars c, const Elem ew, const Elem ep) {
+  using ST = typename S::T;
+  for (int j = 0; j < n; ++j) {
+    const float cp = stochastic_count((c.neg_lr * G::load(g[j])) / ep.dw, u0[j], c.max_pulses);
+    const ST ps = linear_write<S>(S::load(P[j]), cp, ep);
+    P[j] = ps;
+    const float p32 = S::load(ps);
+    float p_hat = p32;
+    if constexpr (READ) p_hat = p32 + c.read_noise * n_read[j];
+    const float cw = stochastic_count((c.tlr * p_hat) / ew.dw, u1[j], c.max_pulses);
+    const ST ws = linear_write<S>(S::load(W[j]), cw, ew);
+    W[j] = ws;
+    Wbar[j] = S::store(S::load(ws) + c.gamma_mix * p32);
+    count_p[j] = cp;
+    count_w[j] = cw;
+  }
+}
+
+// rl without a transfer on elements j < n.
+template <class S, class G>
+static FA_INLINE void rl_hold_elements(int n, const typename G::T* __restrict__ g, const typename S::T* __restrict__ W,
+                                       typename S::T* __restrict__ P, typename S::T* __restrict__ Wbar,
+                                       const float* __restrict__ u0, float* __restrict__ count_p, const FusedScalars c,
+                                       const Elem ep) {
+  using ST = typename S::T;
+  for (int j = 0; j < n; ++j) {
+    const float cp = stochastic_count((c.neg_lr * G::load(g[j])) / ep.dw, u0[j], c.max_pulses);
+    const ST ps = linear_write<S>(S::load(P[j]), cp, ep);
+    P[j] = ps;
+    Wbar[j] = S::store(S::load(W[j]) + c.gamma_mix * S::load(ps));
+    count_p[j] = cp;
+  }
+}
+
+// rl2 on elements j < n.
+template <class S, class G, bool READ, bool EMA>
+static FA_INLINE void rl2_elements(int n, const typename G::T* __restrict__ g, typename S::T* __restrict__ W,
+                                   typename S::T* __restrict__ P, typename S::T* __restrict__ H, typename S::T* __restrict__ Wbar,
+                                   const float* __restrict__ u0, const float* __restrict__ u1, const float* __restrict__ n_read,
+                                   float* __restrict__ count_p, float* __restrict__ count_w, const FusedScalars c, const Elem ew,
+                                   const Elem ep) {
+  using ST = typename S::T;
+  const float thr_dw = c.threshold * ew.dw;
+  for (int j = 0; j < n; ++j) {
+    const float cp = stochastic_count((c.neg_lr * G::load(g[j])) / ep.dw, u0[j], c.max_pulses);
+    const ST ps = linear_write<S>(S::load(P[j]), cp, ep);
+    P[j] = ps;
+    const float p32 = S::load(ps);
+    float p_hat = p32;
+    if constexpr (READ) p_hat = p32 + c.read_noise * n_read[j];
+    const float h0 = S::load(H[j]);
+    float h, cw;
+    if constexpr (EMA) {
+      h = c.one_minus_tlr * h0 + c.tlr * p_hat;
+      cw = stochastic_count((c.tlr * h) / ew.dw, u1[j], c.max_pulses);
+    } else {
+      h = h0 + c.tlr * p_hat;
+      const float t = std::trunc(h / ew.dw);
+      cw = clampf(std::fabs(h) >= thr_dw ? t : 0.0f, -c.max_pulses, c.max_pulses);
+    }
+    const ST ws = linear_write<S>(S::load(W[j]), cw, ew);
+    W[j] = ws;
+    if constexpr (!EMA) h = h - cw * ew.dw;
+    H[j] = S::store(h);
+    Wbar[j] = S::store(S::load(ws) + c.gamma_mix * p32);
+    count_p[j] = cp;
+    count_w[j] = cw;
+  }
+}
+
+// The fused update of one block, elements b .. b+n-1 (block_draws drew the uniforms and
+// the read-noise normals).
+template <class S, class G, bool READ, bool EMA>
+static __attribute__((noinline)) void rl2_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem ep) {
+  using ST = typename S::T;
+  using GT = typename G::T;
+  const GT* g = static_cast<const GT*>(a.g) + b;
+  ST* W = static_cast<ST*>(a.W) + b;
+  ST* P = static_cast<ST*>(a.P) + b;
+  ST* H = static_cast<ST*>(a.H) + b;
+  ST* Wbar = static_cast<ST*>(a.Wbar) + b;
+  const FusedScalars c = fused_scalars(a);
+  rl2_elements<S, G, READ, EMA>(n, g, W, P, H, Wbar, s.u0, s.u1, s.n_read, s.first.count, s.second.count, c, ew, ep);
+}
+
+template <class S, class G, bool READ>
+static __attribute__((noinline)) void rl_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem ep) {
+  using ST = typename S::T;
+  using GT = typename G::T;
+  const GT* g = static_cast<const GT*>(a.g) + b;
+  ST* W = static_cast<ST*>(a.W) + b;
+  ST* P = static_cast<ST*>(a.P) + b;
+  ST* Wbar = static_cast<ST*>(a.Wbar) + b;
+  const FusedScalars c = fused_scalars(a);
+  rl_elements<S, G, READ>(n, g, W, P, Wbar, s.u0, s.u1, s.n_read, s.first.count, s.second.count, c, ew, ep);
+}
+
+template <class S, class G>
+static __attribute__((noinline)) void rl_hold_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem, const Elem ep) {
+  using ST = typename S::T;
+  using GT = typename G::T;
+  const GT* g = static_cast<const GT*>(a.g) + b;
+  const ST* W = static_cast<const ST*>(a.W) + b;
+  ST* P = static_cast<ST*>(a.P) + b;
+  ST* Wbar = static_cast<ST*>(a.Wbar) + b;
+  const FusedScalars c = fused_scalars(a);
+  rl_hold_elements<S, G>(n, g, W, P, Wbar, s.u0, s.first.count, c, ep);
+}
+
+template <class S, class G>
+static __attribute__((noinline)) void asgd_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem) {
+  using ST = typename S::T;
+  using GT = typename G::T;
+  const GT* g = static_cast<const GT*>(a.g) + b;
+  ST* W = static_cast<ST*>(a.W) + b;
+  const FusedScalars c = fused_scalars(a);
+  asgd_elements<S, G>(n, g, W, s.u0, s.first.count, c, ew);
+}
+
+using FusedFn = void (*)(const StepArgs&, int64_t, int, Scratch&, Elem, Elem);
+
+// Whether `dev`'s writes can take a fused path.
+static bool fusable(const Device& dev) { return dev.family == kLinear && !dev.d2d() && !dev.c2c(); }
+
+// ----- picking instantiations once per call ------------------------------------------------
+template <class S>
+static SegFn pick_asgd_last(bool c2c) {
+  return c2c ? &asgd_last<S, true> : &asgd_last<S, false>;
+}
+template <class S>
+static SegFn pick_rl_mid(bool c2c, bool read) {
+  if (c2c) return read ? &rl_mid<S, true, true> : &rl_mid<S, true, false>;
+  return read ? &rl_mid<S, false, true> : &rl_mid<S, false, false>;
+}
+template <class S>
+static SegFn pick_rl_hold(bool c2c) {
+  return c2c ? &rl_hold<S, true> : &rl_hold<S, false>;
+}
+template <class S>
+static SegFn pick_rl_last(bool c2c) {
+  return c2c ? &rl_last<S, true> : &rl_last<S, false>;
+}
+template <class S>
+static SegFn pick_rl2_mid(bool c2c, bool read, bool ema) {
+  if (ema) {
+    if (c2c) return read ? &rl2_mid<S, true, true, true> : &rl2_mid<S, true, false, true>;
+    return read ? &rl2_mid<S, false, true, true> : &rl2_mid<S, false, false, true>;
+  }
+  if (c2c) return read ? &rl2_mid<S, true, true, false> : &rl2_mid<S, true, false, false>;
+  return read ? &rl2_mid<S, false, true, false> : &rl2_mid<S, false, false, false>;
+}
+template <class S>
+static SegFn pick_rl2_last(bool c2c, bool ema) {
+  if (ema) return c2c ? &rl2_last<S, true, true> : &rl2_last<S, false, true>;
+  return c2c ? &rl2_last<S, true, false> : &rl2_last<S, false, false>;
+}
+
+template <class S, class G>
+static FusedFn pick_rl_fused(bool transfer, bool read) {
+  if (!transfer) return &rl_hold_fused<S, G>;
+  return read ? &rl_fused<S, G, true> : &rl_fused<S, G, false>;
+}
+template <class S, class G>
+static FusedFn pick_rl2_fused(bool read, bool ema) {
+  if (ema) return read ? &rl2_fused<S, G, true, true> : &rl2_fused<S, G, false, true>;
+  return read ? &rl2_fused<S, G, true, false> : &rl2_fused<S, G, false, false>;
+}
+
+// ----- one thread's run of blocks ----------------------------------------------------------
+// Per-block quantities: the step draws, the c2c normal of W from the second stream, and
+// the d2d parameters of the arrays this step writes.
+struct BlockPlan {
+  bool u1 = false;         // W is rounded stochastically (rl transfer; rl2 "ema")
+  bool read = false;       // read noise of P
+  bool c2c_first = false;  // c2c noise of the first array (sine normal of (r2, r3))
+  bool c2c_w = false;      // c2c noise of W in rl/rl2 (second stream)
+  bool d2d_first = false;
+  bool d2d_w = false;  // rl/rl2: W's parameters vary and W is written
+};
+
+static void block_draws(const StepArgs& a, const BlockPlan& plan, const Device& dev_first, ParamBlock& p_first,
+                        uint64_t first, int nv, Scratch& s) {
+  draw_uniforms(plan.u1, plan.read || plan.c2c_first, a.key, first, nv, s.u0, s.u1, s.u2, s.u3);
+  if (plan.read || plan.c2c_first)
+    box_muller_block(s.u2, s.u3, nv, plan.read ? s.n_read : nullptr, plan.c2c_first ? s.n_c2c : nullptr, s.t);
+  if (plan.c2c_w) {
+    philox_uniform_block<true, false>(a.key ^ kStreamWC2C, first, nv, s.t[4], s.t[5], s.t[6], s.t[7]);
+    box_muller_block(s.t[4], s.t[5], nv, s.z_w, nullptr, s.t);
+  }
+  if (plan.d2d_first) d2d_params_block(dev_first, first, nv, p_first, s);
+  if (plan.d2d_w) d2d_params_block(a.dev_w, first, nv, s.pw, s);
+}
+
+static FA_INLINE int padded(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+template <class S, class G>
+static void asgd_range(const StepArgs& a, int64_t begin, int64_t end) {
+  std::unique_ptr<Scratch> sp(new Scratch());
+  Scratch& s = *sp;
+  const Device& dw = a.dev_w;
+  if (!dw.d2d()) fill_nominal(dw, s.pw);
+  BlockPlan plan;
+  plan.c2c_first = dw.c2c();
+  plan.d2d_first = dw.d2d();
+  const SegFn last = pick_asgd_last<S>(dw.c2c());
+  const bool fused = fusable(dw);
+  const FusedFn fused_fn = &asgd_fused<S, G>;
+  const Elem ew = nominal_elem(dw);
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
+    const int nv = padded(n);
+    block_draws(a, plan, dw, s.pw, static_cast<uint64_t>(a.offset + b), nv, s);
+    if (fused) {
+      fused_fn(a, b, n, s, ew, ew);
+      write_pulses(a.pulses_first, b, n, s.first.count);
+      continue;
+    }
+    seg_first<S, G, false>(a, b, n, s, nullptr);
+    const float* shape = response_shape(dw, s.pw, s.first, nv, s);
+    if (plan.c2c_first) sqrt_abs_count(s.first, nv, s.t[0]);
+    last(a, b, n, s, shape);
+    write_pulses(a.pulses_first, b, n, s.first.count);
+  }
+}
+
+template <class S, class G>
+static void rl_range(const StepArgs& a, int64_t begin, int64_t end) {
+  std::unique_ptr<Scratch> sp(new Scratch());
+  Scratch& s = *sp;
+  const Device& dw = a.dev_w;
+  const Device& dp = a.dev_p;
+  if (!dw.d2d()) fill_nominal(dw, s.pw);
+  if (!dp.d2d()) fill_nominal(dp, s.pp);
+  BlockPlan plan;
+  plan.u1 = a.transfer;
+  plan.read = a.transfer && a.read_noise > 0.f;
+  plan.c2c_first = dp.c2c();
+  plan.c2c_w = a.transfer && dw.c2c();
+  plan.d2d_first = dp.d2d();
+  plan.d2d_w = a.transfer && dw.d2d();
+  const SegFn mid = a.transfer ? pick_rl_mid<S>(dp.c2c(), plan.read) : pick_rl_hold<S>(dp.c2c());
+  const SegFn last = pick_rl_last<S>(plan.c2c_w);
+  const bool fused = fusable(dp) && (!a.transfer || fusable(dw));
+  const FusedFn fused_fn = pick_rl_fused<S, G>(a.transfer, plan.read);
+  const Elem ew = nominal_elem(dw), ep = nominal_elem(dp);
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
+    const int nv = padded(n);
+    block_draws(a, plan, dp, s.pp, static_cast<uint64_t>(a.offset + b), nv, s);
+    if (fused) {
+      fused_fn(a, b, n, s, ew, ep);
+      write_pulses(a.pulses_first, b, n, s.first.count);
+      if (a.transfer) write_pulses(a.pulses_main, b, n, s.second.count);
+      continue;
+    }
+    seg_first<S, G, true>(a, b, n, s, nullptr);
+    const float* shape_p = response_shape(dp, s.pp, s.first, nv, s);
+    if (plan.c2c_first) sqrt_abs_count(s.first, nv, s.t[0]);
+    mid(a, b, n, s, shape_p);
+    write_pulses(a.pulses_first, b, n, s.first.count);
+    if (a.transfer) {
+      const float* shape_w = response_shape(dw, s.pw, s.second, nv, s);
+      if (plan.c2c_w) sqrt_abs_count(s.second, nv, s.t[0]);
+      last(a, b, n, s, shape_w);
+      write_pulses(a.pulses_main, b, n, s.second.count);
+    }
+  }
+}
+
+template <class S, class G>
+static void rl2_range(const StepArgs& a, int64_t begin, int64_t end) {
+  std::unique_ptr<Scratch> sp(new Scratch());
+  Scratch& s = *sp;
+  const Device& dw = a.dev_w;
+  const Device& dp = a.dev_p;
+  if (!dw.d2d()) fill_nominal(dw, s.pw);
+  if (!dp.d2d()) fill_nominal(dp, s.pp);
+  BlockPlan plan;
+  plan.u1 = a.ema;
+  plan.read = a.read_noise > 0.f;
+  plan.c2c_first = dp.c2c();
+  plan.c2c_w = dw.c2c();
+  plan.d2d_first = dp.d2d();
+  plan.d2d_w = dw.d2d();
+  const SegFn mid = pick_rl2_mid<S>(dp.c2c(), plan.read, a.ema);
+  const SegFn last = pick_rl2_last<S>(dw.c2c(), a.ema);
+  const bool fused = fusable(dp) && fusable(dw);
+  const FusedFn fused_fn = pick_rl2_fused<S, G>(plan.read, a.ema);
+  const Elem ew = nominal_elem(dw), ep = nominal_elem(dp);
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
+    const int nv = padded(n);
+    block_draws(a, plan, dp, s.pp, static_cast<uint64_t>(a.offset + b), nv, s);
+    if (fused) {
+      fused_fn(a, b, n, s, ew, ep);
+      write_pulses(a.pulses_first, b, n, s.first.count);
+      write_pulses(a.pulses_main, b, n, s.second.count);
+      continue;
+    }
+    seg_first<S, G, true>(a, b, n, s, nullptr);
+    const float* shape_p = response_shape(dp, s.pp, s.first, nv, s);
+    if (plan.c2c_first) sqrt_abs_count(s.first, nv, s.t[0]);
+    mid(a, b, n, s, shape_p);
+    const float* shape_w = response_shape(dw, s.pw, s.second, nv, s);
+    if (plan.c2c_w) sqrt_abs_count(s.second, nv, s.t[0]);
+    last(a, b, n, s, shape_w);
+    write_pulses(a.pulses_first, b, n, s.first.count);
+    write_pulses(a.pulses_main, b, n, s.second.count);
+  }
+}
+
+template <class S, class G>
+static RangeFn range_for(int algorithm) {
+  switch (algorithm) {
+    case kAsgd:
+      return &asgd_range<S, G>;
+    case kRl:
+      return &rl_range<S, G>;
+    default:
+      return &rl2_range<S, G>;
+  }
+}
+
+// The run-of-blocks function for an algorithm, storage dtype and gradient dtype (float32,
+// or the storage dtype).
+static RangeFn range_fn(int algorithm, int storage, bool g_is_f32) {
+  switch (storage) {
+    case kBF16:
+      return g_is_f32 ? range_for<StoreBF16, StoreF32>(algorithm) : range_for<StoreBF16, StoreBF16>(algorithm);
+    case kF16:
+      return g_is_f32 ? range_for<StoreF16, StoreF32>(algorithm) : range_for<StoreF16, StoreF16>(algorithm);
+    default:
+      return range_for<StoreF32, StoreF32>(algorithm);
+  }
+}
+
+#undef FA_INLINE
+#endif  // FA_ISA_BODY

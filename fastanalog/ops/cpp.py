@@ -1,0 +1,296 @@
+"""The compiled analog-update kernels (C++ on CPU, CUDA on GPU): loader and launchers.
+
+The kernels live in ``csrc/analog_update.cpp`` (CPU) and ``csrc/cuda/analog_update.cu``
+(CUDA). Both register the ops ``torch.ops.fastanalog.{asgd,rl,rl2}_step_cpp_`` (one CPU and
+one CUDA kernel per op), which update their arrays in place and write int32 pulse counts.
+
+Loading, on first use: the library built by ``pip install`` (``fastanalog/_C*.so``, with the
+CUDA kernels inside where CUDA was found at build time); failing that, a JIT build of the
+CPU kernels with ``torch.utils.cpp_extension.load`` (with ``-march=native``); failing that,
+one warning and ``cpp_available()`` is False. Importing fastanalog never builds or loads
+anything. ``FASTANALOG_NO_JIT=1`` disables the JIT build.
+
+The launchers take exactly the arguments of the reference functions in
+``fastanalog.ops.reference`` and return the same ``StepPulses``; for the same key they give
+the same pulse counts element for element (see the kernels' header for the one place where
+a float can differ in its last bit).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..config import AnalogConfig
+from .packing import PackedDevice, pack_config
+from .reference import StepPulses
+
+__all__ = [
+    "asgd_step_cpp",
+    "cpp_available",
+    "cpu_variant",
+    "cuda_available",
+    "cuda_kernels_registered",
+    "device_args",
+    "rl2_step_cpp",
+    "rl_step_cpp",
+    "triad_cpp",
+]
+
+_PKG_DIR = Path(__file__).resolve().parents[1]
+_CSRC = _PKG_DIR.parent / "csrc"
+# Flags of the JIT build (the machine that builds is the machine that runs, so -march=native).
+JIT_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-march=native"]
+
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"tried": False, "cpu": False, "cuda": False, "source": None, "error": None}
+
+
+def _prebuilt(stem: str) -> str | None:
+    hits = sorted(glob.glob(str(_PKG_DIR / f"{stem}.*.so"))) + sorted(glob.glob(str(_PKG_DIR / f"{stem}.so")))
+    return hits[0] if hits else None
+
+
+def _warn_if_stale(library: str) -> None:
+    sources = [p for p in _CSRC.rglob("*") if p.suffix in (".cpp", ".h", ".cu")] if _CSRC.is_dir() else []
+    if sources and max(p.stat().st_mtime for p in sources) > os.path.getmtime(library):
+        warnings.warn(
+            f"fastanalog: {library} is older than the sources in {_CSRC}; rebuild it with "
+            "`pip install --no-build-isolation -e .` (or delete it to use a JIT build)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _jit_build() -> None:
+    from torch.utils import cpp_extension
+
+    source = _CSRC / "analog_update.cpp"
+    if not source.exists():
+        raise FileNotFoundError(f"{source} not found: install fastanalog from a source checkout to build the C++ kernels")
+    # The header's hash among the flags: torch rebuilds when sources or flags change, and
+    # does not look at included headers by itself.
+    header_hash = hashlib.sha1((_CSRC / "philox.h").read_bytes()).hexdigest()[:12]
+    cpp_extension.load(
+        name="fastanalog_cpu_jit",
+        sources=[str(source)],
+        extra_include_paths=[str(_CSRC)],
+        extra_cflags=JIT_CFLAGS + [f"-DFASTANALOG_HEADER_HASH={header_hash}"],
+        extra_ldflags=["-lgomp"],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _load() -> None:
+    """Load (or JIT-build) the kernels once; never raises."""
+    if _state["tried"]:
+        return
+    with _lock:
+        if _state["tried"]:
+            return
+        errors = []
+        path = _prebuilt("_C")
+        if path is not None:
+            _warn_if_stale(path)
+            try:
+                torch.ops.load_library(path)
+                _state["cpu"], _state["source"] = True, path
+            except (OSError, RuntimeError) as exc:
+                errors.append(f"loading {path}: {exc}")
+        if not _state["cpu"] and os.environ.get("FASTANALOG_NO_JIT", "") != "1":
+            try:
+                _jit_build()
+                _state["cpu"], _state["source"] = True, "jit"
+            except Exception as exc:  # a failed JIT build must not break the caller
+                errors.append(f"JIT build: {exc}")
+        if _state["cpu"]:
+            _state["cuda"] = torch._C._dispatch_has_kernel_for_dispatch_key("fastanalog::rl2_step_cpp_", "CUDA")
+            _register_fakes()
+        else:
+            _state["error"] = "; ".join(errors) or "no compiled kernels found"
+            warnings.warn(
+                f"fastanalog: the C++ kernels are unavailable ({_state['error']}); the reference backend still works. "
+                "Reinstall with `pip install --no-build-isolation -e .` (needs a C++ compiler) to build them.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        _state["tried"] = True
+
+
+def cpp_available() -> bool:
+    """Whether the C++ CPU kernels are loaded (building them on first call if needed)."""
+    _load()
+    return bool(_state["cpu"])
+
+
+def cuda_kernels_registered() -> bool:
+    """Whether the CUDA kernels of the ops are registered in this process (built and loaded)."""
+    _load()
+    return bool(_state["cuda"])
+
+
+def cuda_available() -> bool:
+    """Whether the CUDA kernels are registered and a CUDA device is present to run them."""
+    return cuda_kernels_registered() and torch.cuda.is_available()
+
+
+def cpu_variant() -> str:
+    """Code path of the CPU kernels in this process: ``"avx2"`` or ``"generic"`` (see csrc/analog_update.cpp)."""
+    _require_cpp()
+    return torch.ops.fastanalog.cpu_variant_cpp()
+
+
+def _require_cpp() -> None:
+    if not cpp_available():
+        raise RuntimeError(f"the fastanalog C++ kernels are unavailable: {_state['error']}")
+
+
+# ----- fake (meta) kernels, so torch.compile can trace the ops --------------------------------
+def _register_fakes() -> None:
+    def asgd_fake(W, g, pulses, lr, key, offset, dev_w, var_key_w, table_w, max_pulses):
+        return None
+
+    def rl_fake(W, P, Wbar, g, pulses_p, pulses_w, lr, key, offset, transfer, gamma, transfer_lr, read_noise, max_pulses,
+                dev_w, var_key_w, table_w, dev_p, var_key_p, table_p):  # fmt: skip
+        return None
+
+    def rl2_fake(W, P, H, Wbar, g, pulses_p, pulses_w, lr, key, offset, ema, gamma, transfer_lr, read_noise, threshold,
+                 max_pulses, dev_w, var_key_w, table_w, dev_p, var_key_p, table_p):  # fmt: skip
+        return None
+
+    def triad_fake(a, b, c, s):
+        return None
+
+    for name, fn in (("asgd_step_cpp_", asgd_fake), ("rl_step_cpp_", rl_fake), ("rl2_step_cpp_", rl2_fake), ("triad_cpp_", triad_fake)):
+        try:
+            torch.library.register_fake(f"fastanalog::{name}")(fn)
+        except RuntimeError as exc:  # registered already (a second load in one process)
+            if "already" not in str(exc):
+                raise
+
+
+# ----- arguments ---------------------------------------------------------------------------------
+def device_args(packed: PackedDevice) -> tuple[list[float], int, list[float]]:
+    """(description, variation key, table samples) of one array's device, as the ops take them.
+
+    The description's order is the ``DeviceField`` enum of csrc/analog_update.cpp (and of the
+    CUDA kernels): family, tau_min, tau_max, gamma, dw_min, asymmetry, d2d_std, c2c_std,
+    has_gamma, zero_shift, nominal shift.
+    """
+    desc = [
+        float(packed.family),
+        packed.tau_min,
+        packed.tau_max,
+        packed.gamma,
+        packed.dw_min,
+        packed.asym,
+        packed.d2d_std,
+        packed.c2c_std,
+        float(packed.has_gamma),
+        float(packed.zero_shift),
+        packed.shift,
+    ]
+    return desc, int(packed.var_key), [float(v) for v in packed.table_up + packed.table_down]
+
+
+def _check_arrays(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], g: torch.Tensor) -> torch.Tensor:
+    """Validate the arrays (equal numel, dtype and device, contiguous, disjoint); return g ready for the op."""
+    ref = tensors[0]
+    if ref.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"W must be float32, bfloat16 or float16 for the C++ kernels, got {ref.dtype}")
+    for name, t in zip(names, tensors):
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but W is on {ref.device}: move all arrays to one device")
+        if t.dtype != ref.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but W has {ref.dtype}: store all arrays in one dtype")
+        if t.numel() != ref.numel():
+            raise ValueError(f"{name} has {t.numel()} elements but W has {ref.numel()}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (pass a flat view of the array)")
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), n) for n, t in zip(names, tensors)]
+    for i in range(len(spans)):
+        for j in range(i + 1, len(spans)):
+            if spans[i][0] < spans[j][1] and spans[j][0] < spans[i][1] and ref.numel() > 0:
+                raise ValueError(f"{spans[i][2]} and {spans[j][2]} overlap in memory: the kernels need separate arrays")
+    if g.device != ref.device or g.numel() != ref.numel():
+        raise ValueError(f"g must have W's device and numel ({ref.device}, {ref.numel()}), got {g.device}, {g.numel()}")
+    if not g.is_floating_point():
+        raise ValueError(f"g must be a floating tensor, got {g.dtype}")
+    if g.dtype not in (torch.float32, ref.dtype):
+        g = g.to(torch.float32)
+    return g.contiguous()
+
+
+def _max_pulses(config: AnalogConfig) -> int:
+    return 0 if config.max_pulses is None else int(config.max_pulses)
+
+
+def _check_offset(offset: int) -> int:
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be an int >= 0 (global index of element 0), got {offset!r}")
+    return offset
+
+
+# ----- launchers (signatures of the reference functions) ----------------------------------------
+def asgd_step_cpp(W, g, *, lr: float, config: AnalogConfig, key: int, tensor_id: int, offset: int = 0) -> StepPulses:
+    """Analog SGD, ``W <- pulse_update_W(W, -lr * g)``, in place; as ``asgd_step_ref``."""
+    _require_cpp()
+    g = _check_arrays(("W",), (W,), g)
+    dev_w, _ = pack_config(config, tensor_id)
+    desc_w, key_w, table_w = device_args(dev_w)
+    pulses = torch.empty(W.numel(), dtype=torch.int32, device=W.device)
+    torch.ops.fastanalog.asgd_step_cpp_(
+        W, g, pulses, float(lr), int(key), _check_offset(offset), desc_w, key_w, table_w, _max_pulses(config)
+    )
+    return StepPulses(first=pulses)
+
+
+def _residual_args(config: AnalogConfig, tensor_id: int):
+    dev_w, dev_p = pack_config(config, tensor_id)
+    return device_args(dev_w) + device_args(dev_p)
+
+
+def rl_step_cpp(
+    W, P, Wbar, g, *, lr: float, config: AnalogConfig, key: int, tensor_id: int, transfer: bool, offset: int = 0
+) -> StepPulses:
+    """Residual Learning v1 in place (``transfer``: this step's transfer flag); as ``rl_step_ref``."""
+    _require_cpp()
+    g = _check_arrays(("W", "P", "Wbar"), (W, P, Wbar), g)
+    n = W.numel()
+    pulses_p = torch.empty(n, dtype=torch.int32, device=W.device)
+    pulses_w = torch.empty(n if transfer else 0, dtype=torch.int32, device=W.device)
+    torch.ops.fastanalog.rl_step_cpp_(
+        W, P, Wbar, g, pulses_p, pulses_w, float(lr), int(key), _check_offset(offset), bool(transfer), float(config.gamma),
+        float(config.transfer_lr), float(config.read_noise), _max_pulses(config), *_residual_args(config, tensor_id),
+    )  # fmt: skip
+    return StepPulses(first=pulses_p, main=pulses_w if transfer else None)
+
+
+def rl2_step_cpp(W, P, H, Wbar, g, *, lr: float, config: AnalogConfig, key: int, tensor_id: int, offset: int = 0) -> StepPulses:
+    """Residual Learning v2 in place (residual write, noisy read, buffer, transfer, mix); as ``rl2_step_ref``."""
+    _require_cpp()
+    g = _check_arrays(("W", "P", "H", "Wbar"), (W, P, H, Wbar), g)
+    n = W.numel()
+    pulses_p = torch.empty(n, dtype=torch.int32, device=W.device)
+    pulses_w = torch.empty(n, dtype=torch.int32, device=W.device)
+    torch.ops.fastanalog.rl2_step_cpp_(
+        W, P, H, Wbar, g, pulses_p, pulses_w, float(lr), int(key), _check_offset(offset), config.buffer == "ema",
+        float(config.gamma), float(config.transfer_lr), float(config.read_noise), float(config.threshold), _max_pulses(config),
+        *_residual_args(config, tensor_id),
+    )  # fmt: skip
+    return StepPulses(first=pulses_p, main=pulses_w)
+
+
+def triad_cpp(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: float) -> None:
+    """``a = b + s * c`` on float32 CPU tensors with the kernels' threads: the bandwidth yardstick of benchmarks."""
+    _require_cpp()
+    torch.ops.fastanalog.triad_cpp_(a, b, c, float(s))
