@@ -145,8 +145,12 @@ struct StepArgs {
   void* P = nullptr;
   void* H = nullptr;
   void* Wbar = nullptr;
-  int32_t* pulses_first = nullptr;  // may be null: pulse counts not written
+  // Pulse counts of the first array written (P; asgd: W) and of W, per element (int32) or
+  // as a total of |N| added to one int64 (either or both may be null: not reported).
+  int32_t* pulses_first = nullptr;
   int32_t* pulses_main = nullptr;
+  int64_t* total_first = nullptr;
+  int64_t* total_main = nullptr;
   float neg_lr = 0.f;         // -float32(lr)
   float tlr = 0.f;            // float32(transfer_lr)
   float one_minus_tlr = 1.f;  // 1 - float32(transfer_lr), in float32
@@ -265,12 +269,21 @@ void check_array(const at::Tensor& t, const at::Tensor& ref, const char* name) {
               t.scalar_type());
 }
 
-int32_t* pulses_ptr(at::Tensor& p, const at::Tensor& ref, const char* name) {
-  if (p.numel() == 0) return nullptr;  // an empty tensor: do not write pulse counts
-  TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && p.scalar_type() == at::kInt, name,
-              " must be a contiguous CPU int32 tensor (or empty)");
+// Where a pulse output goes: an empty tensor reports nothing, a one-element int64 tensor
+// receives the total sum of |N| over the array (added to its value), an int32 tensor of the
+// array's size receives the count of every element.
+void pulses_out(at::Tensor& p, const at::Tensor& ref, const char* name, int32_t*& elements, int64_t*& total) {
+  elements = nullptr;
+  total = nullptr;
+  if (p.numel() == 0) return;
+  TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), name, " must be a contiguous CPU tensor (or empty)");
+  if (p.scalar_type() == at::kLong && p.numel() == 1) {
+    total = p.data_ptr<int64_t>();
+    return;
+  }
+  TORCH_CHECK(p.scalar_type() == at::kInt, name, " must be int32 (counts per element), a one-element int64 (total) or empty");
   TORCH_CHECK(p.numel() == ref.numel(), name, " has ", p.numel(), " elements, expected ", ref.numel());
-  return p.data_ptr<int32_t>();
+  elements = p.data_ptr<int32_t>();
 }
 
 // Storage for one device's table samples, kept alive for the duration of a call.
@@ -334,7 +347,7 @@ void asgd_step_cpu(at::Tensor& W, const at::Tensor& g, at::Tensor& pulses, doubl
   a.key = static_cast<uint64_t>(key);
   a.g = gc.data_ptr();
   a.W = W.data_ptr();
-  a.pulses_first = pulses_ptr(pulses, W, "pulses");
+  pulses_out(pulses, W, "pulses", a.pulses_first, a.total_first);
   a.neg_lr = -static_cast<float>(lr);
   a.max_pulses = max_pulses_of(max_pulses);
   a.dev_w = parse_device(dev_w, var_key_w, table_w, tw);
@@ -352,8 +365,8 @@ void residual_common(StepArgs& a, at::Tensor& W, at::Tensor& P, at::Tensor& Wbar
   a.W = W.data_ptr();
   a.P = P.data_ptr();
   a.Wbar = Wbar.data_ptr();
-  a.pulses_first = pulses_ptr(pulses_p, W, "pulses_p");
-  a.pulses_main = pulses_ptr(pulses_w, W, "pulses_w");
+  pulses_out(pulses_p, W, "pulses_p", a.pulses_first, a.total_first);
+  pulses_out(pulses_w, W, "pulses_w", a.pulses_main, a.total_main);
   a.neg_lr = -static_cast<float>(lr);
   a.tlr = static_cast<float>(transfer_lr);
   a.one_minus_tlr = 1.0f - a.tlr;
@@ -375,7 +388,10 @@ void rl_step_cpu(at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tenso
   StepArgs a;
   residual_common(a, W, P, Wbar, gc, pulses_p, pulses_w, lr, key, offset, gamma, transfer_lr, read_noise, max_pulses);
   a.transfer = transfer;
-  if (!transfer) a.pulses_main = nullptr;
+  if (!transfer) {
+    a.pulses_main = nullptr;
+    a.total_main = nullptr;
+  }
   a.dev_w = parse_device(dev_w, var_key_w, table_w, tw);
   a.dev_p = parse_device(dev_p, var_key_p, table_p, tp);
   run_parallel(select_range(kRl, storage, gc.scalar_type() == at::kFloat), a);
@@ -1189,10 +1205,23 @@ static void sqrt_abs_count(WriteBlock& b, int n, float* tmp) {
   vm_sqrt(t, b.sqrt_count, n);
 }
 
-static void write_pulses(int32_t* dst, int64_t b, int n, const float* __restrict__ count) {
-  if (dst == nullptr) return;
-  int32_t* __restrict__ d = dst + b;
-  for (int j = 0; j < n; ++j) d[j] = static_cast<int32_t>(count[j]);
+// Reports a block's pulse counts: per element into dst, and/or |N| summed into acc (a
+// block's sum in double is exact: 256 integers below 2**31 each).
+static void write_pulses(int32_t* dst, bool total, double& acc, int64_t b, int n, const float* __restrict__ count) {
+  if (dst != nullptr) {
+    int32_t* __restrict__ d = dst + b;
+    for (int j = 0; j < n; ++j) d[j] = static_cast<int32_t>(count[j]);
+  }
+  if (total) {
+    double sum = 0.0;
+    for (int j = 0; j < n; ++j) sum += std::fabs(static_cast<double>(count[j]));
+    acc += sum;
+  }
+}
+
+// Adds a thread's pulse total to the shared one (integer addition: any order gives the same).
+static void add_total(int64_t* total, double acc) {
+  if (total != nullptr) __atomic_fetch_add(total, static_cast<int64_t>(acc), __ATOMIC_RELAXED);
 }
 
 // ----- segments: the update of one block, between the response evaluations ---------------
@@ -1610,6 +1639,7 @@ static FA_INLINE int padded(int n) { return (n + kLanes - 1) / kLanes * kLanes; 
 
 template <class S, class G>
 static void asgd_range(const StepArgs& a, int64_t begin, int64_t end) {
+  double acc_first = 0.0, acc_main = 0.0;
   std::unique_ptr<Scratch> sp(new Scratch());
   Scratch& s = *sp;
   const Device& dw = a.dev_w;
@@ -1627,19 +1657,22 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end) {
     block_draws(a, plan, dw, s.pw, static_cast<uint64_t>(a.offset + b), nv, s);
     if (fused) {
       fused_fn(a, b, n, s, ew, ew);
-      write_pulses(a.pulses_first, b, n, s.first.count);
+      write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
       continue;
     }
     seg_first<S, G, false>(a, b, n, s, nullptr);
     const float* shape = response_shape(dw, s.pw, s.first, nv, s);
     if (plan.c2c_first) sqrt_abs_count(s.first, nv, s.t[0]);
     last(a, b, n, s, shape);
-    write_pulses(a.pulses_first, b, n, s.first.count);
+    write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
   }
+  add_total(a.total_first, acc_first);
+  add_total(a.total_main, acc_main);
 }
 
 template <class S, class G>
 static void rl_range(const StepArgs& a, int64_t begin, int64_t end) {
+  double acc_first = 0.0, acc_main = 0.0;
   std::unique_ptr<Scratch> sp(new Scratch());
   Scratch& s = *sp;
   const Device& dw = a.dev_w;
@@ -1664,26 +1697,29 @@ static void rl_range(const StepArgs& a, int64_t begin, int64_t end) {
     block_draws(a, plan, dp, s.pp, static_cast<uint64_t>(a.offset + b), nv, s);
     if (fused) {
       fused_fn(a, b, n, s, ew, ep);
-      write_pulses(a.pulses_first, b, n, s.first.count);
-      if (a.transfer) write_pulses(a.pulses_main, b, n, s.second.count);
+      write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
+      if (a.transfer) write_pulses(a.pulses_main, a.total_main != nullptr, acc_main, b, n, s.second.count);
       continue;
     }
     seg_first<S, G, true>(a, b, n, s, nullptr);
     const float* shape_p = response_shape(dp, s.pp, s.first, nv, s);
     if (plan.c2c_first) sqrt_abs_count(s.first, nv, s.t[0]);
     mid(a, b, n, s, shape_p);
-    write_pulses(a.pulses_first, b, n, s.first.count);
+    write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
     if (a.transfer) {
       const float* shape_w = response_shape(dw, s.pw, s.second, nv, s);
       if (plan.c2c_w) sqrt_abs_count(s.second, nv, s.t[0]);
       last(a, b, n, s, shape_w);
-      write_pulses(a.pulses_main, b, n, s.second.count);
+      write_pulses(a.pulses_main, a.total_main != nullptr, acc_main, b, n, s.second.count);
     }
   }
+  add_total(a.total_first, acc_first);
+  add_total(a.total_main, acc_main);
 }
 
 template <class S, class G>
 static void rl2_range(const StepArgs& a, int64_t begin, int64_t end) {
+  double acc_first = 0.0, acc_main = 0.0;
   std::unique_ptr<Scratch> sp(new Scratch());
   Scratch& s = *sp;
   const Device& dw = a.dev_w;
@@ -1708,8 +1744,8 @@ static void rl2_range(const StepArgs& a, int64_t begin, int64_t end) {
     block_draws(a, plan, dp, s.pp, static_cast<uint64_t>(a.offset + b), nv, s);
     if (fused) {
       fused_fn(a, b, n, s, ew, ep);
-      write_pulses(a.pulses_first, b, n, s.first.count);
-      write_pulses(a.pulses_main, b, n, s.second.count);
+      write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
+      write_pulses(a.pulses_main, a.total_main != nullptr, acc_main, b, n, s.second.count);
       continue;
     }
     seg_first<S, G, true>(a, b, n, s, nullptr);
@@ -1719,9 +1755,11 @@ static void rl2_range(const StepArgs& a, int64_t begin, int64_t end) {
     const float* shape_w = response_shape(dw, s.pw, s.second, nv, s);
     if (plan.c2c_w) sqrt_abs_count(s.second, nv, s.t[0]);
     last(a, b, n, s, shape_w);
-    write_pulses(a.pulses_first, b, n, s.first.count);
-    write_pulses(a.pulses_main, b, n, s.second.count);
+    write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
+    write_pulses(a.pulses_main, a.total_main != nullptr, acc_main, b, n, s.second.count);
   }
+  add_total(a.total_first, acc_first);
+  add_total(a.total_main, acc_main);
 }
 
 template <class S, class G>

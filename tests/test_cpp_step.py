@@ -354,3 +354,29 @@ def test_optimizer_steps_several_tensors_like_the_reference(algorithm, monkeypat
     assert len(ref) == len(fast) == 3 * {"asgd": 1, "rl": 2, "rl2": 3}[algorithm]
     for x, y in zip(ref, fast):
         torch.testing.assert_close(y, x, rtol=0, atol=_tolerance(x, 4))
+
+
+@pytest.mark.parametrize("alg", list(ALGORITHMS))
+def test_pulse_totals_equal_the_sum_of_the_counts(alg):
+    # totals=True: the same arrays, and each written array's sum |N| instead of the counts.
+    config, transfer = _config(alg, _device("power", d2d_std=0.1, c2c_std=0.2), read_noise=0.01)
+    n = 70001  # several blocks per thread, a ragged tail
+    counts = _initial(config, n, torch.float32)
+    totals = [t.clone() for t in counts]
+    g = _gradients(n, 1, torch.float32)[0]
+    key = philox.step_key(SEED, 1, TENSOR_ID)
+    fns = {"asgd": cpp.asgd_step_cpp, "rl": cpp.rl_step_cpp, "rl2": cpp.rl2_step_cpp}
+    kw = dict(lr=0.004, config=config, key=key, tensor_id=TENSOR_ID)
+    if config.algorithm == "rl":
+        kw["transfer"] = transfer
+    arrays = {"asgd": slice(0, 1), "rl": [0, 1, 3], "rl2": slice(0, 4)}[config.algorithm]
+    pick = (lambda a: a[arrays]) if isinstance(arrays, slice) else (lambda a: [a[i] for i in arrays])
+    c = fns[config.algorithm](*pick(counts), g, **kw)
+    t = fns[config.algorithm](*pick(totals), g, totals=True, **kw)
+    assert t.first.dtype == torch.int64 and t.first.dim() == 0
+    assert int(t.first) == int(c.first.abs().sum()) > 0
+    assert (t.main is None) == (c.main is None)
+    if c.main is not None:
+        assert int(t.main) == int(c.main.abs().sum())
+    for x, y in zip(counts, totals):
+        assert torch.equal(x, y)

@@ -71,8 +71,10 @@ struct Args {
   void* P;
   void* H;
   void* Wbar;
-  int32_t* pulses_first;
+  int32_t* pulses_first;  // counts per element, or null
   int32_t* pulses_main;
+  unsigned long long* total_first;  // sum of |N| over the array (added to), or null
+  unsigned long long* total_main;
   float neg_lr, tlr, one_minus_tlr, gamma_mix, read_noise, threshold, max_pulses;
   int g_kind;  // dtype of g: 0 float32, 1 bfloat16, 2 float16
   bool transfer, ema;
@@ -251,6 +253,14 @@ __device__ __forceinline__ float load_grad(const void* g, int kind, int64_t i) {
   return static_cast<const float*>(g)[i];
 }
 
+// Adds the threads' totals to *total: a warp sum, then one atomic per warp (integer
+// addition, so the result does not depend on the order).
+__device__ __forceinline__ void add_total(unsigned long long* total, unsigned long long acc) {
+  if (total == nullptr) return;
+  for (int d = 16; d > 0; d /= 2) acc += __shfl_down_sync(0xffffffffu, acc, d);
+  if ((threadIdx.x & 31) == 0 && acc != 0) atomicAdd(total, acc);
+}
+
 // ----- the kernel --------------------------------------------------------------------------
 template <int ALG, class S>
 __global__ void __launch_bounds__(kThreads) step_kernel(const Args a) {
@@ -260,6 +270,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const Args a) {
   S* __restrict__ H = static_cast<S*>(a.H);
   S* __restrict__ Wbar = static_cast<S*>(a.Wbar);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  unsigned long long acc_first = 0, acc_main = 0;  // this thread's |N| totals
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.numel; i += stride) {
     const uint64_t gi = static_cast<uint64_t>(a.offset + i);
     const Philox4 r = philox4x32_10(a.key, gi);
@@ -279,6 +290,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const Args a) {
     const S stored_f = Store<S>::store(apply_write(dev_first, pf, Store<S>::load(first[i]), count_f, n_c2c));
     first[i] = stored_f;
     if (a.pulses_first != nullptr) a.pulses_first[i] = static_cast<int32_t>(count_f);
+    acc_first += static_cast<unsigned long long>(fabsf(count_f));
     if (ALG == kAsgd) continue;
 
     const float p32 = Store<S>::load(stored_f);
@@ -314,7 +326,10 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const Args a) {
     }
     Wbar[i] = Store<S>::store(add(Store<S>::load(stored_w), mul(a.gamma_mix, p32)));
     if (a.pulses_main != nullptr) a.pulses_main[i] = static_cast<int32_t>(count_w);
+    acc_main += static_cast<unsigned long long>(fabsf(count_w));
   }
+  add_total(a.total_first, acc_first);
+  add_total(a.total_main, acc_main);
 }
 
 // Every kernel the host side launches: algorithm x storage dtype.
@@ -394,12 +409,20 @@ void check_array(const at::Tensor& t, const at::Tensor& ref, const char* name) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of W");
 }
 
-int32_t* pulses_ptr(at::Tensor& p, const at::Tensor& ref, const char* name) {
-  if (p.numel() == 0) return nullptr;
-  TORCH_CHECK(p.device() == ref.device() && p.is_contiguous() && p.scalar_type() == at::kInt, name,
-              " must be a contiguous int32 tensor on W's device (or empty)");
+// Where a pulse output goes (as on CPU): nothing for an empty tensor, the total of |N| added
+// to a one-element int64 tensor, the per-element counts into an int32 tensor of W's size.
+void pulses_out(at::Tensor& p, const at::Tensor& ref, const char* name, int32_t*& elements, unsigned long long*& total) {
+  elements = nullptr;
+  total = nullptr;
+  if (p.numel() == 0) return;
+  TORCH_CHECK(p.device() == ref.device() && p.is_contiguous(), name, " must be a contiguous tensor on W's device (or empty)");
+  if (p.scalar_type() == at::kLong && p.numel() == 1) {
+    total = reinterpret_cast<unsigned long long*>(p.data_ptr<int64_t>());
+    return;
+  }
+  TORCH_CHECK(p.scalar_type() == at::kInt, name, " must be int32 (counts per element), a one-element int64 (total) or empty");
   TORCH_CHECK(p.numel() == ref.numel(), name, " has ", p.numel(), " elements, expected ", ref.numel());
-  return p.data_ptr<int32_t>();
+  elements = p.data_ptr<int32_t>();
 }
 
 int grad_kind(const at::Tensor& g, const at::Tensor& W) {
@@ -472,7 +495,7 @@ void asgd_step_cuda(at::Tensor& W, const at::Tensor& g, at::Tensor& pulses, doub
   Args a{};
   fill_common(a, W, g, lr, key, offset, max_pulses);
   a.W = W.data_ptr();
-  a.pulses_first = pulses_ptr(pulses, W, "pulses");
+  pulses_out(pulses, W, "pulses", a.pulses_first, a.total_first);
   a.dev_w = parse_device(dev_w, var_key_w, table_w, tw, stream);
   launch<kAsgd>(a, W.scalar_type(), stream);
 }
@@ -492,8 +515,12 @@ void rl_step_cuda(at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tens
   a.W = W.data_ptr();
   a.P = P.data_ptr();
   a.Wbar = Wbar.data_ptr();
-  a.pulses_first = pulses_ptr(pulses_p, W, "pulses_p");
-  a.pulses_main = transfer ? pulses_ptr(pulses_w, W, "pulses_w") : nullptr;
+  pulses_out(pulses_p, W, "pulses_p", a.pulses_first, a.total_first);
+  pulses_out(pulses_w, W, "pulses_w", a.pulses_main, a.total_main);
+  if (!transfer) {
+    a.pulses_main = nullptr;
+    a.total_main = nullptr;
+  }
   a.transfer = transfer;
   a.tlr = static_cast<float>(transfer_lr);
   a.one_minus_tlr = 1.0f - a.tlr;
@@ -521,8 +548,8 @@ void rl2_step_cuda(at::Tensor& W, at::Tensor& P, at::Tensor& H, at::Tensor& Wbar
   a.P = P.data_ptr();
   a.H = H.data_ptr();
   a.Wbar = Wbar.data_ptr();
-  a.pulses_first = pulses_ptr(pulses_p, W, "pulses_p");
-  a.pulses_main = pulses_ptr(pulses_w, W, "pulses_w");
+  pulses_out(pulses_p, W, "pulses_p", a.pulses_first, a.total_first);
+  pulses_out(pulses_w, W, "pulses_w", a.pulses_main, a.total_main);
   a.transfer = true;
   a.ema = ema;
   a.tlr = static_cast<float>(transfer_lr);

@@ -2,7 +2,8 @@
 
 The kernels live in ``csrc/analog_update.cpp`` (CPU) and ``csrc/cuda/analog_update.cu``
 (CUDA). Both register the ops ``torch.ops.fastanalog.{asgd,rl,rl2}_step_cpp_`` (one CPU and
-one CUDA kernel per op), which update their arrays in place and write int32 pulse counts.
+one CUDA kernel per op), which update their arrays in place and write int32 pulse counts per element
+or, into a one-element int64 tensor, their total sum |N|.
 
 Loading, on first use: the library built by ``pip install`` (``fastanalog/_C*.so``, with the
 CUDA kernels inside where CUDA was found at build time); failing that, a JIT build of the
@@ -240,18 +241,34 @@ def _check_offset(offset: int) -> int:
     return offset
 
 
+def _pulse_out(W: torch.Tensor, totals: bool, written: bool = True) -> torch.Tensor:
+    """The pulse output of one array: int32 counts per element, or one int64 that receives sum |N|."""
+    if totals:
+        return torch.zeros(1, dtype=torch.int64, device=W.device)
+    return torch.empty(W.numel() if written else 0, dtype=torch.int32, device=W.device)
+
+
+def _reported(t: torch.Tensor, totals: bool) -> torch.Tensor:
+    return t.view(()) if totals else t
+
+
 # ----- launchers (signatures of the reference functions) ----------------------------------------
-def asgd_step_cpp(W, g, *, lr: float, config: AnalogConfig, key: int, tensor_id: int, offset: int = 0) -> StepPulses:
+# With ``totals=True`` a launcher reports, instead of the counts per element, each written
+# array's total number of pulses sum |N| as a 0-d int64 tensor (computed inside the kernel:
+# no count array is written or read again), which is all the optimizer's bookkeeping needs.
+def asgd_step_cpp(
+    W, g, *, lr: float, config: AnalogConfig, key: int, tensor_id: int, offset: int = 0, totals: bool = False
+) -> StepPulses:
     """Analog SGD, ``W <- pulse_update_W(W, -lr * g)``, in place; as ``asgd_step_ref``."""
     _require_cpp()
     g = _check_arrays(("W",), (W,), g)
     dev_w, _ = pack_config(config, tensor_id)
     desc_w, key_w, table_w = device_args(dev_w)
-    pulses = torch.empty(W.numel(), dtype=torch.int32, device=W.device)
+    pulses = _pulse_out(W, totals)
     torch.ops.fastanalog.asgd_step_cpp_(
         W, g, pulses, float(lr), int(key), _check_offset(offset), desc_w, key_w, table_w, _max_pulses(config)
     )
-    return StepPulses(first=pulses)
+    return StepPulses(first=_reported(pulses, totals))
 
 
 def _residual_args(config: AnalogConfig, tensor_id: int):
@@ -260,34 +277,43 @@ def _residual_args(config: AnalogConfig, tensor_id: int):
 
 
 def rl_step_cpp(
-    W, P, Wbar, g, *, lr: float, config: AnalogConfig, key: int, tensor_id: int, transfer: bool, offset: int = 0
+    W,
+    P,
+    Wbar,
+    g,
+    *,
+    lr: float,
+    config: AnalogConfig,
+    key: int,
+    tensor_id: int,
+    transfer: bool,
+    offset: int = 0,
+    totals: bool = False,
 ) -> StepPulses:
     """Residual Learning v1 in place (``transfer``: this step's transfer flag); as ``rl_step_ref``."""
     _require_cpp()
     g = _check_arrays(("W", "P", "Wbar"), (W, P, Wbar), g)
-    n = W.numel()
-    pulses_p = torch.empty(n, dtype=torch.int32, device=W.device)
-    pulses_w = torch.empty(n if transfer else 0, dtype=torch.int32, device=W.device)
+    pulses_p, pulses_w = _pulse_out(W, totals), _pulse_out(W, totals, written=transfer)
     torch.ops.fastanalog.rl_step_cpp_(
         W, P, Wbar, g, pulses_p, pulses_w, float(lr), int(key), _check_offset(offset), bool(transfer), float(config.gamma),
         float(config.transfer_lr), float(config.read_noise), _max_pulses(config), *_residual_args(config, tensor_id),
     )  # fmt: skip
-    return StepPulses(first=pulses_p, main=pulses_w if transfer else None)
+    return StepPulses(first=_reported(pulses_p, totals), main=_reported(pulses_w, totals) if transfer else None)
 
 
-def rl2_step_cpp(W, P, H, Wbar, g, *, lr: float, config: AnalogConfig, key: int, tensor_id: int, offset: int = 0) -> StepPulses:
+def rl2_step_cpp(
+    W, P, H, Wbar, g, *, lr: float, config: AnalogConfig, key: int, tensor_id: int, offset: int = 0, totals: bool = False
+) -> StepPulses:
     """Residual Learning v2 in place (residual write, noisy read, buffer, transfer, mix); as ``rl2_step_ref``."""
     _require_cpp()
     g = _check_arrays(("W", "P", "H", "Wbar"), (W, P, H, Wbar), g)
-    n = W.numel()
-    pulses_p = torch.empty(n, dtype=torch.int32, device=W.device)
-    pulses_w = torch.empty(n, dtype=torch.int32, device=W.device)
+    pulses_p, pulses_w = _pulse_out(W, totals), _pulse_out(W, totals)
     torch.ops.fastanalog.rl2_step_cpp_(
         W, P, H, Wbar, g, pulses_p, pulses_w, float(lr), int(key), _check_offset(offset), config.buffer == "ema",
         float(config.gamma), float(config.transfer_lr), float(config.read_noise), float(config.threshold), _max_pulses(config),
         *_residual_args(config, tensor_id),
     )  # fmt: skip
-    return StepPulses(first=pulses_p, main=pulses_w)
+    return StepPulses(first=_reported(pulses_p, totals), main=_reported(pulses_w, totals))
 
 
 def triad_cpp(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: float) -> None:
