@@ -216,10 +216,12 @@ def test_cli_missing_dataset_reports_error(tmp_path: Path, capsys: pytest.Captur
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
 
 
-def test_run_training_digits_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_training_digits_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(
         [
             "train",
+            "--out",
+            str(tmp_path / "run"),
             "--dataset",
             "digits",
             "--max-train",

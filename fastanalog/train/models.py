@@ -6,6 +6,10 @@ import torch
 from torch import nn
 
 BUILTIN_MODELS = ("cnn", "mlp")
+# Side of the input images of the built-in models where the dataset does not fix one (image folders), pixels.
+BUILTIN_DEFAULT_IMAGE_SIZE = 32
+# Input side of a timm model without a pretrained configuration, pixels.
+TIMM_DEFAULT_IMAGE_SIZE = 224
 
 # timm families whose constructors take ``img_size`` (patch-embedding models sized to the input).
 _IMG_SIZE_PREFIXES = ("vit", "deit")
@@ -114,3 +118,33 @@ def build_model(name: str, in_channels: int = 1, num_classes: int = 10, image_si
     if name.startswith(_IMG_SIZE_PREFIXES):
         kwargs["img_size"] = image_size
     return timm.create_model(name, **kwargs)
+
+
+def model_input(name: str, channels: int, image_size: int | None) -> tuple[int, int]:
+    """Channels and side of the images that model ``name`` is built for, given the dataset's.
+
+    The built-in models take the dataset's images as they are (``BUILTIN_DEFAULT_IMAGE_SIZE``
+    where their size varies). timm models take 3 channels, as their configurations assume
+    (grey images are repeated); they keep the dataset's size unless their pretrained
+    configuration fixes the input size (ViT, DeiT, ...: its ``input_size``), or sets a
+    ``min_input_size`` above it; where the dataset's size varies they take ``input_size``.
+
+    Args:
+        name: ``cnn``, ``mlp`` or a timm model name.
+        channels: channels of the dataset's images.
+        image_size: side of the dataset's images, or None where it varies.
+
+    Returns:
+        ``(channels, image_size)`` of the model's input.
+    """
+    if name in BUILTIN_MODELS:
+        return channels, image_size if image_size is not None else BUILTIN_DEFAULT_IMAGE_SIZE
+    check_model_name(name)
+    import timm
+
+    cfg = timm.get_pretrained_cfg(name)
+    default = int(cfg.input_size[-1]) if cfg is not None else TIMM_DEFAULT_IMAGE_SIZE
+    size = default if image_size is None or (cfg is not None and cfg.fixed_input_size) else image_size
+    if cfg is not None and cfg.min_input_size is not None:
+        size = max(size, int(cfg.min_input_size[-1]))
+    return 3, size
