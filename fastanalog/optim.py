@@ -7,8 +7,10 @@ import math
 import torch
 from torch.optim.optimizer import Optimizer, required
 
+from .config import AnalogConfig
 from .ops import philox
-from .ops.dispatch import analog_step
+from .ops.dispatch import StepItem, analog_step_group
+from .ops.reference import StepPulses
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -19,6 +21,124 @@ def _layer_of(p: torch.Tensor):
     if layer is None or layer.weight is not p:
         return None
     return layer
+
+
+def _all_finite(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every gradient is finite: a 0-dim bool tensor (on the first gradient's device)."""
+    if not grads:
+        return torch.ones((), dtype=torch.bool)
+    where = grads[0].device
+    return torch.stack([torch.isfinite(g).all().to(where) for g in grads]).all()
+
+
+def _count_step(counters: torch.Tensor, finite: bool, grads: list[torch.Tensor], skip: bool) -> bool:
+    """Count a step in ``counters`` (``[steps, skipped steps]``); return whether it updates anything.
+
+    With non-finite gradients the step is counted as skipped if ``skip``, else
+    FloatingPointError is raised and nothing is counted.
+    """
+    if finite:
+        counters[0] += 1
+        return True
+    if skip:
+        counters[1] += 1
+        return False
+    bad = [tuple(g.shape) for g in grads if not torch.isfinite(g).all()]
+    raise FloatingPointError(
+        f"non-finite gradients in parameters of shapes {bad}; no array was changed. "
+        "Fix the loss, or pass nonfinite='skip' to AnalogSGD to skip such steps"
+    )
+
+
+def _count_pulses(last: torch.Tensor, total: torch.Tensor, pulses: StepPulses, has_residual: bool) -> None:
+    """A layer's pulse counters (index 0: W, 1: P): ``last`` gets this step's, ``total`` adds them."""
+    if has_residual:
+        last[1] = pulses.first.abs().sum()
+        last[0] = pulses.main.abs().sum() if pulses.main is not None else 0
+    else:
+        last[0] = pulses.first.abs().sum()
+        last[1] = 0
+    total += last
+
+
+# ----- the compiled step's ops ---------------------------------------------------------------
+# Under torch.compile the step must not depend on Python values that change from step to
+# step (the graph would be recompiled each step), nor branch on tensor values. So the
+# gradient check and the analog update (whose Philox keys depend on the step number) run
+# in two custom ops that read the step counter and the finite flag at run time.
+_CONFIGS: list[AnalogConfig] = []
+_HANDLES: dict[AnalogConfig, int] = {}
+
+
+@torch.compiler.assume_constant_result
+def _config_handle(config: AnalogConfig) -> int:
+    """A small int naming ``config`` (equal configs, equal handles): ops take no Python objects."""
+    handle = _HANDLES.get(config)
+    if handle is None:
+        handle = _HANDLES[config] = len(_CONFIGS)
+        _CONFIGS.append(config)
+    return handle
+
+
+@torch.library.custom_op("fastanalog::analog_sgd_check_", mutates_args=("counters",))
+def _check_op(finite: torch.Tensor, counters: torch.Tensor, grads: list[torch.Tensor], skip: bool) -> None:
+    """The compiled step's gradient check: counts the step or the skipped step in ``counters``, or raises."""
+    _count_step(counters, bool(finite), grads, skip)
+
+
+@_check_op.register_fake
+def _(finite, counters, grads, skip) -> None:
+    return None
+
+
+@torch.library.custom_op(
+    "fastanalog::analog_sgd_update_", mutates_args=("main", "residual", "buffer", "weight", "last_pulses", "pulses")
+)
+def _update_op(
+    main: list[torch.Tensor],
+    residual: list[torch.Tensor],
+    buffer: list[torch.Tensor],
+    weight: list[torch.Tensor],
+    signal: list[torch.Tensor],
+    last_pulses: list[torch.Tensor],
+    pulses: list[torch.Tensor],
+    counters: torch.Tensor,
+    finite: torch.Tensor,
+    config: int,
+    tensor_ids: list[int],
+    lr: float,
+    seed: int,
+) -> None:
+    """The compiled step's analog update of tensors of one config (``config``: its handle); nothing unless ``finite``.
+
+    Tensor ``i`` has arrays ``main[i]`` (W), ``residual[i]`` (P), ``buffer[i]`` (H) and
+    forward weight ``weight[i]`` where its algorithm has them (the lists are empty
+    otherwise), gradient signal ``signal[i]`` and its layer's pulse counters; its key is
+    ``step_key(seed, step, tensor_ids[i])`` with the step read from ``counters``. ``seed``
+    comes as a signed 64-bit int.
+    """
+    if not bool(finite):
+        return
+    cfg = _CONFIGS[config]
+    step = int(counters[0])
+    items = [
+        StepItem(
+            {"main": main[i], "residual": residual[i] if residual else None, "buffer": buffer[i] if buffer else None},
+            weight[i] if weight else main[i],
+            signal[i],
+            cfg,
+            philox.step_key(seed & philox.MASK64, step, tid),
+            tid,
+        )
+        for i, tid in enumerate(tensor_ids)
+    ]
+    for i, out in enumerate(analog_step_group(items, lr=lr, step=step, totals=True)):
+        _count_pulses(last_pulses[i], pulses[i], out, cfg.has_residual)
+
+
+@_update_op.register_fake
+def _(main, residual, buffer, weight, signal, last_pulses, pulses, counters, finite, config, tensor_ids, lr, seed) -> None:
+    return None
 
 
 class AnalogSGD(Optimizer):
@@ -44,7 +164,24 @@ class AnalogSGD(Optimizer):
     The random stream of analog tensor ``t`` (its position among the analog weights,
     in param-group order) at step ``k`` (counting from 1) is keyed by
     ``step_key(seed, k, t)``; ``state_dict`` holds seed and step, so a resumed run
-    continues the exact trajectory.
+    continues the exact trajectory. The analog tensors of a param group are updated
+    together (``dispatch.analog_step_group``): one launch per config, device and dtype
+    where the backend has a multi-tensor launcher (Triton).
+
+    ``torch.compile(..., fullgraph=True)`` can trace a whole training step with
+    ``step()`` in it (dynamo needs ``torch._dynamo.config.trace_autograd_ops = True``
+    to trace ``loss.backward()``; call ``zero_grad()`` outside). Traced, the step never
+    branches on tensor values or on the step number: the gradient check is a flag
+    tensor, every digital and momentum write is ``torch.where(finite, new, old)``, and
+    two custom ops do at run time what the eager step does in Python:
+    ``fastanalog::analog_sgd_check_`` counts the step (or the skipped step) in a counter
+    tensor or raises the same ``FloatingPointError``, ``fastanalog::analog_sgd_update_``
+    updates the analog tensors of one config with the keys of the counted step, or
+    nothing on a skipped step. So ``nonfinite`` behaves as in eager mode and the step
+    number never recompiles the graph (a new ``lr`` does, as for ``torch.optim`` with
+    float learning rates, and so does the first step that creates momentum buffers).
+    The analog arrays equal the eager run's; digital parameters may differ in the last
+    bit, as compiled gradients do.
     """
 
     def __init__(self, params, lr=required, momentum: float = 0.0, weight_decay: float = 0.0, seed: int | None = None, nonfinite: str = "raise"):
@@ -63,29 +200,30 @@ class AnalogSGD(Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.seed = seed
         self.nonfinite = nonfinite
-        self.step_count = 0
-        self.skipped_steps = 0
+        # [steps taken, steps skipped]: a tensor, so that a compiled step reads and counts them at run time.
+        self._counters = torch.zeros(2, dtype=torch.int64)
+
+    @property
+    def step_count(self) -> int:
+        """Steps taken (skipped steps not counted); the step key of the next step uses ``step_count + 1``."""
+        return int(self._counters[0])
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._counters[0] = int(value)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (``nonfinite="skip"``)."""
+        return int(self._counters[1])
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._counters[1] = int(value)
 
     # ----- bookkeeping -----------------------------------------------------------------
-    def _analog_params(self):
-        """(param, layer, tensor_id, group) for every analog weight, in param-group order."""
-        out = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                layer = _layer_of(p)
-                if layer is not None and layer.analog_config.is_analog:
-                    out.append((p, layer, len(out), group))
-        return out
-
-    def _grads_finite(self) -> bool:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return True
-        flags = torch.stack([torch.isfinite(g).all().to("cpu") for g in grads])
-        return bool(flags.all())
-
-    def _signal(self, p: torch.Tensor, group) -> torch.Tensor:
-        """The gradient signal of ``p`` after weight decay and momentum."""
+    def _signal(self, p: torch.Tensor, group, finite: torch.Tensor | None) -> torch.Tensor:
+        """The gradient signal of ``p`` after weight decay and momentum (``finite``: the compiled step's flag)."""
         d_p = p.grad
         if group["weight_decay"] != 0:
             d_p = d_p.add(p.detach(), alpha=group["weight_decay"])
@@ -93,9 +231,12 @@ class AnalogSGD(Optimizer):
             state = self.state[p]
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = state["momentum_buffer"] = d_p.detach().clone()
-            else:
+                buf = d_p.detach().clone() if finite is None else torch.where(finite, d_p, torch.zeros_like(d_p))
+                state["momentum_buffer"] = buf
+            elif finite is None:
                 buf.mul_(group["momentum"]).add_(d_p)
+            else:
+                buf.copy_(torch.where(finite, buf * group["momentum"] + d_p, buf))
             d_p = buf
         return d_p
 
@@ -106,55 +247,73 @@ class AnalogSGD(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._grads_finite():
-            bad = [
-                tuple(p.shape) for g in self.param_groups for p in g["params"] if p.grad is not None and not torch.isfinite(p.grad).all()
-            ]
-            if self.nonfinite == "skip":
-                self.skipped_steps += 1
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        skip = self.nonfinite == "skip"
+        if torch.compiler.is_compiling():
+            finite = _all_finite(grads)
+            torch.ops.fastanalog.analog_sgd_check_(finite, self._counters, grads, skip)
+        else:
+            finite = None
+            if not _count_step(self._counters, bool(_all_finite(grads)), grads, skip):
                 return loss
-            raise FloatingPointError(
-                f"non-finite gradients in parameters of shapes {bad}; no array was changed. "
-                "Fix the loss, or pass nonfinite='skip' to AnalogSGD to skip such steps"
-            )
-        self.step_count += 1
-        k = self.step_count
-        analog = {id(p): (layer, tid) for p, layer, tid, _ in self._analog_params()}
+        tid = 0
         for group in self.param_groups:
             lr = group["lr"]
+            analog = []
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d_p = self._signal(p, group)
-                entry = analog.get(id(p))
-                if entry is None:
-                    p.add_(d_p, alpha=-lr)
-                    continue
-                layer, tid = entry
-                pulses = analog_step(
-                    layer.analog_state(),
-                    p.data,
-                    d_p,
-                    lr=lr,
-                    config=layer.analog_config,
-                    key=philox.step_key(self.seed, k, tid),
-                    tensor_id=tid,
-                    step=k,
-                )
-                self._count(layer, pulses)
+                layer = _layer_of(p)
+                is_analog = layer is not None and layer.analog_config.is_analog
+                if p.grad is not None:
+                    d_p = self._signal(p, group, finite)
+                    if is_analog:
+                        analog.append((p, layer, tid, d_p))
+                    elif finite is None:
+                        p.add_(d_p, alpha=-lr)
+                    else:
+                        p.copy_(torch.where(finite, p.add(d_p, alpha=-lr), p))
+                tid += is_analog
+            if not analog:
+                continue
+            if finite is None:
+                self._analog_update(analog, lr)
+            else:
+                self._traced_analog_update(analog, lr, finite)
         return loss
 
-    @staticmethod
-    def _count(layer, pulses) -> None:
-        """Pulses per array: index 0 is W, index 1 is P."""
-        last = layer.analog_last_pulses
-        if layer.analog_config.has_residual:
-            last[1] = pulses.first.abs().sum()
-            last[0] = pulses.main.abs().sum() if pulses.main is not None else 0
-        else:
-            last[0] = pulses.first.abs().sum()
-            last[1] = 0
-        layer.analog_pulses += last
+    def _analog_update(self, analog: list, lr: float) -> None:
+        """The analog tensors ``(param, layer, tensor id, signal)`` of one param group, eagerly."""
+        k = self.step_count
+        items = [
+            StepItem(layer.analog_state(), p.data, d_p, layer.analog_config, philox.step_key(self.seed, k, tid), tid)
+            for p, layer, tid, d_p in analog
+        ]
+        for (_, layer, _, _), pulses in zip(analog, analog_step_group(items, lr=lr, step=k, totals=True)):
+            _count_pulses(layer.analog_last_pulses, layer.analog_pulses, pulses, layer.analog_config.has_residual)
+
+    def _traced_analog_update(self, analog: list, lr: float, finite: torch.Tensor) -> None:
+        """The same under torch.compile: one ``fastanalog::analog_sgd_update_`` per config of the group."""
+        by_config: dict[int, list] = {}
+        for entry in analog:
+            by_config.setdefault(_config_handle(entry[1].analog_config), []).append(entry)
+        seed = self.seed - 2**64 if self.seed >= 2**63 else self.seed
+        for handle, entries in by_config.items():
+            config = entries[0][1].analog_config
+            states = [layer.analog_state() for _, layer, _, _ in entries]
+            torch.ops.fastanalog.analog_sgd_update_(
+                [s["main"] for s in states],
+                [s["residual"] for s in states] if config.has_residual else [],
+                [s["buffer"] for s in states] if config.has_buffer else [],
+                [p for p, _, _, _ in entries] if config.has_residual else [],
+                [d_p for _, _, _, d_p in entries],
+                [layer.analog_last_pulses for _, layer, _, _ in entries],
+                [layer.analog_pulses for _, layer, _, _ in entries],
+                self._counters,
+                finite,
+                handle,
+                [tid for _, _, tid, _ in entries],
+                lr,
+                seed,
+            )
 
     # ----- checkpoints ----------------------------------------------------------------
     def state_dict(self):

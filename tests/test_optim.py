@@ -184,3 +184,85 @@ def test_channels_last_conv_gives_the_same_update_as_contiguous():
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert int(a["0.analog_last_pulses"].sum()) > 0
+
+
+@pytest.mark.parametrize("algorithm", ["asgd", "rl"])
+def test_channels_last_weights_are_updated_like_contiguous_ones(algorithm):
+    """asgd writes W through the forward weight itself: a strided weight must get the update too."""
+
+    def run(channels_last: bool):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+        m = fa.convert_to_analog(m, fa.AnalogConfig(algorithm=algorithm, device=fa.LinearResponse(tau=1.0, dw_min=0.002)))
+        if channels_last:
+            m = m.to(memory_format=torch.channels_last)
+            assert not m[0].weight.is_contiguous()
+        opt = fa.AnalogSGD(m.parameters(), lr=0.5, seed=1)
+        gen = torch.Generator().manual_seed(0)
+        for p in m.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        before = m[0].weight.detach().clone()
+        opt.step()
+        assert not torch.equal(before, m[0].weight.detach())
+        return {k: v.contiguous() for k, v in m.state_dict().items()}
+
+    a, b = run(False), run(True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_grouped_update_equals_one_tensor_at_a_time():
+    """analog_step_group over mixed configs, dtypes and a strided tensor gives each tensor what analog_step gives it."""
+    from fastanalog.ops import philox
+    from fastanalog.ops.dispatch import StepItem, analog_step, analog_step_group
+
+    device = fa.PowerResponse(tau=0.6, gamma=0.5, dw_min=0.01, d2d_std=0.1, c2c_std=0.1)
+    configs = [fa.AnalogConfig(algorithm="rl2", device=device, read_noise=0.01), fa.AnalogConfig(algorithm="asgd", device=device)]
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (4, 2, 3, 3), (7,), (2, 9), (6, 1)]
+    tensors = []
+    for i, shape in enumerate(shapes):
+        config = configs[i % 2]
+        dtype = torch.bfloat16 if i == 3 else torch.float32
+        arrays = {n: (0.2 * torch.randn(shape, generator=gen)).to(dtype) for n in ("main", "residual", "buffer", "weight")}
+        if len(shape) == 4:  # a channels_last conv weight: updated through contiguous copies
+            arrays = {n: a.to(memory_format=torch.channels_last) for n, a in arrays.items()}
+        tensors.append((arrays, torch.randn(shape, generator=gen).to(dtype), config))
+
+    def items():
+        """Fresh copies of the tensors' arrays (for asgd W is the forward weight and there is no P, H)."""
+        out = []
+        for tid, (arrays, grad, config) in enumerate(tensors):
+            a = {n: t.clone() for n, t in arrays.items()}
+            if config.algorithm == "asgd":
+                a.update(residual=None, buffer=None, weight=a["main"])
+            state = {n: a[n] for n in ("main", "residual", "buffer")}
+            out.append(StepItem(state, a["weight"], grad, config, philox.step_key(3, 1, tid), tid))
+        return out
+
+    alone, grouped = items(), items()
+    want = [analog_step(i.arrays, i.weight, i.grad, lr=0.3, config=i.config, key=i.key, tensor_id=i.tensor_id, step=1) for i in alone]
+    got = analog_step_group(grouped, lr=0.3, step=1)
+    for a, b, w, g in zip(alone, grouped, want, got):
+        assert torch.equal(w.first, g.first) and (w.main is None) == (g.main is None)
+        assert w.main is None or torch.equal(w.main, g.main)
+        assert torch.equal(a.weight, b.weight)
+        for n in a.arrays:
+            assert (a.arrays[n] is None and b.arrays[n] is None) or torch.equal(a.arrays[n], b.arrays[n]), n
+    assert int(sum(g.first.abs().sum() for g in got)) > 0
+
+
+def test_step_counters_live_in_a_tensor_and_round_trip():
+    """step_count and skipped_steps (the compiled step counts in a tensor) read, set and checkpoint as ints."""
+    m = _model("asgd")
+    opt = fa.AnalogSGD(m.parameters(), lr=0.2, seed=3, nonfinite="skip")
+    _train(m, opt, 2)
+    opt.zero_grad()
+    m(torch.randn(2, 12)).sum().backward()
+    m[0].weight.grad[0, 0] = float("inf")
+    opt.step()
+    assert (opt.step_count, opt.skipped_steps) == (2, 1)
+    other = fa.AnalogSGD(m.parameters(), lr=0.2, seed=4)
+    other.load_state_dict(opt.state_dict())
+    assert (other.step_count, other.skipped_steps, other.seed) == (2, 1, 3)
+    assert isinstance(other.step_count, int) and isinstance(other.skipped_steps, int)

@@ -11,6 +11,11 @@ Backends, each a set of launchers with the reference's signatures:
 Default: CUDA tensors use ``triton`` (else ``cuda``, else ``reference``); CPU tensors
 ``cpp`` (else ``reference``). ``FASTANALOG_BACKEND`` overrides the choice and fails
 with a clear error when the named backend cannot serve a tensor.
+
+:func:`analog_step_group` updates many tensors at once: tensors with the same backend,
+config, device and array dtypes go to the backend's multi-tensor launcher in one launch
+(``triton``), or one after the other (backends without one); each tensor gets exactly
+what :func:`analog_step` gives it alone.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +37,19 @@ BACKENDS = ("reference", "cpp", "cuda", "triton")
 
 @dataclass(frozen=True)
 class Backend:
+    """One backend's launchers: per algorithm one tensor, and optionally many tensors in one launch (``*_multi``)."""
+
     name: str
     asgd: Callable[..., StepPulses]
     rl: Callable[..., StepPulses]
     rl2: Callable[..., StepPulses]
     serves: Callable[[torch.Tensor], bool]
+    asgd_multi: Callable[..., list[StepPulses]] | None = None
+    rl_multi: Callable[..., list[StepPulses]] | None = None
+    rl2_multi: Callable[..., list[StepPulses]] | None = None
+    # The single-tensor launchers accept ``totals=True``: each written array's sum |N| as a
+    # 0-d int64 tensor, reduced in the kernel, instead of the counts per element.
+    totals: bool = False
 
 
 def _load(name: str) -> Backend | None:
@@ -50,7 +63,9 @@ def _load(name: str) -> Backend | None:
             if not available:
                 return None
             want = "cpu" if name == "cpp" else "cuda"
-            return Backend(name, mod.asgd_step_cpp, mod.rl_step_cpp, mod.rl2_step_cpp, lambda t: t.device.type == want)
+            return Backend(
+                name, mod.asgd_step_cpp, mod.rl_step_cpp, mod.rl2_step_cpp, lambda t: t.device.type == want, totals=True
+            )
         if name == "triton":
             mod = importlib.import_module(".triton", __package__)
             interpret = os.environ.get("TRITON_INTERPRET") == "1"
@@ -60,6 +75,9 @@ def _load(name: str) -> Backend | None:
                 mod.rl_step_triton,
                 mod.rl2_step_triton,
                 lambda t: t.device.type == "cuda" or (interpret and t.device.type == "cpu"),
+                asgd_multi=mod.asgd_multi_step_triton,
+                rl_multi=mod.rl_multi_step_triton,
+                rl2_multi=mod.rl2_multi_step_triton,
             )
     except ImportError:
         return None
@@ -101,6 +119,93 @@ def choose_backend(tensor: torch.Tensor) -> Backend:
     return get_backend("reference")
 
 
+@dataclass(frozen=True)
+class StepItem:
+    """One analog tensor of a step: its arrays (a layer's ``analog_state()``), forward weight, gradient, config and key.
+
+    ``weight`` is written with ``W + gamma * P`` for rl/rl2 (for asgd it is W itself);
+    ``key`` is the tensor's step key ``philox.step_key(seed, step, tensor_id)``.
+    """
+
+    arrays: dict[str, torch.Tensor | None]
+    weight: torch.Tensor
+    grad: torch.Tensor
+    config: AnalogConfig
+    key: int
+    tensor_id: int
+
+
+# The arrays each algorithm updates, in the order of its launchers' arguments (before g).
+_ARRAYS = {"asgd": ("main",), "rl": ("main", "residual", "weight"), "rl2": ("main", "residual", "buffer", "weight")}
+
+
+def _array(item: StepItem, name: str) -> torch.Tensor:
+    return item.weight if name == "weight" else item.arrays[name]
+
+
+def analog_step_group(items: Sequence[StepItem], *, lr: float, step: int, totals: bool = False) -> list[StepPulses]:
+    """One step of ``lr`` on many analog tensors, arrays updated in place; one StepPulses per item, in order.
+
+    Tensors served by the same backend with the same config (their tensor ids and keys
+    apart), device and array dtypes form one launch where the backend has a
+    multi-tensor launcher; otherwise each tensor is launched alone. Either way every
+    tensor gets the result of :func:`analog_step`. ``step`` counts from 1 (it sets the
+    transfer steps of rl). With ``totals``, a backend that can (``Backend.totals``) reports
+    each written array's pulses as their sum |N| (a 0-d int64 tensor) instead of per
+    element, which is all that pulse bookkeeping needs and saves writing the counts.
+    """
+    launches: dict[tuple, tuple[Backend, list[int]]] = {}
+    for i, item in enumerate(items):
+        algorithm = item.config.algorithm
+        if algorithm not in _ARRAYS:
+            raise ValueError(f"analog_step got algorithm {algorithm!r}, which has no analog update")
+        backend = choose_backend(item.weight)
+        dtypes = tuple(_array(item, n).dtype for n in _ARRAYS[algorithm]) + (item.grad.dtype,)
+        key = (backend.name, item.config, item.weight.device, dtypes)
+        launches.setdefault(key, (backend, []))[1].append(i)
+    out: list[StepPulses | None] = [None] * len(items)
+    for backend, indices in launches.values():
+        for i, pulses in zip(indices, _launch(backend, [items[i] for i in indices], lr=lr, step=step, totals=totals)):
+            out[i] = pulses
+    return out
+
+
+def _launch(backend: Backend, items: list[StepItem], *, lr: float, step: int, totals: bool) -> list[StepPulses]:
+    """Update ``items`` (one backend, config, device and dtypes) with one multi-tensor launch, or one launch each."""
+    config = items[0].config
+    names = _ARRAYS[config.algorithm]
+    # Flat views in logical (row-major) order: the random counter of an element is its
+    # logical index whatever the memory layout (e.g. channels_last), so strided arrays
+    # are updated through contiguous copies and written back.
+    flat = [[_flat(_array(item, n)) for item in items] for n in names]
+    grads = [item.grad.reshape(-1).contiguous() for item in items]
+    extra = {"transfer": step % config.transfer_every == 0} if config.algorithm == "rl" else {}
+    multi = getattr(backend, f"{config.algorithm}_multi")
+    if multi is not None:
+        keys = [item.key for item in items]
+        out = multi(*flat, grads, lr=lr, config=config, keys=keys, tensor_ids=[item.tensor_id for item in items], **extra)
+    else:
+        single = getattr(backend, config.algorithm)
+        if totals and backend.totals:
+            extra["totals"] = True
+        out = [
+            single(
+                *(arrays[i] for arrays in flat),
+                grads[i],
+                lr=lr,
+                config=config,
+                key=item.key,
+                tensor_id=item.tensor_id,
+                **extra,
+            )
+            for i, item in enumerate(items)
+        ]
+    for n, arrays in zip(names, flat):
+        for item, array in zip(items, arrays):
+            _write_back(_array(item, n), array)
+    return out
+
+
 def analog_step(
     arrays: dict[str, torch.Tensor | None],
     weight: torch.Tensor,
@@ -117,36 +222,15 @@ def analog_step(
     ``arrays`` is a layer's ``analog_state()``; ``weight`` the forward weight
     (written with ``W + gamma * P`` for rl/rl2); ``step`` counts from 1.
     """
-    backend = choose_backend(weight)
-    # Flat views in logical (row-major) order: the random counter of an element is its
-    # logical index whatever the memory layout (e.g. channels_last), so strided arrays
-    # are updated through contiguous copies and written back.
-    names = ("main", "residual", "buffer")
-    flat = {n: _flat(arrays[n]) for n in names}
-    wbar = _flat(weight)
-    g = grad.reshape(-1).contiguous()
-    common = dict(lr=lr, config=config, key=key, tensor_id=tensor_id)
-    if config.algorithm == "asgd":
-        out = backend.asgd(flat["main"], g, **common)
-    elif config.algorithm == "rl":
-        out = backend.rl(flat["main"], flat["residual"], wbar, g, transfer=step % config.transfer_every == 0, **common)
-    elif config.algorithm == "rl2":
-        out = backend.rl2(flat["main"], flat["residual"], flat["buffer"], wbar, g, **common)
-    else:
-        raise ValueError(f"analog_step got algorithm {config.algorithm!r}, which has no analog update")
-    for n in names:
-        _write_back(arrays[n], flat[n])
-    _write_back(weight, wbar)
-    return out
+    item = StepItem(arrays, weight, grad, config, key, tensor_id)
+    return analog_step_group([item], lr=lr, step=step)[0]
 
 
-def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+def _flat(t: torch.Tensor) -> torch.Tensor:
     """A flat view of ``t`` if it is contiguous, else a flat contiguous copy."""
-    if t is None:
-        return None
     return t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
 
 
-def _write_back(t: torch.Tensor | None, flat: torch.Tensor | None) -> None:
-    if t is not None and not t.is_contiguous():
+def _write_back(t: torch.Tensor, flat: torch.Tensor) -> None:
+    if not t.is_contiguous():
         t.copy_(flat.view(t.shape))

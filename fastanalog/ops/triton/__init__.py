@@ -1,9 +1,11 @@
 """Fused Triton kernels of the analog update, one file per algorithm (asgd, rl, rl2).
 
 Each launcher has the signature of its reference twin in ``fastanalog.ops.reference``
-and returns the same ``StepPulses``; each is also a ``torch.library`` custom op in the
-``fastanalog`` namespace (``asgd_step_triton_``, ``rl_step_triton_``,
-``rl2_step_triton_``) that mutates its arrays in place, registered with
+and returns the same ``StepPulses``. Its multi-tensor twin (``*_multi_step_triton``) takes
+lists, one entry per tensor, and updates all tensors of one config in one launch, each as
+the single-tensor launcher would. Each launcher is also a ``torch.library`` custom op in
+the ``fastanalog`` namespace (``asgd_step_triton_``, ``rl_step_triton_``,
+``rl2_step_triton_`` and the ``*_multi_step_triton_`` ops) that mutates its arrays in place, registered with
 ``torch.library.custom_op`` and a no-op fake (``torch.library.triton_op`` runs the
 launcher itself on FakeTensors, which the interpreter cannot do, so ``opcheck`` fails
 with it under ``TRITON_INTERPRET=1``). On CPU tensors the kernels run only under the
@@ -11,8 +13,15 @@ Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported); their
 is CUDA tensors.
 """
 
-from .asgd import asgd_step_triton
-from .rl import rl_step_triton
-from .rl2 import rl2_step_triton
+from .asgd import asgd_multi_step_triton, asgd_step_triton
+from .rl import rl_multi_step_triton, rl_step_triton
+from .rl2 import rl2_multi_step_triton, rl2_step_triton
 
-__all__ = ["asgd_step_triton", "rl2_step_triton", "rl_step_triton"]
+__all__ = [
+    "asgd_multi_step_triton",
+    "asgd_step_triton",
+    "rl2_multi_step_triton",
+    "rl2_step_triton",
+    "rl_multi_step_triton",
+    "rl_step_triton",
+]

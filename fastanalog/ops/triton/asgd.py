@@ -9,9 +9,14 @@ Per element ``i`` (global index ``offset + i``), float32 math:
 
 with ``z`` the sine normal of words ``(r2, r3)``. Reads g and W, writes W and the
 int32 pulse counts: 12 bytes per element at float32 (plus 4 for the counts).
+
+``asgd_multi_step_triton`` updates several tensors of one config in one launch
+(``common.tensor_launch``), each exactly as ``asgd_step_triton`` would.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -24,9 +29,11 @@ from .common import (
     array_params,
     block_size,
     check_arrays,
+    check_tensor_lists,
     kernel_device_args,
     launch_options,
     load_f32,
+    multi_tensor_block,
     normal_pair,
     packed_arrays,
     prefixed,
@@ -34,6 +41,10 @@ from .common import (
     stochastic_count,
     store_f32,
     table_tensor,
+    tensor_array,
+    tensor_launch,
+    tensor_scalars,
+    variation_rows,
 )
 
 
@@ -45,6 +56,11 @@ def _asgd_step_kernel(
     numel,
     key,
     offset,
+    w_var_key,
+    w_var_key_a,
+    table_ptr,
+    n_tensors,
+    search_steps,
     lr,
     cap,
     w_tmin,
@@ -55,8 +71,6 @@ def _asgd_step_kernel(
     w_d2d,
     w_c2c,
     w_shift,
-    w_var_key,
-    w_var_key_a,
     w_table,
     HAS_CAP: tl.constexpr,
     W_FAMILY: tl.constexpr,
@@ -66,9 +80,19 @@ def _asgd_step_kernel(
     W_ZERO_SHIFT: tl.constexpr,
     W_TABLE_N: tl.constexpr,
     W_TABLE_STEPS: tl.constexpr,
+    MULTI: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    local = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    """One block of one tensor: the tensor's arrays and scalars are the arguments, or with ``MULTI`` come from ``table_ptr``."""
+    if MULTI:
+        t, block = multi_tensor_block(table_ptr, n_tensors, search_steps)
+        numel, offset, key, _, w_var_key, w_var_key_a, _, _ = tensor_scalars(table_ptr, n_tensors, t)
+        W_ptr = tensor_array(table_ptr, n_tensors, t, 0, W_ptr)
+        g_ptr = tensor_array(table_ptr, n_tensors, t, 1, g_ptr)
+        count_ptr = tensor_array(table_ptr, n_tensors, t, 2, count_ptr)
+    else:
+        block = tl.program_id(0)
+    local = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = local < numel
     idx = local + tl.to_tensor(offset).to(tl.int64)
 
@@ -108,23 +132,23 @@ def _asgd_step_kernel(
     tl.store(count_ptr + local, count.to(tl.int32), mask=mask)
 
 
-def _launch(W, g, pulses, table_w, key, offset, lr, cap, has_cap, dev_w_floats, dev_w_ints):
-    numel = W.numel()
-    if numel == 0:
+def _launch(W, g, pulses, table_w, keys, offsets, var_keys_w, lr, cap, has_cap, dev_w_floats, dev_w_ints):
+    """One launch over the tensors ``W[i], g[i], pulses[i]`` (lists, one entry per tensor)."""
+    launch = tensor_launch(
+        {"W_ptr": W, "g_ptr": g, "count_ptr": pulses},
+        {"key": keys, "offset": offsets, **variation_rows("w", var_keys_w, dev_w_floats)},
+        block_size(),
+    )
+    if launch is None:
         return
+    grid, per_tensor = launch
     runtime, const = kernel_device_args(dev_w_floats, dev_w_ints, table_w)
-    block = block_size()
-    _asgd_step_kernel[(triton.cdiv(numel, block),)](
-        W,
-        g,
-        pulses,
-        numel,
-        key,
-        offset,
-        lr,
-        cap,
+    _asgd_step_kernel[grid](
+        lr=lr,
+        cap=cap,
         HAS_CAP=has_cap,
-        BLOCK=block,
+        BLOCK=block_size(),
+        **per_tensor,
         **prefixed("w", runtime, const),
         **launch_options(),
     )
@@ -145,11 +169,40 @@ def asgd_step_triton_(
     dev_w_ints: list[int],
 ) -> None:
     """In-place Analog SGD step (the op behind :func:`asgd_step_triton`); see ``common.DeviceArgs``."""
-    _launch(W, g, pulses, table_w, key, offset, lr, cap, has_cap, dev_w_floats, dev_w_ints)
+    _launch([W], [g], [pulses], table_w, [key], [offset], [dev_w_ints[1]], lr, cap, has_cap, dev_w_floats, dev_w_ints)
 
 
 @asgd_step_triton_.register_fake
 def _(W, g, pulses, table_w, key, offset, lr, cap, has_cap, dev_w_floats, dev_w_ints) -> None:
+    return None
+
+
+@torch.library.custom_op("fastanalog::asgd_multi_step_triton_", mutates_args=("W", "pulses"))
+def asgd_multi_step_triton_(
+    W: list[torch.Tensor],
+    g: list[torch.Tensor],
+    pulses: list[torch.Tensor],
+    table_w: torch.Tensor,
+    keys: list[int],
+    offsets: list[int],
+    var_keys_w: list[int],
+    lr: float,
+    cap: float,
+    has_cap: bool,
+    dev_w_floats: list[float],
+    dev_w_ints: list[int],
+) -> None:
+    """In-place Analog SGD step of several tensors in one launch (the op behind :func:`asgd_multi_step_triton`).
+
+    Per tensor ``i``: ``W[i], g[i], pulses[i]``, ``keys[i]``, ``offsets[i]`` and the variation
+    key ``var_keys_w[i]``; the device lists (``common.DeviceArgs``) are shared, their
+    variation key unused.
+    """
+    _launch(W, g, pulses, table_w, keys, offsets, var_keys_w, lr, cap, has_cap, dev_w_floats, dev_w_ints)
+
+
+@asgd_multi_step_triton_.register_fake
+def _(W, g, pulses, table_w, keys, offsets, var_keys_w, lr, cap, has_cap, dev_w_floats, dev_w_ints) -> None:
     return None
 
 
@@ -200,4 +253,63 @@ def asgd_step_triton(
     return pulses
 
 
-__all__ = ["asgd_step_triton", "asgd_step_triton_", "_asgd_step_kernel"]
+def _prepare_multi(
+    W: Sequence[torch.Tensor],
+    g: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    config: AnalogConfig,
+    keys: Sequence[int],
+    tensor_ids: Sequence[int],
+    offsets: Sequence[int] | None = None,
+) -> tuple[tuple, list[StepPulses]]:
+    """(arguments of ``fastanalog::asgd_multi_step_triton_``, the StepPulses it fills, one per tensor)."""
+    offsets = check_tensor_lists({"W": W, "g": g}, keys, tensor_ids, offsets)
+    dev_w, args_w, _, _ = packed_arrays(config, tensor_ids[0])
+    s = step_scalars(config, lr)
+    pulses = [torch.empty(Wi.numel(), dtype=torch.int32, device=Wi.device) for Wi in W]
+    args = (
+        list(W),
+        list(g),
+        pulses,
+        table_tensor(dev_w, W[0].device),
+        [int(k) for k in keys],
+        offsets,
+        [packed_arrays(config, tid)[1].ints[1] for tid in tensor_ids],
+        s["lr"],
+        s["cap"],
+        s["has_cap"],
+        list(args_w.floats),
+        list(args_w.ints),
+    )
+    return args, [StepPulses(first=p) for p in pulses]
+
+
+def asgd_multi_step_triton(
+    W: Sequence[torch.Tensor],
+    g: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    config: AnalogConfig,
+    keys: Sequence[int],
+    tensor_ids: Sequence[int],
+    offsets: Sequence[int] | None = None,
+) -> list[StepPulses]:
+    """Analog SGD on several tensors of one config in one launch; tensor ``i`` as ``asgd_step_triton`` updates it.
+
+    ``W[i]``, ``g[i]``, ``keys[i]``, ``tensor_ids[i]`` and ``offsets[i]`` (default 0) are the
+    arguments of tensor ``i``; each array role shares one dtype and device. Returns one
+    ``StepPulses`` per tensor.
+    """
+    args, pulses = _prepare_multi(W, g, lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets)
+    torch.ops.fastanalog.asgd_multi_step_triton_(*args)
+    return pulses
+
+
+__all__ = [
+    "asgd_multi_step_triton",
+    "asgd_multi_step_triton_",
+    "asgd_step_triton",
+    "asgd_step_triton_",
+    "_asgd_step_kernel",
+]

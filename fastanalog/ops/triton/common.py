@@ -29,6 +29,13 @@ Device-to-device parameters are regenerated in-kernel exactly like
 with ``(z_tau_min, z_tau_max, z_gamma, z_dw_min) = tl.randn4x(var_key, i)`` and
 ``z_asym`` the first normal of ``randn4x(var_key ^ 1, i)``; the asymmetry is then
 clipped to ``[-0.99, 0.99]``.
+
+Multi-tensor launches. A kernel updates one tensor per launch (its arrays and per-tensor
+scalars passed directly, ``MULTI=False``) or, with ``MULTI=True``, every tensor of a group
+in one launch: the per-tensor scalars and array addresses then come from an int64 table
+(:func:`tensor_launch`) and each program finds its tensor by a binary search of the
+tensors' first blocks (:func:`multi_tensor_block`). The per-element math is the same code
+in both modes, so a tensor gets the same result either way.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,7 +137,7 @@ class DeviceArgs:
         return cls(floats, ints)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=4096)
 def packed_arrays(
     config: AnalogConfig, tensor_id: int
 ) -> tuple[PackedDevice, DeviceArgs, PackedDevice | None, DeviceArgs | None]:
@@ -145,10 +153,13 @@ def packed_arrays(
 
 
 def kernel_device_args(floats: list[float], ints: list[int], table: torch.Tensor) -> tuple[dict, dict]:
-    """(run-time scalars, constexprs) of one array for a kernel (see ``DeviceArgs`` for the lists)."""
+    """(run-time scalars, constexprs) of one array for a kernel (see ``DeviceArgs`` for the lists).
+
+    The variation keys are per tensor and not among them (see :func:`variation_rows`).
+    """
     n_table, steps = table_geometry(table, ints[0])
     tau_min, tau_max, gamma, dw_min, asym, d2d_std, c2c_std, shift = floats
-    family, var_key, has_gamma, zero_shift = ints
+    family, _, has_gamma, zero_shift = ints
     d2d = d2d_std > 0
     runtime = dict(
         tmin=tau_min,
@@ -159,8 +170,6 @@ def kernel_device_args(floats: list[float], ints: list[int], table: torch.Tensor
         d2d=d2d_std,
         c2c=c2c_std,
         shift=shift,
-        var_key=var_key if d2d else 0,
-        var_key_a=(var_key ^ 1) if d2d else 0,
         table=table,
     )
     const = dict(
@@ -173,6 +182,18 @@ def kernel_device_args(floats: list[float], ints: list[int], table: torch.Tensor
         TABLE_STEPS=steps,
     )
     return runtime, const
+
+
+def variation_rows(prefix: str, var_keys: Sequence[int], floats: Sequence[float]) -> dict[str, list[int]]:
+    """Per-tensor ``{prefix}_var_key`` and ``{prefix}_var_key_a`` (``var_key ^ 1``, the asymmetry's stream) of one array.
+
+    ``floats`` is the array's ``DeviceArgs.floats``; without variation both keys are 0.
+    """
+    d2d = floats[5] > 0
+    return {
+        f"{prefix}_var_key": [int(k) if d2d else 0 for k in var_keys],
+        f"{prefix}_var_key_a": [(int(k) ^ 1) if d2d else 0 for k in var_keys],
+    }
 
 
 def prefixed(prefix: str, runtime: dict, const: dict) -> dict:
@@ -219,6 +240,149 @@ def step_scalars(config: AnalogConfig, lr: float) -> dict:
 def c2c_key(key: int) -> int:
     """Step key of the second random stream (cycle-to-cycle noise of W)."""
     return int(key) ^ philox.STREAM_W_C2C
+
+
+# ----------------------------------------------------------------------------------------
+# Multi-tensor launches
+# ----------------------------------------------------------------------------------------
+# Per-tensor scalars of the kernels, in the row order of the multi-tensor table; the rows of
+# the array addresses follow (the kernel's pointer arguments, in its order).
+TENSOR_SCALARS = ("numel", "offset", "key", "key_c2c", "w_var_key", "w_var_key_a", "p_var_key", "p_var_key_a")
+N_TENSOR_SCALARS = tl.constexpr(len(TENSOR_SCALARS))
+
+
+def check_tensor_lists(
+    arrays: dict[str, Sequence[torch.Tensor]],
+    keys: Sequence[int],
+    tensor_ids: Sequence[int],
+    offsets: Sequence[int] | None,
+) -> list[int]:
+    """Validate the per-tensor arguments of a multi-tensor launcher; return the offsets (default 0 each).
+
+    One entry per tensor in every list; each tensor's arrays pass :func:`check_arrays`, and
+    each array role (``arrays`` maps role names to lists) has one dtype and device.
+    """
+    offsets = [0] * len(keys) if offsets is None else [int(o) for o in offsets]
+    lengths = {len(ts) for ts in arrays.values()} | {len(keys), len(tensor_ids), len(offsets)}
+    if not keys or len(lengths) != 1:
+        raise ValueError(
+            f"{', '.join(arrays)}, keys, tensor_ids and offsets must be non-empty lists of one length (one entry per "
+            f"tensor), got lengths {sorted(lengths)}"
+        )
+    for i in range(len(keys)):
+        tensors = {name: ts[i] for name, ts in arrays.items()}
+        check_arrays(next(iter(tensors.values())).numel(), **tensors)
+    for name, ts in arrays.items():
+        for t in ts[1:]:
+            if t.dtype != ts[0].dtype or t.device != ts[0].device:
+                raise ValueError(
+                    f"the {name} arrays of one launch must share dtype and device, got {ts[0].dtype} on {ts[0].device} "
+                    f"and {t.dtype} on {t.device}: launch such tensors separately"
+                )
+    return offsets
+
+
+def device_table(values: list[int], where: torch.device) -> torch.Tensor:
+    """``values`` as an int64 tensor on ``where`` (on CUDA copied asynchronously from pinned memory)."""
+    table = torch.tensor(values, dtype=torch.int64)
+    if where.type == "cpu":
+        return table
+    return table.pin_memory().to(where, non_blocking=True)
+
+
+def tensor_launch(
+    arrays: dict[str, Sequence[torch.Tensor]], scalars: dict[str, Sequence[int]], block: int
+) -> tuple[tuple[int], dict] | None:
+    """(grid, per-tensor keyword arguments) of one kernel launch over several tensors; None if all are empty.
+
+    Args:
+        arrays: the kernel's pointer arguments, in its order, each with one tensor per
+            updated tensor (the first array's numel is the tensor's).
+        scalars: the per-tensor scalar arguments the kernel takes besides ``numel``
+            (names from ``TENSOR_SCALARS``), one value per tensor.
+        block: elements per program.
+
+    Empty tensors are left out. One tensor is passed directly (``MULTI=False``). Several
+    are described by an int64 table ``[first block of each tensor and the total (T + 1)
+    | row r of TENSOR_SCALARS (T each) | addresses of array a (T each)]``
+    (``MULTI=True``); the pointer arguments then carry the first tensor's arrays only for
+    their element types, the scalar arguments 0.
+    """
+    first = next(iter(arrays.values()))
+    rows = {"numel": [t.numel() for t in first], **scalars}
+    live = [i for i, n in enumerate(rows["numel"]) if n > 0]
+    if not live:
+        return None
+    if len(live) == 1:
+        (i,) = live
+        kwargs = {name: ts[i] for name, ts in arrays.items()}
+        kwargs.update({name: int(values[i]) for name, values in rows.items()})
+        kwargs.update(table_ptr=None, n_tensors=1, search_steps=0, MULTI=False)
+        return (triton.cdiv(rows["numel"][i], block),), kwargs
+    starts = [0]
+    for i in live:
+        starts.append(starts[-1] + triton.cdiv(rows["numel"][i], block))
+    values = list(starts)
+    for name in TENSOR_SCALARS:
+        values += [int(rows[name][i]) if name in rows else 0 for i in live]
+    for ts in arrays.values():
+        values += [ts[i].data_ptr() for i in live]
+    kwargs = {name: ts[live[0]] for name, ts in arrays.items()}
+    kwargs.update({name: 0 for name in rows})
+    kwargs.update(
+        table_ptr=device_table(values, first[live[0]].device),
+        n_tensors=len(live),
+        search_steps=math.ceil(math.log2(len(live))),
+        MULTI=True,
+    )
+    return (starts[-1],), kwargs
+
+
+@triton.jit
+def _table_entry(table_ptr, n_tensors, t, row):
+    """Row ``row`` of tensor ``t`` in a multi-tensor table (see :func:`tensor_launch`)."""
+    return tl.load(table_ptr + (n_tensors + 1) + row * n_tensors + t)
+
+
+@triton.jit
+def multi_tensor_block(table_ptr, n_tensors, search_steps):
+    """(tensor, block within that tensor) of this program in a multi-tensor launch.
+
+    Binary search of the first blocks ``starts`` (the table's head) for the last tensor
+    ``t`` with ``starts[t] <= program id``, keeping ``starts[lo] <= pid < starts[hi]``;
+    ``search_steps = ceil(log2(n_tensors))`` halvings leave ``hi = lo + 1``.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    lo = pid * 0
+    hi = lo + n_tensors
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        right = tl.load(table_ptr + mid) <= pid
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    return lo, pid - tl.load(table_ptr + lo)
+
+
+@triton.jit
+def tensor_scalars(table_ptr, n_tensors, t):
+    """The ``TENSOR_SCALARS`` of tensor ``t`` in a multi-tensor table, in that order."""
+    return (
+        _table_entry(table_ptr, n_tensors, t, 0),
+        _table_entry(table_ptr, n_tensors, t, 1),
+        _table_entry(table_ptr, n_tensors, t, 2),
+        _table_entry(table_ptr, n_tensors, t, 3),
+        _table_entry(table_ptr, n_tensors, t, 4),
+        _table_entry(table_ptr, n_tensors, t, 5),
+        _table_entry(table_ptr, n_tensors, t, 6),
+        _table_entry(table_ptr, n_tensors, t, 7),
+    )
+
+
+@triton.jit
+def tensor_array(table_ptr, n_tensors, t, array: tl.constexpr, like):
+    """Pointer to array ``array`` (the kernel's pointer arguments, counted in order) of tensor ``t``, typed as ``like``."""
+    address = _table_entry(table_ptr, n_tensors, t, N_TENSOR_SCALARS + array)
+    return address.to(tl.pointer_type(like.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------------------

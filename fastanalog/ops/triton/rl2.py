@@ -16,9 +16,14 @@ Per element ``i`` (global index ``offset + i``), float32 math, words ``r0..r3`` 
 
 Reads g, W, P, H and writes W, P, H, Wbar (32 bytes per element at float32) plus the
 two int32 pulse-count arrays.
+
+``rl2_multi_step_triton`` updates several tensors of one config in one launch
+(``common.tensor_launch``), each exactly as ``rl2_step_triton`` would.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -32,9 +37,11 @@ from .common import (
     block_size,
     c2c_key,
     check_arrays,
+    check_tensor_lists,
     kernel_device_args,
     launch_options,
     load_f32,
+    multi_tensor_block,
     normal_pair,
     packed_arrays,
     prefixed,
@@ -43,7 +50,11 @@ from .common import (
     stochastic_count,
     store_f32,
     table_tensor,
+    tensor_array,
+    tensor_launch,
+    tensor_scalars,
     truncated_count,
+    variation_rows,
 )
 
 
@@ -60,6 +71,13 @@ def _rl2_step_kernel(
     key,
     key_c2c,
     offset,
+    w_var_key,
+    w_var_key_a,
+    p_var_key,
+    p_var_key_a,
+    table_ptr,
+    n_tensors,
+    search_steps,
     lr,
     tlr,
     mix,
@@ -74,8 +92,6 @@ def _rl2_step_kernel(
     w_d2d,
     w_c2c,
     w_shift,
-    w_var_key,
-    w_var_key_a,
     w_table,
     p_tmin,
     p_tmax,
@@ -85,8 +101,6 @@ def _rl2_step_kernel(
     p_d2d,
     p_c2c,
     p_shift,
-    p_var_key,
-    p_var_key_a,
     p_table,
     EMA: tl.constexpr,
     READ_NOISE: tl.constexpr,
@@ -105,9 +119,23 @@ def _rl2_step_kernel(
     P_ZERO_SHIFT: tl.constexpr,
     P_TABLE_N: tl.constexpr,
     P_TABLE_STEPS: tl.constexpr,
+    MULTI: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    local = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    """One block of one tensor: the tensor's arrays and scalars are the arguments, or with ``MULTI`` come from ``table_ptr``."""
+    if MULTI:
+        t, block = multi_tensor_block(table_ptr, n_tensors, search_steps)
+        numel, offset, key, key_c2c, w_var_key, w_var_key_a, p_var_key, p_var_key_a = tensor_scalars(table_ptr, n_tensors, t)
+        W_ptr = tensor_array(table_ptr, n_tensors, t, 0, W_ptr)
+        P_ptr = tensor_array(table_ptr, n_tensors, t, 1, P_ptr)
+        H_ptr = tensor_array(table_ptr, n_tensors, t, 2, H_ptr)
+        Wbar_ptr = tensor_array(table_ptr, n_tensors, t, 3, Wbar_ptr)
+        g_ptr = tensor_array(table_ptr, n_tensors, t, 4, g_ptr)
+        count_p_ptr = tensor_array(table_ptr, n_tensors, t, 5, count_p_ptr)
+        count_w_ptr = tensor_array(table_ptr, n_tensors, t, 6, count_w_ptr)
+    else:
+        block = tl.program_id(0)
+    local = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = local < numel
     idx = local + tl.to_tensor(offset).to(tl.int64)
 
@@ -210,8 +238,10 @@ def _launch(
     pulses_w,
     table_w,
     table_p,
-    key,
-    offset,
+    keys,
+    offsets,
+    var_keys_w,
+    var_keys_p,
     scalars,
     flags,
     dev_w_floats,
@@ -219,36 +249,45 @@ def _launch(
     dev_p_floats,
     dev_p_ints,
 ):
-    numel = W.numel()
-    if numel == 0:
+    """One launch over the tensors ``W[i], P[i], ...`` (lists, one entry per tensor)."""
+    launch = tensor_launch(
+        {
+            "W_ptr": W,
+            "P_ptr": P,
+            "H_ptr": H,
+            "Wbar_ptr": Wbar,
+            "g_ptr": g,
+            "count_p_ptr": pulses_p,
+            "count_w_ptr": pulses_w,
+        },
+        {
+            "key": keys,
+            "key_c2c": [c2c_key(k) for k in keys],
+            "offset": offsets,
+            **variation_rows("w", var_keys_w, dev_w_floats),
+            **variation_rows("p", var_keys_p, dev_p_floats),
+        },
+        block_size(),
+    )
+    if launch is None:
         return
+    grid, per_tensor = launch
     lr, tlr, mix, read_noise, threshold, cap = scalars
     has_cap, read_on, ema = flags
     rt_w, c_w = kernel_device_args(dev_w_floats, dev_w_ints, table_w)
     rt_p, c_p = kernel_device_args(dev_p_floats, dev_p_ints, table_p)
-    block = block_size()
-    _rl2_step_kernel[(triton.cdiv(numel, block),)](
-        W,
-        P,
-        H,
-        Wbar,
-        g,
-        pulses_p,
-        pulses_w,
-        numel,
-        key,
-        c2c_key(key),
-        offset,
-        lr,
-        tlr,
-        mix,
-        read_noise,
-        threshold,
-        cap,
+    _rl2_step_kernel[grid](
+        lr=lr,
+        tlr=tlr,
+        mix=mix,
+        read_noise=read_noise,
+        threshold=threshold,
+        cap=cap,
         EMA=bool(ema),
         READ_NOISE=bool(read_on),
         HAS_CAP=bool(has_cap),
-        BLOCK=block,
+        BLOCK=block_size(),
+        **per_tensor,
         **prefixed("w", rt_w, c_w),
         **prefixed("p", rt_p, c_p),
         **launch_options(),
@@ -282,17 +321,19 @@ def rl2_step_triton_(
     device lists as in ``common.DeviceArgs``.
     """
     _launch(
-        W,
-        P,
-        H,
-        Wbar,
-        g,
-        pulses_p,
-        pulses_w,
+        [W],
+        [P],
+        [H],
+        [Wbar],
+        [g],
+        [pulses_p],
+        [pulses_w],
         table_w,
         table_p,
-        key,
-        offset,
+        [key],
+        [offset],
+        [dev_w_ints[1]],
+        [dev_p_ints[1]],
         scalars,
         flags,
         dev_w_floats,
@@ -315,6 +356,82 @@ def _(
     table_p,
     key,
     offset,
+    scalars,
+    flags,
+    dev_w_floats,
+    dev_w_ints,
+    dev_p_floats,
+    dev_p_ints,
+) -> None:
+    return None
+
+
+@torch.library.custom_op("fastanalog::rl2_multi_step_triton_", mutates_args=("W", "P", "H", "Wbar", "pulses_p", "pulses_w"))
+def rl2_multi_step_triton_(
+    W: list[torch.Tensor],
+    P: list[torch.Tensor],
+    H: list[torch.Tensor],
+    Wbar: list[torch.Tensor],
+    g: list[torch.Tensor],
+    pulses_p: list[torch.Tensor],
+    pulses_w: list[torch.Tensor],
+    table_w: torch.Tensor,
+    table_p: torch.Tensor,
+    keys: list[int],
+    offsets: list[int],
+    var_keys_w: list[int],
+    var_keys_p: list[int],
+    scalars: list[float],
+    flags: list[bool],
+    dev_w_floats: list[float],
+    dev_w_ints: list[int],
+    dev_p_floats: list[float],
+    dev_p_ints: list[int],
+) -> None:
+    """In-place rl2 step of several tensors in one launch (the op behind :func:`rl2_multi_step_triton`).
+
+    Per tensor ``i``: its arrays at index ``i`` of the tensor lists, ``keys[i]``,
+    ``offsets[i]`` and the variation keys ``var_keys_w[i]``, ``var_keys_p[i]``; scalars,
+    flags and device lists as in ``rl2_step_triton_``, shared (their variation keys unused).
+    """
+    _launch(
+        W,
+        P,
+        H,
+        Wbar,
+        g,
+        pulses_p,
+        pulses_w,
+        table_w,
+        table_p,
+        keys,
+        offsets,
+        var_keys_w,
+        var_keys_p,
+        scalars,
+        flags,
+        dev_w_floats,
+        dev_w_ints,
+        dev_p_floats,
+        dev_p_ints,
+    )
+
+
+@rl2_multi_step_triton_.register_fake
+def _(
+    W,
+    P,
+    H,
+    Wbar,
+    g,
+    pulses_p,
+    pulses_w,
+    table_w,
+    table_p,
+    keys,
+    offsets,
+    var_keys_w,
+    var_keys_p,
     scalars,
     flags,
     dev_w_floats,
@@ -399,4 +516,78 @@ def rl2_step_triton(
     return pulses
 
 
-__all__ = ["rl2_step_triton", "rl2_step_triton_", "_rl2_step_kernel"]
+def _prepare_multi(
+    W: Sequence[torch.Tensor],
+    P: Sequence[torch.Tensor],
+    H: Sequence[torch.Tensor],
+    Wbar: Sequence[torch.Tensor],
+    g: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    config: AnalogConfig,
+    keys: Sequence[int],
+    tensor_ids: Sequence[int],
+    offsets: Sequence[int] | None = None,
+) -> tuple[tuple, list[StepPulses]]:
+    """(arguments of ``fastanalog::rl2_multi_step_triton_``, the StepPulses it fills, one per tensor)."""
+    offsets = check_tensor_lists({"W": W, "P": P, "H": H, "Wbar": Wbar, "g": g}, keys, tensor_ids, offsets)
+    dev_w, args_w, dev_p, args_p = packed_arrays(config, tensor_ids[0])
+    packed = [packed_arrays(config, tid) for tid in tensor_ids]
+    s = step_scalars(config, lr)
+    pulses_p = [torch.empty(Wi.numel(), dtype=torch.int32, device=Wi.device) for Wi in W]
+    pulses_w = [torch.empty(Wi.numel(), dtype=torch.int32, device=Wi.device) for Wi in W]
+    args = (
+        list(W),
+        list(P),
+        list(H),
+        list(Wbar),
+        list(g),
+        pulses_p,
+        pulses_w,
+        table_tensor(dev_w, W[0].device),
+        table_tensor(dev_p, W[0].device),
+        [int(k) for k in keys],
+        offsets,
+        [p[1].ints[1] for p in packed],
+        [p[3].ints[1] for p in packed],
+        [s["lr"], s["tlr"], s["mix"], s["read_noise"], s["threshold"], s["cap"]],
+        [s["has_cap"], config.read_noise > 0, config.buffer == "ema"],
+        list(args_w.floats),
+        list(args_w.ints),
+        list(args_p.floats),
+        list(args_p.ints),
+    )
+    return args, [StepPulses(first=pp, main=pw) for pp, pw in zip(pulses_p, pulses_w)]
+
+
+def rl2_multi_step_triton(
+    W: Sequence[torch.Tensor],
+    P: Sequence[torch.Tensor],
+    H: Sequence[torch.Tensor],
+    Wbar: Sequence[torch.Tensor],
+    g: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    config: AnalogConfig,
+    keys: Sequence[int],
+    tensor_ids: Sequence[int],
+    offsets: Sequence[int] | None = None,
+) -> list[StepPulses]:
+    """Residual Learning v2 on several tensors of one config in one launch; tensor ``i`` as ``rl2_step_triton`` updates it.
+
+    Index ``i`` of every list (arrays, ``keys``, ``tensor_ids``, ``offsets``, default 0)
+    belongs to tensor ``i``; each array role shares one dtype and device. Returns one
+    ``StepPulses`` per tensor.
+    """
+    args, pulses = _prepare_multi(W, P, H, Wbar, g, lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets)
+    torch.ops.fastanalog.rl2_multi_step_triton_(*args)
+    return pulses
+
+
+__all__ = [
+    "rl2_multi_step_triton",
+    "rl2_multi_step_triton_",
+    "rl2_step_triton",
+    "rl2_step_triton_",
+    "_rl2_step_kernel",
+]

@@ -1,0 +1,233 @@
+"""Multi-tensor Triton launches: many tensors of one config in one launch, each as the reference updates it alone.
+
+Runs under the Triton interpreter on CPU tensors like ``test_triton_step.py``, whose
+helpers, tolerances (``RTOL``, ``ATOL``, explained there) and configurations it uses.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_triton_step import (
+    ALGOS,
+    ATOL,
+    DEVICE,
+    RTOL,
+    SEED,
+    assert_pulses_equal,
+    make_config,
+    make_state,
+    run_step,
+)
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastanalog as fa
+from fastanalog.ops import philox
+from fastanalog.ops.triton import asgd, rl, rl2
+from fastanalog.ops.triton.common import block_size
+
+# Odd sizes: a single element, less than a warp, a block's worth, and more than one block.
+SIZES = (1, 7, 1023, block_size() + 5)
+TENSOR_IDS = (0, 3, 4, 9)
+OFFSETS = (0, 0, 123_456_789, 0)  # one tensor is a shard of a larger one
+
+# Per variant: (family of W, family of P). asgd has no P.
+FAMILIES = {
+    "asgd": ("exp", None),
+    "rl_transfer": ("linear", "power"),
+    "rl_no_transfer": ("table", "exp"),
+    "rl2_acc_t1": ("exp", "power"),
+    "rl2_ema": ("table", "linear"),
+}
+
+
+def _array_lists(algo: str, states: list[dict]) -> list[list[torch.Tensor]]:
+    names = {"asgd": ("W",), "rl": ("W", "P", "Wbar"), "rl2": ("W", "P", "H", "Wbar")}[ALGOS[algo][0]]
+    return [[s[n] for s in states] for n in names]
+
+
+def run_multi(algo: str, states: list[dict], grads: list[torch.Tensor], **kw):
+    """One multi-tensor launch over ``states`` (one dict of arrays per tensor)."""
+    algorithm, _, transfer = ALGOS[algo]
+    arrays = _array_lists(algo, states)
+    if algorithm == "asgd":
+        return asgd.asgd_multi_step_triton(*arrays, grads, **kw)
+    if algorithm == "rl":
+        return rl.rl_multi_step_triton(*arrays, grads, transfer=transfer, **kw)
+    return rl2.rl2_multi_step_triton(*arrays, grads, **kw)
+
+
+class LaunchCounter:
+    """Wraps a Triton kernel and counts its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def _count_kernel_launches(monkeypatch, algo: str) -> LaunchCounter:
+    module = {"asgd": asgd, "rl": rl, "rl2": rl2}[ALGOS[algo][0]]
+    name = f"_{ALGOS[algo][0]}_step_kernel"
+    counter = LaunchCounter(getattr(module, name))
+    monkeypatch.setattr(module, name, counter)
+    return counter
+
+
+@pytest.mark.parametrize("algo", list(FAMILIES))
+def test_one_launch_equals_the_reference_per_tensor(algo, monkeypatch):
+    family, residual_family = FAMILIES[algo]
+    config = make_config(
+        algo, family, residual_family=residual_family, d2d=0.2, c2c=0.3, read_noise=0.02, max_pulses=4, asymmetry=0.15
+    )
+    ref = [make_state(config, n, seed=i) for i, n in enumerate(SIZES)]
+    tri = [{k: v.clone() for k, v in s.items()} for s in ref]
+    gen = torch.Generator().manual_seed(1)
+    counter = _count_kernel_launches(monkeypatch, algo)
+    for step in range(1, 4):
+        grads = [torch.randn(n, generator=gen).to(DEVICE) for n in SIZES]
+        keys = [philox.step_key(SEED, step, tid) for tid in TENSOR_IDS]
+        launches = counter.launches
+        got = run_multi(algo, tri, grads, lr=0.1, config=config, keys=keys, tensor_ids=TENSOR_IDS, offsets=OFFSETS)
+        assert counter.launches == launches + 1, "all tensors must go in one launch"
+        for i, n in enumerate(SIZES):
+            want = run_step("ref", algo, ref[i], grads[i], config=config, key=keys[i], tensor_id=TENSOR_IDS[i], offset=OFFSETS[i])
+            assert_pulses_equal(want.first, got[i].first, f"step {step} tensor {n} first array")
+            assert (want.main is None) == (got[i].main is None)
+            if want.main is not None:
+                assert_pulses_equal(want.main, got[i].main, f"step {step} tensor {n} W")
+            for name in ref[i]:
+                torch.testing.assert_close(
+                    tri[i][name], ref[i][name], rtol=RTOL, atol=ATOL, msg=lambda m, a=name, k=step, t=n: f"{a} of {t} step {k}: {m}"
+                )
+
+
+def test_one_launch_equals_single_launches_bit_for_bit():
+    """Narrow storage, gradients in another dtype and an empty tensor: the multi-tensor path changes no bit."""
+    config = make_config("rl2_acc_t1", "power", residual_family="exp", d2d=0.2, c2c=0.2, read_noise=0.02, asymmetry=0.1)
+    sizes = (0, *SIZES)
+    tids = (7, *TENSOR_IDS)
+    multi = [make_state(config, n, dtype=torch.bfloat16, seed=i) for i, n in enumerate(sizes)]
+    single = [{k: v.clone() for k, v in s.items()} for s in multi]
+    grads = [torch.randn(n, generator=torch.Generator().manual_seed(n)).to(DEVICE) for n in sizes]
+    keys = [philox.step_key(SEED, 1, tid) for tid in tids]
+    got = run_multi("rl2_acc_t1", multi, grads, lr=0.1, config=config, keys=keys, tensor_ids=tids)
+    for i in range(len(sizes)):
+        s = single[i]
+        want = rl2.rl2_step_triton(s["W"], s["P"], s["H"], s["Wbar"], grads[i], lr=0.1, config=config, key=keys[i], tensor_id=tids[i])
+        assert torch.equal(want.first, got[i].first) and torch.equal(want.main, got[i].main)
+        for name in s:
+            assert torch.equal(s[name], multi[i][name]), (name, sizes[i])
+
+
+def test_rejects_mixed_dtypes_and_lengths():
+    config = make_config("asgd", "linear")
+    W = [torch.zeros(4, device=DEVICE), torch.zeros(5, device=DEVICE, dtype=torch.bfloat16)]
+    g = [torch.zeros(4, device=DEVICE), torch.zeros(5, device=DEVICE)]
+    with pytest.raises(ValueError, match="share dtype"):
+        asgd.asgd_multi_step_triton(W, g, lr=0.1, config=config, keys=[1, 2], tensor_ids=[0, 1])
+    with pytest.raises(ValueError, match="one length"):
+        asgd.asgd_multi_step_triton(W[:1], g[:1], lr=0.1, config=config, keys=[1, 2], tensor_ids=[0, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# AnalogSGD: one launch per group of tensors.
+# ---------------------------------------------------------------------------------------------
+class OpCounter(TorchDispatchMode):
+    """Counts the ``fastanalog`` ops called under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastanalog":
+            name = func.__name__.split(".")[0]
+            self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _five_layer_model(config: fa.AnalogConfig) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, bias=False),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, 9),
+        nn.Tanh(),
+        nn.Linear(9, 7),
+        nn.Linear(7, 3),
+    )
+    return fa.convert_to_analog(m, config).to(DEVICE)
+
+
+def _grads(model: nn.Module, step: int) -> None:
+    gen = torch.Generator().manual_seed(step)
+    for p in model.parameters():
+        p.grad = (0.3 * torch.randn(p.shape, generator=gen)).to(device=DEVICE, dtype=p.dtype)
+
+
+def test_optimizer_step_is_one_launch_and_equals_the_reference(monkeypatch):
+    device = fa.PowerResponse(tau=0.6, gamma=0.5, dw_min=0.01, d2d_std=0.1, c2c_std=0.1)
+    config = fa.AnalogConfig(algorithm="rl2", device=device, residual_device=fa.ExpResponse(tau=0.5, gamma=1.2, dw_min=0.01), read_noise=0.02)
+    models = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("FASTANALOG_BACKEND", backend)
+        model = models[backend] = _five_layer_model(config)
+        assert sum(1 for _ in fa.analog_layers(model)) == 5
+        opt = fa.AnalogSGD(model.parameters(), lr=0.2, momentum=0.3, seed=11)
+        for step in range(1, 3):
+            _grads(model, step)
+            with OpCounter() as ops:
+                opt.step()
+            if backend == "triton":
+                assert ops.calls == {"rl2_multi_step_triton_": 1}, "one launch for the five analog tensors"
+    tri, ref = models["triton"].state_dict(), models["reference"].state_dict()
+    for name in ref:
+        if "pulses" in name:
+            assert torch.equal(tri[name], ref[name]), name
+        else:
+            torch.testing.assert_close(tri[name], ref[name], rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}")
+    assert fa.total_pulses(models["triton"]) > 0
+
+
+def test_optimizer_launches_once_per_config_and_dtype(monkeypatch):
+    """Tensors of another config or storage dtype form their own launch; digital parameters none."""
+    monkeypatch.setenv("FASTANALOG_BACKEND", "triton")
+    model = _five_layer_model(fa.AnalogConfig(algorithm="asgd", device=fa.LinearResponse(tau=1.0, dw_min=0.01)))
+    model[7] = fa.convert_to_analog(nn.Linear(7, 3), fa.AnalogConfig(algorithm="rl", device=fa.LinearResponse(tau=1.0)))
+    model[6].to(torch.bfloat16)
+    opt = fa.AnalogSGD(model.parameters(), lr=0.2, seed=1)
+    _grads(model, 1)
+    with OpCounter() as ops:
+        opt.step()
+    assert ops.calls == {"asgd_multi_step_triton_": 2, "rl_multi_step_triton_": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch.library ops.
+# ---------------------------------------------------------------------------------------------
+def _multi_op_args(algo: str):
+    """The registered multi-tensor op and its arguments, built the way the launcher builds them."""
+    config = make_config(algo, "power", residual_family="linear", d2d=0.2, c2c=0.2, read_noise=0.02, max_pulses=3)
+    sizes = (33, 5, 17)
+    states = [make_state(config, n, seed=i) for i, n in enumerate(sizes)]
+    grads = [torch.randn(n, generator=torch.Generator().manual_seed(9)).to(DEVICE) for n in sizes]
+    arrays = _array_lists(algo, states)
+    kw = dict(lr=0.1, config=config, keys=[philox.step_key(SEED, 1, t) for t in range(3)], tensor_ids=[0, 1, 2])
+    if algo == "asgd":
+        return torch.ops.fastanalog.asgd_multi_step_triton_.default, asgd._prepare_multi(*arrays, grads, **kw)[0]
+    if algo == "rl_transfer":
+        return torch.ops.fastanalog.rl_multi_step_triton_.default, rl._prepare_multi(*arrays, grads, transfer=True, **kw)[0]
+    return torch.ops.fastanalog.rl2_multi_step_triton_.default, rl2._prepare_multi(*arrays, grads, **kw)[0]
+
+
+@pytest.mark.parametrize("algo", ["asgd", "rl_transfer", "rl2_ema"])
+def test_opcheck_multi(algo):
+    op, args = _multi_op_args(algo)
+    torch.library.opcheck(op, args)
