@@ -78,13 +78,13 @@ def test_train_tiny_times_and_measures_memory(tmp_path, capsys):
     for r in rows:
         check_stats(r, "ratio")
         assert r["mem_kind"] == "cpu peak RSS, fresh process"
-        assert float(r["analog_peak_mb"]) > float(r["analog_mem_mb"]) > 0
-        assert float(r["digital_mem_mb"]) >= 0
-        if float(r["digital_mem_mb"]) == 0:
+        # Tiny models allocate a few pages, so their sizes (peak RSS above a baseline) and the ratio are noise
+        # here, even of either sign (the 512x512 test below checks the sizes); what must hold is that the peaks
+        # are the process's and the reported ratio is the quotient of the two reported sizes.
+        assert float(r["analog_peak_mb"]) > 10 and float(r["digital_peak_mb"]) > 10
+        if float(r["digital_mem_mb"]) <= 0:
             assert r["mem_ratio"] == "nan"
             continue
-        # Tiny models allocate a few pages, so the ratio itself is noise here (the 512x512 test below checks the
-        # size); what must hold is that the reported ratio is the quotient of the two reported sizes.
         ratio = float(r["analog_mem_mb"]) / float(r["digital_mem_mb"])
         assert float(r["mem_ratio"]) == pytest.approx(ratio, rel=1e-6)
     assert "| model | batch | params |" in capsys.readouterr().out
