@@ -10,9 +10,11 @@ process and on the same threads (``--threads``; torch's intra-op threads otherwi
 * the same with int32 pulse counts written (+4 B per written array: asgd 16, rl 36, rl2 40);
 * the triad ``a = b + s * c`` (12 B/element) on the same threads, in C++ in the extension:
   the kernel's share of it is the "of triad" column;
-* the full launcher (``<alg>_step_cpp``, pulses included, as the optimizer calls it) against
+* the full launcher (``<alg>_step_cpp`` with in-kernel pulse totals, as the optimizer calls it) against
   the eager reference (``<alg>_step_ref``) and against ``torch.compile`` of the reference:
-  speed-ups of medians over repeats after warm-up (compilation excluded).
+  speed-ups of medians over repeats after warm-up (compilation excluded; ``--no-compiled``
+  skips the compiled reference, whose Inductor compilation can take many minutes on a small
+  machine).
 
 ``python benchmarks/bench_kernels_cpu.py [--size N] [--algorithms asgd,rl,rl2] [--devices
 linear,power] [--threads T] [--repeats R] [--no-reference] [--out DIR]`` prints a markdown
@@ -94,10 +96,10 @@ def _kernel_call(alg: str, config: fa.AnalogConfig, arrays, pulses: bool):
     )  # fmt: skip
 
 
-def _step_call(fn, alg: str, config: fa.AnalogConfig, arrays):
+def _step_call(fn, alg: str, config: fa.AnalogConfig, arrays, **extra):
     """A launcher with the reference signature (reference, compiled reference or C++)."""
     W, P, H, Wbar, g = arrays
-    kw = dict(lr=LR, config=config, key=KEY, tensor_id=0)
+    kw = dict(lr=LR, config=config, key=KEY, tensor_id=0, **extra)
     if alg == "asgd":
         return lambda: fn(W, g, **kw)
     if alg == "rl":
@@ -105,7 +107,7 @@ def _step_call(fn, alg: str, config: fa.AnalogConfig, arrays):
     return lambda: fn(W, P, H, Wbar, g, **kw)
 
 
-def bench(size: int, algorithms: list[str], devices: list[str], repeats: int, reference: bool) -> list[dict]:
+def bench(size: int, algorithms: list[str], devices: list[str], repeats: int, reference: bool, compiled: bool = True) -> list[dict]:
     if not cpp.cpp_available():
         raise SystemExit(f"the C++ kernels are unavailable: {cpp._state['error']}")
     a, b, c = torch.empty(size), torch.rand(size), torch.rand(size)
@@ -126,7 +128,8 @@ def bench(size: int, algorithms: list[str], devices: list[str], repeats: int, re
             triad_gbs = triad()
             t_kernel = _median_seconds(_kernel_call(alg, config, arrays, pulses=False), repeats)
             t_pulses = _median_seconds(_kernel_call(alg, config, arrays, pulses=True), repeats)
-            t_launch = _median_seconds(_step_call(launchers[alg], alg, config, arrays), repeats)
+            # As AnalogSGD calls it: pulse totals reduced in the kernel.
+            t_launch = _median_seconds(_step_call(launchers[alg], alg, config, arrays, totals=True), repeats)
             row = {
                 "algorithm": alg,
                 "device": dev,
@@ -143,14 +146,11 @@ def bench(size: int, algorithms: list[str], devices: list[str], repeats: int, re
             if reference:
                 ref_arrays = _arrays(size)
                 t_eager = _median_seconds(_step_call(refs[alg], alg, config, ref_arrays), max(1, repeats // 2))
-                compiled = torch.compile(refs[alg])
-                t_compiled = _median_seconds(_step_call(compiled, alg, config, ref_arrays), repeats, warmup=2)
-                row.update(
-                    eager_ms=1e3 * t_eager,
-                    speedup_eager=t_eager / t_launch,
-                    compiled_ms=1e3 * t_compiled,
-                    speedup_compiled=t_compiled / t_launch,
-                )
+                row.update(eager_ms=1e3 * t_eager, speedup_eager=t_eager / t_launch)
+            if reference and compiled:
+                compiled_ref = torch.compile(refs[alg])
+                t_compiled = _median_seconds(_step_call(compiled_ref, alg, config, ref_arrays), repeats, warmup=2)
+                row.update(compiled_ms=1e3 * t_compiled, speedup_compiled=t_compiled / t_launch)
             rows.append(row)
             print(_row_line(row), file=sys.stderr, flush=True)
     return rows
@@ -184,7 +184,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=16 * 2**20, help="elements per tensor (default 16M)")
     parser.add_argument("--algorithms", default="asgd,rl,rl2", help="comma-separated subset of asgd,rl,rl2")
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=None, help="threads (default: torch's intra-op threads)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median)")
     parser.add_argument("--no-reference", action="store_true", help="skip the eager and compiled reference")
+    parser.add_argument("--no-compiled", action="store_true", help="skip torch.compile of the reference (slow to compile)")
     parser.add_argument("--out", type=Path, default=None, help="directory for bench_kernels_cpu.csv and .md")
     args = parser.parse_args(argv)
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             parser.error(f"unknown device {d!r}: choose from {', '.join(DEVICES)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rows = bench(args.size, algorithms, devices, args.repeats, not args.no_reference)
+    rows = bench(args.size, algorithms, devices, args.repeats, not args.no_reference, not args.no_compiled)
     table = markdown(rows)
     header = (
         f"{args.size} float32 elements, {torch.get_num_threads()} threads, CPU kernels: {cpp.cpu_variant()} "
@@ -219,8 +220,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             writer.writeheader()
             writer.writerows(rows)
         (args.out / "bench_kernels_cpu.md").write_text(header + "\n\n" + table + "\n")
-    return rows
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

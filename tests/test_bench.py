@@ -341,3 +341,18 @@ def test_interleaved_timing_and_repeat_by_repeat_ratios():
     assert (r.median, r.min, r.max, r.n) == (3.0, 2.0, 4.0, 3)
     with pytest.raises(ValueError, match="repeats must be an int >= 1"):
         measure_interleaved({"a": lambda: None}, warmup=0, repeats=0)
+
+
+def test_cpu_kernel_benchmark_runs_on_a_tiny_size(tmp_path, capsys):
+    """The real benchmarks/bench_kernels_cpu.py through `fastanalog bench kernels`, every column filled."""
+    from fastanalog.ops import cpp
+
+    if not cpp.cpp_available():
+        pytest.skip("the C++ kernels are not built")
+    args = ["kernels", "--which", "cpu", "--out", str(tmp_path), "--", "--size", "4099", "--repeats", "1", "--no-compiled"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    for column in ("kernel GB/s", "triad GB/s", "of triad", "x eager"):
+        assert column in out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| asgd") or ln.startswith("| rl")]
+    assert len(rows) == 6  # asgd, rl, rl2 x linear, power
