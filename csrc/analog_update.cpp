@@ -1205,23 +1205,23 @@ static void sqrt_abs_count(WriteBlock& b, int n, float* tmp) {
   vm_sqrt(t, b.sqrt_count, n);
 }
 
-// Reports a block's pulse counts: per element into dst, and/or |N| summed into acc (a
-// block's sum in double is exact: 256 integers below 2**31 each).
-static void write_pulses(int32_t* dst, bool total, double& acc, int64_t b, int n, const float* __restrict__ count) {
+// Reports a block's pulse counts (integers held in floats, |N| < 2**31): per element into
+// dst, and/or |N| summed into acc. Integer sums vectorise (their order does not matter).
+static void write_pulses(int32_t* dst, bool total, int64_t& acc, int64_t b, int n, const float* __restrict__ count) {
   if (dst != nullptr) {
     int32_t* __restrict__ d = dst + b;
     for (int j = 0; j < n; ++j) d[j] = static_cast<int32_t>(count[j]);
   }
   if (total) {
-    double sum = 0.0;
-    for (int j = 0; j < n; ++j) sum += std::fabs(static_cast<double>(count[j]));
+    int64_t sum = 0;
+    for (int j = 0; j < n; ++j) sum += static_cast<int64_t>(std::abs(static_cast<int32_t>(count[j])));
     acc += sum;
   }
 }
 
 // Adds a thread's pulse total to the shared one (integer addition: any order gives the same).
-static void add_total(int64_t* total, double acc) {
-  if (total != nullptr) __atomic_fetch_add(total, static_cast<int64_t>(acc), __ATOMIC_RELAXED);
+static void add_total(int64_t* total, int64_t acc) {
+  if (total != nullptr) __atomic_fetch_add(total, acc, __ATOMIC_RELAXED);
 }
 
 // ----- segments: the update of one block, between the response evaluations ---------------
@@ -1639,7 +1639,7 @@ static FA_INLINE int padded(int n) { return (n + kLanes - 1) / kLanes * kLanes; 
 
 template <class S, class G>
 static void asgd_range(const StepArgs& a, int64_t begin, int64_t end) {
-  double acc_first = 0.0, acc_main = 0.0;
+  int64_t acc_first = 0, acc_main = 0;
   std::unique_ptr<Scratch> sp(new Scratch());
   Scratch& s = *sp;
   const Device& dw = a.dev_w;
@@ -1672,7 +1672,7 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end) {
 
 template <class S, class G>
 static void rl_range(const StepArgs& a, int64_t begin, int64_t end) {
-  double acc_first = 0.0, acc_main = 0.0;
+  int64_t acc_first = 0, acc_main = 0;
   std::unique_ptr<Scratch> sp(new Scratch());
   Scratch& s = *sp;
   const Device& dw = a.dev_w;
@@ -1719,7 +1719,7 @@ static void rl_range(const StepArgs& a, int64_t begin, int64_t end) {
 
 template <class S, class G>
 static void rl2_range(const StepArgs& a, int64_t begin, int64_t end) {
-  double acc_first = 0.0, acc_main = 0.0;
+  int64_t acc_first = 0, acc_main = 0;
   std::unique_ptr<Scratch> sp(new Scratch());
   Scratch& s = *sp;
   const Device& dw = a.dev_w;
