@@ -28,6 +28,12 @@ def _all_finite(grads: list[torch.Tensor]) -> torch.Tensor:
     if not grads:
         return torch.ones((), dtype=torch.bool)
     where = grads[0].device
+    if not torch.compiler.is_compiling() and all(g.device == where for g in grads):
+        # One fused pass: finite 2-norms prove every element finite. A non-finite norm may
+        # also be an overflow of huge finite values, so only then check element by element.
+        norms = torch.stack([n.float() for n in torch._foreach_norm(grads, 2)])
+        if bool(norms.isfinite().all()):
+            return torch.ones((), dtype=torch.bool)
     return torch.stack([torch.isfinite(g).all().to(where) for g in grads]).all()
 
 
@@ -259,7 +265,7 @@ class AnalogSGD(Optimizer):
         tid = 0
         for group in self.param_groups:
             lr = group["lr"]
-            analog = []
+            analog, digital, signals = [], [], []
             for p in group["params"]:
                 layer = _layer_of(p)
                 is_analog = layer is not None and layer.analog_config.is_analog
@@ -268,10 +274,13 @@ class AnalogSGD(Optimizer):
                     if is_analog:
                         analog.append((p, layer, tid, d_p))
                     elif finite is None:
-                        p.add_(d_p, alpha=-lr)
+                        digital.append(p)
+                        signals.append(d_p)
                     else:
                         p.copy_(torch.where(finite, p.add(d_p, alpha=-lr), p))
                 tid += is_analog
+            if digital:
+                torch._foreach_add_(digital, signals, alpha=-lr)
             if not analog:
                 continue
             if finite is None:

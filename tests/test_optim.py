@@ -142,6 +142,19 @@ def test_nonfinite_gradient_raises_and_touches_nothing(algorithm):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_huge_finite_gradients_are_not_mistaken_for_nonfinite():
+    # The fused check's 2-norm of these overflows float32; the elements are finite, so the step runs.
+    m = _model("rl2")
+    opt = fa.AnalogSGD(m.parameters(), lr=1e-40, seed=3)
+    for p in m.parameters():
+        p.grad = torch.full_like(p, 1e30)
+    opt.step()
+    assert opt.step_count == 1 and opt.skipped_steps == 0
+    m[0].bias.grad[0] = float("inf")
+    with pytest.raises(FloatingPointError):
+        opt.step()
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
