@@ -64,6 +64,7 @@
 #define FA_HAVE_AVX2_VARIANT 0
 #endif
 
+#include "op_layout.h"
 #include "philox.h"
 
 #if AT_MKL_ENABLED() && !defined(__APPLE__)
@@ -99,25 +100,8 @@ constexpr int64_t kMinPerThread = 16384;
 // halvings of TableResponse's inherited ResponseDevice.symmetric_point.
 constexpr int kBisectionSteps = 60;
 
-enum Family : int { kLinear = 0, kPower = 1, kExp = 2, kTable = 3 };
-enum Algorithm : int { kAsgd = 0, kRl = 1, kRl2 = 2 };
+// Family, Algorithm and DeviceField: op_layout.h.
 enum Storage : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
-
-// Layout of the float[] device description the ops take (fastanalog/ops/cpp.py builds it).
-enum DeviceField : int {
-  kFamily = 0,
-  kTauMin,
-  kTauMax,
-  kGamma,
-  kDwMin,
-  kAsym,
-  kD2dStd,
-  kC2cStd,
-  kHasGamma,
-  kZeroShift,
-  kShift,
-  kDeviceFields
-};
 
 // One array's device as the kernels use it; floats are the float32 roundings of the
 // Python values (as the reference's f32()).

@@ -26,30 +26,13 @@
 
 #include <cstdint>
 
+#include "../op_layout.h"
 #include "../philox.h"
 
 namespace fastanalog {
 namespace cuda {
 
-enum Family : int { kLinear = 0, kPower = 1, kExp = 2, kTable = 3 };
-enum Algorithm : int { kAsgd = 0, kRl = 1, kRl2 = 2 };
-
-// Layout of the float[] device description (as in csrc/analog_update.cpp and
-// fastanalog/ops/cpp.py device_args).
-enum DeviceField : int {
-  kFamily = 0,
-  kTauMin,
-  kTauMax,
-  kGamma,
-  kDwMin,
-  kAsym,
-  kD2dStd,
-  kC2cStd,
-  kHasGamma,
-  kZeroShift,
-  kShift,
-  kDeviceFields
-};
+// Family, Algorithm and DeviceField: op_layout.h.
 constexpr int kBisectionSteps = 60;
 constexpr int kThreads = 256;
 

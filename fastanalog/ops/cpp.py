@@ -77,9 +77,10 @@ def _jit_build() -> None:
     source = _CSRC / "analog_update.cpp"
     if not source.exists():
         raise FileNotFoundError(f"{source} not found: install fastanalog from a source checkout to build the C++ kernels")
-    # The header's hash among the flags: torch rebuilds when sources or flags change, and
+    # The headers' hash among the flags: torch rebuilds when sources or flags change, and
     # does not look at included headers by itself.
-    header_hash = hashlib.sha1((_CSRC / "philox.h").read_bytes()).hexdigest()[:12]
+    headers = b"".join((_CSRC / h).read_bytes() for h in ("philox.h", "op_layout.h"))
+    header_hash = hashlib.sha1(headers).hexdigest()[:12]
     cpp_extension.load(
         name="fastanalog_cpu_jit",
         sources=[str(source)],
@@ -183,8 +184,8 @@ def _register_fakes() -> None:
 def device_args(packed: PackedDevice) -> tuple[list[float], int, list[float]]:
     """(description, variation key, table samples) of one array's device, as the ops take them.
 
-    The description's order is the ``DeviceField`` enum of csrc/analog_update.cpp (and of the
-    CUDA kernels): family, tau_min, tau_max, gamma, dw_min, asymmetry, d2d_std, c2c_std,
+    The description's order is the ``DeviceField`` enum of csrc/op_layout.h (shared by the
+    CPU and CUDA kernels): family, tau_min, tau_max, gamma, dw_min, asymmetry, d2d_std, c2c_std,
     has_gamma, zero_shift, nominal shift.
     """
     desc = [
