@@ -1128,13 +1128,44 @@ static void transcendental_shape(const float* __restrict__ u, const float* __res
     }
   };
   Packed& pk = s.packed;
-  const int k = pack(count, u, gamma, denom, n, pk);
+#if FA_ISA_AVX2
+  // Where the pulsing lanes are: per vector of 8, and in all.
+  const __m256 zero = _mm256_setzero_ps();
+  int k = 0, busy = 0;
+  for (int j = 0; j < n; j += 8) {
+    const int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(count + j), zero, _CMP_NEQ_OQ));
+    pk.masks[j / 8] = m;
+    k += __builtin_popcount(static_cast<unsigned>(m));
+    busy += m != 0;
+  }
   if (8 * k >= 7 * n) {
     eval(u, gamma, denom, shape, pk.tmp, n);
     return;
   }
-  const int kp = (k + 7) / 8 * 8;
-  for (int i = k; i < kp; ++i) {  // whole vectors of valid arguments
+  // Few vectors with a pulsing lane (the common case of training, where most elements get
+  // no pulse): evaluate those vectors in place, 0 elsewhere. Packing the pulsing lanes
+  // costs about kPackCost vector evaluations per block, so it only pays when the pulsing
+  // lanes are spread thinly over many vectors.
+  constexpr int kPackCost = kBlock / 8 / 6;
+  if (busy <= (k + 7) / 8 + kPackCost) {
+    for (int j = 0; j < n; j += 8) {
+      if (pk.masks[j / 8] != 0)
+        eval(u + j, gamma + j, denom + j, shape + j, pk.tmp, 8);
+      else
+        _mm256_store_ps(shape + j, zero);
+    }
+    return;
+  }
+#endif
+  const int k_packed = pack(count, u, gamma, denom, n, pk);
+#if !FA_ISA_AVX2
+  if (8 * k_packed >= 7 * n) {
+    eval(u, gamma, denom, shape, pk.tmp, n);
+    return;
+  }
+#endif
+  const int kp = (k_packed + 7) / 8 * 8;
+  for (int i = k_packed; i < kp; ++i) {  // whole vectors of valid arguments
     pk.u[i] = 1.0f;
     pk.gamma[i] = 1.0f;
     pk.denom[i] = 1.0f;
@@ -1142,7 +1173,7 @@ static void transcendental_shape(const float* __restrict__ u, const float* __res
   if (kp > 0) eval(pk.u, pk.gamma, pk.denom, pk.shape, pk.tmp, kp);
   unpack(pk, n, shape);
 #if !FA_ISA_AVX2
-  for (int i = 0; i < k; ++i) shape[pk.index[i]] = pk.shape[i];
+  for (int i = 0; i < k_packed; ++i) shape[pk.index[i]] = pk.shape[i];
 #endif
 }
 
@@ -1548,7 +1579,7 @@ static __attribute__((noinline)) void asgd_fused(const StepArgs& a, int64_t b, i
 using FusedFn = void (*)(const StepArgs&, int64_t, int, Scratch&, Elem, Elem);
 
 // Whether `dev`'s writes can take a fused path.
-static bool fusable(const Device& dev) { return dev.family == kLinear && !dev.d2d() && !dev.c2c(); }
+static bool fusable(const Device& dev) { return !getenv("FA_NOFUSE") && dev.family == kLinear && !dev.d2d() && !dev.c2c(); }
 
 // ----- picking instantiations once per call ------------------------------------------------
 template <class S>

@@ -96,9 +96,9 @@ def _initial(config: fa.AnalogConfig, n: int, dtype: torch.dtype, seed: int = 0)
     return [t.to(dtype) for t in (W, P, H, Wbar)]
 
 
-def _gradients(n: int, steps: int, dtype: torch.dtype, seed: int = 1):
+def _gradients(n: int, steps: int, dtype: torch.dtype, seed: int = 1, scale: float = 1.5):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, generator=gen) * 1.5).to(dtype) for _ in range(steps)]
+    return [(torch.randn(n, generator=gen) * scale).to(dtype) for _ in range(steps)]
 
 
 def _step(impl: str, alg: str, arrays, g, config, transfer, key: int, offset: int):
@@ -121,10 +121,12 @@ def _tolerance(expected: torch.Tensor, steps: int) -> float:
     return 2 * steps * torch.finfo(expected.dtype).eps * scale
 
 
-def _compare(alg: str, config, transfer, n: int, dtype=torch.float32, steps: int = STEPS, offset: int = 0, g_dtype=None):
+def _compare(
+    alg: str, config, transfer, n: int, dtype=torch.float32, steps: int = STEPS, offset: int = 0, g_dtype=None, g_scale: float = 1.5
+):
     ref_arrays = _initial(config, n, dtype)
     cpp_arrays = [t.clone() for t in ref_arrays]
-    for k, g in enumerate(_gradients(n, steps, g_dtype or dtype), start=1):
+    for k, g in enumerate(_gradients(n, steps, g_dtype or dtype, scale=g_scale), start=1):
         key = philox.step_key(SEED, k, TENSOR_ID)
         r = _step("ref", alg, ref_arrays, g, config, transfer, key, offset)
         c = _step("cpp", alg, cpp_arrays, g, config, transfer, key, offset)
@@ -169,6 +171,19 @@ def test_matches_reference(alg, family, options):
     dev_opts, cfg_opts = OPTION_SETS[options]
     config, transfer = _config(alg, _device(family, **dev_opts), **cfg_opts)
     _compare(alg, config, transfer, n=1023)
+
+
+# Gradient scales giving about 1%, 10% and 100% of the first array's elements a pulse: the
+# power and exp responses are then evaluated on the few vectors holding a pulsing element,
+# on the packed pulsing elements, and on every element (three code paths).
+@pytest.mark.parametrize("g_scale", [0.003, 0.04, 1.5])
+@pytest.mark.parametrize("family", ["power", "exp"])
+@pytest.mark.parametrize("alg", ["asgd", "rl_transfer", "rl2_acc_thr1", "rl2_ema"])
+def test_pulse_density(alg, family, g_scale):
+    config, transfer = _config(alg, _device(family))
+    ref, _ = _compare(alg, config, transfer, n=4096, g_scale=g_scale)
+    first = ref[0] if alg == "asgd" else ref[1]
+    assert not torch.equal(first, _initial(config, 4096, torch.float32)[0 if alg == "asgd" else 1]), "no element was written"
 
 
 @pytest.mark.parametrize("n", [1, 7, 65537])
