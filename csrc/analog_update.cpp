@@ -1579,7 +1579,7 @@ static __attribute__((noinline)) void asgd_fused(const StepArgs& a, int64_t b, i
 using FusedFn = void (*)(const StepArgs&, int64_t, int, Scratch&, Elem, Elem);
 
 // Whether `dev`'s writes can take a fused path.
-static bool fusable(const Device& dev) { return !getenv("FA_NOFUSE") && dev.family == kLinear && !dev.d2d() && !dev.c2c(); }
+static bool fusable(const Device& dev) { return dev.family == kLinear && !dev.d2d() && !dev.c2c(); }
 
 // ----- picking instantiations once per call ------------------------------------------------
 template <class S>
