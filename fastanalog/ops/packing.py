@@ -11,6 +11,7 @@ normal of ``randn4x(var_key ^ 1, i)`` for the asymmetry (then clipped to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -41,6 +42,7 @@ class PackedDevice:
     table_down: tuple[float, ...] = ()
 
 
+@lru_cache(maxsize=1024)
 def nominal_symmetric_point(device: ResponseDevice) -> float:
     """The nominal symmetric point exactly as the reference computes it.
 
@@ -75,8 +77,13 @@ def pack_device(device: ResponseDevice, tensor_id: int, array: int, zero_shift: 
     )
 
 
+@lru_cache(maxsize=8192)
 def pack_config(config: AnalogConfig, tensor_id: int) -> tuple[PackedDevice, PackedDevice | None]:
-    """(W's packed device, P's packed device or None) of one analog tensor."""
+    """(W's packed device, P's packed device or None) of one analog tensor.
+
+    Cached: configs and devices are frozen, and the result (frozen too) is a pure function of
+    them, so an optimizer step does not redo the symmetric point's tensor arithmetic per tensor.
+    """
     dev_w = pack_device(config.device, tensor_id, 0, zero_shift=False)
     dev_p = pack_device(config.residual_device, tensor_id, 1, zero_shift=config.zero_shift) if config.has_residual else None
     return dev_w, dev_p
