@@ -55,6 +55,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -1019,6 +1020,22 @@ static Elem nominal_elem(const Device& dev) {
   return make_elem(dev.tau_min, dev.tau_max, dev.dw_min, dev.asym, dev.zero_shift ? dev.shift : 0.0f);
 }
 
+// An array's device parameters inside a segment loop: per element from the block's
+// ParamBlock, or with NOM (no device-to-device variation) the nominal ones, a local
+// computed before the loop, so that the loop sees invariant scalars instead of five loads
+// and the derived quantities per element. fill_nominal puts the same values in every slot,
+// so both give the same numbers.
+// (A reference to the nominal local, since a copy of the whole struct inside the loop stops
+// GCC's vectoriser.)
+template <bool NOM>
+static FA_INLINE std::conditional_t<NOM, const Elem&, Elem> param_at(const ParamBlock& p, const Elem& nominal, int j) {
+  if constexpr (NOM) {
+    return nominal;
+  } else {
+    return elem_at(p, j);
+  }
+}
+
 // Response argument of a write of `count` pulses at stored value x: with w = x + shift,
 // u_up = clamp((tau_max - w)/half, 0, 2) for count > 0, else u_down = clamp((w - tau_min)/half,
 // 0, 2). Only the selected branch is evaluated: dividing the selected numerator is the same
@@ -1245,13 +1262,14 @@ using SegFn = void (*)(const StepArgs&, int64_t, int, Scratch&, const float*);
 
 // First write (W for asgd, P for rl/rl2): N = round_stochastic(-lr * g / dw_min) with u0,
 // and the response argument at the stored value.
-template <class S, class G, bool RESIDUAL>
+template <class S, class G, bool RESIDUAL, bool NOM>
 static void seg_first(const StepArgs& a, int64_t b, int n, Scratch& s, const float*) {
   using ST = typename S::T;
   using GT = typename G::T;
   const GT* __restrict__ g = static_cast<const GT*>(a.g) + b;
   const ST* __restrict__ x = static_cast<const ST*>(RESIDUAL ? a.P : a.W) + b;
   const ParamBlock& p = RESIDUAL ? s.pp : s.pw;
+  const Elem pn = nominal_elem(RESIDUAL ? a.dev_p : a.dev_w);
   const float* __restrict__ u0 = s.u0;
   float* __restrict__ xo = s.first.x;
   float* __restrict__ co = s.first.count;
@@ -1259,7 +1277,7 @@ static void seg_first(const StepArgs& a, int64_t b, int n, Scratch& s, const flo
   float* __restrict__ wo = s.first.w;
   const float neg_lr = a.neg_lr, mp = a.max_pulses;
   for (int j = 0; j < n; ++j) {
-    const Elem e = elem_at(p, j);
+    const auto& e = param_at<NOM>(p, pn, j);
     const float xv = S::load(x[j]);
     const float cnt = stochastic_count((neg_lr * G::load(g[j])) / e.dw, u0[j], mp);
     float u, w;
@@ -1272,22 +1290,23 @@ static void seg_first(const StepArgs& a, int64_t b, int n, Scratch& s, const flo
 }
 
 // The arguments of apply_write for the block's write `wb` on parameters `p`.
-#define FA_WRITE_ARGS(wb, shape, z, c2c, p, j) (wb).x[j], (wb).count[j], (shape)[j], (wb).sqrt_count[j], (z)[j], (c2c), elem_at(p, j)
+#define FA_WRITE_ARGS(wb, shape, z, c2c, p, j) (wb).x[j], (wb).count[j], (shape)[j], (wb).sqrt_count[j], (z)[j], (c2c), param_at<NOM>(p, p##n, j)
 
 // asgd: finish the write of W.
-template <class S, bool C2C>
+template <class S, bool C2C, bool NOM>
 static void asgd_last(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
   using ST = typename S::T;
   ST* __restrict__ W = static_cast<ST*>(a.W) + b;
   const WriteBlock& f = s.first;
   const ParamBlock& p = s.pw;
+  const Elem pn = nominal_elem(a.dev_w);
   const float c2c = a.dev_w.c2c_std;
   for (int j = 0; j < n; ++j) W[j] = S::store(apply_write<C2C>(FA_WRITE_ARGS(f, shape, s.n_c2c, c2c, p, j)));
 }
 
 // rl, transfer step: finish P, read it (noisy), N_W = round_stochastic(transfer_lr * P_hat
 // / dw_min_W) with u1, and W's response argument.
-template <class S, bool C2C, bool READ>
+template <class S, bool C2C, bool READ, bool NOM>
 static void rl_mid(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
   using ST = typename S::T;
   ST* __restrict__ P = static_cast<ST*>(a.P) + b;
@@ -1295,7 +1314,9 @@ static void rl_mid(const StepArgs& a, int64_t b, int n, Scratch& s, const float*
   const WriteBlock& f = s.first;
   WriteBlock& sec = s.second;
   const ParamBlock& pp = s.pp;
+  const Elem ppn = nominal_elem(a.dev_p);
   const ParamBlock& pw = s.pw;
+  const Elem pwn = nominal_elem(a.dev_w);
   const float c2c = a.dev_p.c2c_std, rn = a.read_noise, tlr = a.tlr, mp = a.max_pulses;
   for (int j = 0; j < n; ++j) {
     const ST ps = S::store(apply_write<C2C>(FA_WRITE_ARGS(f, shape, s.n_c2c, c2c, pp, j)));
@@ -1303,7 +1324,7 @@ static void rl_mid(const StepArgs& a, int64_t b, int n, Scratch& s, const float*
     const float p32 = S::load(ps);
     float p_hat = p32;
     if constexpr (READ) p_hat = p32 + rn * s.n_read[j];
-    const Elem e = elem_at(pw, j);
+    const auto& e = param_at<NOM>(pw, pwn, j);
     const float cnt = stochastic_count((tlr * p_hat) / e.dw, s.u1[j], mp);
     const float xw = S::load(W[j]);
     float u, w;
@@ -1317,7 +1338,7 @@ static void rl_mid(const StepArgs& a, int64_t b, int n, Scratch& s, const float*
 }
 
 // rl, step without transfer: finish P, Wbar = W + gamma * P.
-template <class S, bool C2C>
+template <class S, bool C2C, bool NOM>
 static void rl_hold(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
   using ST = typename S::T;
   ST* __restrict__ P = static_cast<ST*>(a.P) + b;
@@ -1325,6 +1346,7 @@ static void rl_hold(const StepArgs& a, int64_t b, int n, Scratch& s, const float
   ST* __restrict__ Wbar = static_cast<ST*>(a.Wbar) + b;
   const WriteBlock& f = s.first;
   const ParamBlock& pp = s.pp;
+  const Elem ppn = nominal_elem(a.dev_p);
   const float c2c = a.dev_p.c2c_std, gm = a.gamma_mix;
   for (int j = 0; j < n; ++j) {
     const ST ps = S::store(apply_write<C2C>(FA_WRITE_ARGS(f, shape, s.n_c2c, c2c, pp, j)));
@@ -1334,13 +1356,14 @@ static void rl_hold(const StepArgs& a, int64_t b, int n, Scratch& s, const float
 }
 
 // rl, transfer step: finish W, Wbar = W + gamma * P.
-template <class S, bool C2C>
+template <class S, bool C2C, bool NOM>
 static void rl_last(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
   using ST = typename S::T;
   ST* __restrict__ W = static_cast<ST*>(a.W) + b;
   ST* __restrict__ Wbar = static_cast<ST*>(a.Wbar) + b;
   const WriteBlock& sec = s.second;
   const ParamBlock& pw = s.pw;
+  const Elem pwn = nominal_elem(a.dev_w);
   const float c2c = a.dev_w.c2c_std, gm = a.gamma_mix;
   for (int j = 0; j < n; ++j) {
     const ST ws = S::store(apply_write<C2C>(FA_WRITE_ARGS(sec, shape, s.z_w, c2c, pw, j)));
@@ -1352,7 +1375,7 @@ static void rl_last(const StepArgs& a, int64_t b, int n, Scratch& s, const float
 // rl2: finish P, read it (noisy), update the buffer and choose W's pulses:
 //   accumulate: H += transfer_lr * P_hat; N = trunc(H / dw) where |H| >= threshold * dw
 //   ema:        H = (1 - transfer_lr) H + transfer_lr P_hat; N = round_stochastic(transfer_lr * H / dw) with u1
-template <class S, bool C2C, bool READ, bool EMA>
+template <class S, bool C2C, bool READ, bool EMA, bool NOM>
 static void rl2_mid(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
   using ST = typename S::T;
   ST* __restrict__ P = static_cast<ST*>(a.P) + b;
@@ -1361,7 +1384,9 @@ static void rl2_mid(const StepArgs& a, int64_t b, int n, Scratch& s, const float
   const WriteBlock& f = s.first;
   WriteBlock& sec = s.second;
   const ParamBlock& pp = s.pp;
+  const Elem ppn = nominal_elem(a.dev_p);
   const ParamBlock& pw = s.pw;
+  const Elem pwn = nominal_elem(a.dev_w);
   const float c2c = a.dev_p.c2c_std, rn = a.read_noise, tlr = a.tlr, omt = a.one_minus_tlr, thr = a.threshold;
   const float mp = a.max_pulses;
   for (int j = 0; j < n; ++j) {
@@ -1371,7 +1396,7 @@ static void rl2_mid(const StepArgs& a, int64_t b, int n, Scratch& s, const float
     float p_hat = p32;
     if constexpr (READ) p_hat = p32 + rn * s.n_read[j];
     const float h0 = S::load(H[j]);
-    const Elem e = elem_at(pw, j);
+    const auto& e = param_at<NOM>(pw, pwn, j);
     const float dw = e.dw;
     float h, cnt;
     if constexpr (EMA) {
@@ -1395,7 +1420,7 @@ static void rl2_mid(const StepArgs& a, int64_t b, int n, Scratch& s, const float
 }
 
 // rl2: finish W, drain the buffer (accumulate: H -= N * dw), Wbar = W + gamma * P.
-template <class S, bool C2C, bool EMA>
+template <class S, bool C2C, bool EMA, bool NOM>
 static void rl2_last(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
   using ST = typename S::T;
   ST* __restrict__ W = static_cast<ST*>(a.W) + b;
@@ -1403,12 +1428,13 @@ static void rl2_last(const StepArgs& a, int64_t b, int n, Scratch& s, const floa
   ST* __restrict__ Wbar = static_cast<ST*>(a.Wbar) + b;
   const WriteBlock& sec = s.second;
   const ParamBlock& pw = s.pw;
+  const Elem pwn = nominal_elem(a.dev_w);
   const float c2c = a.dev_w.c2c_std, gm = a.gamma_mix;
   for (int j = 0; j < n; ++j) {
     const ST ws = S::store(apply_write<C2C>(FA_WRITE_ARGS(sec, shape, s.z_w, c2c, pw, j)));
     W[j] = ws;
     float h = s.h[j];
-    if constexpr (!EMA) h = h - sec.count[j] * pw.dw_min[j];
+    if constexpr (!EMA) h = h - sec.count[j] * (NOM ? pwn.dw : pw.dw_min[j]);
     H[j] = S::store(h);
     Wbar[j] = S::store(S::load(ws) + gm * s.p32[j]);
   }
@@ -1582,36 +1608,42 @@ using FusedFn = void (*)(const StepArgs&, int64_t, int, Scratch&, Elem, Elem);
 static bool fusable(const Device& dev) { return dev.family == kLinear && !dev.d2d() && !dev.c2c(); }
 
 // ----- picking instantiations once per call ------------------------------------------------
-template <class S>
+// NOM: no array of the step has device-to-device variation (see Params).
+template <class S, bool NOM>
 static SegFn pick_asgd_last(bool c2c) {
-  return c2c ? &asgd_last<S, true> : &asgd_last<S, false>;
+  return c2c ? &asgd_last<S, true, NOM> : &asgd_last<S, false, NOM>;
 }
-template <class S>
+template <class S, bool NOM>
 static SegFn pick_rl_mid(bool c2c, bool read) {
-  if (c2c) return read ? &rl_mid<S, true, true> : &rl_mid<S, true, false>;
-  return read ? &rl_mid<S, false, true> : &rl_mid<S, false, false>;
+  if (c2c) return read ? &rl_mid<S, true, true, NOM> : &rl_mid<S, true, false, NOM>;
+  return read ? &rl_mid<S, false, true, NOM> : &rl_mid<S, false, false, NOM>;
 }
-template <class S>
+template <class S, bool NOM>
 static SegFn pick_rl_hold(bool c2c) {
-  return c2c ? &rl_hold<S, true> : &rl_hold<S, false>;
+  return c2c ? &rl_hold<S, true, NOM> : &rl_hold<S, false, NOM>;
 }
-template <class S>
+template <class S, bool NOM>
 static SegFn pick_rl_last(bool c2c) {
-  return c2c ? &rl_last<S, true> : &rl_last<S, false>;
+  return c2c ? &rl_last<S, true, NOM> : &rl_last<S, false, NOM>;
 }
-template <class S>
+template <class S, bool NOM>
 static SegFn pick_rl2_mid(bool c2c, bool read, bool ema) {
   if (ema) {
-    if (c2c) return read ? &rl2_mid<S, true, true, true> : &rl2_mid<S, true, false, true>;
-    return read ? &rl2_mid<S, false, true, true> : &rl2_mid<S, false, false, true>;
+    if (c2c) return read ? &rl2_mid<S, true, true, true, NOM> : &rl2_mid<S, true, false, true, NOM>;
+    return read ? &rl2_mid<S, false, true, true, NOM> : &rl2_mid<S, false, false, true, NOM>;
   }
-  if (c2c) return read ? &rl2_mid<S, true, true, false> : &rl2_mid<S, true, false, false>;
-  return read ? &rl2_mid<S, false, true, false> : &rl2_mid<S, false, false, false>;
+  if (c2c) return read ? &rl2_mid<S, true, true, false, NOM> : &rl2_mid<S, true, false, false, NOM>;
+  return read ? &rl2_mid<S, false, true, false, NOM> : &rl2_mid<S, false, false, false, NOM>;
 }
-template <class S>
+template <class S, bool NOM>
 static SegFn pick_rl2_last(bool c2c, bool ema) {
-  if (ema) return c2c ? &rl2_last<S, true, true> : &rl2_last<S, false, true>;
-  return c2c ? &rl2_last<S, true, false> : &rl2_last<S, false, false>;
+  if (ema) return c2c ? &rl2_last<S, true, true, NOM> : &rl2_last<S, false, true, NOM>;
+  return c2c ? &rl2_last<S, true, false, NOM> : &rl2_last<S, false, false, NOM>;
+}
+// The first write's segment, with or without nominal parameters.
+template <class S, class G, bool RESIDUAL>
+static SegFn pick_first(bool nom) {
+  return nom ? &seg_first<S, G, RESIDUAL, true> : &seg_first<S, G, RESIDUAL, false>;
 }
 
 template <class S, class G>
@@ -1662,7 +1694,9 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end) {
   BlockPlan plan;
   plan.c2c_first = dw.c2c();
   plan.d2d_first = dw.d2d();
-  const SegFn last = pick_asgd_last<S>(dw.c2c());
+  const bool nom = !dw.d2d();
+  const SegFn first_fn = pick_first<S, G, false>(nom);
+  const SegFn last = nom ? pick_asgd_last<S, true>(dw.c2c()) : pick_asgd_last<S, false>(dw.c2c());
   const bool fused = fusable(dw);
   const FusedFn fused_fn = &asgd_fused<S, G>;
   const Elem ew = nominal_elem(dw);
@@ -1675,7 +1709,7 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end) {
       write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
       continue;
     }
-    seg_first<S, G, false>(a, b, n, s, nullptr);
+    first_fn(a, b, n, s, nullptr);
     const float* shape = response_shape(dw, s.pw, s.first, nv, s);
     if (plan.c2c_first) sqrt_abs_count(s.first, nv, s.t[0]);
     last(a, b, n, s, shape);
@@ -1701,8 +1735,11 @@ static void rl_range(const StepArgs& a, int64_t begin, int64_t end) {
   plan.c2c_w = a.transfer && dw.c2c();
   plan.d2d_first = dp.d2d();
   plan.d2d_w = a.transfer && dw.d2d();
-  const SegFn mid = a.transfer ? pick_rl_mid<S>(dp.c2c(), plan.read) : pick_rl_hold<S>(dp.c2c());
-  const SegFn last = pick_rl_last<S>(plan.c2c_w);
+  const bool nom = !dw.d2d() && !dp.d2d();
+  const SegFn first_fn = pick_first<S, G, true>(nom);
+  const SegFn mid = a.transfer ? (nom ? pick_rl_mid<S, true>(dp.c2c(), plan.read) : pick_rl_mid<S, false>(dp.c2c(), plan.read))
+                               : (nom ? pick_rl_hold<S, true>(dp.c2c()) : pick_rl_hold<S, false>(dp.c2c()));
+  const SegFn last = nom ? pick_rl_last<S, true>(plan.c2c_w) : pick_rl_last<S, false>(plan.c2c_w);
   const bool fused = fusable(dp) && (!a.transfer || fusable(dw));
   const FusedFn fused_fn = pick_rl_fused<S, G>(a.transfer, plan.read);
   const Elem ew = nominal_elem(dw), ep = nominal_elem(dp);
@@ -1716,7 +1753,7 @@ static void rl_range(const StepArgs& a, int64_t begin, int64_t end) {
       if (a.transfer) write_pulses(a.pulses_main, a.total_main != nullptr, acc_main, b, n, s.second.count);
       continue;
     }
-    seg_first<S, G, true>(a, b, n, s, nullptr);
+    first_fn(a, b, n, s, nullptr);
     const float* shape_p = response_shape(dp, s.pp, s.first, nv, s);
     if (plan.c2c_first) sqrt_abs_count(s.first, nv, s.t[0]);
     mid(a, b, n, s, shape_p);
@@ -1748,8 +1785,10 @@ static void rl2_range(const StepArgs& a, int64_t begin, int64_t end) {
   plan.c2c_w = dw.c2c();
   plan.d2d_first = dp.d2d();
   plan.d2d_w = dw.d2d();
-  const SegFn mid = pick_rl2_mid<S>(dp.c2c(), plan.read, a.ema);
-  const SegFn last = pick_rl2_last<S>(dw.c2c(), a.ema);
+  const bool nom = !dw.d2d() && !dp.d2d();
+  const SegFn first_fn = pick_first<S, G, true>(nom);
+  const SegFn mid = nom ? pick_rl2_mid<S, true>(dp.c2c(), plan.read, a.ema) : pick_rl2_mid<S, false>(dp.c2c(), plan.read, a.ema);
+  const SegFn last = nom ? pick_rl2_last<S, true>(dw.c2c(), a.ema) : pick_rl2_last<S, false>(dw.c2c(), a.ema);
   const bool fused = fusable(dp) && fusable(dw);
   const FusedFn fused_fn = pick_rl2_fused<S, G>(plan.read, a.ema);
   const Elem ew = nominal_elem(dw), ep = nominal_elem(dp);
@@ -1763,7 +1802,7 @@ static void rl2_range(const StepArgs& a, int64_t begin, int64_t end) {
       write_pulses(a.pulses_main, a.total_main != nullptr, acc_main, b, n, s.second.count);
       continue;
     }
-    seg_first<S, G, true>(a, b, n, s, nullptr);
+    first_fn(a, b, n, s, nullptr);
     const float* shape_p = response_shape(dp, s.pp, s.first, nv, s);
     if (plan.c2c_first) sqrt_abs_count(s.first, nv, s.t[0]);
     mid(a, b, n, s, shape_p);
