@@ -196,6 +196,16 @@ def test_sizes(alg, n):
     _compare(alg, config, transfer, n=n)
 
 
+@pytest.mark.parametrize("alg", ["rl_transfer", "rl_hold", "rl2_acc_thr1", "rl2_ema"])
+def test_distinct_nominal_devices(alg):
+    # W and P on different devices without variation: each array's write must use its own
+    # nominal parameters (the kernels hold them as loop invariants in this case).
+    w_dev = fa.PowerResponse(tau=0.5, gamma=0.7, dw_min=0.002, asymmetry=0.1)
+    p_dev = _device("exp_neg", c2c_std=0.1)
+    config, transfer = _config(alg, w_dev, residual=p_dev, read_noise=0.01)
+    _compare(alg, config, transfer, n=2053)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("alg", list(ALGORITHMS))
 def test_narrow_storage(alg, dtype):
