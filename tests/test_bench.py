@@ -114,7 +114,7 @@ def test_aihwkit_exits_0_as_installed(tmp_path, capsys):
         assert not (tmp_path / "aihwkit.csv").exists()
     else:
         assert "aihwkit simulates per-sample pulse trains; fastanalog uses the paper's aggregated pulse model" in out
-        check_outputs(tmp_path, "aihwkit", ["aihwkit_config", "status", "aihwkit_over_fastanalog_median"], 5)
+        check_outputs(tmp_path, "aihwkit", ["aihwkit_config", "aihwkit_reads", "status", "aihwkit_over_fastanalog_median"], 10)
 
 
 def test_aihwkit_missing_says_how_to_get_it(tmp_path, capsys, monkeypatch):
@@ -195,8 +195,9 @@ def test_aihwkit_comparison_with_a_stand_in(tmp_path, capsys, monkeypatch):
     created: list = []
     for name, module in _stand_in_aihwkit(created).items():
         monkeypatch.setitem(sys.modules, name, module)
-    assert cli.main(["aihwkit", *TINY, "--out", str(tmp_path)]) == 0
+    assert cli.main(["aihwkit", *TINY, "--reads", "ideal", "--out", str(tmp_path)]) == 0
     rows = check_outputs(tmp_path, "aihwkit", ["aihwkit_config", "fastanalog_config", "status", "aihwkit_over_digital_median"], 5)
+    assert {r["aihwkit_reads"] for r in rows} == {"ideal"}
     status = {r["aihwkit_config"]: r["status"] for r in rows}
     assert list(status.values())[:4] == ["ok"] * 4
     assert status["ChoppedTTv2ReRamSBPreset (c-TTv2)"].startswith("skipped:") and "ChoppedTTv2ReRamSBPreset" in status["ChoppedTTv2ReRamSBPreset (c-TTv2)"]
@@ -220,6 +221,22 @@ def test_aihwkit_comparison_with_a_stand_in(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "aihwkit simulates per-sample pulse trains; fastanalog uses the paper's aggregated pulse model" in out
     assert "skipped ChoppedTTv2ReRamSBPreset" in out
+
+
+def test_aihwkit_reads_as_shipped_and_ideal(tmp_path, monkeypatch):
+    """By default each pairing gets two rows: aihwkit's reads as it ships them, then made ideal."""
+    created: list = []
+    for name, module in _stand_in_aihwkit(created).items():
+        monkeypatch.setitem(sys.modules, name, module)
+    assert cli.main(["aihwkit", *TINY, "--out", str(tmp_path)]) == 0
+    rows = check_outputs(tmp_path, "aihwkit", ["aihwkit_config", "aihwkit_reads", "status"], 10)
+    assert [r["aihwkit_reads"] for r in rows] == ["shipped", "ideal"] * 5
+    assert [r["status"] for r in rows[:8]] == ["ok"] * 8
+    assert [cfg.forward.is_perfect and cfg.backward.is_perfect for cfg in created] == [False, True] * 4
+    assert [cfg.device.transfer_forward.is_perfect for cfg in created[4:]] == [False, True, False, True]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["aihwkit", *TINY, "--reads", "noisy", "--out", str(tmp_path)])
+    assert e.value.code == 2
 
 
 # ----- kernels ------------------------------------------------------------------------------
@@ -356,3 +373,4 @@ def test_cpu_kernel_benchmark_runs_on_a_tiny_size(tmp_path, capsys):
         assert column in out
     rows = [ln for ln in out.splitlines() if ln.startswith("| asgd") or ln.startswith("| rl")]
     assert len(rows) == 6  # asgd, rl, rl2 x linear, power
+

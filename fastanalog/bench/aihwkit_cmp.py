@@ -14,10 +14,12 @@ Pairs (aihwkit -> fastanalog):
 - the ``TTv2ReRamSBPreset`` and ``ChoppedTTv2ReRamSBPreset`` presets -> ``rl2``.
 
 The hand-built aihwkit devices get the same range and ``dw_min`` as fastanalog's and
-no device-to-device or cycle-to-cycle variation (fastanalog's defaults); the reads of
-forward, backward and transfer are made ideal (``is_perfect``) in every aihwkit
-configuration, since fastanalog's are, so the comparison is of the update. A preset
-or class missing from the installed aihwkit is skipped with a note.
+no device-to-device or cycle-to-cycle variation (fastanalog's defaults). Each pairing is
+timed twice (``--reads``): with aihwkit's reads of forward, backward and transfer as it
+ships them (output noise, bound management, DAC/ADC quantisation: what a user of these
+configurations gets), and with those reads made ideal (``is_perfect``), as fastanalog's
+are, so that the second row compares the update alone. A preset or class missing from
+the installed aihwkit is skipped with a note.
 """
 
 from __future__ import annotations
@@ -62,8 +64,12 @@ LR = 0.01
 # fastanalog's mixing weight for rl2 (rl is paired with Tiki-Taka, i.e. gamma = 0).
 RL2_GAMMA = 0.1
 
+# --reads: which aihwkit read settings get a row.
+READS_MODES = {"both": ("shipped", "ideal"), "shipped": ("shipped",), "ideal": ("ideal",)}
+
 COLUMNS = [
     "aihwkit_config",
+    "aihwkit_reads",
     "fastanalog_config",
     "status",
     "size",
@@ -222,8 +228,12 @@ def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Ten
     return step
 
 
-def _aihwkit_model(ak: SimpleNamespace, pairing: Pairing, n: int, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    rpu_config = _ideal_reads(pairing.build(ak))
+def _aihwkit_model(
+    ak: SimpleNamespace, pairing: Pairing, reads: str, n: int, device: torch.device
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    rpu_config = pairing.build(ak)
+    if reads == "ideal":
+        rpu_config = _ideal_reads(rpu_config)
     model = ak.AnalogLinear(n, n, bias=True, rpu_config=rpu_config)
     if device.type == "cuda":
         model = model.cuda()
@@ -233,9 +243,12 @@ def _aihwkit_model(ak: SimpleNamespace, pairing: Pairing, n: int, device: torch.
     return model, opt
 
 
-def _row(pairing: Pairing, n: int, batch: int, version: str, warmup: int, repeats: int, status: str, times: dict[str, list[float]] | None) -> dict[str, Any]:
+def _row(
+    pairing: Pairing, reads: str, n: int, batch: int, version: str, warmup: int, repeats: int, status: str, times: dict[str, list[float]] | None
+) -> dict[str, Any]:
     row: dict[str, Any] = {
         "aihwkit_config": pairing.aihwkit_label,
+        "aihwkit_reads": reads,
         "fastanalog_config": pairing.fastanalog_label,
         "status": status,
         "size": n,
@@ -264,10 +277,20 @@ def _fmt(row: dict[str, Any], prefix: str) -> str:
 
 
 def run_aihwkit(
-    ak: SimpleNamespace, *, algorithms: Sequence[str], device: torch.device, warmup: int, repeats: int, tiny: bool
+    ak: SimpleNamespace,
+    *,
+    algorithms: Sequence[str],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    tiny: bool,
+    reads: Sequence[str] = READS_MODES["both"],
 ) -> Report:
-    """Time every pairing whose fastanalog algorithm is in ``algorithms``; build the report."""
-    pairings = select_pairings(algorithms)
+    """Time every pairing whose fastanalog algorithm is in ``algorithms``, once per aihwkit read setting in ``reads``."""
+    unknown = [r for r in reads if r not in READS_MODES["both"]]
+    if unknown or not reads:
+        raise ValueError(f"reads must be a non-empty subset of {READS_MODES['both']}, got {tuple(reads)}")
+    pairings = [(p, r) for p in select_pairings(algorithms) for r in reads]
     spec = linear_spec(64, 8) if tiny else linear_spec(1024, 128)
     n, batch = spec.input_shape[0], spec.batch
     sync = synchronizer(device)
@@ -278,32 +301,33 @@ def run_aihwkit(
 
     print(f"aihwkit {ak.version}: Linear({n}, {n}) at batch {batch}. {PULSE_NOTE}.", flush=True)
     rows = []
-    for pairing in pairings:
+    for pairing, mode in pairings:
+        label = f"{pairing.aihwkit_label}, {mode} reads"
         try:
-            ak_model, ak_opt = _aihwkit_model(ak, pairing, n, device)
+            ak_model, ak_opt = _aihwkit_model(ak, pairing, mode, n, device)
         except SkipConfig as e:
-            print(f"  skipped {pairing.aihwkit_label}: {e}", flush=True)
-            rows.append(_row(pairing, n, batch, ak.version, warmup, repeats, f"skipped: {e}", None))
+            print(f"  skipped {label}: {e}", flush=True)
+            rows.append(_row(pairing, mode, n, batch, ak.version, warmup, repeats, f"skipped: {e}", None))
             continue
         except Exception as e:  # an aihwkit that rejects this configuration: report it and go on with the others
             reason = f"aihwkit could not build it: {type(e).__name__}: {e}"
-            print(f"  skipped {pairing.aihwkit_label}: {reason}", flush=True)
-            rows.append(_row(pairing, n, batch, ak.version, warmup, repeats, f"skipped: {reason}", None))
+            print(f"  skipped {label}: {reason}", flush=True)
+            rows.append(_row(pairing, mode, n, batch, ak.version, warmup, repeats, f"skipped: {reason}", None))
             continue
         fa_model = fa.convert_to_analog(copy.deepcopy(digital), pairing.fastanalog_config())
         fa_step = _train_step(fa_model, fa.AnalogSGD(fa_model.parameters(), lr=LR, seed=0), x, y)
         ak_step = _train_step(ak_model, ak_opt, x, y)
         times = measure_interleaved({"digital": digital_step, "fastanalog": fa_step, "aihwkit": ak_step}, warmup=warmup, repeats=repeats, sync=sync)
-        row = _row(pairing, n, batch, ak.version, warmup, repeats, "ok", times)
+        row = _row(pairing, mode, n, batch, ak.version, warmup, repeats, "ok", times)
         rows.append(row)
         print(
-            f"  {pairing.aihwkit_label} vs fastanalog {pairing.fastanalog_label}: "
-            f"aihwkit/fastanalog {row['aihwkit_over_fastanalog_median']:.3g}",
+            f"  {label} vs fastanalog {pairing.fastanalog_label}: "
+            f"aihwkit/digital {row['aihwkit_over_digital_median']:.3g}, aihwkit/fastanalog {row['aihwkit_over_fastanalog_median']:.3g}",
             flush=True,
         )
         del ak_model, ak_opt, fa_model
 
-    groups = [p.short if r["status"] == "ok" else f"{p.short} (skipped)" for p, r in zip(pairings, rows)]
+    groups = [f"{p.short} {mode}" if r["status"] == "ok" else f"{p.short} {mode} (skipped)" for (p, mode), r in zip(pairings, rows)]
     panels = [
         Panel(
             "training step time over the digital step (nn.Linear + SGD)",
@@ -321,10 +345,13 @@ def run_aihwkit(
         f"Layer Linear({n}, {n}), batch {batch}; one training step = zero_grad, forward, cross-entropy, backward, step; "
         f"the three steps are timed interleaved, ratios repeat by repeat, median [min, max] over {repeats} repeats "
         f"after {warmup} warm-up steps.",
-        f"Devices on [-{TAU:g}, {TAU:g}], dw_min {DW_MIN:g}, no variation; aihwkit reads (forward, backward, transfer) set ideal.",
+        f"Devices on [-{TAU:g}, {TAU:g}], dw_min {DW_MIN:g}, no variation. aihwkit reads (forward, backward, transfer): "
+        "'shipped' as aihwkit configures them (noise, bound management, quantisation), 'ideal' made perfect (is_perfect), "
+        "as fastanalog's reads are.",
     ]
     table_spec = [
         ("aihwkit config", lambda r: r["aihwkit_config"]),
+        ("aihwkit reads", lambda r: r["aihwkit_reads"]),
         ("fastanalog config", lambda r: r["fastanalog_config"]),
         ("aihwkit / digital", lambda r: _fmt(r, "aihwkit_over_digital")),
         ("fastanalog / digital", lambda r: _fmt(r, "fastanalog_over_digital")),

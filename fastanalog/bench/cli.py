@@ -122,12 +122,19 @@ def _add_benchmarks(sub: argparse._SubParsersAction) -> None:
         help="comma-separated subset of linear,resnet,vit (Linear(1024,1024) batch 128, resnet18 and vit_tiny patch 4 at 32x32 "
         "batch 32; --tiny: Linear(64,64) batch 8 and narrowed test models at 16x16 batch 2)",
     )
-    sub.add_parser(
+    p = sub.add_parser(
         "aihwkit",
         parents=[shared],
         help="one layer's training step beside IBM's aihwkit (when installed)",
         description="Time the training step of Linear(1024,1024) at batch 128 with aihwkit's nearest configurations "
         "beside fastanalog's. Without aihwkit it says how to get it and exits 0.",
+    )
+    p.add_argument(
+        "--reads",
+        default="both",
+        choices=("both", "shipped", "ideal"),
+        help="aihwkit's forward, backward and transfer reads: as aihwkit ships them (noise, bound management, "
+        "quantisation), made ideal (is_perfect, as fastanalog's reads), or both, one row each (default: both)",
     )
     p = sub.add_parser(
         "kernels",
@@ -320,7 +327,7 @@ def _run(args: argparse.Namespace) -> int:
 
     common = dict(algorithms=args.algorithms_list, device=args.device_obj, warmup=args.warmup, repeats=args.repeats, tiny=args.tiny)
     if args.bench_command == "aihwkit":
-        from .aihwkit_cmp import INSTALL_HINT, aihwkit_has_cuda, load_aihwkit, run_aihwkit
+        from .aihwkit_cmp import INSTALL_HINT, READS_MODES, aihwkit_has_cuda, load_aihwkit, run_aihwkit
 
         ak = load_aihwkit()
         if ak is None:
@@ -330,7 +337,7 @@ def _run(args: argparse.Namespace) -> int:
             print("the installed aihwkit was built without CUDA, so the comparison runs on the CPU")
             common["device"] = torch.device("cpu")
         env = environment(common["device"])
-        report = run_aihwkit(ak, **common)
+        report = run_aihwkit(ak, reads=READS_MODES[args.reads], **common)
     elif args.bench_command == "step":
         from .step import run_step
 
