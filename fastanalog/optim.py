@@ -8,7 +8,7 @@ import torch
 from torch.optim.optimizer import Optimizer, required
 
 from .config import AnalogConfig
-from .ops import philox
+from .ops import cpp, philox
 from .ops.dispatch import StepItem, analog_step_group
 from .ops.reference import StepPulses
 
@@ -29,6 +29,11 @@ def _all_finite(grads: list[torch.Tensor]) -> torch.Tensor:
         return torch.ones((), dtype=torch.bool)
     where = grads[0].device
     if not torch.compiler.is_compiling() and all(g.device == where for g in grads):
+        if where.type == "cpu":
+            # One threaded pass of the C++ kernels over every gradient (exponent bits only).
+            finite = cpp.all_finite_cpp(grads)
+            if finite is not None:
+                return torch.tensor(finite)
         # One fused pass: finite 2-norms prove every element finite. A non-finite norm may
         # also be an overflow of huge finite values, so only then check element by element.
         norms = torch.stack([n.float() for n in torch._foreach_norm(grads, 2)])

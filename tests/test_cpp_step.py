@@ -409,3 +409,23 @@ def test_pulse_totals_equal_the_sum_of_the_counts(alg):
         assert int(t.main) == int(c.main.abs().sum())
     for x, y in zip(counts, totals):
         assert torch.equal(x, y)
+
+
+# ----- the optimizer's gradient check --------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite(dtype, bad):
+    gen = torch.Generator().manual_seed(0)
+    big = (torch.randn(70001, generator=gen) * 1e3).to(dtype)  # spans both threads' shares
+    conv = torch.randn(8, 5, 3, 3, generator=gen).to(dtype).to(memory_format=torch.channels_last)
+    strided = torch.randn(40, 30, generator=gen).to(dtype).t()  # neither contiguous nor dense-in-order
+    others = [torch.zeros(0, dtype=dtype), torch.arange(7), torch.full((3,), torch.finfo(dtype).max, dtype=dtype)]
+    tensors = [big, conv, strided, *others]
+    assert cpp.all_finite_cpp(tensors) is True
+    for t, index in ((big, (0,)), (big, (35000,)), (big, (70000,)), (conv, (7, 4, 2, 1)), (strided, (29, 39))):
+        saved = t[index].clone()
+        t[index] = bad
+        assert cpp.all_finite_cpp(tensors) is False, (tuple(t.shape), index)
+        t[index] = saved
+    assert cpp.all_finite_cpp(tensors) is True
+    assert cpp.all_finite_cpp([]) is True

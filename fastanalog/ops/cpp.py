@@ -42,6 +42,7 @@ __all__ = [
     "rl2_step_cpp",
     "rl_step_cpp",
     "triad_cpp",
+    "all_finite_cpp",
 ]
 
 _PKG_DIR = Path(__file__).resolve().parents[1]
@@ -321,3 +322,14 @@ def triad_cpp(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: float) -> No
     """``a = b + s * c`` on float32 CPU tensors with the kernels' threads: the bandwidth yardstick of benchmarks."""
     _require_cpp()
     torch.ops.fastanalog.triad_cpp_(a, b, c, float(s))
+
+
+def all_finite_cpp(tensors: list[torch.Tensor]) -> bool | None:
+    """Whether every element of the CPU ``tensors`` is finite, in one threaded pass; None when
+    the loaded kernels predate this op (the caller then checks another way)."""
+    tensors = list(tensors)
+    if not tensors:
+        return True
+    if not cpp_available() or not hasattr(torch.ops.fastanalog, "all_finite_cpp"):
+        return None
+    return bool(torch.ops.fastanalog.all_finite_cpp(tensors))
