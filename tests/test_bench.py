@@ -63,8 +63,8 @@ def test_step_tiny_writes_one_row_per_model_and_algorithm(tmp_path, capsys):
         check_stats(r, "ratio")
         assert int(r["analog_launches"]) > 0 and int(r["sgd_launches"]) > 0
         assert r["analog_launch_kind"] in ("fastanalog:: op calls", "top-level torch ops")
-        if r["algorithm"] == "digital":  # no analog update: the per-parameter torch ops of AnalogSGD
-            assert r["analog_launch_kind"] == "top-level torch ops"
+        if r["algorithm"] == "digital":  # no analog update: the C++ gradient check alone, or AnalogSGD's torch ops
+            assert r["analog_launch_kind"] == "top-level torch ops" or int(r["analog_launches"]) == 1
     out = capsys.readouterr().out
     assert "| model | params | algorithm |" in out and "step.csv" in out
 

@@ -151,6 +151,13 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _updates(ops: OpCounter) -> dict[str, int]:
+    """The update launches among the counted fastanalog ops; the gradient check (one C++ pass over
+    every gradient on CPU, when the C++ kernels are built) runs at most once per step beside them."""
+    assert ops.calls.get("all_finite_cpp", 0) <= 1, ops.calls
+    return {name: n for name, n in ops.calls.items() if name != "all_finite_cpp"}
+
+
 def _five_layer_model(config: fa.AnalogConfig) -> nn.Module:
     torch.manual_seed(0)
     m = nn.Sequential(
@@ -186,7 +193,7 @@ def test_optimizer_step_is_one_launch_and_equals_the_reference(monkeypatch):
             with OpCounter() as ops:
                 opt.step()
             if backend == "triton":
-                assert ops.calls == {"rl2_multi_step_triton_": 1}, "one launch for the five analog tensors"
+                assert _updates(ops) == {"rl2_multi_step_triton_": 1}, "one launch for the five analog tensors"
     tri, ref = models["triton"].state_dict(), models["reference"].state_dict()
     for name in ref:
         if "pulses" in name:
@@ -206,7 +213,7 @@ def test_optimizer_launches_once_per_config_and_dtype(monkeypatch):
     _grads(model, 1)
     with OpCounter() as ops:
         opt.step()
-    assert ops.calls == {"asgd_multi_step_triton_": 2, "rl_multi_step_triton_": 1}
+    assert _updates(ops) == {"asgd_multi_step_triton_": 2, "rl_multi_step_triton_": 1}
 
 
 # ---------------------------------------------------------------------------------------------
