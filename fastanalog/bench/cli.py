@@ -42,7 +42,7 @@ from .common import (
 
 DEFAULT_OUT = "results/bench"
 # Warm-up steps and timed repeats: full runs, and --tiny runs.
-FULL_WARMUP, FULL_REPEATS = 2, 5
+FULL_WARMUP, FULL_REPEATS = 3, 11  # an odd count: the median is a measured repeat
 TINY_WARMUP, TINY_REPEATS = 1, 1
 KERNEL_SCRIPTS = {"cpu": "bench_kernels_cpu.py", "triton": "bench_kernels_triton.py"}
 
