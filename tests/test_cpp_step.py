@@ -429,3 +429,8 @@ def test_all_finite(dtype, bad):
         t[index] = saved
     assert cpp.all_finite_cpp(tensors) is True
     assert cpp.all_finite_cpp([]) is True
+    z = torch.zeros(5, dtype=torch.complex64)
+    assert cpp.all_finite_cpp([z]) is True
+    z[3] = complex(0.0, bad)
+    assert cpp.all_finite_cpp([z]) is False
+    assert cpp.all_finite_cpp([big, torch.zeros(3).to(torch.float8_e4m3fn)]) is None  # left to the generic check

@@ -324,12 +324,18 @@ def triad_cpp(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: float) -> No
     torch.ops.fastanalog.triad_cpp_(a, b, c, float(s))
 
 
+_FINITE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def all_finite_cpp(tensors: list[torch.Tensor]) -> bool | None:
-    """Whether every element of the CPU ``tensors`` is finite, in one threaded pass; None when
-    the loaded kernels predate this op (the caller then checks another way)."""
-    tensors = list(tensors)
+    """Whether every element of the CPU ``tensors`` is finite, in one threaded pass (complex
+    tensors as their real and imaginary parts). None when the loaded kernels predate this op or
+    a floating dtype is not float32/float64/bfloat16/float16: the caller then checks another way."""
+    tensors = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]  # a complex number: two floats
     if not tensors:
         return True
     if not cpp_available() or not hasattr(torch.ops.fastanalog, "all_finite_cpp"):
         return None
+    if any(t.is_floating_point() and t.dtype not in _FINITE_DTYPES for t in tensors):
+        return None  # e.g. float8: the caller's generic check handles it
     return bool(torch.ops.fastanalog.all_finite_cpp(tensors))
