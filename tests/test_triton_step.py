@@ -40,7 +40,7 @@ RTOL = 1e-6
 ATOL = 5e-7
 SEED = 20250211
 
-# Kernels built for the interpreter run on CPU tensors; compiled ones (a GPU session that
+# Kernels built for the interpreter run on CPU tensors; compiled ones (a GPU run that
 # imported triton without the interpreter) on CUDA tensors.
 _INTERPRETED = type(asgd._asgd_step_kernel).__name__ == "InterpretedFunction"
 DEVICE = "cpu" if _INTERPRETED else "cuda"
