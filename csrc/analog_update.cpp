@@ -1183,15 +1183,15 @@ struct PackTables {
 static const PackTables kPackTables;
 #endif
 
-// Gathers the lanes j < n (n a multiple of 8) with count != 0; returns how many.
+// Gathers the lanes j < n (n a multiple of 8) with count != 0; returns how many. AVX2: the
+// lanes are those of pk.masks, which transcendental_shape has filled from count.
 static int pack(const float* __restrict__ count, const float* __restrict__ u, const float* __restrict__ gamma,
                 const float* __restrict__ denom, int n, Packed& pk) {
   int k = 0;
 #if FA_ISA_AVX2
-  const __m256 zero = _mm256_setzero_ps();
+  (void)count;
   for (int j = 0; j < n; j += 8) {
-    const int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_load_ps(count + j), zero, _CMP_NEQ_OQ));
-    pk.masks[j / 8] = m;
+    const int m = pk.masks[j / 8];
     const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPackTables.compress[m]));
     _mm256_storeu_ps(pk.u + k, _mm256_permutevar8x32_ps(_mm256_load_ps(u + j), perm));
     _mm256_storeu_ps(pk.gamma + k, _mm256_permutevar8x32_ps(_mm256_load_ps(gamma + j), perm));
@@ -1534,7 +1534,7 @@ static void rl2_last(const StepArgs& a, int64_t b, int n, Scratch& s, const floa
     const ST ws = S::store(apply_write<C2C>(FA_WRITE_ARGS(sec, shape, s.z_w, c2c, pw, j)));
     W[j] = ws;
     float h = s.h[j];
-    if constexpr (!EMA) h = h - sec.count[j] * (NOM ? pwn.dw : pw.dw_min[j]);
+    if constexpr (!EMA) h = h - sec.count[j] * param_at<NOM>(pw, pwn, j).dw;
     H[j] = S::store(h);
     Wbar[j] = S::store(S::load(ws) + gm * s.p32[j]);
   }
@@ -1708,7 +1708,7 @@ using FusedFn = void (*)(const StepArgs&, int64_t, int, Scratch&, Elem, Elem);
 static bool fusable(const Device& dev) { return dev.family == kLinear && !dev.d2d() && !dev.c2c(); }
 
 // ----- picking instantiations once per call ------------------------------------------------
-// NOM: no array of the step has device-to-device variation (see Params).
+// NOM: no array of the step has device-to-device variation (see param_at).
 template <class S, bool NOM>
 static SegFn pick_asgd_last(bool c2c) {
   return c2c ? &asgd_last<S, true, NOM> : &asgd_last<S, false, NOM>;
