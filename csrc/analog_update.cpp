@@ -1,7 +1,7 @@
 // Fused CPU kernels of the analog update (SPEC section 3): asgd, rl, rl2; op registration.
 //
 // Each op updates its arrays in place in one pass over memory: every element's g, W, P, H
-// is read once and W, P, H, Wbar and the int32 pulse counts are written once. The work is
+// is read once and W, P, H, Wbar (when asked for) and the pulse counts are written once. The work is
 // cut into blocks of kBlock elements; a thread takes a contiguous run of blocks and runs
 // each block through a few short phases on block-sized scratch arrays that stay in the
 // L1/L2 cache:
@@ -130,7 +130,7 @@ struct StepArgs {
   void* W = nullptr;
   void* P = nullptr;
   void* H = nullptr;
-  void* Wbar = nullptr;
+  void* Wbar = nullptr;  // mixed weight W + gamma * P; null: not written (computed where it is used)
   // Pulse counts of the first array written (P; asgd: W) and of W, per element (int32) or
   // as a total of |N| added to one int64 (either or both may be null: not reported).
   int32_t* pulses_first = nullptr;
@@ -383,7 +383,11 @@ void residual_common(StepArgs& a, at::Tensor& W, at::Tensor& P, at::Tensor& Wbar
   a.g = gc.data_ptr();
   a.W = W.data_ptr();
   a.P = P.data_ptr();
-  a.Wbar = Wbar.data_ptr();
+  // An empty Wbar asks for no mixed weight: the layer computes it where forward needs it.
+  if (Wbar.numel() != 0 || W.numel() == 0) {
+    check_array(Wbar, W, "Wbar");
+    a.Wbar = Wbar.data_ptr();
+  }
   pulses_out(pulses_p, W, "pulses_p", a.pulses_first, a.total_first);
   pulses_out(pulses_w, W, "pulses_w", a.pulses_main, a.total_main);
   a.neg_lr = -static_cast<float>(lr);
@@ -400,7 +404,6 @@ void rl_step_cpu(at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tenso
                  c10::ArrayRef<double> dev_p, int64_t var_key_p, c10::ArrayRef<double> table_p) {
   check_array(W, W, "W");
   check_array(P, W, "P");
-  check_array(Wbar, W, "Wbar");
   const int storage = storage_of(W, "W");
   const at::Tensor gc = grad_for(g, W);
   TableStore tw, tp;
@@ -423,7 +426,6 @@ void rl2_step_cpu(at::Tensor& W, at::Tensor& P, at::Tensor& H, at::Tensor& Wbar,
   check_array(W, W, "W");
   check_array(P, W, "P");
   check_array(H, W, "H");
-  check_array(Wbar, W, "Wbar");
   const int storage = storage_of(W, "W");
   const at::Tensor gc = grad_for(g, W);
   TableStore tw, tp;
@@ -452,6 +454,36 @@ void triad_cpu(at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double s
   const int nt = static_cast<int>(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, n / kMinPerThread)));
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t i = 0; i < n; ++i) pa[i] = pb[i] + sf * pc[i];
+}
+
+// out = W + gamma * P, the mixed forward weight of rl/rl2, as the kernels write it: float32
+// math, one rounded multiply and one rounded add, stored in W's dtype (round to nearest
+// even, as tensor.to(dtype)); on the kernels' threads.
+template <class T>
+static void mix_range(T* __restrict__ out, const T* __restrict__ w, const T* __restrict__ p, float gamma, int64_t n, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(static_cast<float>(w[i]) + gamma * static_cast<float>(p[i]));
+}
+
+void mix_cpu(at::Tensor& out, const at::Tensor& W, const at::Tensor& P, double gamma) {
+  check_array(W, W, "W");
+  check_array(P, W, "P");
+  check_array(out, W, "out");
+  storage_of(W, "W");
+  const float g = static_cast<float>(gamma);
+  const int64_t n = W.numel();
+  const int nt = static_cast<int>(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, n / kMinPerThread)));
+  switch (W.scalar_type()) {
+    case at::kFloat:
+      mix_range(out.data_ptr<float>(), W.data_ptr<float>(), P.data_ptr<float>(), g, n, nt);
+      break;
+    case at::kBFloat16:
+      mix_range(out.data_ptr<at::BFloat16>(), W.data_ptr<at::BFloat16>(), P.data_ptr<at::BFloat16>(), g, n, nt);
+      break;
+    default:
+      mix_range(out.data_ptr<at::Half>(), W.data_ptr<at::Half>(), P.data_ptr<at::Half>(), g, n, nt);
+      break;
+  }
 }
 
 // Whether every element of every tensor is finite: the optimizer's gradient check, one
@@ -535,6 +567,7 @@ TORCH_LIBRARY_FRAGMENT(fastanalog, m) {
       "float threshold, int max_pulses, float[] dev_w, int var_key_w, float[] table_w, float[] dev_p, int var_key_p, "
       "float[] table_p) -> ()");
   m.def("triad_cpp_(Tensor(a!) a, Tensor b, Tensor c, float s) -> ()");
+  m.def("mix_cpp_(Tensor(a!) out, Tensor W, Tensor P, float gamma) -> ()");
   m.def("all_finite_cpp(Tensor[] tensors) -> bool");
   m.def("cpu_variant_cpp() -> str", &fastanalog::cpu::cpu_variant);
 }
@@ -544,6 +577,7 @@ TORCH_LIBRARY_IMPL(fastanalog, CPU, m) {
   m.impl("rl_step_cpp_", &fastanalog::cpu::rl_step_cpu);
   m.impl("rl2_step_cpp_", &fastanalog::cpu::rl2_step_cpu);
   m.impl("triad_cpp_", &fastanalog::cpu::triad_cpu);
+  m.impl("mix_cpp_", &fastanalog::cpu::mix_cpu);
   m.impl("all_finite_cpp", &fastanalog::cpu::all_finite_cpu);
 }
 
@@ -1437,13 +1471,20 @@ static void rl_mid(const StepArgs& a, int64_t b, int n, Scratch& s, const float*
   }
 }
 
+// The mixed weight's output from element b on, or null when this step writes none (the loops
+// below test it once per element; GCC unswitches them).
+template <class ST>
+static FA_INLINE ST* mixed_out(const StepArgs& a, int64_t b) {
+  return a.Wbar != nullptr ? static_cast<ST*>(a.Wbar) + b : nullptr;
+}
+
 // rl, step without transfer: finish P, Wbar = W + gamma * P.
 template <class S, bool C2C, bool NOM>
 static void rl_hold(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
   using ST = typename S::T;
   ST* __restrict__ P = static_cast<ST*>(a.P) + b;
   const ST* __restrict__ W = static_cast<const ST*>(a.W) + b;
-  ST* __restrict__ Wbar = static_cast<ST*>(a.Wbar) + b;
+  ST* __restrict__ Wbar = mixed_out<ST>(a, b);
   const WriteBlock& f = s.first;
   const ParamBlock& pp = s.pp;
   const Elem ppn = nominal_elem(a.dev_p);
@@ -1451,7 +1492,7 @@ static void rl_hold(const StepArgs& a, int64_t b, int n, Scratch& s, const float
   for (int j = 0; j < n; ++j) {
     const ST ps = S::store(apply_write<C2C>(FA_WRITE_ARGS(f, shape, s.n_c2c, c2c, pp, j)));
     P[j] = ps;
-    Wbar[j] = S::store(S::load(W[j]) + gm * S::load(ps));
+    if (Wbar) Wbar[j] = S::store(S::load(W[j]) + gm * S::load(ps));
   }
 }
 
@@ -1460,7 +1501,7 @@ template <class S, bool C2C, bool NOM>
 static void rl_last(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
   using ST = typename S::T;
   ST* __restrict__ W = static_cast<ST*>(a.W) + b;
-  ST* __restrict__ Wbar = static_cast<ST*>(a.Wbar) + b;
+  ST* __restrict__ Wbar = mixed_out<ST>(a, b);
   const WriteBlock& sec = s.second;
   const ParamBlock& pw = s.pw;
   const Elem pwn = nominal_elem(a.dev_w);
@@ -1468,7 +1509,7 @@ static void rl_last(const StepArgs& a, int64_t b, int n, Scratch& s, const float
   for (int j = 0; j < n; ++j) {
     const ST ws = S::store(apply_write<C2C>(FA_WRITE_ARGS(sec, shape, s.z_w, c2c, pw, j)));
     W[j] = ws;
-    Wbar[j] = S::store(S::load(ws) + gm * s.p32[j]);
+    if (Wbar) Wbar[j] = S::store(S::load(ws) + gm * s.p32[j]);
   }
 }
 
@@ -1525,7 +1566,7 @@ static void rl2_last(const StepArgs& a, int64_t b, int n, Scratch& s, const floa
   using ST = typename S::T;
   ST* __restrict__ W = static_cast<ST*>(a.W) + b;
   ST* __restrict__ H = static_cast<ST*>(a.H) + b;
-  ST* __restrict__ Wbar = static_cast<ST*>(a.Wbar) + b;
+  ST* __restrict__ Wbar = mixed_out<ST>(a, b);
   const WriteBlock& sec = s.second;
   const ParamBlock& pw = s.pw;
   const Elem pwn = nominal_elem(a.dev_w);
@@ -1536,7 +1577,7 @@ static void rl2_last(const StepArgs& a, int64_t b, int n, Scratch& s, const floa
     float h = s.h[j];
     if constexpr (!EMA) h = h - sec.count[j] * param_at<NOM>(pw, pwn, j).dw;
     H[j] = S::store(h);
-    Wbar[j] = S::store(S::load(ws) + gm * s.p32[j]);
+    if (Wbar) Wbar[j] = S::store(S::load(ws) + gm * s.p32[j]);
   }
 }
 #undef FA_WRITE_ARGS
@@ -1595,7 +1636,7 @@ static FA_INLINE void rl_elements(int n, const typename G::T* __restrict__ g, ty
     const float cw = stochastic_count((c.tlr * p_hat) / ew.dw, u1[j], c.max_pulses);
     const ST ws = linear_write<S>(S::load(W[j]), cw, ew);
     W[j] = ws;
-    Wbar[j] = S::store(S::load(ws) + c.gamma_mix * p32);
+    if (Wbar) Wbar[j] = S::store(S::load(ws) + c.gamma_mix * p32);
     count_p[j] = cp;
     count_w[j] = cw;
   }
@@ -1612,7 +1653,7 @@ static FA_INLINE void rl_hold_elements(int n, const typename G::T* __restrict__ 
     const float cp = stochastic_count((c.neg_lr * G::load(g[j])) / ep.dw, u0[j], c.max_pulses);
     const ST ps = linear_write<S>(S::load(P[j]), cp, ep);
     P[j] = ps;
-    Wbar[j] = S::store(S::load(W[j]) + c.gamma_mix * S::load(ps));
+    if (Wbar) Wbar[j] = S::store(S::load(W[j]) + c.gamma_mix * S::load(ps));
     count_p[j] = cp;
   }
 }
@@ -1647,7 +1688,7 @@ static FA_INLINE void rl2_elements(int n, const typename G::T* __restrict__ g, t
     W[j] = ws;
     if constexpr (!EMA) h = h - cw * ew.dw;
     H[j] = S::store(h);
-    Wbar[j] = S::store(S::load(ws) + c.gamma_mix * p32);
+    if (Wbar) Wbar[j] = S::store(S::load(ws) + c.gamma_mix * p32);
     count_p[j] = cp;
     count_w[j] = cw;
   }
@@ -1663,7 +1704,7 @@ static __attribute__((noinline)) void rl2_fused(const StepArgs& a, int64_t b, in
   ST* W = static_cast<ST*>(a.W) + b;
   ST* P = static_cast<ST*>(a.P) + b;
   ST* H = static_cast<ST*>(a.H) + b;
-  ST* Wbar = static_cast<ST*>(a.Wbar) + b;
+  ST* Wbar = mixed_out<ST>(a, b);
   const FusedScalars c = fused_scalars(a);
   rl2_elements<S, G, READ, EMA>(n, g, W, P, H, Wbar, s.u0, s.u1, s.n_read, s.first.count, s.second.count, c, ew, ep);
 }
@@ -1675,7 +1716,7 @@ static __attribute__((noinline)) void rl_fused(const StepArgs& a, int64_t b, int
   const GT* g = static_cast<const GT*>(a.g) + b;
   ST* W = static_cast<ST*>(a.W) + b;
   ST* P = static_cast<ST*>(a.P) + b;
-  ST* Wbar = static_cast<ST*>(a.Wbar) + b;
+  ST* Wbar = mixed_out<ST>(a, b);
   const FusedScalars c = fused_scalars(a);
   rl_elements<S, G, READ>(n, g, W, P, Wbar, s.u0, s.u1, s.n_read, s.first.count, s.second.count, c, ew, ep);
 }
@@ -1687,7 +1728,7 @@ static __attribute__((noinline)) void rl_hold_fused(const StepArgs& a, int64_t b
   const GT* g = static_cast<const GT*>(a.g) + b;
   const ST* W = static_cast<const ST*>(a.W) + b;
   ST* P = static_cast<ST*>(a.P) + b;
-  ST* Wbar = static_cast<ST*>(a.Wbar) + b;
+  ST* Wbar = mixed_out<ST>(a, b);
   const FusedScalars c = fused_scalars(a);
   rl_hold_elements<S, G>(n, g, W, P, Wbar, s.u0, s.first.count, c, ep);
 }

@@ -101,8 +101,9 @@ def _gradients(n: int, steps: int, dtype: torch.dtype, seed: int = 1, scale: flo
     return [(torch.randn(n, generator=gen) * scale).to(dtype) for _ in range(steps)]
 
 
-def _step(impl: str, alg: str, arrays, g, config, transfer, key: int, offset: int):
+def _step(impl: str, alg: str, arrays, g, config, transfer, key: int, offset: int, mixed: bool = True):
     W, P, H, Wbar = arrays
+    Wbar = Wbar if mixed else None
     kw = dict(lr=0.004, config=config, key=key, tensor_id=TENSOR_ID, offset=offset)
     algorithm = config.algorithm
     if impl == "ref":
@@ -122,14 +123,24 @@ def _tolerance(expected: torch.Tensor, steps: int) -> float:
 
 
 def _compare(
-    alg: str, config, transfer, n: int, dtype=torch.float32, steps: int = STEPS, offset: int = 0, g_dtype=None, g_scale: float = 1.5
+    alg: str,
+    config,
+    transfer,
+    n: int,
+    dtype=torch.float32,
+    steps: int = STEPS,
+    offset: int = 0,
+    g_dtype=None,
+    g_scale: float = 1.5,
+    mixed: bool = True,
 ):
+    """Both implementations over ``steps`` steps; ``mixed=False``: the C++ kernels write no mixed weight."""
     ref_arrays = _initial(config, n, dtype)
     cpp_arrays = [t.clone() for t in ref_arrays]
     for k, g in enumerate(_gradients(n, steps, g_dtype or dtype, scale=g_scale), start=1):
         key = philox.step_key(SEED, k, TENSOR_ID)
         r = _step("ref", alg, ref_arrays, g, config, transfer, key, offset)
-        c = _step("cpp", alg, cpp_arrays, g, config, transfer, key, offset)
+        c = _step("cpp", alg, cpp_arrays, g, config, transfer, key, offset, mixed)
         assert c.first.dtype == torch.int32
         assert torch.equal(r.first, c.first), f"step {k}: pulses of the first array differ at {int((r.first != c.first).sum())} elements"
         if r.main is None:
@@ -137,6 +148,9 @@ def _compare(
         else:
             assert torch.equal(r.main, c.main), f"step {k}: pulses of W differ at {int((r.main != c.main).sum())} elements"
         for name, x, y in zip(("W", "P", "H", "Wbar"), ref_arrays, cpp_arrays):
+            if name == "Wbar" and not mixed:
+                assert not y.any(), "a mixed weight was written though none was asked for"
+                continue
             torch.testing.assert_close(y, x, rtol=0, atol=_tolerance(x, k), msg=lambda m, name=name, k=k: f"step {k}, {name}: {m}")
     return ref_arrays, cpp_arrays
 
@@ -184,6 +198,31 @@ def test_pulse_density(alg, family, g_scale):
     ref, _ = _compare(alg, config, transfer, n=4096, g_scale=g_scale)
     first = ref[0] if alg == "asgd" else ref[1]
     assert not torch.equal(first, _initial(config, 4096, torch.float32)[0 if alg == "asgd" else 1]), "no element was written"
+
+
+@pytest.mark.parametrize("options", ["plain", "c2c"])
+@pytest.mark.parametrize("family", ["linear", "power"])
+@pytest.mark.parametrize("alg", ["rl_transfer", "rl_hold", "rl2_acc_thr1", "rl2_ema"])
+def test_without_mixed_weight(alg, family, options):
+    """With no mixed weight asked for (an empty Wbar), W, P and H are updated exactly as with one (fused and segment paths)."""
+    dev_opts, cfg_opts = OPTION_SETS[options]
+    config, transfer = _config(alg, _device(family, **dev_opts), **cfg_opts)
+    _compare(alg, config, transfer, n=1023, mixed=False)
+
+
+def test_mix_matches_reference():
+    from fastanalog.ops.reference import mixed_weight
+
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        W, P = (torch.randn(100003, generator=gen).to(dtype) for _ in range(2))
+        assert torch.equal(cpp.mix_cpp(W, P, 0.3), mixed_weight(W, P, 0.3)), dtype
+    # ... and as the step kernels write it
+    config, transfer = _config("rl2_acc_thr1", _device("power"))
+    arrays = _initial(config, 4099, torch.float32)
+    _step("cpp", "rl2_acc_thr1", arrays, _gradients(4099, 1, torch.float32)[0], config, transfer, key=9, offset=0)
+    W, P, _, Wbar = arrays
+    assert torch.equal(Wbar, cpp.mix_cpp(W, P, config.gamma))
 
 
 @pytest.mark.parametrize("n", [1, 7, 65537])

@@ -124,6 +124,32 @@ def test_one_launch_equals_single_launches_bit_for_bit():
             assert torch.equal(s[name], multi[i][name]), (name, sizes[i])
 
 
+@pytest.mark.parametrize("algo", ["rl_transfer", "rl_no_transfer", "rl2_ema"])
+def test_without_mixed_weight_updates_the_arrays_alike(algo):
+    """Wbar None (single and multi-tensor launches) updates W, P, H as a launch with a mixed weight does."""
+    algorithm, _, transfer = ALGOS[algo]
+    family, residual_family = FAMILIES[algo]
+    config = make_config(algo, family, residual_family=residual_family, c2c=0.2, read_noise=0.02)
+    sizes, tids = SIZES[:3], TENSOR_IDS[:3]
+    with_mix = [make_state(config, n, seed=i) for i, n in enumerate(sizes)]
+    single = [{k: v.clone() for k, v in s.items() if k != "Wbar"} for s in with_mix]
+    multi = [{k: v.clone() for k, v in s.items() if k != "Wbar"} for s in with_mix]
+    grads = [torch.randn(n, generator=torch.Generator().manual_seed(n)).to(DEVICE) for n in sizes]
+    keys = [philox.step_key(SEED, 1, tid) for tid in tids]
+    kw = dict(lr=0.1, config=config, keys=keys, tensor_ids=tids)
+    run_multi(algo, with_mix, grads, **kw)
+    launch = rl.rl_multi_step_triton if algorithm == "rl" else rl2.rl2_multi_step_triton
+    extra = {"transfer": transfer} if algorithm == "rl" else {}
+    names = ("W", "P") if algorithm == "rl" else ("W", "P", "H")
+    launch(*[[s[n] for s in multi] for n in names], None, grads, **kw, **extra)
+    single_launch = rl.rl_step_triton if algorithm == "rl" else rl2.rl2_step_triton
+    for i, s in enumerate(single):
+        single_launch(*[s[n] for n in names], None, grads[i], lr=0.1, config=config, key=keys[i], tensor_id=tids[i], **extra)
+        for name in names:
+            assert torch.equal(s[name], with_mix[i][name]) and torch.equal(multi[i][name], with_mix[i][name]), (name, i)
+        torch.testing.assert_close(with_mix[i]["Wbar"], with_mix[i]["W"] + config.gamma * with_mix[i]["P"])
+
+
 def test_rejects_mixed_dtypes_and_lengths():
     config = make_config("asgd", "linear")
     W = [torch.zeros(4, device=DEVICE), torch.zeros(5, device=DEVICE, dtype=torch.bfloat16)]

@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const Args a) {
 
     const float p32 = Store<S>::load(stored_f);
     if (ALG == kRl && !a.transfer) {
-      Wbar[i] = Store<S>::store(add(Store<S>::load(W[i]), mul(a.gamma_mix, p32)));
+      if (Wbar != nullptr) Wbar[i] = Store<S>::store(add(Store<S>::load(W[i]), mul(a.gamma_mix, p32)));
       continue;
     }
     // Noisy read of P, W's pulses.
@@ -307,7 +307,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(const Args a) {
       if (!a.ema) h = sub(h, mul(count_w, pw.dw_min));
       H[i] = Store<S>::store(h);
     }
-    Wbar[i] = Store<S>::store(add(Store<S>::load(stored_w), mul(a.gamma_mix, p32)));
+    if (Wbar != nullptr) Wbar[i] = Store<S>::store(add(Store<S>::load(stored_w), mul(a.gamma_mix, p32)));
     if (a.pulses_main != nullptr) a.pulses_main[i] = static_cast<int32_t>(count_w);
     acc_main += static_cast<unsigned long long>(fabsf(count_w));
   }
@@ -483,6 +483,14 @@ void asgd_step_cuda(at::Tensor& W, const at::Tensor& g, at::Tensor& pulses, doub
   launch<kAsgd>(a, W.scalar_type(), stream);
 }
 
+// The mixed weight's output: null for an empty Wbar, which asks for none (the layer computes
+// W + gamma * P where forward needs it).
+void* mixed_out(at::Tensor& Wbar, const at::Tensor& W) {
+  if (Wbar.numel() == 0 && W.numel() != 0) return nullptr;
+  check_array(Wbar, W, "Wbar");
+  return Wbar.data_ptr();
+}
+
 void rl_step_cuda(at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tensor& g, at::Tensor& pulses_p, at::Tensor& pulses_w,
                   double lr, int64_t key, int64_t offset, bool transfer, double gamma, double transfer_lr, double read_noise,
                   int64_t max_pulses, c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w,
@@ -490,14 +498,13 @@ void rl_step_cuda(at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tens
   const c10::cuda::CUDAGuard guard(W.device());
   check_array(W, W, "W");
   check_array(P, W, "P");
-  check_array(Wbar, W, "Wbar");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   TableStore tw, tp;
   Args a{};
   fill_common(a, W, g, lr, key, offset, max_pulses);
   a.W = W.data_ptr();
   a.P = P.data_ptr();
-  a.Wbar = Wbar.data_ptr();
+  a.Wbar = mixed_out(Wbar, W);
   pulses_out(pulses_p, W, "pulses_p", a.pulses_first, a.total_first);
   pulses_out(pulses_w, W, "pulses_w", a.pulses_main, a.total_main);
   if (!transfer) {
@@ -522,7 +529,6 @@ void rl2_step_cuda(at::Tensor& W, at::Tensor& P, at::Tensor& H, at::Tensor& Wbar
   check_array(W, W, "W");
   check_array(P, W, "P");
   check_array(H, W, "H");
-  check_array(Wbar, W, "Wbar");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   TableStore tw, tp;
   Args a{};
@@ -530,7 +536,7 @@ void rl2_step_cuda(at::Tensor& W, at::Tensor& P, at::Tensor& H, at::Tensor& Wbar
   a.W = W.data_ptr();
   a.P = P.data_ptr();
   a.H = H.data_ptr();
-  a.Wbar = Wbar.data_ptr();
+  a.Wbar = mixed_out(Wbar, W);
   pulses_out(pulses_p, W, "pulses_p", a.pulses_first, a.total_first);
   pulses_out(pulses_w, W, "pulses_w", a.pulses_main, a.total_main);
   a.transfer = true;

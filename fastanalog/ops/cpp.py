@@ -172,7 +172,6 @@ def _register_fakes() -> None:
 
     def triad_fake(a, b, c, s):
         return None
-
     for name, fn in (("asgd_step_cpp_", asgd_fake), ("rl_step_cpp_", rl_fake), ("rl2_step_cpp_", rl2_fake), ("triad_cpp_", triad_fake)):
         try:
             torch.library.register_fake(f"fastanalog::{name}")(fn)
@@ -231,6 +230,17 @@ def _check_arrays(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], g: 
     if g.dtype not in (torch.float32, ref.dtype):
         g = g.to(torch.float32)
     return g.contiguous()
+
+
+def _named(**arrays: torch.Tensor | None) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...]]:
+    """Names and tensors of the arrays given (a mixed weight ``Wbar`` of None is left out)."""
+    given = {name: t for name, t in arrays.items() if t is not None}
+    return tuple(given), tuple(given.values())
+
+
+def _mixed_out(Wbar: torch.Tensor | None, W: torch.Tensor) -> torch.Tensor:
+    """The ops' Wbar argument: the array, or an empty tensor, which asks the kernels to write no mixed weight."""
+    return Wbar if Wbar is not None else W.new_empty(0)
 
 
 def _max_pulses(config: AnalogConfig) -> int:
@@ -294,7 +304,8 @@ def rl_step_cpp(
 ) -> StepPulses:
     """Residual Learning v1 in place (``transfer``: this step's transfer flag); as ``rl_step_ref``."""
     _require_cpp()
-    g = _check_arrays(("W", "P", "Wbar"), (W, P, Wbar), g)
+    g = _check_arrays(*_named(W=W, P=P, Wbar=Wbar), g)
+    Wbar = _mixed_out(Wbar, W)
     pulses_p, pulses_w = _pulse_out(W, totals), _pulse_out(W, totals, written=transfer)
     torch.ops.fastanalog.rl_step_cpp_(
         W, P, Wbar, g, pulses_p, pulses_w, float(lr), int(key), _check_offset(offset), bool(transfer), float(config.gamma),
@@ -308,7 +319,8 @@ def rl2_step_cpp(
 ) -> StepPulses:
     """Residual Learning v2 in place (residual write, noisy read, buffer, transfer, mix); as ``rl2_step_ref``."""
     _require_cpp()
-    g = _check_arrays(("W", "P", "H", "Wbar"), (W, P, H, Wbar), g)
+    g = _check_arrays(*_named(W=W, P=P, H=H, Wbar=Wbar), g)
+    Wbar = _mixed_out(Wbar, W)
     pulses_p, pulses_w = _pulse_out(W, totals), _pulse_out(W, totals)
     torch.ops.fastanalog.rl2_step_cpp_(
         W, P, H, Wbar, g, pulses_p, pulses_w, float(lr), int(key), _check_offset(offset), config.buffer == "ema",
@@ -316,6 +328,17 @@ def rl2_step_cpp(
         *_residual_args(config, tensor_id),
     )  # fmt: skip
     return StepPulses(first=_reported(pulses_p, totals), main=_reported(pulses_w, totals))
+
+
+def mix_cpp(W: torch.Tensor, P: torch.Tensor, gamma: float) -> torch.Tensor | None:
+    """``W + gamma * P`` as a new tensor, rounded as the kernels write the mixed weight (see ``reference.mixed_weight``);
+    None when the loaded kernels predate this op."""
+    if not cpp_available() or not hasattr(torch.ops.fastanalog, "mix_cpp_"):
+        return None
+    W, P = W.contiguous(), P.contiguous()
+    out = torch.empty_like(W)
+    torch.ops.fastanalog.mix_cpp_(out, W, P, float(gamma))
+    return out
 
 
 def triad_cpp(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: float) -> None:

@@ -119,16 +119,31 @@ def choose_backend(tensor: torch.Tensor) -> Backend:
     return get_backend("reference")
 
 
+def mixed_weight(W: torch.Tensor, P: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``W + gamma * P`` (a new tensor) rounded as every backend's kernels write it: float32 math, in W's dtype.
+
+    CPU tensors go through the C++ kernels' threads where they are built (not while
+    torch.compile traces: there the reference's tensor ops are traced).
+    """
+    if W.device.type == "cpu" and W.dtype in (torch.float32, torch.bfloat16, torch.float16) and not torch.compiler.is_compiling():
+        from . import cpp
+
+        mixed = cpp.mix_cpp(W, P, gamma)
+        if mixed is not None:
+            return mixed
+    return reference.mixed_weight(W, P, gamma)
+
+
 @dataclass(frozen=True)
 class StepItem:
-    """One analog tensor of a step: its arrays (a layer's ``analog_state()``), forward weight, gradient, config and key.
+    """One analog tensor of a step: its arrays (a layer's ``analog_state()``), stored mixed weight, gradient, config and key.
 
-    ``weight`` is written with ``W + gamma * P`` for rl/rl2 (for asgd it is W itself);
-    ``key`` is the tensor's step key ``philox.step_key(seed, step, tensor_id)``.
+    ``weight`` (rl/rl2 only) receives ``W + gamma * P``, or is None: then no mixed weight
+    is written. ``key`` is the tensor's step key ``philox.step_key(seed, step, tensor_id)``.
     """
 
     arrays: dict[str, torch.Tensor | None]
-    weight: torch.Tensor
+    weight: torch.Tensor | None
     grad: torch.Tensor
     config: AnalogConfig
     key: int
@@ -159,9 +174,11 @@ def analog_step_group(items: Sequence[StepItem], *, lr: float, step: int, totals
         algorithm = item.config.algorithm
         if algorithm not in _ARRAYS:
             raise ValueError(f"analog_step got algorithm {algorithm!r}, which has no analog update")
-        backend = choose_backend(item.weight)
-        dtypes = tuple(_array(item, n).dtype for n in _ARRAYS[algorithm]) + (item.grad.dtype,)
-        key = (backend.name, item.config, item.weight.device, dtypes)
+        main = item.arrays["main"]
+        backend = choose_backend(main)
+        arrays = (_array(item, n) for n in _ARRAYS[algorithm])
+        dtypes = tuple(a.dtype if a is not None else None for a in arrays) + (item.grad.dtype,)
+        key = (backend.name, item.config, main.device, dtypes)
         launches.setdefault(key, (backend, []))[1].append(i)
     out: list[StepPulses | None] = [None] * len(items)
     for backend, indices in launches.values():
@@ -177,7 +194,8 @@ def _launch(backend: Backend, items: list[StepItem], *, lr: float, step: int, to
     # Flat views in logical (row-major) order: the random counter of an element is its
     # logical index whatever the memory layout (e.g. channels_last), so strided arrays
     # are updated through contiguous copies and written back.
-    flat = [[_flat(_array(item, n)) for item in items] for n in names]
+    # A role without arrays (no stored mixed weight: all None, as the launch key says) is None.
+    flat = [[_flat(_array(item, n)) for item in items] if _array(items[0], n) is not None else None for n in names]
     grads = [item.grad.reshape(-1).contiguous() for item in items]
     extra = {"transfer": step % config.transfer_every == 0} if config.algorithm == "rl" else {}
     multi = getattr(backend, f"{config.algorithm}_multi")
@@ -190,7 +208,7 @@ def _launch(backend: Backend, items: list[StepItem], *, lr: float, step: int, to
             extra["totals"] = True
         out = [
             single(
-                *(arrays[i] for arrays in flat),
+                *(arrays[i] if arrays is not None else None for arrays in flat),
                 grads[i],
                 lr=lr,
                 config=config,
@@ -201,14 +219,14 @@ def _launch(backend: Backend, items: list[StepItem], *, lr: float, step: int, to
             for i, item in enumerate(items)
         ]
     for n, arrays in zip(names, flat):
-        for item, array in zip(items, arrays):
+        for item, array in zip(items, arrays or ()):
             _write_back(_array(item, n), array)
     return out
 
 
 def analog_step(
     arrays: dict[str, torch.Tensor | None],
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     grad: torch.Tensor,
     *,
     lr: float,
@@ -219,8 +237,8 @@ def analog_step(
 ) -> StepPulses:
     """One step of ``config.algorithm`` on one tensor; arrays are updated in place.
 
-    ``arrays`` is a layer's ``analog_state()``; ``weight`` the forward weight
-    (written with ``W + gamma * P`` for rl/rl2); ``step`` counts from 1.
+    ``arrays`` is a layer's ``analog_state()``; ``weight`` the stored mixed weight
+    (written with ``W + gamma * P`` for rl/rl2), or None; ``step`` counts from 1.
     """
     item = StepItem(arrays, weight, grad, config, key, tensor_id)
     return analog_step_group([item], lr=lr, step=step)[0]

@@ -141,14 +141,23 @@ def _residual_update(P, g, lr, config, tensor_id, offset, where, u0, n_c2c):
     return P.to(MATH_DTYPE), count
 
 
-def _mixed(Wbar, W, P, config, where):
-    _store(Wbar, W.to(MATH_DTYPE) + f32(config.gamma).to(where) * P.to(MATH_DTYPE))
+def mixed_weight(W: torch.Tensor, P: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The mixed weight ``W + gamma * P`` in float32 math, in the arrays' dtype (what every backend writes)."""
+    return (W.to(MATH_DTYPE) + f32(gamma).to(W.device) * P.to(MATH_DTYPE)).to(W.dtype)
+
+
+def _mixed(Wbar, W, P, config):
+    if Wbar is not None:  # None: no mixed weight is written (the layer computes it where forward needs it)
+        Wbar.copy_(mixed_weight(W, P, config.gamma))
 
 
 def rl_step_ref(
     W, P, Wbar, g, *, lr: float, config: AnalogConfig, key: int, tensor_id: int, transfer: bool, offset: int = 0
 ) -> StepPulses:
-    """Residual Learning v1 (Tiki-Taka with mixing); ``transfer`` is this step's transfer flag."""
+    """Residual Learning v1 (Tiki-Taka with mixing); ``transfer`` is this step's transfer flag.
+
+    ``Wbar`` receives the mixed weight ``W + gamma * P``, or is None: then none is written.
+    """
     where = W.device
     idx, u0, u1, n_read, n_c2c = _draws(key, W.numel(), offset, where)
     p32, count_p = _residual_update(P, g, lr, config, tensor_id, offset, where, u0, n_c2c)
@@ -161,12 +170,12 @@ def rl_step_ref(
         z_w = _w_c2c_noise(key, idx) if config.device.c2c_std > 0 else None
         _store(W, apply_pulses(W.to(MATH_DTYPE), count_w, arr_w, z_w))
         count_w = count_w.to(torch.int32)
-    _mixed(Wbar, W, P, config, where)
+    _mixed(Wbar, W, P, config)
     return StepPulses(first=count_p.to(torch.int32), main=count_w)
 
 
 def rl2_step_ref(W, P, H, Wbar, g, *, lr: float, config: AnalogConfig, key: int, tensor_id: int, offset: int = 0) -> StepPulses:
-    """Residual Learning v2: residual write, noisy read, digital buffer, transfer, mix."""
+    """Residual Learning v2: residual write, noisy read, digital buffer, transfer, mix (``Wbar`` None: no mix)."""
     where = W.device
     idx, u0, u1, n_read, n_c2c = _draws(key, W.numel(), offset, where)
     p32, count_p = _residual_update(P, g, lr, config, tensor_id, offset, where, u0, n_c2c)
@@ -189,5 +198,5 @@ def rl2_step_ref(W, P, H, Wbar, g, *, lr: float, config: AnalogConfig, key: int,
     if config.buffer == "accumulate":
         h = h - count_w * dw
     _store(H, h)
-    _mixed(Wbar, W, P, config, where)
+    _mixed(Wbar, W, P, config)
     return StepPulses(first=count_p.to(torch.int32), main=count_w.to(torch.int32))

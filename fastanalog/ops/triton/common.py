@@ -223,6 +223,23 @@ def check_arrays(numel: int, **tensors: torch.Tensor) -> None:
         raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (set before importing triton)")
 
 
+def given_arrays(**arrays):
+    """The named arrays (or lists of arrays) that are given: a mixed weight ``Wbar`` of None asks for none."""
+    return {name: t for name, t in arrays.items() if t is not None}
+
+
+def mixed_pointers(Wbar: Sequence[torch.Tensor], W: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+    """(the Wbar pointer arguments of a launch, whether the kernel writes the mixed weight).
+
+    ``Wbar`` holds one array per tensor, or is empty (or holds empty tensors) when no mixed
+    weight is asked for; then W's arrays stand in for the pointers, which the kernel never
+    touches (``MIX=False``).
+    """
+    if len(Wbar) == len(W) and all(b.numel() == w.numel() for b, w in zip(Wbar, W)):
+        return list(Wbar), True
+    return list(W), False
+
+
 def step_scalars(config: AnalogConfig, lr: float) -> dict:
     """Float32-rounded algorithm scalars shared by the kernels, and the pulse cap."""
     cap = config.max_pulses

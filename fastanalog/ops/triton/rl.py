@@ -12,7 +12,8 @@ Per element ``i`` (global index ``offset + i``), float32 math, words ``r0..r3`` 
 
 P is zero-shifted when the config says so (responses at ``P + w_sym``). Reads g, W, P;
 writes P, Wbar (and W on transfer steps) and int32 pulse counts: at float32 24 bytes
-per element on a transfer step (g, W, P in; W, P, Wbar out), 20 without.
+per element on a transfer step (g, W, P in; W, P, Wbar out), 20 without. Without a
+mixed weight (``Wbar`` None, ``MIX=False``) Wbar is neither written nor counted.
 
 ``rl_multi_step_triton`` updates several tensors of one config in one launch
 (``common.tensor_launch``), each exactly as ``rl_step_triton`` would.
@@ -35,9 +36,11 @@ from .common import (
     c2c_key,
     check_arrays,
     check_tensor_lists,
+    given_arrays,
     kernel_device_args,
     launch_options,
     load_f32,
+    mixed_pointers,
     multi_tensor_block,
     normal_pair,
     packed_arrays,
@@ -113,6 +116,7 @@ def _rl_step_kernel(
     P_ZERO_SHIFT: tl.constexpr,
     P_TABLE_N: tl.constexpr,
     P_TABLE_STEPS: tl.constexpr,
+    MIX: tl.constexpr,
     MULTI: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -211,7 +215,8 @@ def _rl_step_kernel(
         tl.store(count_w_ptr + local, count_w.to(tl.int32), mask=mask)
     else:
         w_st = x_w
-    store_f32(Wbar_ptr, local, w_st + tl.to_tensor(mix) * p_st, mask)
+    if MIX:
+        store_f32(Wbar_ptr, local, w_st + tl.to_tensor(mix) * p_st, mask)
 
 
 def _launch(
@@ -235,7 +240,8 @@ def _launch(
     dev_p_floats,
     dev_p_ints,
 ):
-    """One launch over the tensors ``W[i], P[i], ...`` (lists, one entry per tensor)."""
+    """One launch over the tensors ``W[i], P[i], ...`` (lists, one entry per tensor; ``Wbar`` may be empty)."""
+    Wbar, write_mix = mixed_pointers(Wbar, W)
     launch = tensor_launch(
         {
             "W_ptr": W,
@@ -270,6 +276,7 @@ def _launch(
         TRANSFER=bool(transfer),
         READ_NOISE=bool(read_on),
         HAS_CAP=bool(has_cap),
+        MIX=write_mix,
         BLOCK=block_size(),
         **per_tensor,
         **prefixed("w", rt_w, c_w),
@@ -302,7 +309,8 @@ def rl_step_triton_(
 
     ``scalars = [lr, transfer_lr, gamma, read_noise, max_pulses]`` (float32-rounded),
     ``flags = [has max_pulses, read_noise > 0]``; ``pulses_w`` is written only when
-    ``transfer``; device lists as in ``common.DeviceArgs``.
+    ``transfer``; device lists as in ``common.DeviceArgs``. An empty ``Wbar`` asks for no
+    mixed weight.
     """
     _launch(
         [W],
@@ -429,7 +437,7 @@ def _(
 def _prepare(
     W: torch.Tensor,
     P: torch.Tensor,
-    Wbar: torch.Tensor,
+    Wbar: torch.Tensor | None,
     g: torch.Tensor,
     *,
     lr: float,
@@ -441,7 +449,7 @@ def _prepare(
 ) -> tuple[tuple, StepPulses]:
     """(arguments of ``fastanalog::rl_step_triton_``, the StepPulses it fills)."""
     numel = W.numel()
-    check_arrays(numel, W=W, P=P, Wbar=Wbar, g=g)
+    check_arrays(numel, **given_arrays(W=W, P=P, Wbar=Wbar, g=g))
     dev_w, args_w, dev_p, args_p = packed_arrays(config, tensor_id)
     s = step_scalars(config, lr)
     pulses_p = torch.empty(numel, dtype=torch.int32, device=W.device)
@@ -449,7 +457,7 @@ def _prepare(
     args = (
         W,
         P,
-        Wbar,
+        Wbar if Wbar is not None else W.new_empty(0),
         g,
         pulses_p,
         pulses_w,
@@ -471,7 +479,7 @@ def _prepare(
 def rl_step_triton(
     W: torch.Tensor,
     P: torch.Tensor,
-    Wbar: torch.Tensor,
+    Wbar: torch.Tensor | None,
     g: torch.Tensor,
     *,
     lr: float,
@@ -484,7 +492,8 @@ def rl_step_triton(
     """Residual Learning v1 on flat tensors, in place; same signature and result as ``rl_step_ref``.
 
     Args:
-        W, P, Wbar: main, residual and mixed forward arrays (weight units), updated in place.
+        W, P, Wbar: main, residual and mixed forward arrays (weight units), updated in place;
+            ``Wbar`` None: no mixed weight is written.
         g: gradient at Wbar.
         lr: learning rate (rounded to float32).
         config: the tensor's ``AnalogConfig`` (``device`` for W, ``residual_device`` for P).
@@ -505,7 +514,7 @@ def rl_step_triton(
 def _prepare_multi(
     W: Sequence[torch.Tensor],
     P: Sequence[torch.Tensor],
-    Wbar: Sequence[torch.Tensor],
+    Wbar: Sequence[torch.Tensor] | None,
     g: Sequence[torch.Tensor],
     *,
     lr: float,
@@ -516,7 +525,7 @@ def _prepare_multi(
     offsets: Sequence[int] | None = None,
 ) -> tuple[tuple, list[StepPulses]]:
     """(arguments of ``fastanalog::rl_multi_step_triton_``, the StepPulses it fills, one per tensor)."""
-    offsets = check_tensor_lists({"W": W, "P": P, "Wbar": Wbar, "g": g}, keys, tensor_ids, offsets)
+    offsets = check_tensor_lists(given_arrays(W=W, P=P, Wbar=Wbar, g=g), keys, tensor_ids, offsets)
     dev_w, args_w, dev_p, args_p = packed_arrays(config, tensor_ids[0])
     packed = [packed_arrays(config, tid) for tid in tensor_ids]
     s = step_scalars(config, lr)
@@ -525,7 +534,7 @@ def _prepare_multi(
     args = (
         list(W),
         list(P),
-        list(Wbar),
+        list(Wbar) if Wbar is not None else [],
         list(g),
         pulses_p,
         pulses_w,
@@ -549,7 +558,7 @@ def _prepare_multi(
 def rl_multi_step_triton(
     W: Sequence[torch.Tensor],
     P: Sequence[torch.Tensor],
-    Wbar: Sequence[torch.Tensor],
+    Wbar: Sequence[torch.Tensor] | None,
     g: Sequence[torch.Tensor],
     *,
     lr: float,

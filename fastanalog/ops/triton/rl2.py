@@ -15,7 +15,8 @@ Per element ``i`` (global index ``offset + i``), float32 math, words ``r0..r3`` 
     Wbar <- W + gamma * P
 
 Reads g, W, P, H and writes W, P, H, Wbar (32 bytes per element at float32) plus the
-two int32 pulse-count arrays.
+two int32 pulse-count arrays; without a mixed weight (``Wbar`` None, ``MIX=False``) Wbar is
+not written (28 bytes).
 
 ``rl2_multi_step_triton`` updates several tensors of one config in one launch
 (``common.tensor_launch``), each exactly as ``rl2_step_triton`` would.
@@ -38,9 +39,11 @@ from .common import (
     c2c_key,
     check_arrays,
     check_tensor_lists,
+    given_arrays,
     kernel_device_args,
     launch_options,
     load_f32,
+    mixed_pointers,
     multi_tensor_block,
     normal_pair,
     packed_arrays,
@@ -119,6 +122,7 @@ def _rl2_step_kernel(
     P_ZERO_SHIFT: tl.constexpr,
     P_TABLE_N: tl.constexpr,
     P_TABLE_STEPS: tl.constexpr,
+    MIX: tl.constexpr,
     MULTI: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -224,7 +228,8 @@ def _rl2_step_kernel(
     if not EMA:
         h = h - count_w * dw
     store_f32(H_ptr, local, h, mask)
-    store_f32(Wbar_ptr, local, w_st + tl.to_tensor(mix) * p_st, mask)
+    if MIX:
+        store_f32(Wbar_ptr, local, w_st + tl.to_tensor(mix) * p_st, mask)
     tl.store(count_w_ptr + local, count_w.to(tl.int32), mask=mask)
 
 
@@ -249,7 +254,8 @@ def _launch(
     dev_p_floats,
     dev_p_ints,
 ):
-    """One launch over the tensors ``W[i], P[i], ...`` (lists, one entry per tensor)."""
+    """One launch over the tensors ``W[i], P[i], ...`` (lists, one entry per tensor; ``Wbar`` may be empty)."""
+    Wbar, write_mix = mixed_pointers(Wbar, W)
     launch = tensor_launch(
         {
             "W_ptr": W,
@@ -286,6 +292,7 @@ def _launch(
         EMA=bool(ema),
         READ_NOISE=bool(read_on),
         HAS_CAP=bool(has_cap),
+        MIX=write_mix,
         BLOCK=block_size(),
         **per_tensor,
         **prefixed("w", rt_w, c_w),
@@ -446,7 +453,7 @@ def _prepare(
     W: torch.Tensor,
     P: torch.Tensor,
     H: torch.Tensor,
-    Wbar: torch.Tensor,
+    Wbar: torch.Tensor | None,
     g: torch.Tensor,
     *,
     lr: float,
@@ -457,7 +464,7 @@ def _prepare(
 ) -> tuple[tuple, StepPulses]:
     """(arguments of ``fastanalog::rl2_step_triton_``, the StepPulses it fills)."""
     numel = W.numel()
-    check_arrays(numel, W=W, P=P, H=H, Wbar=Wbar, g=g)
+    check_arrays(numel, **given_arrays(W=W, P=P, H=H, Wbar=Wbar, g=g))
     dev_w, args_w, dev_p, args_p = packed_arrays(config, tensor_id)
     s = step_scalars(config, lr)
     pulses_p = torch.empty(numel, dtype=torch.int32, device=W.device)
@@ -466,7 +473,7 @@ def _prepare(
         W,
         P,
         H,
-        Wbar,
+        Wbar if Wbar is not None else W.new_empty(0),
         g,
         pulses_p,
         pulses_w,
@@ -488,7 +495,7 @@ def rl2_step_triton(
     W: torch.Tensor,
     P: torch.Tensor,
     H: torch.Tensor,
-    Wbar: torch.Tensor,
+    Wbar: torch.Tensor | None,
     g: torch.Tensor,
     *,
     lr: float,
@@ -501,7 +508,7 @@ def rl2_step_triton(
 
     Args:
         W, P, H, Wbar: main, residual, digital buffer and mixed forward arrays (weight
-            units), updated in place.
+            units), updated in place; ``Wbar`` None: no mixed weight is written.
         g: gradient at Wbar.
         lr: learning rate (rounded to float32).
         config: the tensor's ``AnalogConfig`` (``buffer``, ``threshold``, devices, ...).
@@ -520,7 +527,7 @@ def _prepare_multi(
     W: Sequence[torch.Tensor],
     P: Sequence[torch.Tensor],
     H: Sequence[torch.Tensor],
-    Wbar: Sequence[torch.Tensor],
+    Wbar: Sequence[torch.Tensor] | None,
     g: Sequence[torch.Tensor],
     *,
     lr: float,
@@ -530,7 +537,7 @@ def _prepare_multi(
     offsets: Sequence[int] | None = None,
 ) -> tuple[tuple, list[StepPulses]]:
     """(arguments of ``fastanalog::rl2_multi_step_triton_``, the StepPulses it fills, one per tensor)."""
-    offsets = check_tensor_lists({"W": W, "P": P, "H": H, "Wbar": Wbar, "g": g}, keys, tensor_ids, offsets)
+    offsets = check_tensor_lists(given_arrays(W=W, P=P, H=H, Wbar=Wbar, g=g), keys, tensor_ids, offsets)
     dev_w, args_w, dev_p, args_p = packed_arrays(config, tensor_ids[0])
     packed = [packed_arrays(config, tid) for tid in tensor_ids]
     s = step_scalars(config, lr)
@@ -540,7 +547,7 @@ def _prepare_multi(
         list(W),
         list(P),
         list(H),
-        list(Wbar),
+        list(Wbar) if Wbar is not None else [],
         list(g),
         pulses_p,
         pulses_w,
@@ -564,7 +571,7 @@ def rl2_multi_step_triton(
     W: Sequence[torch.Tensor],
     P: Sequence[torch.Tensor],
     H: Sequence[torch.Tensor],
-    Wbar: Sequence[torch.Tensor],
+    Wbar: Sequence[torch.Tensor] | None,
     g: Sequence[torch.Tensor],
     *,
     lr: float,
