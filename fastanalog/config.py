@@ -9,6 +9,7 @@ from .devices import LinearResponse, ResponseDevice
 
 ALGORITHMS = ("digital", "asgd", "rl", "rl2")
 BUFFERS = ("accumulate", "ema")
+MIXED_WEIGHTS = ("transient", "stored")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class AnalogConfig:
         threshold: ``rl2`` accumulate mode transfers once ``|H| >= threshold * dw_min_W`` (>= 1).
         max_pulses: cap on pulses per element per write (None: no cap).
         zero_shift: use P's device with its symmetric point subtracted (``G_P(0) = 0``).
+        mixed_weight: how rl/rl2 keep the forward weight ``W + gamma * P``:
+            ``transient`` (computed in forward and again in backward; no array is kept)
+            or ``stored`` (an array the optimizer's kernels rewrite at every step).
     """
 
     algorithm: str = "rl2"
@@ -42,6 +46,7 @@ class AnalogConfig:
     threshold: float = 1.0
     max_pulses: int | None = None
     zero_shift: bool = True
+    mixed_weight: str = "transient"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -66,6 +71,8 @@ class AnalogConfig:
             raise ValueError(f"transfer_every must be an int >= 1, got {self.transfer_every!r}")
         if self.read_noise < 0:
             raise ValueError(f"read_noise must be >= 0 (std of the read of P), got {self.read_noise}")
+        if self.mixed_weight not in MIXED_WEIGHTS:
+            raise ValueError(f"unknown mixed_weight {self.mixed_weight!r}: choose 'transient' or 'stored'")
         if self.buffer not in BUFFERS:
             raise ValueError(f"unknown buffer {self.buffer!r}: choose 'accumulate' or 'ema'")
         if self.threshold < 1:

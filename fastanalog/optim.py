@@ -123,8 +123,8 @@ def _update_op(
     """The compiled step's analog update of tensors of one config (``config``: its handle); nothing unless ``finite``.
 
     Tensor ``i`` has arrays ``main[i]`` (W), ``residual[i]`` (P), ``buffer[i]`` (H) and
-    forward weight ``weight[i]`` where its algorithm has them (the lists are empty
-    otherwise), gradient signal ``signal[i]`` and its layer's pulse counters; its key is
+    stored mixed weight ``weight[i]`` where its algorithm and config have them (the lists
+    are empty otherwise), gradient signal ``signal[i]`` and its layer's pulse counters; its key is
     ``step_key(seed, step, tensor_ids[i])`` with the step read from ``counters``. ``seed``
     comes as a signed 64-bit int.
     """
@@ -135,7 +135,7 @@ def _update_op(
     items = [
         StepItem(
             {"main": main[i], "residual": residual[i] if residual else None, "buffer": buffer[i] if buffer else None},
-            weight[i] if weight else main[i],
+            weight[i] if weight else None,
             signal[i],
             cfg,
             philox.step_key(seed & philox.MASK64, step, tid),
@@ -233,11 +233,15 @@ class AnalogSGD(Optimizer):
         self._counters[1] = int(value)
 
     # ----- bookkeeping -----------------------------------------------------------------
-    def _signal(self, p: torch.Tensor, group, finite: torch.Tensor | None) -> torch.Tensor:
-        """The gradient signal of ``p`` after weight decay and momentum (``finite``: the compiled step's flag)."""
+    def _signal(self, p: torch.Tensor, layer, group, finite: torch.Tensor | None) -> torch.Tensor:
+        """The gradient signal of ``p`` after weight decay and momentum (``finite``: the compiled step's flag).
+
+        Weight decay of an analog tensor is the L2 penalty of its forward weight (``W + gamma * P`` for rl/rl2).
+        """
         d_p = p.grad
         if group["weight_decay"] != 0:
-            d_p = d_p.add(p.detach(), alpha=group["weight_decay"])
+            decayed = layer.forward_weight() if layer is not None and layer.analog_config.has_residual else p.detach()
+            d_p = d_p.add(decayed, alpha=group["weight_decay"])
         if group["momentum"] != 0:
             state = self.state[p]
             buf = state.get("momentum_buffer")
@@ -275,7 +279,7 @@ class AnalogSGD(Optimizer):
                 layer = _layer_of(p)
                 is_analog = layer is not None and layer.analog_config.is_analog
                 if p.grad is not None:
-                    d_p = self._signal(p, group, finite)
+                    d_p = self._signal(p, layer, group, finite)
                     if is_analog:
                         analog.append((p, layer, tid, d_p))
                     elif finite is None:
@@ -298,7 +302,7 @@ class AnalogSGD(Optimizer):
         """The analog tensors ``(param, layer, tensor id, signal)`` of one param group, eagerly."""
         k = self.step_count
         items = [
-            StepItem(layer.analog_state(), p.data, d_p, layer.analog_config, philox.step_key(self.seed, k, tid), tid)
+            StepItem(layer.analog_state(), layer.analog_mixed, d_p, layer.analog_config, philox.step_key(self.seed, k, tid), tid)
             for p, layer, tid, d_p in analog
         ]
         for (_, layer, _, _), pulses in zip(analog, analog_step_group(items, lr=lr, step=k, totals=True)):
@@ -317,7 +321,7 @@ class AnalogSGD(Optimizer):
                 [s["main"] for s in states],
                 [s["residual"] for s in states] if config.has_residual else [],
                 [s["buffer"] for s in states] if config.has_buffer else [],
-                [p for p, _, _, _ in entries] if config.has_residual else [],
+                [layer.analog_mixed for _, layer, _, _ in entries] if entries[0][1].analog_mixed is not None else [],
                 [d_p for _, _, _, d_p in entries],
                 [layer.analog_last_pulses for _, layer, _, _ in entries],
                 [layer.analog_pulses for _, layer, _, _ in entries],

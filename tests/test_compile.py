@@ -19,7 +19,7 @@ from torch import nn
 import fastanalog as fa
 from fastanalog.ops import cpp, dispatch
 
-ANALOG_STATE = ("weight", "analog_main", "analog_residual", "analog_buffer", "analog_pulses", "analog_last_pulses")
+ANALOG_STATE = ("weight", "analog_residual", "analog_buffer", "analog_pulses", "analog_last_pulses")
 
 
 @pytest.fixture(autouse=True)
@@ -102,10 +102,14 @@ def test_compiled_train_step_equals_eager_cpp():
 
 
 def test_compiled_train_step_equals_eager_triton(monkeypatch):
-    """The Triton backend (interpreted here), with momentum, rl transfers every 2 steps and a skipped step."""
+    """The Triton backend (interpreted here), with momentum, rl transfers every 2 steps, a skipped step and a stored mixed weight."""
     monkeypatch.setenv("FASTANALOG_BACKEND", "triton")
     config = fa.AnalogConfig(
-        algorithm="rl", device=fa.ExpResponse(tau=0.6, gamma=1.5, dw_min=0.01, d2d_std=0.1), read_noise=0.01, transfer_every=2
+        algorithm="rl",
+        device=fa.ExpResponse(tau=0.6, gamma=1.5, dw_min=0.01, d2d_std=0.1),
+        read_noise=0.01,
+        transfer_every=2,
+        mixed_weight="stored",
     )
     model, opt = _model(config, momentum=0.5, nonfinite="skip")
     eager, eager_opt = _model(config, momentum=0.5, nonfinite="skip")
@@ -122,6 +126,7 @@ def test_compiled_train_step_equals_eager_triton(monkeypatch):
             eager_step(x, y)
     _assert_same_analog_state(model, eager)
     assert (opt.step_count, opt.skipped_steps) == (eager_opt.step_count, eager_opt.skipped_steps) == (3, 1)
+    assert torch.equal(model[0].analog_mixed, model[0].forward_weight())
 
 
 def test_opcheck_compiled_step_ops():
@@ -137,7 +142,7 @@ def test_opcheck_compiled_step_ops():
         [s["main"] for s in states],
         [s["residual"] for s in states],
         [s["buffer"] for s in states],
-        [layer.weight.detach() for layer in layers],
+        [torch.zeros_like(layer.weight) for layer in layers],  # a stored mixed weight
         [torch.randn_like(layer.weight) for layer in layers],
         [layer.analog_last_pulses for layer in layers],
         [layer.analog_pulses for layer in layers],

@@ -1,7 +1,9 @@
 """Analog layers, convert_to_analog on timm models, AnalogConfig validation."""
 
 import copy
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -30,15 +32,133 @@ def test_layers_accept_every_nn_argument_and_forward_like_their_twins():
 def test_analog_state_returns_live_tensors_and_state_dict_restores_everything():
     lin = fa.AnalogLinear(4, 3, config=fa.AnalogConfig(algorithm="rl2", gamma=0.5))
     st = lin.analog_state()
+    assert st["main"].data_ptr() == lin.weight.data_ptr()
     st["residual"].fill_(0.01)
     assert float(lin.analog_residual[0, 0]) == pytest.approx(0.01)
-    lin.refresh_weight()
-    torch.testing.assert_close(lin.weight.detach(), lin.analog_main + 0.5 * lin.analog_residual)
+    torch.testing.assert_close(lin.forward_weight(), lin.weight.detach() + 0.5 * lin.analog_residual)
     other = fa.AnalogLinear(4, 3, config=fa.AnalogConfig(algorithm="rl2", gamma=0.5))
     other.load_state_dict(lin.state_dict())
     for k, v in lin.state_dict().items():
         assert torch.equal(v, other.state_dict()[k])
-    assert set(lin.state_dict()) >= {"weight", "bias", "analog_main", "analog_residual", "analog_buffer", "analog_pulses"}
+    assert set(lin.state_dict()) == {"weight", "bias", "analog_residual", "analog_buffer", "analog_pulses", "analog_last_pulses"}
+
+
+def test_state_dicts_of_the_earlier_layout_load():
+    """Before the mixed weight became transient, W lived in ``analog_main`` and ``weight`` held W + gamma P."""
+    lin = fa.AnalogLinear(4, 3, config=fa.AnalogConfig(algorithm="rl", gamma=0.5))
+    old = {k: v.clone() for k, v in lin.state_dict().items()}
+    old["analog_main"] = torch.full((3, 4), 0.25)
+    old["analog_residual"] = torch.full((3, 4), 0.1)
+    old["weight"] = old["analog_main"] + 0.5 * old["analog_residual"]
+    lin.load_state_dict(old)
+    assert torch.equal(lin.weight.detach(), torch.full((3, 4), 0.25))
+    torch.testing.assert_close(lin.forward_weight(), torch.full((3, 4), 0.3))
+
+
+def _twin_layers(kind: str, mixed_weight: str, algorithm: str = "rl2", gamma: float = 0.3):
+    torch.manual_seed(1)
+    cfg = fa.AnalogConfig(algorithm=algorithm, gamma=gamma, mixed_weight=mixed_weight)
+    if kind == "linear":
+        layer = fa.AnalogLinear(6, 5, config=cfg)
+        x = torch.randn(3, 2, 6)
+    elif kind == "conv1d":
+        layer = fa.AnalogConv1d(4, 6, 3, padding=1, groups=2, config=cfg)
+        x = torch.randn(2, 4, 7)
+    else:
+        layer = fa.AnalogConv2d(3, 4, 3, stride=2, padding="valid", padding_mode="zeros", config=cfg)
+        x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        layer.analog_residual.copy_(torch.randn_like(layer.analog_residual) * 0.05)
+    layer.refresh_weight()
+    return layer, x
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
+@pytest.mark.parametrize("mixed_weight", ["transient", "stored"])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_forward_and_gradients_are_those_at_the_mixed_weight(kind, mixed_weight, input_grad):
+    """Output, input gradient and weight gradient equal a digital twin's whose weight is W + gamma * P."""
+    layer, x = _twin_layers(kind, mixed_weight)
+    twin = copy.deepcopy(layer)
+    digital = {"linear": nn.Linear, "conv1d": nn.Conv1d, "conv2d": nn.Conv2d}[kind]
+    twin.__class__ = digital  # the plain nn forward
+    with torch.no_grad():
+        twin.weight.copy_(layer.weight + 0.3 * layer.analog_residual)
+    xa, xd = x.clone().requires_grad_(input_grad), x.clone().requires_grad_(input_grad)
+    out, ref = layer(xa), twin(xd)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    if input_grad:
+        torch.testing.assert_close(xa.grad, xd.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.weight.grad, twin.weight.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.bias.grad, twin.bias.grad)
+    assert layer.analog_residual.grad is None
+
+
+@pytest.mark.parametrize("needs_input_grad", [True, False])
+def test_transient_mixed_weight_is_not_kept_by_autograd(monkeypatch, needs_input_grad):
+    """Between forward and backward no mixed weight is alive: backward computes it again if it needs it."""
+    from fastanalog.ops import dispatch
+
+    made = []
+    real = dispatch.mixed_weight
+
+    def spy(*args):
+        t = real(*args)
+        made.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(dispatch, "mixed_weight", spy)
+    layer, x = _twin_layers("conv2d", "transient")
+    assert layer.analog_mixed is None and "analog_mixed" not in dict(layer.named_buffers())
+    x.requires_grad_(needs_input_grad)
+    out = layer(x)
+    gc.collect()
+    assert len(made) == 1 and made[0]() is None, "autograd kept the mixed weight"
+    out.sum().backward()
+    assert len(made) == (2 if needs_input_grad else 1)  # the input's gradient needs the weight, W's gradient not
+    assert layer.weight.grad is not None
+    stored, _ = _twin_layers("conv2d", "stored")
+    assert stored.analog_mixed is not None and "analog_mixed" not in stored.state_dict()
+
+
+def test_transient_mixed_weight_supports_double_backward():
+    layer, x = _twin_layers("linear", "transient")
+    x = x.requires_grad_()
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    gx.square().sum().backward()
+    twin = nn.Linear(6, 5)
+    with torch.no_grad():
+        twin.weight.copy_(layer.forward_weight())
+        twin.bias.copy_(layer.bias)
+    xd = x.detach().clone().requires_grad_()
+    (gd,) = torch.autograd.grad(twin(xd).square().sum(), xd, create_graph=True)
+    gd.square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, twin.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_stored_and_transient_mixed_weights_train_identically():
+    runs = []
+    for mixed_weight in ("transient", "stored"):
+        torch.manual_seed(0)
+        cfg = fa.AnalogConfig(algorithm="rl2", gamma=0.2, transfer_lr=0.5, mixed_weight=mixed_weight)
+        model = fa.convert_to_analog(nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)), cfg)
+        opt = fa.AnalogSGD(model.parameters(), lr=0.5, momentum=0.5, weight_decay=0.01, seed=3)
+        x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 3, (8,))
+        for _ in range(4):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        if mixed_weight == "stored":
+            for layer in (model[0], model[2]):
+                assert torch.equal(layer.analog_mixed, layer.forward_weight())
+        runs.append(model.state_dict())
+    assert runs[0].keys() == runs[1].keys()
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+    assert int(runs[0]["0.analog_pulses"].sum()) > 0
 
 
 def test_convert_keeps_weights_biases_and_leaves_the_original_alone():

@@ -62,7 +62,7 @@ def test_same_seed_same_result_other_seed_other_result():
     for seed in (1, 1, 2):
         m = _model("rl2")
         _train(m, fa.AnalogSGD(m.parameters(), lr=0.2, seed=seed), 3)
-        runs.append(m[0].analog_main.clone())
+        runs.append(m[0].weight.detach().clone())
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
 
@@ -92,17 +92,23 @@ def test_digital_parameters_follow_torch_sgd_exactly():
 
 
 @pytest.mark.parametrize("algorithm", ["asgd", "rl", "rl2"])
-def test_step_writes_forward_weight_from_arrays_and_counts_pulses(algorithm):
-    m = _model(algorithm)
+@pytest.mark.parametrize("mixed_weight", ["transient", "stored"])
+def test_step_updates_the_arrays_behind_weight_and_counts_pulses(algorithm, mixed_weight):
+    m = _model(algorithm, mixed_weight=mixed_weight)
     opt = fa.AnalogSGD(m.parameters(), lr=0.5, seed=3)
     _train(m, opt, 2)
     layer = m[0]
     st = layer.analog_state()
+    assert st["main"].data_ptr() == layer.weight.data_ptr()
     if algorithm == "asgd":
-        assert st["main"].data_ptr() == layer.weight.data_ptr() and st["residual"] is None
+        assert st["residual"] is None and layer.analog_mixed is None
     else:
-        torch.testing.assert_close(layer.weight.detach(), st["main"] + 0.1 * st["residual"], rtol=0, atol=1e-7)
+        torch.testing.assert_close(layer.forward_weight(), st["main"] + 0.1 * st["residual"], rtol=0, atol=1e-7)
         assert (st["buffer"] is not None) == (algorithm == "rl2")
+        if mixed_weight == "stored":  # the kernels wrote it with the update
+            assert torch.equal(layer.analog_mixed, layer.forward_weight())
+        else:
+            assert layer.analog_mixed is None
     assert int(layer.analog_last_pulses.sum()) > 0
     assert int(layer.analog_pulses.sum()) >= int(layer.analog_last_pulses.sum())
 
@@ -185,7 +191,7 @@ def test_channels_last_conv_gives_the_same_update_as_contiguous():
         m = fa.convert_to_analog(m, fa.AnalogConfig(algorithm="rl2", device=fa.LinearResponse(tau=1.0, dw_min=0.002)))
         if channels_last:
             m = m.to(memory_format=torch.channels_last)
-            assert not m[0].weight.is_contiguous() and not m[0].analog_main.is_contiguous()
+            assert not m[0].weight.is_contiguous() and not m[0].analog_residual.is_contiguous()
         opt = fa.AnalogSGD(m.parameters(), lr=0.5, seed=1)
         gen = torch.Generator().manual_seed(0)
         for p in m.parameters():  # identical gradients (conv backward sums in a layout-dependent order)
@@ -248,7 +254,9 @@ def test_grouped_update_equals_one_tensor_at_a_time():
         for tid, (arrays, grad, config) in enumerate(tensors):
             a = {n: t.clone() for n, t in arrays.items()}
             if config.algorithm == "asgd":
-                a.update(residual=None, buffer=None, weight=a["main"])
+                a.update(residual=None, buffer=None, weight=None)
+            elif tid == 2:  # no stored mixed weight: launched apart from the others
+                a.update(weight=None)
             state = {n: a[n] for n in ("main", "residual", "buffer")}
             out.append(StepItem(state, a["weight"], grad, config, philox.step_key(3, 1, tid), tid))
         return out
@@ -259,7 +267,7 @@ def test_grouped_update_equals_one_tensor_at_a_time():
     for a, b, w, g in zip(alone, grouped, want, got):
         assert torch.equal(w.first, g.first) and (w.main is None) == (g.main is None)
         assert w.main is None or torch.equal(w.main, g.main)
-        assert torch.equal(a.weight, b.weight)
+        assert (a.weight is None and b.weight is None) or torch.equal(a.weight, b.weight)
         for n in a.arrays:
             assert (a.arrays[n] is None and b.arrays[n] is None) or torch.equal(a.arrays[n], b.arrays[n]), n
     assert int(sum(g.first.abs().sum() for g in got)) > 0

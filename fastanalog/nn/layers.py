@@ -1,13 +1,22 @@
 """Analog layers: nn.Linear / nn.Conv1d / nn.Conv2d whose weights live on devices.
 
-Each analog layer is a subclass of its digital twin, so forward, ``repr``,
-``torch.compile``, DDP and every nn argument behave unchanged. The parameter
-``weight`` is what forward uses: the main array W itself for ``asgd`` and
-``digital``, the mixed weight ``W + gamma * P`` for ``rl``/``rl2``, which
-AnalogSGD rewrites after every step. The analog arrays are buffers of the layer,
-so ``model.state_dict()`` alone restores a model:
+Each analog layer is a subclass of its digital twin, so ``repr``, ``torch.compile``,
+DDP and every nn argument behave unchanged. The parameter ``weight`` is the main array
+W for every algorithm; its gradient is the gradient at the forward weight. For
+``asgd`` and ``digital`` forward uses W itself, for ``rl``/``rl2`` the mixed weight
+``W + gamma * P``, which ``AnalogConfig.mixed_weight`` keeps in one of two ways:
 
-* ``analog_main``     W (rl, rl2; for asgd W is ``weight`` itself)
+* ``"transient"`` (default): forward computes it and autograd keeps nothing of it; the
+  backward pass that needs it computes it again. Training then holds W, P (and H) and
+  nothing else per analog tensor.
+* ``"stored"``: AnalogSGD's kernels write it in the same pass as the update, into the
+  buffer ``analog_mixed`` (not saved in ``state_dict``: it follows from W and P): one more
+  array in memory, no work in forward and backward.
+
+The analog arrays are buffers of the layer, so ``model.state_dict()`` alone restores a
+model:
+
+* ``weight``          W (a parameter)
 * ``analog_residual`` P, stored zero-shifted (rl, rl2)
 * ``analog_buffer``   H, the digital transfer buffer (rl2)
 * ``analog_pulses``   int64 ``[pulses to W, pulses to P]`` written so far
@@ -20,9 +29,78 @@ import warnings
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import AnalogConfig
+from ..ops import dispatch
+
+
+class _Mix(torch.autograd.Function):
+    """``W + gamma * P`` as the kernels round it; the gradient goes to W (d(W + gamma P)/dW = 1)."""
+
+    @staticmethod
+    def forward(ctx, main, residual, gamma):
+        return dispatch.mixed_weight(main, residual, gamma)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+class _StoredMix(torch.autograd.Function):
+    """The stored mixed weight (``analog_mixed``), with its gradient passed to W."""
+
+    @staticmethod
+    def forward(ctx, main, mixed):
+        return mixed.view_as(mixed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _Recompute:
+    """What autograd keeps in place of a saved mixed weight (or a view of it): how to compute it again."""
+
+    __slots__ = ("main", "residual", "gamma", "size", "stride", "offset", "needed")
+
+    def __init__(self, main, residual, gamma, t: torch.Tensor, needed: bool):
+        self.main, self.residual, self.gamma = main, residual, gamma
+        self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
+        self.needed = needed
+
+    def tensor(self) -> torch.Tensor:
+        if not self.needed:
+            # The weight only ever enters the input's gradient, and the input needs none: autograd
+            # unpacks it all the same, so hand it a NaN stand-in of the right shape (no work, and
+            # loud if anything ever read it).
+            return torch.full((), float("nan"), dtype=self.main.dtype, device=self.main.device).expand(self.size)
+        if torch.is_grad_enabled():  # double backward: keep the path to W
+            mixed = _Mix.apply(self.main, self.residual, self.gamma)
+        else:
+            mixed = dispatch.mixed_weight(self.main, self.residual, self.gamma)
+        return mixed.as_strided(self.size, self.stride, self.offset)
+
+
+def _run_transient(run, x, main, residual, gamma):
+    """``run(x, W + gamma * P)`` with autograd keeping a recipe instead of the mixed weight."""
+    mixed = _Mix.apply(main, residual, gamma)
+    if not torch.is_grad_enabled() or not mixed.requires_grad:
+        return run(x, mixed)
+    storage = mixed.untyped_storage().data_ptr()
+    needed = x.requires_grad  # the weight enters only the input's gradient (linear and conv alike)
+
+    def pack(t):
+        if t.layout == torch.strided and t.device == main.device and t.untyped_storage().data_ptr() == storage:
+            return _Recompute(main, residual, gamma, t, needed)
+        return t
+
+    def unpack(saved):
+        return saved.tensor() if isinstance(saved, _Recompute) else saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return run(x, mixed)
 
 
 class AnalogLayerMixin:
@@ -48,18 +126,27 @@ class AnalogLayerMixin:
                     )
                     weight.clamp_(dev.tau_min, dev.tau_max)
         if config.has_residual:
-            self.register_buffer("analog_main", weight.detach().clone())
             self.register_buffer("analog_residual", torch.zeros_like(weight.detach()))
         else:
-            self.analog_main = None
             self.analog_residual = None
         if config.has_buffer:
             self.register_buffer("analog_buffer", torch.zeros_like(weight.detach()))
         else:
             self.analog_buffer = None
+        if self._stores_mixed():
+            self.register_buffer("analog_mixed", torch.empty_like(weight.detach()), persistent=False)
+            self.refresh_weight()
+        else:
+            self.analog_mixed = None
         self.register_buffer("analog_pulses", torch.zeros(2, dtype=torch.int64, device=weight.device))
         self.register_buffer("analog_last_pulses", torch.zeros(2, dtype=torch.int64, device=weight.device))
+        self.register_load_state_dict_pre_hook(_upgrade_state_dict)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         self._tag_weight()
+
+    def _stores_mixed(self) -> bool:
+        cfg = self.analog_config
+        return cfg.has_residual and cfg.gamma != 0 and cfg.mixed_weight == "stored"
 
     def _tag_weight(self) -> None:
         # AnalogSGD finds the layer (and so its arrays and config) through the parameter.
@@ -70,19 +157,49 @@ class AnalogLayerMixin:
         self._tag_weight()
 
     def analog_state(self) -> dict[str, torch.Tensor | None]:
-        """The live arrays (not copies): ``main`` (W), ``residual`` (P or None), ``buffer`` (H or None)."""
-        main = self.analog_main if self.analog_config.has_residual else self.weight.data
-        return {"main": main, "residual": self.analog_residual, "buffer": self.analog_buffer}
+        """The live arrays (not copies): ``main`` (W, the data of ``weight``), ``residual`` (P or None), ``buffer`` (H or None)."""
+        return {"main": self.weight.data, "residual": self.analog_residual, "buffer": self.analog_buffer}
+
+    @torch.no_grad()
+    def forward_weight(self) -> torch.Tensor:
+        """The weight forward uses (a new tensor): ``W + gamma * P`` for rl/rl2, else W."""
+        cfg = self.analog_config
+        if not cfg.has_residual or cfg.gamma == 0:
+            return self.weight.detach().clone()
+        return dispatch.mixed_weight(self.weight.detach(), self.analog_residual, cfg.gamma)
 
     @torch.no_grad()
     def refresh_weight(self) -> None:
-        """Rewrite ``weight`` from the arrays (``W + gamma * P``); needed only after editing them by hand."""
-        if self.analog_config.has_residual:
-            self.weight.copy_(self.analog_main + self.analog_config.gamma * self.analog_residual)
+        """Rewrite the stored mixed weight (``mixed_weight="stored"``) from W and P; needed only after editing them by hand."""
+        if self._stores_mixed():
+            self.analog_mixed.copy_(self.forward_weight())
+
+    def _forward_with(self, run, x: torch.Tensor) -> torch.Tensor:
+        """``run(x, forward weight)``, the gradient at the forward weight landing in ``weight.grad``."""
+        cfg = self.analog_config
+        if not cfg.has_residual or cfg.gamma == 0:
+            return run(x, self.weight)
+        if self.analog_mixed is not None:
+            return run(x, _StoredMix.apply(self.weight, self.analog_mixed))
+        if torch.compiler.is_compiling():
+            # Traced: plain tensor ops, and the compiler's partitioner chooses what to keep.
+            return run(x, self.weight + cfg.gamma * self.analog_residual)
+        return _run_transient(run, x, self.weight, self.analog_residual, cfg.gamma)
 
     def extra_repr(self) -> str:
         cfg = self.analog_config
         return f"{super().extra_repr()}, algorithm={cfg.algorithm}, device={type(cfg.device).__name__}"
+
+
+def _upgrade_state_dict(module, state_dict, prefix, *args) -> None:
+    """Read state dicts of the earlier layout (W in ``analog_main``, the mixed weight in ``weight``)."""
+    old = prefix + "analog_main"
+    if old in state_dict:
+        state_dict[prefix + "weight"] = state_dict.pop(old)
+
+
+def _refresh_after_load(module, incompatible_keys) -> None:
+    module.refresh_weight()
 
 
 class AnalogLinear(AnalogLayerMixin, nn.Linear):
@@ -92,6 +209,9 @@ class AnalogLinear(AnalogLayerMixin, nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_analog(config)
 
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._forward_with(lambda x, w: F.linear(x, w, self.bias), input)
+
 
 class AnalogConv1d(AnalogLayerMixin, nn.Conv1d):
     """``nn.Conv1d`` on analog devices; all nn.Conv1d arguments plus ``config``."""
@@ -100,6 +220,9 @@ class AnalogConv1d(AnalogLayerMixin, nn.Conv1d):
         super().__init__(*args, **kwargs)
         self._init_analog(config)
 
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._forward_with(lambda x, w: self._conv_forward(x, w, self.bias), input)
+
 
 class AnalogConv2d(AnalogLayerMixin, nn.Conv2d):
     """``nn.Conv2d`` on analog devices; all nn.Conv2d arguments plus ``config``."""
@@ -107,6 +230,9 @@ class AnalogConv2d(AnalogLayerMixin, nn.Conv2d):
     def __init__(self, *args, config: AnalogConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._init_analog(config)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._forward_with(lambda x, w: self._conv_forward(x, w, self.bias), input)
 
 
 # Subclasses whose forward differs only in scripting details, converted like their base.

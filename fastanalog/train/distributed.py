@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
 # Buffer names of the analog layers: these stay identical on every rank by construction.
-ANALOG_BUFFERS = ("analog_main", "analog_residual", "analog_buffer", "analog_pulses", "analog_last_pulses")
+ANALOG_BUFFERS = ("analog_residual", "analog_buffer", "analog_mixed", "analog_pulses", "analog_last_pulses")
 ACCELERATORS = ("auto", "cpu", "cuda")
 
 
