@@ -96,10 +96,15 @@ def test_train_memory_grows_with_the_layer():
     from fastanalog.bench.train import measure_memory, memory_job
 
     cpu = torch.device("cpu")
-    small, large = measure_memory([memory_job(linear_spec(n, 8), "rl2", cpu, 1, steps=1) for n in (64, 512)], cpu)
-    extra = [(r["peak"] - r["baseline"]) / 2**20 for r in (small, large)]
-    # rl2 on 512x512 holds W, P, H, the forward weight and its gradient: five arrays of 1 MiB each.
-    assert extra[1] - extra[0] > 4, extra
+    jobs = [memory_job(linear_spec(n, 8), "rl2", cpu, 1, steps=1) for n in (64, 512)]
+    small, large, digital = measure_memory([*jobs, memory_job(linear_spec(512, 8), "torch", cpu, 1, steps=1)], cpu)
+    extra = [(r["peak"] - r["baseline"]) / 2**20 for r in (small, large, digital)]
+    # rl2 on 512x512 holds W, P, H and the gradient, four arrays of 1 MiB each (and, during forward
+    # and backward, the transient mixed weight); the digital layer W and its gradient.
+    assert extra[1] - extra[0] > 3, extra
+    assert large["arrays"] == 2 * 512 * 512 * 4 and digital["arrays"] == 0
+    # Nothing but P and H beyond the digital layer (within half a MiB: the allocator's granularity).
+    assert abs(extra[1] - extra[2] - 2) < 0.5, extra
 
 
 # ----- aihwkit ------------------------------------------------------------------------------
