@@ -182,8 +182,8 @@ class AnalogLayerMixin:
         if self.analog_mixed is not None:
             return run(x, _StoredMix.apply(self.weight, self.analog_mixed))
         if torch.compiler.is_compiling():
-            # Traced: plain tensor ops, and the compiler's partitioner chooses what to keep.
-            return run(x, self.weight + cfg.gamma * self.analog_residual)
+            # Traced: no saved-tensor hooks; the compiler's partitioner chooses what to keep.
+            return run(x, _Mix.apply(self.weight, self.analog_residual, cfg.gamma))
         return _run_transient(run, x, self.weight, self.analog_residual, cfg.gamma)
 
     def extra_repr(self) -> str:
