@@ -1,7 +1,9 @@
 // Fused CPU kernels of the analog update (SPEC section 3): asgd, rl, rl2; op registration.
 //
 // Each op updates its arrays in place in one pass over memory: every element's g, W, P, H
-// is read once and W, P, H, Wbar (when asked for) and the pulse counts are written once. The work is
+// is read once and W, P, H, Wbar (when asked for) and the pulse counts are written once. The
+// multi-tensor op (multi_step_cpp_) does the same for a group of tensors of one config in one
+// parallel region, its threads splitting the group's blocks. The work is
 // cut into blocks of kBlock elements; a thread takes a contiguous run of blocks and runs
 // each block through a few short phases on block-sized scratch arrays that stay in the
 // L1/L2 cache:
@@ -57,6 +59,7 @@
 #include <new>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -353,14 +356,9 @@ at::Tensor grad_for(const at::Tensor& g, const at::Tensor& W) {
   return g.contiguous();
 }
 
-void asgd_step_cpu(at::Tensor& W, const at::Tensor& g, at::Tensor& pulses, double lr, int64_t key, int64_t offset,
-                   c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w, int64_t max_pulses) {
-  check_array(W, W, "W");
-  const int storage = storage_of(W, "W");
-  const at::Tensor gc = grad_for(g, W);
+void asgd_common(StepArgs& a, at::Tensor& W, const at::Tensor& gc, at::Tensor& pulses, double lr, int64_t key, int64_t offset,
+                 int64_t max_pulses) {
   TORCH_CHECK(offset >= 0, "offset must be >= 0, got ", offset);
-  TableStore tw;
-  StepArgs a;
   a.numel = W.numel();
   a.offset = offset;
   a.key = static_cast<uint64_t>(key);
@@ -369,6 +367,16 @@ void asgd_step_cpu(at::Tensor& W, const at::Tensor& g, at::Tensor& pulses, doubl
   pulses_out(pulses, W, "pulses", a.pulses_first, a.total_first);
   a.neg_lr = -static_cast<float>(lr);
   a.max_pulses = max_pulses_of(max_pulses);
+}
+
+void asgd_step_cpu(at::Tensor& W, const at::Tensor& g, at::Tensor& pulses, double lr, int64_t key, int64_t offset,
+                   c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w, int64_t max_pulses) {
+  check_array(W, W, "W");
+  const int storage = storage_of(W, "W");
+  const at::Tensor gc = grad_for(g, W);
+  TableStore tw;
+  StepArgs a;
+  asgd_common(a, W, gc, pulses, lr, key, offset, max_pulses);
   a.dev_w = parse_device(dev_w, var_key_w, table_w, tw);
   run_parallel(select_range(kAsgd, storage, gc.scalar_type() == at::kFloat), a);
 }
@@ -437,6 +445,140 @@ void rl2_step_cpu(at::Tensor& W, at::Tensor& P, at::Tensor& H, at::Tensor& Wbar,
   a.dev_w = parse_device(dev_w, var_key_w, table_w, tw);
   a.dev_p = parse_device(dev_p, var_key_p, table_p, tp);
   run_parallel(select_range(kRl2, storage, gc.scalar_type() == at::kFloat), a);
+}
+
+// ----- many tensors in one call ------------------------------------------------------------
+// One step of one algorithm on a group of tensors that share a configuration (their keys,
+// offsets and variation keys apart): the arguments of each tensor are those of the
+// single-tensor op, the device descriptions are shared. The threads split the group's
+// blocks, tensor after tensor, in one parallel region: no per-tensor dispatch, thread start
+// or barrier, and small tensors run side by side. Every tensor is cut at its own block
+// boundaries, so each element sees the arithmetic of the single-tensor op.
+void run_parallel_multi(const std::vector<RangeFn>& fns, const std::vector<StepArgs>& args) {
+  const size_t m = args.size();
+  std::vector<int64_t> start(m + 1, 0);  // first block of each tensor in the group's block sequence
+  int64_t elements = 0;
+  for (size_t i = 0; i < m; ++i) {
+    start[i + 1] = start[i] + (args[i].numel + kBlock - 1) / kBlock;
+    elements += args[i].numel;
+  }
+  const int64_t nblocks = start[m];
+  if (nblocks == 0) return;
+  auto work = [&](int64_t b0, int64_t b1, void* scratch) {
+    size_t i = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), b0) - start.begin()) - 1;
+    for (; i < m && start[i] < b1; ++i) {
+      const int64_t lo = std::max(b0, start[i]) - start[i], hi = std::min(b1, start[i + 1]) - start[i];
+      if (lo < hi) fns[i](args[i], lo * kBlock, std::min(args[i].numel, hi * kBlock), scratch);
+    }
+  };
+  const int64_t useful = std::max<int64_t>(1, elements / kMinPerThread);
+  const int nt = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), useful, nblocks}));
+  if (nt <= 1) {
+    work(0, nblocks, worker_scratch(0));
+    return;
+  }
+  std::vector<void*> scratch(nt);
+  for (int t = 0; t < nt; ++t) scratch[t] = worker_scratch(t);
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t T = omp_get_num_threads();
+    const int64_t t = omp_get_thread_num();
+    work(nblocks * t / T, nblocks * (t + 1) / T, scratch[t]);
+  }
+}
+
+// Every array of the call in its own memory: the threads of one call write them at once.
+void check_disjoint(const std::vector<std::pair<const at::Tensor*, std::string>>& arrays) {
+  struct Span {
+    uintptr_t lo, hi;
+    const std::string* name;
+  };
+  std::vector<Span> spans;
+  spans.reserve(arrays.size());
+  for (const auto& [t, name] : arrays) {
+    if (t->numel() == 0) continue;
+    const auto lo = reinterpret_cast<uintptr_t>(t->data_ptr());
+    spans.push_back(Span{lo, lo + static_cast<uintptr_t>(t->numel() * t->element_size()), &name});
+  }
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
+  for (size_t i = 1; i < spans.size(); ++i)
+    TORCH_CHECK(spans[i].lo >= spans[i - 1].hi, *spans[i - 1].name, " and ", *spans[i].name,
+                " overlap in memory: every array of a multi-tensor step needs its own storage");
+}
+
+void multi_step_cpu(int64_t algorithm, at::TensorList W, at::TensorList P, at::TensorList H, at::TensorList Wbar,
+                    at::TensorList g, at::TensorList pulses_first, at::TensorList pulses_main, double lr, at::IntArrayRef keys,
+                    at::IntArrayRef offsets, bool flag, double gamma, double transfer_lr, double read_noise, double threshold,
+                    int64_t max_pulses, c10::ArrayRef<double> dev_w, at::IntArrayRef var_keys_w, c10::ArrayRef<double> table_w,
+                    c10::ArrayRef<double> dev_p, at::IntArrayRef var_keys_p, c10::ArrayRef<double> table_p) {
+  TORCH_CHECK(algorithm == kAsgd || algorithm == kRl || algorithm == kRl2, "unknown algorithm id ", algorithm);
+  const bool residual = algorithm != kAsgd;
+  const size_t m = W.size();
+  auto sized = [m](size_t size, const char* name, bool optional) {
+    TORCH_CHECK(size == m || (optional && size == 0), name, " has ", size, " entries for ", m, " tensors");
+  };
+  sized(g.size(), "g", false);
+  sized(pulses_first.size(), "pulses_first", false);
+  sized(pulses_main.size(), "pulses_main", false);
+  sized(keys.size(), "keys", false);
+  sized(offsets.size(), "offsets", false);
+  sized(var_keys_w.size(), "var_keys_w", false);
+  sized(P.size(), "P", !residual);
+  sized(var_keys_p.size(), "var_keys_p", !residual);
+  sized(H.size(), "H", algorithm != kRl2);
+  sized(Wbar.size(), "Wbar", true);
+  TORCH_CHECK(residual || (P.empty() && H.empty() && Wbar.empty()), "asgd takes no P, H or Wbar");
+  TORCH_CHECK(!residual || P.size() == m, "rl and rl2 need P for every tensor");
+  TORCH_CHECK(algorithm != kRl2 || H.size() == m, "rl2 needs H for every tensor");
+  if (m == 0) return;
+  TableStore tw, tp;
+  const Device base_w = parse_device(dev_w, 0, table_w, tw);
+  const Device base_p = residual ? parse_device(dev_p, 0, table_p, tp) : Device{};
+  const int storage = storage_of(W[0], "W");
+  std::vector<at::Tensor> grads(m);
+  std::vector<StepArgs> args(m);
+  std::vector<RangeFn> fns(m);
+  std::vector<std::pair<const at::Tensor*, std::string>> arrays;
+  for (size_t i = 0; i < m; ++i) {
+    at::Tensor w = W[i];
+    check_array(w, w, "W");
+    TORCH_CHECK(w.scalar_type() == W[0].scalar_type(), "every W of a multi-tensor step must have one dtype");
+    grads[i] = grad_for(g[i], w);
+    at::Tensor pf = pulses_first[i], pm = pulses_main[i];
+    StepArgs& a = args[i];
+    const std::string at_i = "[" + std::to_string(i) + "]";
+    arrays.emplace_back(&W[i], "W" + at_i);
+    if (residual) {
+      at::Tensor p = P[i];
+      at::Tensor wbar = Wbar.empty() ? w.new_empty(0) : Wbar[i];
+      check_array(p, w, "P");
+      residual_common(a, w, p, wbar, grads[i], pf, pm, lr, keys[i], offsets[i], gamma, transfer_lr, read_noise, max_pulses);
+      arrays.emplace_back(&P[i], "P" + at_i);
+      if (!Wbar.empty()) arrays.emplace_back(&Wbar[i], "Wbar" + at_i);
+      if (algorithm == kRl2) {
+        check_array(H[i], w, "H");
+        a.H = H[i].data_ptr();
+        a.ema = flag;
+        a.threshold = static_cast<float>(threshold);
+        arrays.emplace_back(&H[i], "H" + at_i);
+      } else {
+        a.transfer = flag;
+        if (!flag) {
+          a.pulses_main = nullptr;
+          a.total_main = nullptr;
+        }
+      }
+      a.dev_p = base_p;
+      a.dev_p.var_key = static_cast<uint64_t>(var_keys_p[i]);
+    } else {
+      asgd_common(a, w, grads[i], pf, lr, keys[i], offsets[i], max_pulses);
+    }
+    a.dev_w = base_w;
+    a.dev_w.var_key = static_cast<uint64_t>(var_keys_w[i]);
+    fns[i] = select_range(static_cast<int>(algorithm), storage, grads[i].scalar_type() == at::kFloat);
+  }
+  check_disjoint(arrays);
+  run_parallel_multi(fns, args);
 }
 
 // a = b + s * c over float32 tensors, on the same threads and partition as the kernels:
@@ -566,6 +708,11 @@ TORCH_LIBRARY_FRAGMENT(fastanalog, m) {
       "Tensor(f!) pulses_w, float lr, int key, int offset, bool ema, float gamma, float transfer_lr, float read_noise, "
       "float threshold, int max_pulses, float[] dev_w, int var_key_w, float[] table_w, float[] dev_p, int var_key_p, "
       "float[] table_p) -> ()");
+  m.def(
+      "multi_step_cpp_(int algorithm, Tensor(a!)[] W, Tensor(b!)[] P, Tensor(c!)[] H, Tensor(d!)[] Wbar, Tensor[] g, "
+      "Tensor(e!)[] pulses_first, Tensor(f!)[] pulses_main, float lr, int[] keys, int[] offsets, bool flag, float gamma, "
+      "float transfer_lr, float read_noise, float threshold, int max_pulses, float[] dev_w, int[] var_keys_w, float[] table_w, "
+      "float[] dev_p, int[] var_keys_p, float[] table_p) -> ()");
   m.def("triad_cpp_(Tensor(a!) a, Tensor b, Tensor c, float s) -> ()");
   m.def("mix_cpp_(Tensor(a!) out, Tensor W, Tensor P, float gamma) -> ()");
   m.def("all_finite_cpp(Tensor[] tensors) -> bool");
@@ -576,6 +723,7 @@ TORCH_LIBRARY_IMPL(fastanalog, CPU, m) {
   m.impl("asgd_step_cpp_", &fastanalog::cpu::asgd_step_cpu);
   m.impl("rl_step_cpp_", &fastanalog::cpu::rl_step_cpu);
   m.impl("rl2_step_cpp_", &fastanalog::cpu::rl2_step_cpu);
+  m.impl("multi_step_cpp_", &fastanalog::cpu::multi_step_cpu);
   m.impl("triad_cpp_", &fastanalog::cpu::triad_cpu);
   m.impl("mix_cpp_", &fastanalog::cpu::mix_cpu);
   m.impl("all_finite_cpp", &fastanalog::cpu::all_finite_cpu);
@@ -1744,6 +1892,7 @@ static __attribute__((noinline)) void asgd_fused(const StepArgs& a, int64_t b, i
 }
 
 using FusedFn = void (*)(const StepArgs&, int64_t, int, Scratch&, Elem, Elem);
+
 
 // Whether `dev`'s writes can take a fused path.
 static bool fusable(const Device& dev) { return dev.family == kLinear && !dev.d2d() && !dev.c2c(); }

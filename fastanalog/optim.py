@@ -72,6 +72,34 @@ def _count_pulses(last: torch.Tensor, total: torch.Tensor, pulses: StepPulses, h
     total += last
 
 
+def _pulse_total(counts: torch.Tensor | None) -> torch.Tensor | None:
+    """sum |N| of a launcher's pulse report: a 0-d int64 total as it is, counts per element summed, None as None."""
+    if counts is None or (counts.dim() == 0 and counts.dtype == torch.int64):
+        return counts
+    return counts.abs().sum()
+
+
+def _count_pulses_group(layers: list, pulses: list[StepPulses]) -> None:
+    """``_count_pulses`` for many layers: one stack and two foreach ops when the counters share a device."""
+    lasts = [layer.analog_last_pulses for layer in layers]
+    if not lasts:
+        return
+    where = lasts[0].device
+    zero = torch.zeros((), dtype=torch.int64, device=where)
+    new = []
+    for layer, p in zip(layers, pulses):
+        first, main = _pulse_total(p.first), _pulse_total(p.main)
+        w, r = (main, first) if layer.analog_config.has_residual else (first, None)
+        for t in (w, r):
+            new.append(t if t is not None else zero)
+    if any(t.device != where for t in new) or any(t.device != where for t in lasts):
+        for layer, p in zip(layers, pulses):
+            _count_pulses(layer.analog_last_pulses, layer.analog_pulses, p, layer.analog_config.has_residual)
+        return
+    torch._foreach_copy_(lasts, list(torch.stack(new).view(-1, 2).unbind(0)))
+    torch._foreach_add_([layer.analog_pulses for layer in layers], lasts)
+
+
 # ----- the compiled step's ops ---------------------------------------------------------------
 # Under torch.compile the step must not depend on Python values that change from step to
 # step (the graph would be recompiled each step), nor branch on tensor values. So the
@@ -177,7 +205,8 @@ class AnalogSGD(Optimizer):
     ``step_key(seed, k, t)``; ``state_dict`` holds seed and step, so a resumed run
     continues the exact trajectory. The analog tensors of a param group are updated
     together (``dispatch.analog_step_group``): one launch per config, device and dtype
-    where the backend has a multi-tensor launcher (Triton).
+    where the backend has a multi-tensor launcher (C++ on CPU, Triton), and the pulse
+    counters of all their layers in two foreach ops.
 
     ``torch.compile(..., fullgraph=True)`` can trace a whole training step with
     ``step()`` in it (dynamo needs ``torch._dynamo.config.trace_autograd_ops = True``
@@ -305,8 +334,8 @@ class AnalogSGD(Optimizer):
             StepItem(layer.analog_state(), layer.analog_mixed, d_p, layer.analog_config, philox.step_key(self.seed, k, tid), tid)
             for p, layer, tid, d_p in analog
         ]
-        for (_, layer, _, _), pulses in zip(analog, analog_step_group(items, lr=lr, step=k, totals=True)):
-            _count_pulses(layer.analog_last_pulses, layer.analog_pulses, pulses, layer.analog_config.has_residual)
+        layers = [layer for _, layer, _, _ in analog]
+        _count_pulses_group(layers, analog_step_group(items, lr=lr, step=k, totals=True))
 
     def _traced_analog_update(self, analog: list, lr: float, finite: torch.Tensor) -> None:
         """The same under torch.compile: one ``fastanalog::analog_sgd_update_`` per config of the group."""

@@ -3,7 +3,8 @@
 The kernels live in ``csrc/analog_update.cpp`` (CPU) and ``csrc/cuda/analog_update.cu``
 (CUDA). Both register the ops ``torch.ops.fastanalog.{asgd,rl,rl2}_step_cpp_`` (one CPU and
 one CUDA kernel per op), which update their arrays in place and write int32 pulse counts per element
-or, into a one-element int64 tensor, their total sum |N|.
+or, into a one-element int64 tensor, their total sum |N|. On CPU, ``multi_step_cpp_`` steps a
+whole group of tensors of one config in one call (``*_multi_step_cpp``).
 
 Loading, on first use: the library built by ``pip install`` (``fastanalog/_C*.so``, with the
 CUDA kernels inside where CUDA was found at build time); failing that, a JIT build of the
@@ -24,6 +25,7 @@ import hashlib
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,13 +35,16 @@ from .packing import PackedDevice, pack_config
 from .reference import StepPulses
 
 __all__ = [
+    "asgd_multi_step_cpp",
     "asgd_step_cpp",
     "cpp_available",
     "cpu_variant",
     "cuda_available",
     "cuda_kernels_registered",
     "device_args",
+    "rl2_multi_step_cpp",
     "rl2_step_cpp",
+    "rl_multi_step_cpp",
     "rl_step_cpp",
     "triad_cpp",
     "all_finite_cpp",
@@ -170,9 +175,23 @@ def _register_fakes() -> None:
                  max_pulses, dev_w, var_key_w, table_w, dev_p, var_key_p, table_p):  # fmt: skip
         return None
 
+    def multi_fake(algorithm, W, P, H, Wbar, g, pulses_first, pulses_main, lr, keys, offsets, flag, gamma, transfer_lr,
+                   read_noise, threshold, max_pulses, dev_w, var_keys_w, table_w, dev_p, var_keys_p, table_p):  # fmt: skip
+        return None
+
     def triad_fake(a, b, c, s):
         return None
-    for name, fn in (("asgd_step_cpp_", asgd_fake), ("rl_step_cpp_", rl_fake), ("rl2_step_cpp_", rl2_fake), ("triad_cpp_", triad_fake)):
+
+    fakes = (
+        ("asgd_step_cpp_", asgd_fake),
+        ("rl_step_cpp_", rl_fake),
+        ("rl2_step_cpp_", rl2_fake),
+        ("multi_step_cpp_", multi_fake),
+        ("triad_cpp_", triad_fake),
+    )
+    for name, fn in fakes:
+        if not hasattr(torch.ops.fastanalog, name):  # kernels built before the op existed
+            continue
         try:
             torch.library.register_fake(f"fastanalog::{name}")(fn)
         except RuntimeError as exc:  # registered already (a second load in one process)
@@ -328,6 +347,144 @@ def rl2_step_cpp(
         *_residual_args(config, tensor_id),
     )  # fmt: skip
     return StepPulses(first=_reported(pulses_p, totals), main=_reported(pulses_w, totals))
+
+
+# ----- multi-tensor launchers ---------------------------------------------------------------------
+# One op call steps a whole group of tensors that share a config: the kernels' threads split
+# the group's elements in one parallel region, and Python does no per-tensor work beyond
+# collecting arguments. Tensor i is updated exactly as the single-tensor launcher updates it.
+_ALGORITHM_IDS = {"asgd": 0, "rl": 1, "rl2": 2}
+
+
+_VARIATION_KEYS: dict[AnalogConfig, dict[int, tuple[int, int]]] = {}
+
+
+def _variation_keys(config: AnalogConfig) -> dict[int, tuple[int, int]]:
+    """The cache tensor id -> (variation key of W, of P) of ``config``: one config lookup per call, not one per tensor."""
+    keys = _VARIATION_KEYS.get(config)
+    if keys is None:
+        keys = _VARIATION_KEYS[config] = {}
+    return keys
+
+
+def _var_key_pair(config: AnalogConfig, tensor_id: int) -> tuple[int, int]:
+    dev_w, dev_p = pack_config(config, tensor_id)
+    return int(dev_w.var_key), int(dev_p.var_key) if dev_p is not None else 0
+
+
+def _multi(
+    algorithm: str,
+    arrays: dict[str, Sequence[torch.Tensor] | None],
+    g: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    config: AnalogConfig,
+    keys: Sequence[int],
+    tensor_ids: Sequence[int],
+    offsets: Sequence[int] | None,
+    flag: bool,
+    main_written: bool,
+    totals: bool,
+) -> list[StepPulses]:
+    _require_cpp()
+    if not hasattr(torch.ops.fastanalog, "multi_step_cpp_"):
+        raise RuntimeError("the loaded C++ kernels predate the multi-tensor step: rebuild them (pip install -e .)")
+    W = list(arrays["main"])
+    m = len(W)
+    offsets = [0] * m if offsets is None else [_check_offset(int(o)) for o in offsets]
+    lists = {name: ts for name, ts in arrays.items() if ts is not None}
+    lengths = {len(ts) for ts in lists.values()} | {len(g), len(keys), len(tensor_ids), len(offsets)}
+    if m == 0 or len(lengths) != 1:
+        raise ValueError(
+            f"{', '.join(lists)}, g, keys, tensor_ids and offsets must be non-empty lists of one length (one entry per "
+            f"tensor), got lengths {sorted(lengths)}"
+        )
+    for name, ts in lists.items():
+        for t in ts:
+            if t.device.type != "cpu":
+                raise ValueError(f"{name} is on {t.device}: the multi-tensor C++ step takes CPU tensors")
+    if W[0].dtype not in STORAGE_DTYPES:
+        raise ValueError(f"W must be float32, bfloat16 or float16 for the C++ kernels, got {W[0].dtype}")
+    residual = config.has_residual
+    var_keys = _variation_keys(config)
+    packed = [var_keys.get(tid) or var_keys.setdefault(tid, _var_key_pair(config, tid)) for tid in tensor_ids]
+    desc_w, _, table_w = device_args(pack_config(config, tensor_ids[0])[0])
+    desc_p, _, table_p = device_args(pack_config(config, tensor_ids[0])[1]) if residual else ([], 0, [])
+    if totals:
+        counts = torch.zeros(2, m, dtype=torch.int64)
+        first, main = list(counts[0].split(1)), list(counts[1].split(1))
+        if not main_written:
+            main = [counts.new_empty(0)] * m
+    else:
+        first = [torch.empty(t.numel(), dtype=torch.int32) for t in W]
+        main = [torch.empty(t.numel() if main_written else 0, dtype=torch.int32) for t in W]
+    torch.ops.fastanalog.multi_step_cpp_(
+        _ALGORITHM_IDS[algorithm], W, list(arrays.get("residual") or []), list(arrays.get("buffer") or []),
+        list(arrays.get("weight") or []), list(g), first, main, float(lr), [int(k) for k in keys], offsets, bool(flag),
+        float(config.gamma), float(config.transfer_lr), float(config.read_noise), float(config.threshold), _max_pulses(config),
+        desc_w, [p[0] for p in packed], table_w,
+        desc_p, [p[1] for p in packed] if residual else [], table_p,
+    )  # fmt: skip
+    if totals:
+        first = [c.view(()) for c in first]
+        main = [c.view(()) for c in main] if main_written else main
+    if not residual:
+        return [StepPulses(first=f) for f in first]
+    return [StepPulses(first=f, main=w if main_written else None) for f, w in zip(first, main)]
+
+
+def asgd_multi_step_cpp(
+    W: Sequence[torch.Tensor],
+    g: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    config: AnalogConfig,
+    keys: Sequence[int],
+    tensor_ids: Sequence[int],
+    offsets: Sequence[int] | None = None,
+    totals: bool = False,
+) -> list[StepPulses]:
+    """Analog SGD on several tensors of one config in one call; tensor ``i`` as ``asgd_step_cpp`` updates it."""
+    return _multi("asgd", {"main": W}, g, lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets,
+                  flag=False, main_written=True, totals=totals)  # fmt: skip
+
+
+def rl_multi_step_cpp(
+    W: Sequence[torch.Tensor],
+    P: Sequence[torch.Tensor],
+    Wbar: Sequence[torch.Tensor] | None,
+    g: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    config: AnalogConfig,
+    keys: Sequence[int],
+    tensor_ids: Sequence[int],
+    transfer: bool,
+    offsets: Sequence[int] | None = None,
+    totals: bool = False,
+) -> list[StepPulses]:
+    """Residual Learning v1 on several tensors in one call (``Wbar`` None: no mixed weight); as ``rl_step_cpp``."""
+    return _multi("rl", {"main": W, "residual": P, "weight": Wbar}, g, lr=lr, config=config, keys=keys,
+                  tensor_ids=tensor_ids, offsets=offsets, flag=transfer, main_written=transfer, totals=totals)  # fmt: skip
+
+
+def rl2_multi_step_cpp(
+    W: Sequence[torch.Tensor],
+    P: Sequence[torch.Tensor],
+    H: Sequence[torch.Tensor],
+    Wbar: Sequence[torch.Tensor] | None,
+    g: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    config: AnalogConfig,
+    keys: Sequence[int],
+    tensor_ids: Sequence[int],
+    offsets: Sequence[int] | None = None,
+    totals: bool = False,
+) -> list[StepPulses]:
+    """Residual Learning v2 on several tensors in one call (``Wbar`` None: no mixed weight); as ``rl2_step_cpp``."""
+    return _multi("rl2", {"main": W, "residual": P, "buffer": H, "weight": Wbar}, g, lr=lr, config=config, keys=keys,
+                  tensor_ids=tensor_ids, offsets=offsets, flag=config.buffer == "ema", main_written=True, totals=totals)  # fmt: skip
 
 
 def mix_cpp(W: torch.Tensor, P: torch.Tensor, gamma: float) -> torch.Tensor | None:

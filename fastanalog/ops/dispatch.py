@@ -14,7 +14,7 @@ with a clear error when the named backend cannot serve a tensor.
 
 :func:`analog_step_group` updates many tensors at once: tensors with the same backend,
 config, device and array dtypes go to the backend's multi-tensor launcher in one launch
-(``triton``), or one after the other (backends without one); each tensor gets exactly
+(``triton``, ``cpp``), or one after the other (backends without one); each tensor gets exactly
 what :func:`analog_step` gives it alone.
 """
 
@@ -47,8 +47,8 @@ class Backend:
     asgd_multi: Callable[..., list[StepPulses]] | None = None
     rl_multi: Callable[..., list[StepPulses]] | None = None
     rl2_multi: Callable[..., list[StepPulses]] | None = None
-    # The single-tensor launchers accept ``totals=True``: each written array's sum |N| as a
-    # 0-d int64 tensor, reduced in the kernel, instead of the counts per element.
+    # The launchers (single and multi-tensor) accept ``totals=True``: each written array's sum
+    # |N| as a 0-d int64 tensor, reduced in the kernel, instead of the counts per element.
     totals: bool = False
 
 
@@ -62,9 +62,20 @@ def _load(name: str) -> Backend | None:
             available = mod.cpp_available() if name == "cpp" else mod.cuda_available()
             if not available:
                 return None
-            want = "cpu" if name == "cpp" else "cuda"
+            if name == "cuda":
+                return Backend(
+                    name, mod.asgd_step_cpp, mod.rl_step_cpp, mod.rl2_step_cpp, lambda t: t.device.type == "cuda", totals=True
+                )
             return Backend(
-                name, mod.asgd_step_cpp, mod.rl_step_cpp, mod.rl2_step_cpp, lambda t: t.device.type == want, totals=True
+                name,
+                mod.asgd_step_cpp,
+                mod.rl_step_cpp,
+                mod.rl2_step_cpp,
+                lambda t: t.device.type == "cpu",
+                asgd_multi=mod.asgd_multi_step_cpp,
+                rl_multi=mod.rl_multi_step_cpp,
+                rl2_multi=mod.rl2_multi_step_cpp,
+                totals=True,
             )
         if name == "triton":
             mod = importlib.import_module(".triton", __package__)
@@ -170,15 +181,26 @@ def analog_step_group(items: Sequence[StepItem], *, lr: float, step: int, totals
     element, which is all that pulse bookkeeping needs and saves writing the counts.
     """
     launches: dict[tuple, tuple[Backend, list[int]]] = {}
+    # The backend depends on the device alone, and equal configs are one launch: both are
+    # looked up once per device and per config object, not per tensor (hashing a config
+    # walks all its fields).
+    backends: dict[torch.device, Backend] = {}
+    config_ids: dict[int, int] = {}
+    distinct: dict[AnalogConfig, int] = {}
     for i, item in enumerate(items):
         algorithm = item.config.algorithm
         if algorithm not in _ARRAYS:
             raise ValueError(f"analog_step got algorithm {algorithm!r}, which has no analog update")
         main = item.arrays["main"]
-        backend = choose_backend(main)
+        backend = backends.get(main.device)
+        if backend is None:
+            backend = backends[main.device] = choose_backend(main)
+        config_id = config_ids.get(id(item.config))
+        if config_id is None:
+            config_id = config_ids[id(item.config)] = distinct.setdefault(item.config, len(distinct))
         arrays = (_array(item, n) for n in _ARRAYS[algorithm])
         dtypes = tuple(a.dtype if a is not None else None for a in arrays) + (item.grad.dtype,)
-        key = (backend.name, item.config, main.device, dtypes)
+        key = (backend.name, config_id, main.device, dtypes)
         launches.setdefault(key, (backend, []))[1].append(i)
     out: list[StepPulses | None] = [None] * len(items)
     for backend, indices in launches.values():
@@ -198,14 +220,14 @@ def _launch(backend: Backend, items: list[StepItem], *, lr: float, step: int, to
     flat = [[_flat(_array(item, n)) for item in items] if _array(items[0], n) is not None else None for n in names]
     grads = [item.grad.reshape(-1).contiguous() for item in items]
     extra = {"transfer": step % config.transfer_every == 0} if config.algorithm == "rl" else {}
+    if totals and backend.totals:
+        extra["totals"] = True
     multi = getattr(backend, f"{config.algorithm}_multi")
     if multi is not None:
         keys = [item.key for item in items]
         out = multi(*flat, grads, lr=lr, config=config, keys=keys, tensor_ids=[item.tensor_id for item in items], **extra)
     else:
         single = getattr(backend, config.algorithm)
-        if totals and backend.totals:
-            extra["totals"] = True
         out = [
             single(
                 *(arrays[i] if arrays is not None else None for arrays in flat),

@@ -1,0 +1,216 @@
+"""Multi-tensor C++ steps: a group of tensors of one config in one op call, each as it is updated alone.
+
+Uses the helpers and the tolerance of ``test_cpp_step.py``. The group mixes sizes (one
+element, less than a block, several blocks and both threads' shares), tensor ids (so
+device-to-device parameters differ per tensor) and offsets (a shard of a larger tensor).
+With two threads the partition cuts the group inside a tensor and across tensors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_cpp_step import ALGORITHMS, SEED, _config, _device, _gradients, _initial, _tolerance
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastanalog as fa
+from fastanalog.ops import cpp, philox
+from fastanalog.ops.reference import asgd_step_ref, rl2_step_ref, rl_step_ref
+
+SIZES = (1, 7, 1000, 70001)
+TENSOR_IDS = (0, 3, 4, 9)
+OFFSETS = (0, 0, 123_456_789, 0)
+LR = 0.004
+
+# The arrays each algorithm's launchers take before g, as indices into _initial's (W, P, H, Wbar).
+_ROLES = {"asgd": (0,), "rl": (0, 1, 3), "rl2": (0, 1, 2, 3)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _kernels():
+    assert cpp.cpp_available(), f"the C++ kernels did not build or load: {cpp._state['error']}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _group(config, dtype=torch.float32):
+    """Per tensor: the list (W, P, H, Wbar), each tensor with its own initial values."""
+    return [_initial(config, n, dtype, seed=i) for i, n in enumerate(SIZES)]
+
+
+def _single(impl: str, config, arrays, g, key, tensor_id, offset, transfer, mixed=True, totals=False):
+    W, P, H, Wbar = arrays
+    Wbar = Wbar if mixed else None
+    kw = dict(lr=LR, config=config, key=key, tensor_id=tensor_id, offset=offset)
+    if impl == "cpp":
+        fns = {"asgd": cpp.asgd_step_cpp, "rl": cpp.rl_step_cpp, "rl2": cpp.rl2_step_cpp}
+        kw["totals"] = totals
+    else:
+        fns = {"asgd": asgd_step_ref, "rl": rl_step_ref, "rl2": rl2_step_ref}
+    if config.algorithm == "asgd":
+        return fns["asgd"](W, g, **kw)
+    if config.algorithm == "rl":
+        return fns["rl"](W, P, Wbar, g, transfer=transfer, **kw)
+    return fns["rl2"](W, P, H, Wbar, g, **kw)
+
+
+def _multi(config, group, grads, keys, transfer, mixed=True, totals=False):
+    lists = [[arrays[r] for arrays in group] for r in _ROLES[config.algorithm]]
+    if config.algorithm != "asgd" and not mixed:
+        lists[-1] = None
+    kw = dict(lr=LR, config=config, keys=keys, tensor_ids=list(TENSOR_IDS), offsets=list(OFFSETS), totals=totals)
+    if config.algorithm == "asgd":
+        return cpp.asgd_multi_step_cpp(*lists, grads, **kw)
+    if config.algorithm == "rl":
+        return cpp.rl_multi_step_cpp(*lists, grads, transfer=transfer, **kw)
+    return cpp.rl2_multi_step_cpp(*lists, grads, **kw)
+
+
+def _keys(step: int) -> list[int]:
+    return [philox.step_key(SEED, step, t) for t in TENSOR_IDS]
+
+
+def _grads(step: int, dtype=torch.float32):
+    return [_gradients(n, 1, dtype, seed=100 * step + i)[0] for i, n in enumerate(SIZES)]
+
+
+# (device of W, device of P): families and options that take every kernel path (fused
+# linear, packed transcendental responses, tables, d2d parameters per tensor id, c2c noise).
+DEVICES = {
+    "power_d2d": (_device("power", d2d_std=0.2, variation_seed=3), _device("exp", c2c_std=0.2)),
+    "linear": (_device("linear"), _device("linear")),
+    "table_c2c": (_device("table", c2c_std=0.3), _device("power", d2d_std=0.1, asymmetry=0.1)),
+}
+
+
+@pytest.mark.parametrize("devices", list(DEVICES))
+@pytest.mark.parametrize("alg", list(ALGORITHMS))
+def test_one_call_equals_the_reference_per_tensor(alg, devices):
+    dev_w, dev_p = DEVICES[devices]
+    config, transfer = _config(alg, dev_w, dev_p, read_noise=0.01, max_pulses=5)
+    ref, fast = _group(config), None
+    fast = [[t.clone() for t in arrays] for arrays in ref]
+    for k in range(1, 3):
+        grads, keys = _grads(k), _keys(k)
+        expected = [
+            _single("ref", config, ref[i], grads[i], keys[i], TENSOR_IDS[i], OFFSETS[i], transfer) for i in range(len(SIZES))
+        ]
+        got = _multi(config, fast, grads, keys, transfer)
+        assert len(got) == len(SIZES)
+        for i, (r, c) in enumerate(zip(expected, got)):
+            assert torch.equal(r.first, c.first), f"step {k}, tensor {i}: pulses of the first array differ"
+            assert (r.main is None) == (c.main is None)
+            if r.main is not None:
+                assert torch.equal(r.main, c.main), f"step {k}, tensor {i}: pulses of W differ"
+            for name, x, y in zip(("W", "P", "H", "Wbar"), ref[i], fast[i]):
+                torch.testing.assert_close(y, x, rtol=0, atol=_tolerance(x, k), msg=lambda m, n=name, i=i: f"tensor {i}, {n}: {m}")
+    assert sum(int(r.first.abs().sum()) for r in expected) > 0, "the case must write pulses"
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("alg", list(ALGORITHMS))
+def test_one_call_equals_single_calls_bit_for_bit(alg, dtype, mixed):
+    config, transfer = _config(alg, _device("power", d2d_std=0.1, c2c_std=0.2, variation_seed=5), read_noise=0.01)
+    single = _group(config, dtype)
+    multi = [[t.clone() for t in arrays] for arrays in single]
+    grads, keys = _grads(1, dtype), _keys(1)
+    expected = [
+        _single("cpp", config, single[i], grads[i], keys[i], TENSOR_IDS[i], OFFSETS[i], transfer, mixed, totals=True)
+        for i in range(len(SIZES))
+    ]
+    got = _multi(config, multi, grads, keys, transfer, mixed, totals=True)
+    for i, (s, m) in enumerate(zip(expected, got)):
+        assert m.first.dtype == torch.int64 and m.first.dim() == 0
+        assert int(s.first) == int(m.first)
+        assert (s.main is None) == (m.main is None) and (s.main is None or int(s.main) == int(m.main))
+        for name, x, y in zip(("W", "P", "H", "Wbar"), single[i], multi[i]):
+            assert torch.equal(x, y), f"tensor {i}, {name} differs"
+    if config.algorithm != "asgd" and not mixed:
+        assert not any(arrays[3].any() for arrays in multi), "a mixed weight was written though none was asked for"
+
+
+@pytest.mark.parametrize("alg", list(ALGORITHMS))
+def test_totals_equal_the_sum_of_the_counts(alg):
+    config, transfer = _config(alg, _device("power", c2c_std=0.2), read_noise=0.01)
+    counted = _group(config)
+    summed = [[t.clone() for t in arrays] for arrays in counted]
+    grads, keys = _grads(1), _keys(1)
+    c = _multi(config, counted, grads, keys, transfer)
+    t = _multi(config, summed, grads, keys, transfer, totals=True)
+    for x, y in zip(c, t):
+        assert x.first.dtype == torch.int32 and int(y.first) == int(x.first.abs().sum())
+        assert (x.main is None) == (y.main is None) and (x.main is None or int(y.main) == int(x.main.abs().sum()))
+    assert sum(int(y.first) for y in t) > 0
+    for a, b in zip(counted, summed):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_rejects_bad_groups():
+    config, transfer = _config("rl2_acc_thr1", _device("linear"))
+    group = _group(config)
+    grads, keys = _grads(1), _keys(1)
+    W, P, H, Wbar = ([arrays[r] for arrays in group] for r in range(4))
+    kw = dict(lr=LR, config=config, keys=keys, tensor_ids=list(TENSOR_IDS))
+    with pytest.raises(ValueError, match="one length"):
+        cpp.rl2_multi_step_cpp(W, P[:2], H, Wbar, grads, **kw)
+    with pytest.raises(ValueError, match="offset"):
+        cpp.rl2_multi_step_cpp(W, P, H, Wbar, grads, offsets=[0, -1, 0, 0], **kw)
+    with pytest.raises(RuntimeError, match="overlap"):  # one array given twice: two tensors would write it at once
+        cpp.rl2_multi_step_cpp(W, P, [H[0], H[1], H[2], P[3]], Wbar, grads, **kw)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        cpp.rl2_multi_step_cpp([W[0], W[1].double(), W[2], W[3]], P, H, Wbar, grads, **kw)
+    with pytest.raises(RuntimeError, match="elements"):
+        cpp.rl2_multi_step_cpp(W, [P[0], P[1], P[2][:5], P[3]], H, Wbar, grads, **kw)
+    with pytest.raises(ValueError, match="CPU"):
+        cpp.rl2_multi_step_cpp([W[0].to("meta"), *W[1:]], P, H, Wbar, grads, **kw)
+    for arrays, before in zip(group, _group(config)):  # a rejected call changes nothing
+        for x, y in zip(arrays, before):
+            assert torch.equal(x, y)
+
+
+def test_opcheck_schema_and_fake():
+    config, _ = _config("rl2_acc_thr1", _device("power", c2c_std=0.1))
+    group = [_initial(config, n, torch.float32, seed=i) for i, n in enumerate((33, 5, 300))]
+    W, P, H, Wbar = ([arrays[r] for arrays in group] for r in range(4))
+    grads = [torch.randn(t.numel()) for t in W]
+    first = [torch.empty(t.numel(), dtype=torch.int32) for t in W]
+    main = [torch.empty(t.numel(), dtype=torch.int32) for t in W]
+    desc_w, _, table_w, desc_p, _, table_p = cpp._residual_args(config, 0)
+    args = (2, W, P, H, Wbar, grads, first, main, LR, [5, 6, 7], [0, 0, 0], False, 0.2, 0.2, 0.0, 1.0, 0,
+            desc_w, [1, 2, 3], table_w, desc_p, [4, 5, 6], table_p)  # fmt: skip
+    torch.library.opcheck(torch.ops.fastanalog.multi_step_cpp_.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the fastanalog ops called under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        if func.namespace == "fastanalog":
+            self.calls[name.split(".")[0]] = self.calls.get(name.split(".")[0], 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_optimizer_steps_each_config_in_one_call(monkeypatch):
+    monkeypatch.setenv("FASTANALOG_BACKEND", "cpp")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 5, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(5 * 6 * 6, 7), torch.nn.Linear(7, 3)
+    )
+    net = fa.convert_to_analog(net, fa.AnalogConfig(algorithm="rl2", device=_device("power"), gamma=0.2))
+    net[4] = fa.convert_to_analog(torch.nn.Linear(7, 3), fa.AnalogConfig(algorithm="asgd", device=_device("linear")))
+    opt = fa.AnalogSGD(net.parameters(), lr=0.05, seed=9)
+    torch.nn.functional.cross_entropy(net(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 0])).backward()
+    with OpCounter() as ops:
+        opt.step()
+    steps = {k: v for k, v in ops.calls.items() if "step" in k}
+    assert steps == {"multi_step_cpp_": 2}, f"one call per config, got {steps}"
+    assert fa.total_pulses(net) > 0
