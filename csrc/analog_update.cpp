@@ -1734,7 +1734,8 @@ static void rl2_last(const StepArgs& a, int64_t b, int n, Scratch& s, const floa
 // When every array written this step has a linear response, nominal parameters and no c2c
 // noise, no vector-math call is needed between an element's pulse count and its write, and
 // its whole update runs in one loop with the device parameters as scalars. Same operations,
-// same order as the segments above.
+// same order as the segments above. With power responses (asgd and rl2, float32, AVX2) the
+// loop runs over vectors of eight lanes and calls the power only for vectors that pulse.
 
 // The write of a linear array without c2c noise; returns the stored value. Both response
 // arguments are computed (as the reference does) so that their divisions need not wait for
@@ -1893,9 +1894,126 @@ static __attribute__((noinline)) void asgd_fused(const StepArgs& a, int64_t b, i
 
 using FusedFn = void (*)(const StepArgs&, int64_t, int, Scratch&, Elem, Elem);
 
+#if FA_ISA_AVX2
+// asgd on a float32 array of a nominal power device (no d2d, no c2c), in one pass of eight
+// lanes at a time: the pulse count, the response argument, and the write, with the power
+// evaluated (Sleef, as response_shape does) only for the vectors where a lane pulses.
+// Elsewhere the count is +0, so the write x + (0 * dw) * q = x + 0 takes the same value
+// for any finite q, and q = 0 stands in. Each operation is the scalar segments' own, in
+// their order: std::max(v, lo) is vmaxps(lo, v) and std::min(v, hi) is vminps(hi, v),
+// NaNs included.
+static FA_INLINE __m256 clamp8(__m256 v, __m256 lo, __m256 hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo, v)); }
+
+// The constants of a power write, broadcast.
+struct Power8 {
+  __m256 dw, tmax, tmin, half, shift, up, down, lo, hi, gamma;
+};
+
+static FA_INLINE Power8 power8(const Elem& e, float gamma) {
+  return Power8{_mm256_set1_ps(e.dw),    _mm256_set1_ps(e.tau_max), _mm256_set1_ps(e.tau_min), _mm256_set1_ps(e.half),
+                _mm256_set1_ps(e.shift), _mm256_set1_ps(e.up),      _mm256_set1_ps(e.down),    _mm256_set1_ps(e.lo),
+                _mm256_set1_ps(e.hi),    _mm256_set1_ps(gamma)};
+}
+
+// stochastic_count on eight lanes.
+static FA_INLINE __m256 stochastic_count8(__m256 n, __m256 u, __m256 neg_cap, __m256 cap) {
+  const __m256 fl = _mm256_floor_ps(n);
+  const __m256 inc = _mm256_and_ps(_mm256_cmp_ps(u, _mm256_sub_ps(n, fl), _CMP_LT_OQ), _mm256_set1_ps(1.0f));
+  return clamp8(_mm256_add_ps(fl, inc), neg_cap, cap);
+}
+
+// response_arg, the power response and apply_write (no c2c) on eight lanes.
+static FA_INLINE __m256 power_write8(__m256 x, __m256 cnt, const Power8& e) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 pos = _mm256_cmp_ps(cnt, zero, _CMP_GT_OQ);
+  const __m256 w = _mm256_add_ps(x, e.shift);
+  const __m256 num = _mm256_blendv_ps(_mm256_sub_ps(w, e.tmin), _mm256_sub_ps(e.tmax, w), pos);
+  const __m256 u = clamp8(_mm256_div_ps(num, e.half), zero, _mm256_set1_ps(2.0f));
+  const bool pulses = _mm256_movemask_ps(_mm256_cmp_ps(cnt, zero, _CMP_NEQ_OQ)) != 0;
+  const __m256 shape = pulses ? Sleef_powf8_u10(u, e.gamma) : zero;
+  const __m256 q = _mm256_mul_ps(shape, _mm256_blendv_ps(e.down, e.up, pos));
+  const __m256 step = _mm256_mul_ps(cnt, e.dw);
+  return clamp8(_mm256_add_ps(x, _mm256_mul_ps(step, q)), e.lo, e.hi);
+}
+
+// Loads and stores of lanes j .. j+7 of which `valid` are in the tensor (the block's tail).
+static FA_INLINE __m256 load8(const float* p, bool whole, __m256i valid) {
+  return whole ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, valid);
+}
+static FA_INLINE void store8(float* p, bool whole, __m256i valid, __m256 v) {
+  if (whole)
+    _mm256_storeu_ps(p, v);
+  else
+    _mm256_maskstore_ps(p, valid, v);
+}
+
+static __attribute__((noinline)) void asgd_power_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem) {
+  const float* g = static_cast<const float*>(a.g) + b;
+  float* W = static_cast<float*>(a.W) + b;
+  const __m256 neg_lr = _mm256_set1_ps(a.neg_lr), cap = _mm256_set1_ps(a.max_pulses), neg_cap = _mm256_set1_ps(-a.max_pulses);
+  const Power8 e = power8(ew, a.dev_w.gamma);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int j = 0; j < n; j += 8) {
+    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lane);
+    const bool whole = n - j >= 8;
+    const __m256 x = load8(W + j, whole, valid);
+    const __m256 nv = _mm256_div_ps(_mm256_mul_ps(neg_lr, load8(g + j, whole, valid)), e.dw);
+    const __m256 cnt = stochastic_count8(nv, _mm256_load_ps(s.u0 + j), neg_cap, cap);
+    _mm256_store_ps(s.first.count + j, cnt);
+    store8(W + j, whole, valid, power_write8(x, cnt, e));
+  }
+}
+
+// rl2 with power devices for P and W (float32, nominal, no c2c): rl2_elements with
+// power_write8 in place of linear_write.
+template <bool READ, bool EMA>
+static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem ep) {
+  const float* g = static_cast<const float*>(a.g) + b;
+  float* W = static_cast<float*>(a.W) + b;
+  float* P = static_cast<float*>(a.P) + b;
+  float* H = static_cast<float*>(a.H) + b;
+  float* Wbar = mixed_out<float>(a, b);
+  const __m256 neg_lr = _mm256_set1_ps(a.neg_lr), cap = _mm256_set1_ps(a.max_pulses), neg_cap = _mm256_set1_ps(-a.max_pulses);
+  const __m256 rn = _mm256_set1_ps(a.read_noise), tlr = _mm256_set1_ps(a.tlr), omt = _mm256_set1_ps(a.one_minus_tlr);
+  const __m256 gm = _mm256_set1_ps(a.gamma_mix), thr_dw = _mm256_set1_ps(a.threshold * ew.dw);
+  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+  const Power8 e_w = power8(ew, a.dev_w.gamma), e_p = power8(ep, a.dev_p.gamma);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int j = 0; j < n; j += 8) {
+    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lane);
+    const bool whole = n - j >= 8;
+    const __m256 np = _mm256_div_ps(_mm256_mul_ps(neg_lr, load8(g + j, whole, valid)), e_p.dw);
+    const __m256 cp = stochastic_count8(np, _mm256_load_ps(s.u0 + j), neg_cap, cap);
+    const __m256 p32 = power_write8(load8(P + j, whole, valid), cp, e_p);
+    store8(P + j, whole, valid, p32);
+    __m256 p_hat = p32;
+    if constexpr (READ) p_hat = _mm256_add_ps(p32, _mm256_mul_ps(rn, _mm256_load_ps(s.n_read + j)));
+    const __m256 h0 = load8(H + j, whole, valid);
+    __m256 h, cw;
+    if constexpr (EMA) {
+      h = _mm256_add_ps(_mm256_mul_ps(omt, h0), _mm256_mul_ps(tlr, p_hat));
+      cw = stochastic_count8(_mm256_div_ps(_mm256_mul_ps(tlr, h), e_w.dw), _mm256_load_ps(s.u1 + j), neg_cap, cap);
+    } else {
+      h = _mm256_add_ps(h0, _mm256_mul_ps(tlr, p_hat));
+      const __m256 t = _mm256_round_ps(_mm256_div_ps(h, e_w.dw), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+      const __m256 over = _mm256_cmp_ps(_mm256_andnot_ps(sign, h), thr_dw, _CMP_GE_OQ);
+      cw = clamp8(_mm256_blendv_ps(zero, t, over), neg_cap, cap);
+    }
+    const __m256 ws = power_write8(load8(W + j, whole, valid), cw, e_w);
+    store8(W + j, whole, valid, ws);
+    if constexpr (!EMA) h = _mm256_sub_ps(h, _mm256_mul_ps(cw, e_w.dw));
+    store8(H + j, whole, valid, h);
+    if (Wbar) store8(Wbar + j, whole, valid, _mm256_add_ps(ws, _mm256_mul_ps(gm, p32)));
+    _mm256_store_ps(s.first.count + j, cp);
+    _mm256_store_ps(s.second.count + j, cw);
+  }
+}
+#endif
 
 // Whether `dev`'s writes can take a fused path.
 static bool fusable(const Device& dev) { return dev.family == kLinear && !dev.d2d() && !dev.c2c(); }
+// Whether `dev`'s writes can take the fused power path (AVX2, float32 arrays and gradients).
+[[maybe_unused]] static bool power_fusable(const Device& dev) { return FA_ISA_AVX2 && dev.family == kPower && !dev.d2d() && !dev.c2c(); }
 
 // ----- picking instantiations once per call ------------------------------------------------
 // NOM: no array of the step has device-to-device variation (see param_at).
@@ -1986,8 +2104,16 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end, void* scra
   const bool nom = !dw.d2d();
   const SegFn first_fn = pick_first<S, G, false>(nom);
   const SegFn last = nom ? pick_asgd_last<S, true>(dw.c2c()) : pick_asgd_last<S, false>(dw.c2c());
-  const bool fused = fusable(dw);
-  const FusedFn fused_fn = &asgd_fused<S, G>;
+  bool fused = fusable(dw);
+  FusedFn fused_fn = &asgd_fused<S, G>;
+#if FA_ISA_AVX2
+  if constexpr (std::is_same_v<S, StoreF32> && std::is_same_v<G, StoreF32>) {
+    if (power_fusable(dw)) {
+      fused = true;
+      fused_fn = &asgd_power_fused;
+    }
+  }
+#endif
   const Elem ew = nominal_elem(dw);
   for (int64_t b = begin; b < end; b += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
@@ -2076,8 +2202,19 @@ static void rl2_range(const StepArgs& a, int64_t begin, int64_t end, void* scrat
   const SegFn first_fn = pick_first<S, G, true>(nom);
   const SegFn mid = nom ? pick_rl2_mid<S, true>(dp.c2c(), plan.read, a.ema) : pick_rl2_mid<S, false>(dp.c2c(), plan.read, a.ema);
   const SegFn last = nom ? pick_rl2_last<S, true>(dw.c2c(), a.ema) : pick_rl2_last<S, false>(dw.c2c(), a.ema);
-  const bool fused = fusable(dp) && fusable(dw);
-  const FusedFn fused_fn = pick_rl2_fused<S, G>(plan.read, a.ema);
+  bool fused = fusable(dp) && fusable(dw);
+  FusedFn fused_fn = pick_rl2_fused<S, G>(plan.read, a.ema);
+#if FA_ISA_AVX2
+  if constexpr (std::is_same_v<S, StoreF32> && std::is_same_v<G, StoreF32>) {
+    if (power_fusable(dp) && power_fusable(dw)) {
+      fused = true;
+      if (a.ema)
+        fused_fn = plan.read ? &rl2_power_fused<true, true> : &rl2_power_fused<false, true>;
+      else
+        fused_fn = plan.read ? &rl2_power_fused<true, false> : &rl2_power_fused<false, false>;
+    }
+  }
+#endif
   const Elem ew = nominal_elem(dw), ep = nominal_elem(dp);
   for (int64_t b = begin; b < end; b += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
