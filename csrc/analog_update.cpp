@@ -245,29 +245,12 @@ void* worker_scratch(int t) {
   return pool[t].get();
 }
 
+void run_parallel_multi(const std::vector<RangeFn>& fns, const std::vector<StepArgs>& args);
+
 // Runs fn over [0, numel) on torch's intra-op threads: thread t gets a contiguous run of
-// whole blocks, so every element sees the same arithmetic whatever the thread count.
-void run_parallel(RangeFn fn, const StepArgs& a) {
-  const int64_t n = a.numel;
-  if (n <= 0) return;
-  const int64_t nblocks = (n + kBlock - 1) / kBlock;
-  const int64_t useful = std::max<int64_t>(1, n / kMinPerThread);
-  const int nt = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), useful, nblocks}));
-  if (nt <= 1) {
-    fn(a, 0, n, worker_scratch(0));
-    return;
-  }
-  std::vector<void*> scratch(nt);
-  for (int t = 0; t < nt; ++t) scratch[t] = worker_scratch(t);
-#pragma omp parallel num_threads(nt)
-  {
-    const int64_t T = omp_get_num_threads();
-    const int64_t t = omp_get_thread_num();
-    const int64_t b0 = nblocks * t / T;
-    const int64_t b1 = nblocks * (t + 1) / T;
-    if (b0 < b1) fn(a, b0 * kBlock, std::min(n, b1 * kBlock), scratch[t]);
-  }
-}
+// whole blocks, so every element sees the same arithmetic whatever the thread count (a
+// group of one tensor, see run_parallel_multi).
+void run_parallel(RangeFn fn, const StepArgs& a) { run_parallel_multi({fn}, {a}); }
 
 int storage_of(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
