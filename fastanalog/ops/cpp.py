@@ -408,8 +408,9 @@ def _multi(
     residual = config.has_residual
     var_keys = _variation_keys(config)
     packed = [var_keys.get(tid) or var_keys.setdefault(tid, _var_key_pair(config, tid)) for tid in tensor_ids]
-    desc_w, _, table_w = device_args(pack_config(config, tensor_ids[0])[0])
-    desc_p, _, table_p = device_args(pack_config(config, tensor_ids[0])[1]) if residual else ([], 0, [])
+    first_w, first_p = pack_config(config, tensor_ids[0])
+    desc_w, _, table_w = device_args(first_w)
+    desc_p, _, table_p = device_args(first_p) if residual else ([], 0, [])
     if totals:
         counts = torch.zeros(2, m, dtype=torch.int64)
         first, main = list(counts[0].split(1)), list(counts[1].split(1))
