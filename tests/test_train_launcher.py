@@ -18,7 +18,7 @@ import torch
 import fastanalog as fa
 from fastanalog.__main__ import main
 from fastanalog.train import models as train_models
-from fastanalog.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from fastanalog.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from fastanalog.train.cli import run_training
 from fastanalog.train.data import BatchAdapter
 from fastanalog.train.distributed import state_digest
@@ -118,8 +118,8 @@ def test_stop_at_max_steps_and_resume_matches_uninterrupted_run(reference_run: P
     out = tmp_path / "run"
     first = run_training(NOISY_RL2, out=str(out), checkpoint_every=4, max_steps=5)
     assert first["steps"] == 5 and [s for s, _ in list_checkpoints(out)] == [4, 5]
-    # Resume from the run folder: every option comes from its latest checkpoint.
-    second = run_training(resume=str(out), no_progress=True)
+    # Resume from the run folder: every option comes from its latest checkpoint, but --max-steps is given again.
+    second = run_training(resume=str(out), max_steps=12, no_progress=True)
     assert second["steps"] == 12
     _assert_same_trajectory(reference_run, out)
     assert second["test_accuracy"] == json.loads((reference_run / "summary.json").read_text())["test_accuracy"]
@@ -171,16 +171,18 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 def test_torchrun_two_gloo_ranks_end_identical(tmp_path: Path) -> None:
-    out = tmp_path / "ddp"
     launcher = f"-m torch.distributed.run --nnodes 1 --nproc-per-node 2 --master-addr 127.0.0.1 --master-port {_free_port()}"
     train = (
         "-m fastanalog train --dataset digits --max-train 64 --max-test 64 --batch-size 16 --lr 0.2 "
         "--d2d-std 0.1 --read-noise 0.01 --accelerator cpu --threads 1 --no-progress"
     )
-    cmd = [sys.executable, *launcher.split(), *train.split(), "--out", str(out)]
+    cmd = [sys.executable, *launcher.split(), *train.split()]  # the default run folder: rank 0 makes it
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    folders = list((tmp_path / "runs").iterdir())
+    assert len(folders) == 1 and folders[0].name.endswith("-cnn-rl2")  # one folder for both ranks
+    out = folders[0]
     assert proc.stdout.count("test accuracy:") == 1  # rank 0 reports, rank 1 stays quiet
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4 and summary["pulses"] > 0
@@ -387,9 +389,10 @@ def _corrupt(path: Path, how: str) -> None:
         state = torch.load(path, weights_only=True)
         if how == "version":
             state["format_version"] = 99
+            torch.save(state, path)
         elif how == "shape":
             state["model"]["classifier.3.weight"] = torch.zeros(3, 3)
-        torch.save(state, path)
+            save_checkpoint(state, path)  # with a valid checksum: the shape is what is wrong
 
 
 @pytest.mark.parametrize(
@@ -397,7 +400,7 @@ def _corrupt(path: Path, how: str) -> None:
     [
         ("truncated", "cannot read the checkpoint"),
         ("garbage", "cannot read the checkpoint"),
-        ("version", "format version 99, but this fastanalog reads version 1"),
+        ("version", "format version 99, but this fastanalog reads versions 1, 2"),
         ("shape", "model state does not fit this cnn"),
     ],
 )

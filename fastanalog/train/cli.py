@@ -6,7 +6,8 @@ Example::
 
 Any timm model name or the built-in ``cnn`` and ``mlp``; Fashion-MNIST, digits, CIFAR-10/100
 (a local folder in torchvision's format) or an image folder. The command writes a run folder
-(``--out``, default ``runs/<timestamp>-<model>-<algorithm>``) with ``config.json``,
+(``--out``, default a new ``runs/<timestamp>-<model>-<algorithm>``, ``-2``, ``-3``, ... appended
+when two runs start in the same second) with ``config.json``,
 ``metrics.csv``, ``diagnostics.csv``, plots and checkpoints; ``--resume`` continues a run on
 the exact same trajectory. Started by ``torchrun`` it trains data-parallel (see
 :mod:`fastanalog.train.distributed`).
@@ -19,7 +20,9 @@ The same training is available from Python through :func:`run_training`, which t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -33,10 +36,28 @@ import torch.distributed as dist
 import fastanalog as fa
 
 from ..devices import ResponseDevice
-from .checkpoint import CHECKPOINT_DIR, CheckpointError, list_checkpoints, load_checkpoint, resolve_checkpoint
+from .checkpoint import (
+    CHECKPOINT_DIR,
+    CheckpointError,
+    WriteError,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    write_error,
+)
 from .data import DATASETS, IMAGEFOLDER_PREFIX, describe_dataset, is_dataset_name, load_splits
-from .distributed import ACCELERATORS, describe_env, init_process_group, process_rank
-from .loop import EVAL_BATCH_SIZE, Run, evaluate, seed_everything
+from .distributed import (
+    ACCELERATORS,
+    DEFAULT_TIMEOUT_S,
+    CollectiveError,
+    broadcast_object,
+    collective_failure,
+    describe_env,
+    first_line,
+    init_process_group,
+    process_rank,
+)
+from .loop import EVAL_BATCH_SIZE, Run, evaluate, quiet_cuda_home_note, seed_everything
 from .models import check_model_name, model_input
 from .rundir import check_run_folder
 
@@ -114,6 +135,7 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint_every": None,
     "keep_checkpoints": 2,
     "log_every": 50,
+    "ddp_timeout": DEFAULT_TIMEOUT_S,
 }
 # Options that shape the trajectory: a resumed run must use the checkpoint's values.
 MUST_MATCH = (
@@ -143,8 +165,9 @@ MUST_MATCH = (
     "seed",
     "amp",
 )
-# Options a resumed run does not take from its checkpoint (they concern this invocation only).
-NOT_INHERITED = ("resume", "out", "overwrite", "max_steps", "no_progress")
+# Options a resumed run does not take from its checkpoint (they concern this invocation only); every
+# other option not given again comes from the checkpoint (--max-steps included), and one given again wins.
+NOT_INHERITED = ("resume", "out", "overwrite")
 
 
 def _int_type(minimum: int, what: str):
@@ -276,7 +299,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--max-steps",
         type=_positive_int,
         metavar="N",
-        help="stop after N optimizer steps in all (with a checkpoint); the schedule still spans --epochs",
+        help="stop after N optimizer steps in all (with a checkpoint); the schedule still spans --epochs. "
+        "A resumed run keeps the checkpoint's N unless given again",
     )
     g.add_argument("--amp", choices=AMP_MODES, help="bf16: forward pass and loss under bfloat16 autocast (default: none)")
     g.add_argument(
@@ -288,7 +312,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g = parser.add_argument_group("execution")
     g.add_argument("--accelerator", choices=ACCELERATORS, help="compute device: cuda when available for auto (default: auto)")
     g.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.add_argument(
+        "--no-progress",
+        action="store_true",
+        default=None,
+        help="hide the progress bar (on a terminal) and the progress lines (otherwise)",
+    )
+    g.add_argument(
+        "--ddp-timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="under torchrun: how long a collective operation waits for the other ranks before the run ends with "
+        f"an error (a rank stopped or hung; default: {d['ddp_timeout']:g})",
+    )
 
     g = parser.add_argument_group("run folder and checkpoints")
     g.add_argument(
@@ -427,6 +463,7 @@ def _validate(ns: argparse.Namespace) -> None:
         f"one of {', '.join(DATASETS)} or {IMAGEFOLDER_PREFIX}PATH",
     )
     check("compile", isinstance(ns.compile, bool), "True or False")
+    check("ddp_timeout", num(ns.ddp_timeout) and ns.ddp_timeout > 0, "a number > 0")
     if ns.overwrite and ns.resume is not None:
         raise ValueError("--overwrite starts the run folder afresh and cannot be combined with --resume")
 
@@ -495,10 +532,43 @@ def _run_folder_of(checkpoint: Path) -> Path:
     return parent.parent if parent.name == CHECKPOINT_DIR else parent
 
 
+def _timestamp() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
 def default_run_folder(model: str, algorithm: str) -> Path:
-    """``runs/<YYYYmmdd-HHMMSS>-<model>-<algorithm>`` (characters outside ``[A-Za-z0-9._-]`` become ``_``)."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(RUNS_ROOT) / re.sub(r"[^A-Za-z0-9._-]", "_", f"{stamp}-{model}-{algorithm}")
+    """``runs/<YYYYmmdd-HHMMSS>-<model>-<algorithm>`` (characters outside ``[A-Za-z0-9._-]`` become ``_``).
+
+    Only the name: :func:`create_run_folder` makes a folder of this name (or a free variant) that no other run shares.
+    """
+    return Path(RUNS_ROOT) / re.sub(r"[^A-Za-z0-9._-]", "_", f"{_timestamp()}-{model}-{algorithm}")
+
+
+# Attempts of create_run_folder at a free name (base, base-2, base-3, ...).
+MAX_FOLDER_SUFFIX = 10_000
+
+
+def create_run_folder(model: str, algorithm: str) -> Path:
+    """Create and return a new, empty run folder ``runs/<timestamp>-<model>-<algorithm>[-N]``.
+
+    ``os.mkdir`` fails when the folder exists, so two runs started in the same second get two
+    folders (the second with ``-2``, ...), never a shared one.
+    """
+    base = default_run_folder(model, algorithm)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(base.parent, exc, "run folder") from exc
+    for n in range(1, MAX_FOLDER_SUFFIX + 1):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise write_error(folder, exc, "run folder") from exc
+        return folder
+    raise FileExistsError(f"{base} and {MAX_FOLDER_SUFFIX - 1} numbered variants exist already: pass --out")
 
 
 def _load_resume(resume: str) -> tuple[Path, dict[str, Any]]:
@@ -539,7 +609,12 @@ def run_training(args: argparse.Namespace | Mapping[str, Any] | None = None, **k
         FileNotFoundError: the data is missing.
         FileExistsError: ``out`` holds a previous run (and neither ``resume`` nor ``overwrite`` is given).
     """
-    ns = _resolve_args(args, kwargs)
+    return _run_training(_resolve_args(args, kwargs), new_folder=False)
+
+
+def _run_training(ns: argparse.Namespace, new_folder: bool) -> dict[str, Any]:
+    """:func:`run_training` of resolved options; ``new_folder``: without ``out`` or ``resume``, train in a new run folder."""
+    quiet_cuda_home_note()
     checkpoint = checkpoint_path = None
     if ns.resume is not None:
         checkpoint_path, checkpoint = _load_resume(ns.resume)
@@ -561,15 +636,22 @@ def run_training(args: argparse.Namespace | Mapping[str, Any] | None = None, **k
     run_dir = Path(ns.out) if ns.out is not None else None
     if run_dir is None and checkpoint_path is not None:
         run_dir = _run_folder_of(checkpoint_path)
-    if ns.checkpoint_every is not None and run_dir is None:
+    new_folder = new_folder and run_dir is None
+    if ns.checkpoint_every is not None and run_dir is None and not new_folder:
         raise ValueError("checkpoint_every needs a run folder: pass out")
     if run_dir is not None:
         resuming_here = checkpoint_path is not None and run_dir.resolve() == _run_folder_of(checkpoint_path).resolve()
         check_run_folder(run_dir, resuming_here=resuming_here, overwrite=ns.overwrite)
     splits = load_splits(info, ns.data_root, channels, ns.image_size, ns.seed, ns.max_train, ns.max_test)
 
-    created = init_process_group(env)
+    created = init_process_group(env, ns.ddp_timeout)
+    made = None
     try:
+        if new_folder:
+            # Rank 0 makes the folder, the others learn its name (they write nothing there).
+            made = create_run_folder(ns.model, ns.algorithm) if env.is_main else None
+            run_dir = Path(broadcast_object(None if made is None else str(made), env))
+            ns.out = str(run_dir)
         run = Run(ns, config, splits, env, run_dir, checkpoint, checkpoint_path)
         if run_dir is not None and env.is_main:
             start = f"from step {run.step} of {checkpoint_path}" if checkpoint_path is not None else "from scratch"
@@ -579,10 +661,28 @@ def run_training(args: argparse.Namespace | Mapping[str, Any] | None = None, **k
                 f"world size {env.world_size} on {env.device}, {start}; run folder {run_dir}",
                 flush=True,
             )
+            if ns.max_steps is not None and run.step >= ns.max_steps:
+                print(
+                    f"fastanalog train: the run is at step {run.step}, --max-steps is {ns.max_steps}: nothing to train "
+                    "(pass a larger --max-steps to go on)",
+                    flush=True,
+                )
         return run.fit()
+    except BaseException as exc:
+        if made is not None:
+            with contextlib.suppress(OSError):
+                made.rmdir()  # only while still empty: nothing of the run is lost
+        if env.distributed and not isinstance(exc, CollectiveError) and collective_failure(exc):
+            raise CollectiveError(
+                f"rank {env.rank} of {env.world_size}: a collective operation failed ({first_line(exc)}): another "
+                f"rank stopped, hung for more than --ddp-timeout {ns.ddp_timeout:g} s or died; the run ends here "
+                "(resume it from its latest checkpoint)"
+            ) from exc
+        raise
     finally:
         if created:
-            dist.destroy_process_group()
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
 
 
 def format_result(result: Mapping[str, Any]) -> str:
@@ -593,16 +693,15 @@ def format_result(result: Mapping[str, Any]) -> str:
 def train_command(args: argparse.Namespace) -> int:
     """Run ``fastanalog train`` with parsed options; print the summary line; return the exit status.
 
-    Without ``--out`` (and without ``--resume``) the run folder is ``runs/<timestamp>-<model>-<algorithm>``.
-    Only rank 0 of a distributed run prints the summary. Bad options, missing data and unusable checkpoints print one error line and return 2.
+    Without ``--out`` (and without ``--resume``) the run folder is a new ``runs/<timestamp>-<model>-<algorithm>``
+    (``-2``, ``-3``, ... appended when taken). Only rank 0 of a distributed run prints the summary. Bad options,
+    missing data, unusable checkpoints, a file that cannot be written (a full disk) and a failed collective
+    operation (another rank stopped) print one error line and return 2.
     """
-    if getattr(args, "out", None) is None and getattr(args, "resume", None) is None:
-        args = argparse.Namespace(**vars(args))
-        args.out = str(default_run_folder(args.model or DEFAULTS["model"], args.algorithm or DEFAULTS["algorithm"]))
     try:
-        result = run_training(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"fastanalog train: error: {exc}", file=sys.stderr)
+        result = _run_training(_resolve_args(args, {}), new_folder=True)
+    except (FileNotFoundError, FileExistsError, ValueError, WriteError, CollectiveError) as exc:
+        print(f"fastanalog train: error: {exc}", file=sys.stderr, flush=True)
         return 2
     if process_rank() == 0:
         print(format_result(result))

@@ -7,6 +7,10 @@ same ``(seed, step)`` keys, so the analog arrays stay bit-identical without bein
 does not sync buffers at each forward pass (the analog arrays are buffers and must not be sent at
 every step); the few digital buffers (batch-norm statistics, which only evaluation reads) are
 broadcast from rank 0 before each evaluation with :func:`broadcast_digital_buffers`.
+
+Every collective operation waits at most ``--ddp-timeout`` seconds (``DEFAULT_TIMEOUT_S``) for the
+other ranks: a rank that stopped or hangs ends the run with a :class:`CollectiveError` instead of
+leaving the others waiting for ever.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,6 +31,12 @@ from torch.utils.data import Dataset, DistributedSampler
 # Buffer names of the analog layers: these stay identical on every rank by construction.
 ANALOG_BUFFERS = ("analog_residual", "analog_buffer", "analog_mixed", "analog_pulses", "analog_last_pulses")
 ACCELERATORS = ("auto", "cpu", "cuda")
+# Seconds a collective operation (gradient all-reduce, metric sums, ...) waits for the other ranks by default.
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class CollectiveError(RuntimeError):
+    """A collective operation failed: another rank stopped, hung past the timeout or died."""
 
 
 @dataclass(frozen=True)
@@ -85,14 +97,50 @@ def describe_env(accelerator: str) -> DistEnv:
     return DistEnv(rank, world, local, select_device(accelerator, local))
 
 
-def init_process_group(env: DistEnv) -> bool:
-    """Join the process group of a ``torchrun`` launch (nccl on GPU, gloo on CPU); True if this call created it."""
+def init_process_group(env: DistEnv, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Join the process group of a ``torchrun`` launch (nccl on GPU, gloo on CPU); True if this call created it.
+
+    Every collective operation of the group fails after ``timeout_s`` seconds without the other ranks.
+    """
     if not launched_by_torchrun() or dist.is_initialized():
         return False
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
-    dist.init_process_group(backend="nccl" if env.device.type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if env.device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
     return True
+
+
+# What torch's gloo and nccl backends say when a peer is gone or late (their errors are often plain RuntimeErrors).
+_PEER_FAILURE = re.compile(
+    r"timed out|timeout|connection (closed|reset|refused)|broken pipe|peer|watchdog|NCCL communicator was aborted",
+    re.IGNORECASE,
+)
+
+
+def collective_failure(exc: BaseException) -> bool:
+    """True when ``exc`` says that a collective operation failed for want of another rank."""
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_PEER_FAILURE.search(str(exc)))
+
+
+def first_line(exc: BaseException) -> str:
+    """The first sentence of an error message, without torch's source-location prefix."""
+    for line in str(exc).splitlines():
+        line = re.sub(r"^\[[^\]]*\]\s*", "", line.strip())
+        if line:
+            return re.split(r"(?<=[a-z0-9)\]])\.\s", line, maxsplit=1)[0].rstrip(".")
+    return type(exc).__name__
+
+
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's ``obj`` on every rank; ``obj`` itself on a single process."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(values: Sequence[float], env: DistEnv) -> list[float]:

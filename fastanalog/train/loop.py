@@ -18,6 +18,7 @@ resuming skips the batches of the epoch already seen and goes on.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import random
 import sys
@@ -41,6 +42,7 @@ from .checkpoint import (
     CheckpointError,
     checkpoint_name,
     remove_old_checkpoints,
+    remove_temporaries,
     save_checkpoint,
 )
 from .data import BatchAdapter, EpochSeededDataset, Splits
@@ -60,6 +62,7 @@ from .rundir import (
     DIAGNOSTICS_FILE,
     METRIC_COLUMNS,
     METRICS_FILE,
+    RUN_FILES,
     SUMMARY_FILE,
     CsvLog,
     clear_run_folder,
@@ -73,6 +76,59 @@ from .rundir import (
 EVAL_BATCH_SIZE = 1000
 # lr factor of ``--schedule step`` at each of its milestones (half and three quarters of the steps).
 STEP_SCHEDULE_FACTOR = 0.1
+# Relative slack of the device-range check of a loaded checkpoint (float32 rounding of the per-element bounds).
+RANGE_TOLERANCE = 1e-5
+
+
+class _NoCudaRuntimeNote(logging.Filter):
+    """Drop torch's "No CUDA runtime is found, using CUDA_HOME=..." note on a machine without a CUDA device.
+
+    ``torch.utils.cpp_extension`` logs it when imported (``torch.compile``'s inductor imports it, and
+    so does a JIT build of the C++ kernels) wherever a CUDA toolkit is installed but torch sees no
+    GPU: on a CPU-only run it says nothing wrong. Every other record of that logger passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith("No CUDA runtime is found"))
+
+
+def quiet_cuda_home_note() -> None:
+    """Install :class:`_NoCudaRuntimeNote` on ``torch.utils.cpp_extension``'s logger (once) when torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNote) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNote())
+
+
+def check_device_range(model: nn.Module, path: Path | str | None) -> None:
+    """CheckpointError unless every analog array of ``model`` lies in its device's range (and H is finite).
+
+    The bound of an array on device ``d`` is ``[d.tau_min, d.tau_max]`` widened by the largest
+    device-to-device factor, ``1 + 3 * d.d2d_std`` (a cheap bound that holds for every element).
+    """
+    for name, layer in fa.analog_layers(model):
+        cfg = layer.analog_config
+        if not cfg.is_analog:
+            continue
+        state = layer.analog_state()
+        arrays = (("weight", state["main"], cfg.device), ("analog_residual", state["residual"], cfg.residual_device))
+        for array, t, device in arrays:
+            if t is None or device is None:
+                continue
+            spread = (1 + 3 * device.d2d_std) * (1 + RANGE_TOLERANCE)
+            lo, hi = device.tau_min * spread, device.tau_max * spread
+            bad = ~((t >= lo) & (t <= hi))  # NaN included
+            if bool(bad.any()):
+                flat = t.detach().reshape(-1)
+                first = int(bad.reshape(-1).nonzero()[0, 0])
+                raise CheckpointError(
+                    f"{path}: {name}.{array} holds {float(flat[first]):g} (element {first}; {int(bad.sum())} element(s) "
+                    f"in all), outside the device range [{lo:g}, {hi:g}]; the checkpoint is corrupt"
+                )
+        buffer = state["buffer"]
+        if buffer is not None and not bool(torch.isfinite(buffer).all()):
+            raise CheckpointError(f"{path}: {name}.analog_buffer holds NaN or infinite values; the checkpoint is corrupt")
 
 
 def seed_everything(seed: int) -> None:
@@ -209,6 +265,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 class _Clock:
     """Seconds of training, excluding the pauses for evaluation, logging and checkpoints."""
 
@@ -269,7 +332,7 @@ class Run:
         self.interval, self.epoch_meter = Meter(), Meter()
         self.last_epoch: tuple[float, float] = (math.nan, math.nan)
         self.interval_images = 0
-        self.saved_step = self.row_step = self.eval_step = -1
+        self.saved_step = self.row_step = self.eval_step = self.plotted_step = -1
         self.test: tuple[float, float] = (math.nan, math.nan)
         self.eval_time = 0.0
         self.clock = _Clock()
@@ -283,7 +346,12 @@ class Run:
         if env.distributed:
             self.train_module = wrap_ddp(self.model, env)
         if ns.compile:
+            quiet_cuda_home_note()  # inductor imports torch.utils.cpp_extension
             self.train_module = torch.compile(self.train_module)
+        # The progress bar shows on a terminal; elsewhere (a log file, a pipe) a run with a run folder
+        # prints a progress line at each metrics row instead.
+        self.show_bar = not ns.no_progress and env.is_main and _is_terminal(sys.stderr)
+        self.show_lines = not ns.no_progress and env.is_main and run_dir is not None and not self.show_bar
         self.metrics = CsvLog(run_dir / METRICS_FILE, METRIC_COLUMNS) if run_dir is not None else None
         self.diagnostics = CsvLog(run_dir / DIAGNOSTICS_FILE, DIAGNOSTIC_COLUMNS) if run_dir is not None else None
 
@@ -295,6 +363,7 @@ class Run:
         except RuntimeError as exc:
             detail = " ".join(str(exc).split())
             raise CheckpointError(f"{path}: its model state does not fit this {self.ns.model}: {detail}") from exc
+        check_device_range(self.model, path)
         try:
             self.opt.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as exc:
@@ -325,6 +394,16 @@ class Run:
                 f"{path} holds the generator states of {len(rng)} rank(s), this run has {self.env.world_size}: "
                 "random layers (dropout) start from fresh seeds",
                 stacklevel=2,
+            )
+        saved_world = ckpt["meta"].get("world_size", len(rng)) if isinstance(ckpt["meta"], dict) else len(rng)
+        if saved_world != self.env.world_size and self.env.is_main:
+            print(
+                f"fastanalog train: note: {path} was written by a run of world size {saved_world}, this run has world "
+                f"size {self.env.world_size}: the samples keep their order, but the gradients are split and summed "
+                "differently (and random layers draw anew), so from here on the run is no longer bit-identical to "
+                "the uninterrupted one",
+                file=sys.stderr,
+                flush=True,
             )
         self.saved_step = self.step
 
@@ -362,6 +441,7 @@ class Run:
         save_checkpoint(state, self.run_dir / CHECKPOINT_DIR / checkpoint_name(self.step))
         remove_old_checkpoints(self.run_dir, self.ns.keep_checkpoints)
         self._plot()
+        self.plotted_step = self.step
 
     # ----- logging ----------------------------------------------------------------------
     def _plot(self) -> None:
@@ -384,17 +464,25 @@ class Run:
         self.eval_time += time.perf_counter() - start
 
     def _log_row(self, seconds: float, lr: float, with_test: bool) -> None:
-        """Write one row of metrics.csv (and diagnostics.csv) for the steps since the previous row."""
+        """Write one row of metrics.csv (and diagnostics.csv) for the steps since the previous row; print a progress line."""
         if with_test:
             self._evaluate()
         interval = self.interval.reduced(self.env)
         images = all_reduce_sum([self.interval_images], self.env)[0]
         self.interval, self.interval_images = Meter(), 0
         self.row_step = self.step
-        if not self.writes:
-            return
         epoch = self.epoch + self.batch / self.steps_per_epoch
         train_loss, train_acc = interval.means()
+        if self.show_lines:
+            test = f" | test loss {self.test[1]:.4f} acc {self.test[0]:.2%}" if with_test else ""
+            rate = f" | {images / seconds:.0f} img/s" if seconds > 0 else ""
+            print(
+                f"step {self.step}/{self.total_steps} | epoch {epoch:.2f}/{self.ns.epochs} | lr {lr:.4g} | "
+                f"train loss {train_loss:.4f} acc {train_acc:.2%}{test}{rate}",
+                flush=True,
+            )
+        if not self.writes:
+            return
         diagnostics = model_diagnostics(self.model) if self.analog else {}
         row = {
             "step": self.step,
@@ -424,6 +512,7 @@ class Run:
         if not self.writes:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(self.run_dir, RUN_FILES)  # left by a process killed while writing
         if self.ns.overwrite:
             clear_run_folder(self.run_dir)
         resumed_from = self.checkpoint_path
@@ -506,7 +595,7 @@ class Run:
                 total=self.steps_per_epoch,
                 initial=self.batch,
                 desc=f"{ns.algorithm} epoch {self.epoch + 1}/{ns.epochs}",
-                disable=True if ns.no_progress or not env.is_main else None,
+                disable=not self.show_bar,
                 leave=False,
                 dynamic_ncols=True,
             )
@@ -526,9 +615,10 @@ class Run:
 
                 epoch_end = self.batch == self.steps_per_epoch
                 stop = self._stop_requested()
-                if self.run_dir is not None and (epoch_end or self.step % ns.log_every == 0):
+                if self.run_dir is not None and (epoch_end or stop or self.step % ns.log_every == 0):
                     interval_seconds += self.clock.pause()
-                    self._log_row(interval_seconds, lr, with_test=epoch_end)
+                    # The last row of a run (its end or --max-steps) holds the final test result.
+                    self._log_row(interval_seconds, lr, with_test=epoch_end or stop)
                     interval_seconds = 0.0
                     self.clock.resume()
                 if epoch_end:
@@ -555,6 +645,8 @@ class Run:
                 self._evaluate()
         if self.run_dir is not None and self.saved_step != self.step:
             self._save_checkpoint()
+        elif self.writes and self.plotted_step != self.step:
+            self._plot()
         broadcast_digital_buffers(self.model, env)
         digests = all_gather_object(state_digest(self.model), env)
         epoch_meter = self.epoch_meter.reduced(env)

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CHECKPOINT_DIR, atomic_write, list_checkpoints
+from .checkpoint import CHECKPOINT_DIR, atomic_write, list_checkpoints, write_error
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
@@ -122,12 +122,15 @@ class CsvLog:
     def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Append rows (dicts keyed by column; missing or None cells stay empty), writing the header first if new."""
         new = not self.path.exists() or self.path.stat().st_size == 0
-        with open(self.path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(self.columns)
-            for row in rows:
-                writer.writerow([_cell(row.get(c)) for c in self.columns])
+        try:
+            with open(self.path, "a", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                if new:
+                    writer.writerow(self.columns)
+                for row in rows:
+                    writer.writerow([_cell(row.get(c)) for c in self.columns])
+        except OSError as exc:
+            raise write_error(self.path, exc) from exc
 
     def read(self) -> list[dict[str, str]]:
         """All rows as dicts of strings; empty when the file does not exist."""
