@@ -10,6 +10,7 @@ from .devices import LinearResponse, ResponseDevice
 ALGORITHMS = ("digital", "asgd", "rl", "rl2")
 BUFFERS = ("accumulate", "ema")
 MIXED_WEIGHTS = ("transient", "stored")
+WEIGHT_SCALINGS = ("fit", "channel", "tensor")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,32 @@ class AnalogConfig:
         mixed_weight: how rl/rl2 keep the forward weight ``W + gamma * P``:
             ``transient`` (computed in forward and again in backward; no array is kept)
             or ``stored`` (an array the optimizer's kernels rewrite at every step).
+        weight_scaling: how digital weights ``w`` are mapped onto the devices when they
+            enter a layer (``convert_to_analog``, the layer's own initialisation,
+            ``load_state_dict`` of a digital checkpoint; SPEC section 7). The layer keeps
+            ``W = w / s`` on the devices and computes ``y = s * (x @ W^T) + b`` with a
+            digital per-output-channel scale ``s`` (the buffer ``analog_scale``):
+            ``fit`` (default): ``s_c = 1`` for every output channel whose weights lie
+            inside the device range (a model trained from scratch is exactly the
+            paper's model), ``s_c = m_c / omega`` for a channel that does not fit;
+            ``channel``: ``s_c = m_c / omega`` for every channel; ``tensor``: one
+            ``s = max_c m_c / omega`` for the whole tensor. Here ``m_c = max_i max(w_ci /
+            tau_max, -w_ci / |tau_min|)`` measures a channel against the bound of each
+            weight's sign (positive weights against ``tau_max``, negative ones against
+            ``|tau_min|``), so the weight of a scaled channel that reaches furthest sits at
+            ``omega`` times its bound. These are the nominal bounds of ``device``: with
+            ``d2d_std > 0`` an element whose own range is narrower is clipped to it at its
+            first write, as it would be on the hardware. The
+            converted model computes the original outputs for any weights. Learning
+            rate: the gradient the optimizer sees is that of W (device units),
+            ``dL/dW_c = s_c dL/dw_c``, and a change ``dW_c = -lr dL/dW_c`` is
+            ``dw_c = s_c dW_c = -lr s_c**2 dL/dw_c`` in digital units: a channel with
+            scale ``s_c`` trains like a digital one with learning rate ``lr * s_c**2``
+            (momentum alike; one pulse moves its digital weight by ``s_c * dw_min``, and its
+            range is ``s_c`` times the device's). AnalogSGD's weight decay acts on W:
+            ``-lr * wd * W`` is ``-lr * wd * w`` in digital units, unscaled.
+        weight_scaling_omega: the margin ``omega`` in ``(0, 1)`` (default 0.95): scaled
+            channels use this fraction of the bound, where the response reaches 0.
     """
 
     algorithm: str = "rl2"
@@ -47,6 +74,8 @@ class AnalogConfig:
     max_pulses: int | None = None
     zero_shift: bool = True
     mixed_weight: str = "transient"
+    weight_scaling: str = "fit"
+    weight_scaling_omega: float = 0.95
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -73,6 +102,13 @@ class AnalogConfig:
             raise ValueError(f"read_noise must be >= 0 (std of the read of P), got {self.read_noise}")
         if self.mixed_weight not in MIXED_WEIGHTS:
             raise ValueError(f"unknown mixed_weight {self.mixed_weight!r}: choose 'transient' or 'stored'")
+        if self.weight_scaling not in WEIGHT_SCALINGS:
+            raise ValueError(f"unknown weight_scaling {self.weight_scaling!r}: choose one of {', '.join(WEIGHT_SCALINGS)}")
+        omega = self.weight_scaling_omega
+        if isinstance(omega, bool) or not isinstance(omega, (int, float)) or not math.isfinite(omega) or not 0 < omega < 1:
+            raise ValueError(
+                f"weight_scaling_omega must be a number in (0, 1) (the fraction of the device bound a scaled weight may use), got {omega!r}"
+            )
         if self.buffer not in BUFFERS:
             raise ValueError(f"unknown buffer {self.buffer!r}: choose 'accumulate' or 'ema'")
         if self.threshold < 1:

@@ -40,7 +40,15 @@ def test_analog_state_returns_live_tensors_and_state_dict_restores_everything():
     other.load_state_dict(lin.state_dict())
     for k, v in lin.state_dict().items():
         assert torch.equal(v, other.state_dict()[k])
-    assert set(lin.state_dict()) == {"weight", "bias", "analog_residual", "analog_buffer", "analog_pulses", "analog_last_pulses"}
+    assert set(lin.state_dict()) == {
+        "weight",
+        "bias",
+        "analog_scale",
+        "analog_residual",
+        "analog_buffer",
+        "analog_pulses",
+        "analog_last_pulses",
+    }
 
 
 def test_state_dicts_of_the_earlier_layout_load():
@@ -174,15 +182,19 @@ def test_convert_keeps_weights_biases_and_leaves_the_original_alone():
     assert type(model[0]) is nn.Conv2d
 
 
-def test_include_exclude_and_clipping_warning():
+def test_include_exclude_and_weights_beyond_the_range_are_scaled_not_clipped():
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     with torch.no_grad():
         model[1].weight.fill_(2.0)
     fa.convert_to_analog(model, fa.AnalogConfig(), exclude=["1"])
     assert isinstance(model[0], fa.AnalogLinear) and type(model[1]) is nn.Linear
-    with pytest.warns(UserWarning, match="outside the device range"):
+    x = torch.randn(4, 3)
+    before = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         fa.convert_to_analog(model, fa.AnalogConfig(device=fa.LinearResponse(tau=0.5)), include=["1"])
-    assert float(model[1].weight.detach().max()) == pytest.approx(0.5)
+    assert float(model[1].weight.detach().max()) == pytest.approx(0.95 * 0.5)
+    torch.testing.assert_close(model(x), before)
     with pytest.raises(TypeError, match="glob patterns"):
         fa.convert_to_analog(model, fa.AnalogConfig(), include="0")
 

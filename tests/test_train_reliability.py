@@ -465,3 +465,16 @@ def test_cpp_extension_import_prints_no_cuda_note_under_the_launcher() -> None:
         pytest.skip("no CUDA toolkit on this machine: torch prints no note to silence")
     launcher = subprocess.run([sys.executable, "-c", code.format(quiet)], capture_output=True, text=True, env=env, timeout=120)
     assert launcher.returncode == 0 and "No CUDA runtime is found" not in launcher.stderr
+
+
+def test_weight_scaling_options_reach_the_config_and_are_validated():
+    from fastanalog.train import cli
+
+    ns = cli._resolve_args({"weight_scaling": "channel", "weight_scaling_omega": 0.8}, {})
+    cli._fill_defaults(ns)
+    cli._validate(ns)
+    cfg = cli.make_config(ns)
+    assert cfg.weight_scaling == "channel" and cfg.weight_scaling_omega == 0.8
+    ns.weight_scaling_omega = 1.5
+    with pytest.raises(ValueError, match="weight_scaling_omega"):
+        cli._validate(ns)

@@ -19,12 +19,31 @@ model:
 * ``weight``          W (a parameter)
 * ``analog_residual`` P, stored zero-shifted (rl, rl2)
 * ``analog_buffer``   H, the digital transfer buffer (rl2)
+* ``analog_scale``    the digital per-output-channel scale ``s`` (float32; not for ``digital``)
 * ``analog_pulses``   int64 ``[pulses to W, pulses to P]`` written so far
 * ``analog_last_pulses`` the same for the last step
+
+Weights in digital units ``w`` are mapped onto the devices as ``W = w / s`` (SPEC
+section 7, ``AnalogConfig.weight_scaling``): the layer computes ``y = s * (x @ Wbar^T) + b``
+(convolutions likewise, ``s`` per output channel), ``Wbar`` the forward weight above. The
+scale is chosen when weights enter a layer: its own initialisation, ``convert_to_analog``,
+``load_state_dict`` of a digital checkpoint (a layer's entry with ``weight`` and no
+``analog_*`` key) and ``set_digital_weight``; it is not trained. ``weight.grad`` is the
+gradient of W in device units, ``s_c`` times the gradient of ``w_c``, so an optimizer step
+``-lr * grad`` on W moves ``w_c`` by ``-lr * s_c**2 * dL/dw_c``: a scaled channel trains like
+a digital one with learning rate ``lr * s_c**2``. With the default ``"fit"`` every channel
+that fits the device range has ``s_c = 1`` and the layer is exactly the unscaled one (forward
+then skips the multiplication). An analog state dict restores ``s`` exactly; one saved
+before the scale existed loads with ``s = 1``. Weights that leave the device range other
+than through AnalogSGD (``load_state_dict`` of an analog state dict, edits under
+``torch.no_grad()``, another optimizer) get a warning naming the layer instead of a silent
+clip at the next analog update.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 import weakref
 
@@ -108,41 +127,93 @@ class AnalogLayerMixin:
 
     analog_config: AnalogConfig
 
-    def _init_analog(self, config: AnalogConfig | None) -> None:
+    def _init_analog(self, config: AnalogConfig | None, share: AnalogLayerMixin | None = None) -> None:
+        """Set up the arrays; ``share``: an analog layer whose weight this one is tied to (its arrays are used, not copied)."""
         config = config if config is not None else AnalogConfig()
         if not isinstance(config, AnalogConfig):
             raise TypeError(f"config must be a fastanalog.AnalogConfig, got {config!r}")
         self.analog_config = config
-        weight: nn.Parameter = self.weight
-        with torch.no_grad():
+        if "_fa_name" not in self.__dict__:
+            self._fa_name = None  # the module path(s), set by convert_to_analog and load_state_dict
+        if share is not None:
+            self.weight = share.weight
+            for name in _ARRAYS:
+                t = getattr(share, name)
+                if name in share._buffers:
+                    self.register_buffer(name, t, persistent=name != "analog_mixed")
+                else:
+                    setattr(self, name, None)
+        else:
+            weight: nn.Parameter = self.weight
             if config.is_analog:
-                dev = config.device
-                clipped = int(((weight < dev.tau_min) | (weight > dev.tau_max)).sum())
-                if clipped:
-                    warnings.warn(
-                        f"{clipped} of {weight.numel()} weights of {type(self).__name__}{tuple(weight.shape)} lie outside the "
-                        f"device range [{dev.tau_min}, {dev.tau_max}] and were clipped to it; use a device with a wider tau",
-                        stacklevel=3,
-                    )
-                    weight.clamp_(dev.tau_min, dev.tau_max)
-        if config.has_residual:
-            self.register_buffer("analog_residual", torch.zeros_like(weight.detach()))
-        else:
-            self.analog_residual = None
-        if config.has_buffer:
-            self.register_buffer("analog_buffer", torch.zeros_like(weight.detach()))
-        else:
-            self.analog_buffer = None
-        if self._stores_mixed():
-            self.register_buffer("analog_mixed", torch.empty_like(weight.detach()), persistent=False)
-            self.refresh_weight()
-        else:
-            self.analog_mixed = None
-        self.register_buffer("analog_pulses", torch.zeros(2, dtype=torch.int64, device=weight.device))
-        self.register_buffer("analog_last_pulses", torch.zeros(2, dtype=torch.int64, device=weight.device))
-        self.register_load_state_dict_pre_hook(_upgrade_state_dict)
+                scale = _choose_scale(weight.detach(), config)
+                with torch.no_grad():
+                    _divide_(weight, scale)
+                self.register_buffer("analog_scale", scale)
+            else:
+                self.analog_scale = None
+            if config.has_residual:
+                self.register_buffer("analog_residual", torch.zeros_like(weight.detach()))
+            else:
+                self.analog_residual = None
+            if config.has_buffer:
+                self.register_buffer("analog_buffer", torch.zeros_like(weight.detach()))
+            else:
+                self.analog_buffer = None
+            if self._stores_mixed():
+                self.register_buffer("analog_mixed", torch.empty_like(weight.detach()), persistent=False)
+                self.refresh_weight()
+            else:
+                self.analog_mixed = None
+            self.register_buffer("analog_pulses", torch.zeros(2, dtype=torch.int64, device=weight.device))
+            self.register_buffer("analog_last_pulses", torch.zeros(2, dtype=torch.int64, device=weight.device))
+        self._note_scale()
+        self._fa_version = self.weight._version
+        self.register_load_state_dict_pre_hook(_prepare_state_dict)
         self.register_load_state_dict_post_hook(_refresh_after_load)
         self._tag_weight()
+
+    def _note_scale(self) -> None:
+        """Remember (a Python bool, so that forward and compiled graphs need no data-dependent branch) whether s is all 1."""
+        s = self.analog_scale
+        self._fa_unit_scale = s is None or s.is_meta or bool((s == 1).all())
+
+    def _layer_name(self) -> str:
+        return self._fa_name or f"{type(self).__name__}{tuple(self.weight.shape)}"
+
+    @torch.no_grad()
+    def set_digital_weight(self, w: torch.Tensor) -> None:
+        """Set the weights from digital units ``w``: choose the scale (``weight_scaling``) and write ``W = w / s``.
+
+        P and H (rl, rl2) are left as they are; the stored mixed weight is refreshed.
+        """
+        if tuple(w.shape) != tuple(self.weight.shape):
+            raise ValueError(
+                f"{self._layer_name()}: weight of shape {tuple(w.shape)} given, the layer has {tuple(self.weight.shape)}"
+            )
+        self.weight.copy_(w)
+        if self.analog_scale is not None:
+            scale = _choose_scale(self.weight.detach(), self.analog_config)
+            _divide_(self.weight, scale)
+            self.analog_scale.copy_(scale)
+        self.refresh_weight()
+        self._fa_version = self.weight._version
+
+    @torch.no_grad()
+    def digital_weight(self) -> torch.Tensor:
+        """The forward weight in digital units (a new tensor): ``s * (W + gamma * P)``, the weight of the equivalent nn layer."""
+        w = self.forward_weight()
+        if self.analog_scale is None:
+            return w
+        return w * self.analog_scale.view(_channel_shape(w)).to(w.dtype)
+
+    @torch.no_grad()
+    def check_range(self, why: str = "") -> int:
+        """Warn (naming the layer) if W lies outside its device's range; returns how many elements do."""
+        cfg = self.analog_config
+        if not cfg.is_analog or self.weight.is_meta:
+            return 0
+        return _warn_outside(self.weight.detach(), cfg, self._layer_name(), why)
 
     def _stores_mixed(self) -> bool:
         cfg = self.analog_config
@@ -154,6 +225,15 @@ class AnalogLayerMixin:
 
     def __setstate__(self, state):  # pickling and deepcopy make a new Parameter
         super().__setstate__(state)
+        # Layers pickled before the scale existed: s = 1.
+        if "analog_scale" not in self._buffers and "analog_scale" not in self.__dict__:
+            if self.analog_config.is_analog:
+                self.register_buffer("analog_scale", torch.ones(self.weight.shape[0], device=self.weight.device))
+            else:
+                self.analog_scale = None
+        self.__dict__.setdefault("_fa_name", None)
+        self._note_scale()
+        self._fa_version = self.weight._version
         self._tag_weight()
 
     def analog_state(self) -> dict[str, torch.Tensor | None]:
@@ -170,11 +250,30 @@ class AnalogLayerMixin:
 
     @torch.no_grad()
     def refresh_weight(self) -> None:
-        """Rewrite the stored mixed weight (``mixed_weight="stored"``) from W and P; needed only after editing them by hand."""
+        """Rewrite the stored mixed weight (``mixed_weight="stored"``) from W and P and take note of the scale ``analog_scale``.
+
+        Needed only after editing W, P or ``analog_scale`` by hand.
+        """
         if self._stores_mixed():
             self.analog_mixed.copy_(self.forward_weight())
+        self._note_scale()
 
     def _forward_with(self, run, x: torch.Tensor) -> torch.Tensor:
+        """``s * run(x, forward weight, None) + bias``; ``weight.grad`` gets the gradient of W (device units)."""
+        if self.analog_config.is_analog and not torch.compiler.is_compiling() and self.weight._version != self._fa_version:
+            # W was written in place since we last looked, not by AnalogSGD (whose kernels write its data
+            # without bumping the version): say so now rather than let the next update clip it silently.
+            self._fa_version = self.weight._version
+            self.check_range("(W was changed outside AnalogSGD: by hand or by another optimizer)")
+        if self._fa_unit_scale:
+            return self._forward_unscaled(lambda x, w: run(x, w, self.bias), x)
+        out = self._forward_unscaled(lambda x, w: run(x, w, None), x)
+        s = self.analog_scale.to(out.dtype).view(_scale_shape(self.weight))
+        if self.bias is None:
+            return out * s
+        return torch.addcmul(self.bias.to(out.dtype).view(s.shape), out, s)
+
+    def _forward_unscaled(self, run, x: torch.Tensor) -> torch.Tensor:
         """``run(x, forward weight)``, the gradient at the forward weight landing in ``weight.grad``."""
         cfg = self.analog_config
         if not cfg.has_residual or cfg.gamma == 0:
@@ -191,15 +290,107 @@ class AnalogLayerMixin:
         return f"{super().extra_repr()}, algorithm={cfg.algorithm}, device={type(cfg.device).__name__}"
 
 
-def _upgrade_state_dict(module, state_dict, prefix, *args) -> None:
-    """Read state dicts of the earlier layout (W in ``analog_main``, the mixed weight in ``weight``)."""
+_ARRAYS = ("analog_scale", "analog_residual", "analog_buffer", "analog_mixed", "analog_pulses", "analog_last_pulses")
+
+
+def _scale_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """The shape that broadcasts a per-output-channel vector over the output of a layer with this weight."""
+    return (-1,) + (1,) * (weight.dim() - 2)
+
+
+def _channel_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """The shape that broadcasts a per-output-channel vector over the weight itself: ``(-1, 1, ...)``."""
+    return (-1,) + (1,) * (weight.dim() - 1)
+
+
+def _choose_scale(w: torch.Tensor, config: AnalogConfig) -> torch.Tensor:
+    """The per-output-channel scale ``s`` (float32, on ``w``'s device) of digital weights ``w`` (SPEC section 7)."""
+    dev = config.device
+    rows = w.detach().reshape(w.shape[0], -1).float() if w.dim() else w.detach().reshape(1, -1).float()
+    if rows.shape[1] == 0:
+        return torch.ones(rows.shape[0], dtype=torch.float32, device=w.device)
+    # How far each channel reaches, in units of its sign's bound (<= 1: it fits).
+    reach = torch.maximum(rows.amax(1).clamp(min=0) / float(dev.tau_max), (-rows.amin(1)).clamp(min=0) / -float(dev.tau_min))
+    if config.weight_scaling == "tensor":
+        reach = reach.amax().expand_as(reach)
+    scaled = reach / config.weight_scaling_omega
+    one = torch.ones_like(reach)
+    if config.weight_scaling == "fit":
+        return torch.where(reach > 1, scaled, one).contiguous()
+    return torch.where(reach > 0, scaled, one).contiguous()  # an all-zero channel keeps s = 1
+
+
+def _divide_(weight: torch.Tensor, scale: torch.Tensor) -> None:
+    """``weight /= s`` per output channel, in at least float32."""
+    div = weight.detach() / scale.view(_channel_shape(weight)).to(torch.promote_types(weight.dtype, torch.float32))
+    weight.data.copy_(div)
+
+
+_SKIP_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside this package and torch (a warning then points at the caller)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_SKIP_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_outside(w: torch.Tensor, config: AnalogConfig, name: str, why: str) -> int:
+    dev = config.device
+    outside = int(((w < dev.tau_min) | (w > dev.tau_max)).sum())
+    if outside:
+        warnings.warn(
+            f"{name}: {outside} of {w.numel()} weights lie outside the device range [{dev.tau_min}, {dev.tau_max}]"
+            f"{' ' + why if why else ''}; the next analog update clips them. Weights in digital units belong in "
+            "layer.set_digital_weight(w) (or a digital checkpoint), which chooses the scale.",
+            stacklevel=_user_stacklevel(),
+        )
+    return outside
+
+
+def _prepare_state_dict(module, state_dict, prefix, *args) -> None:
+    """Before a layer loads: read earlier layouts, map a digital checkpoint's weights, check the range.
+
+    * W in ``analog_main`` (the layout before the mixed weight became transient) moves to ``weight``.
+    * An analog entry without ``analog_scale`` (saved before it existed) loads with ``s = 1``.
+    * A digital entry (``weight``, maybe ``bias``, and no ``analog_*`` key: an ``nn.Linear``/``nn.Conv``
+      checkpoint) holds digital units: the scale is chosen as at conversion, P and H start at 0.
+    * An analog ``weight`` outside the device range is loaded as it is, with a warning naming the layer.
+    """
     old = prefix + "analog_main"
     if old in state_dict:
         state_dict[prefix + "weight"] = state_dict.pop(old)
+    if prefix and module._fa_name is None:
+        module._fa_name = prefix[:-1]
+    cfg = module.analog_config
+    key = prefix + "weight"
+    if not cfg.is_analog or key not in state_dict:
+        return
+    analog = any(k.startswith(prefix + "analog_") and "." not in k[len(prefix) :] for k in state_dict)
+    if not analog:
+        w = state_dict[key]
+        scale = _choose_scale(w, cfg)
+        div = w.detach() / scale.view(_channel_shape(w)).to(torch.promote_types(w.dtype, torch.float32))
+        state_dict[key] = div.to(w.dtype)
+        state_dict[prefix + "analog_scale"] = scale
+        for name in ("analog_residual", "analog_buffer"):
+            if getattr(module, name) is not None:
+                state_dict[prefix + name] = torch.zeros_like(getattr(module, name))
+        for name in ("analog_pulses", "analog_last_pulses"):
+            state_dict[prefix + name] = getattr(module, name).clone()
+        return
+    if prefix + "analog_scale" not in state_dict:
+        state_dict[prefix + "analog_scale"] = torch.ones_like(module.analog_scale)
+    w = state_dict[key]
+    if isinstance(w, torch.Tensor) and not w.is_meta:
+        _warn_outside(w.detach(), cfg, module._layer_name(), "(in the state dict being loaded)")
 
 
 def _refresh_after_load(module, incompatible_keys) -> None:
     module.refresh_weight()
+    module._fa_version = module.weight._version
 
 
 class AnalogLinear(AnalogLayerMixin, nn.Linear):
@@ -210,7 +401,7 @@ class AnalogLinear(AnalogLayerMixin, nn.Linear):
         self._init_analog(config)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._forward_with(lambda x, w: F.linear(x, w, self.bias), input)
+        return self._forward_with(F.linear, input)
 
 
 class AnalogConv1d(AnalogLayerMixin, nn.Conv1d):
@@ -221,7 +412,7 @@ class AnalogConv1d(AnalogLayerMixin, nn.Conv1d):
         self._init_analog(config)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._forward_with(lambda x, w: self._conv_forward(x, w, self.bias), input)
+        return self._forward_with(self._conv_forward, input)
 
 
 class AnalogConv2d(AnalogLayerMixin, nn.Conv2d):
@@ -232,7 +423,7 @@ class AnalogConv2d(AnalogLayerMixin, nn.Conv2d):
         self._init_analog(config)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._forward_with(lambda x, w: self._conv_forward(x, w, self.bias), input)
+        return self._forward_with(self._conv_forward, input)
 
 
 # Subclasses whose forward differs only in scripting details, converted like their base.
@@ -253,14 +444,12 @@ def _analog_class(module: nn.Module):
     return None
 
 
-def _convert_one(module: nn.Module, config: AnalogConfig) -> nn.Module:
-    cls = _analog_class(module)
-    w = module.weight
+def _new_layer(module: nn.Module, cls) -> nn.Module:
+    """An empty ``cls`` with ``module``'s arguments (its tensors still to be set)."""
+    new = cls.__new__(cls)
     if cls is AnalogLinear:
-        new = AnalogLinear.__new__(AnalogLinear)
         nn.Linear.__init__(new, module.in_features, module.out_features, bias=module.bias is not None, device="meta")
     else:
-        new = cls.__new__(cls)
         base = nn.Conv1d if cls is AnalogConv1d else nn.Conv2d
         base.__init__(
             new,
@@ -275,13 +464,32 @@ def _convert_one(module: nn.Module, config: AnalogConfig) -> nn.Module:
             padding_mode=module.padding_mode,
             device="meta",
         )
+    return new
+
+
+def _fresh(p: nn.Parameter, memo: dict[int, nn.Parameter]) -> nn.Parameter:
+    """A new Parameter with ``p``'s values (one per original: parameters tied before stay tied)."""
+    new = memo.get(id(p))
+    if new is None:
+        new = memo[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    return new
+
+
+def _convert_one(module: nn.Module, config: AnalogConfig, memo: dict | None = None, share=None) -> nn.Module:
+    """The analog twin of ``module`` (weights mapped per ``config.weight_scaling``), or, with ``share``,
+    a twin that uses ``share``'s weight and arrays (``module``'s weight is tied to ``share``'s original one)."""
+    memo = {} if memo is None else memo
+    new = _new_layer(module, _analog_class(module))
     # Keep the original tensors' values, dtype and device; fresh Parameters so the
     # original model is left untouched.
-    new.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+    if share is None:
+        new.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
+    else:
+        new.weight = share.weight
     if module.bias is not None:
-        new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+        new.bias = _fresh(module.bias, memo)
     new.train(module.training)
-    new._init_analog(config)
+    new._init_analog(config, share=share)
     return new
 
 
@@ -296,12 +504,22 @@ def convert_to_analog(
 ) -> nn.Module:
     """Swap every nn.Linear / nn.Conv1d / nn.Conv2d of ``model`` for its analog twin, in place.
 
-    Weights are kept (clipped to the device range, with a warning, where they exceed
-    it); biases, norms and everything else stay digital. ``include``/``exclude`` are
-    lists of glob patterns on module names (``"head"``, ``"blocks.*.attn.*"``); a layer
-    is converted when it matches some include pattern (all, if None) and no exclude
+    Weights are mapped onto the devices per ``config.weight_scaling`` (default ``"fit"``:
+    unchanged where they fit the device range, else scaled by a digital per-channel
+    factor), so the converted model computes the original outputs; biases, norms and
+    everything else stay digital. ``include``/``exclude`` are lists of glob patterns on
+    module names (``"head"``, ``"blocks.*.attn.*"``); a layer is converted when one of
+    its names matches some include pattern (all, if None) and none matches an exclude
     pattern. A subclass that overrides forward (e.g. a "same"-padding conv) is left
     digital with a warning. Returns ``model`` (or the new layer if ``model`` itself is one).
+
+    Sharing is kept: a module that appears under several names becomes one analog
+    module; layers whose weight is one tied Parameter become analog layers sharing one
+    weight and one set of arrays (P, H, scale, pulse counters), if they are all
+    converted to the same class; otherwise (a weight tied to an ``nn.Embedding``, to a
+    layer left digital or excluded, or to a layer of another kind) they stay digital,
+    still tied, with one warning naming every place of the weight. Other tied
+    parameters (biases) stay tied.
     """
     config = config if config is not None else AnalogConfig()
     if not isinstance(config, AnalogConfig):
@@ -312,36 +530,116 @@ def convert_to_analog(
         if pats is not None and (isinstance(pats, str) or not all(isinstance(p, str) for p in pats)):
             raise TypeError(f"{kind} must be a list of glob patterns (strings), got {pats!r}")
 
-    def wanted(name: str) -> bool:
-        if include is not None and not _matches(name, include):
+    def wanted(names: list[str]) -> bool:
+        if include is not None and not any(_matches(n, include) for n in names):
             return False
-        return not (exclude is not None and _matches(name, exclude))
+        return not (exclude is not None and any(_matches(n, exclude) for n in names))
 
-    if _analog_class(model) and wanted(""):
-        return _convert_one(model, config)
-    skipped = []
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
-            cls = _analog_class(child)
-            if cls is None or not wanted(full):
+    if _analog_class(model) and wanted([""]):
+        new = _convert_one(model, config)
+        new._fa_name = None
+        return new
+
+    # Every name of every module (a shared module has several), and every place of every parameter.
+    names: dict[int, list[str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+        modules[id(mod)] = mod
+    places: dict[int, list[tuple[int, str]]] = {}  # id(param) -> [(id(module), attribute)]
+    for mid, mod in modules.items():
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((mid, attr))
+
+    def where(mid: int, attr: str) -> str:
+        mod = modules[mid]
+        return " = ".join(f"{n}.{attr}" if n else attr for n in names[mid]) + f" ({type(mod).__name__})"
+
+    candidates, skipped = {}, []
+    for mid, mod in modules.items():
+        cls = _analog_class(mod)
+        if cls is None or mid == id(model) or not wanted(names[mid]):
+            continue
+        if cls is False:
+            skipped.append(f"{names[mid][0]} ({type(mod).__name__})")
+            continue
+        candidates[mid] = cls
+
+    # Tied weights: analog together (one weight, one set of arrays) or digital together.
+    owner_of: dict[int, int] = {}  # module id -> id of the module whose new arrays it shares
+    untied_warnings = []
+    if config.is_analog:
+        for mid in list(candidates):
+            if mid not in candidates or mid in owner_of:
                 continue
-            if cls is False:
-                skipped.append(f"{full} ({type(child).__name__})")
+            users = places.get(id(modules[mid].weight), [])
+            if len(users) <= 1:
                 continue
-            setattr(parent, child_name, _convert_one(child, config))
+            ok = all(u in candidates and attr == "weight" and candidates[u] is candidates[mid] for u, attr in users)
+            if ok:
+                for u, _ in users:
+                    owner_of[u] = users[0][0]
+            else:
+                for u, _ in users:
+                    candidates.pop(u, None)
+                untied_warnings.append(", ".join(where(u, attr) for u, attr in users))
+
+    memo: dict[int, nn.Parameter] = {}
+    converted: dict[int, nn.Module] = {}
+    for mid in candidates:
+        owner = owner_of.get(mid, mid)
+        share = None
+        if owner != mid:
+            if owner not in converted:
+                converted[owner] = _convert_one(modules[owner], config, memo)
+            share = converted[owner]
+        if mid not in converted:
+            converted[mid] = _convert_one(modules[mid], config, memo, share=share)
+        converted[mid]._fa_name = ", ".join(names[mid])
+    if not config.is_analog:
+        # Digital layers keep their weights as they are: keep every tie of them too.
+        for mid, new in converted.items():
+            old = modules[mid].weight
+            if id(old) in memo:
+                new.weight = memo[id(old)]
+                new._tag_weight()
+            else:
+                memo[id(old)] = new.weight
+    # Put the new modules in every place of the old ones, and the new Parameters in every place of tied ones.
+    for mid, mod in modules.items():
+        for child_name, child in list(mod._modules.items()):
+            if child is not None and id(child) in converted:
+                mod._modules[child_name] = converted[id(child)]
+        if mid not in converted:
+            for attr, p in list(mod._parameters.items()):
+                if p is not None and id(p) in memo:
+                    mod._parameters[attr] = memo[id(p)]
     if skipped:
         warnings.warn(
             "left digital because their class overrides forward: " + ", ".join(skipped) + "; exclude them to silence this",
+            stacklevel=2,
+        )
+    if untied_warnings:
+        warnings.warn(
+            "left digital because their weight is one Parameter tied to places that cannot share an analog array "
+            "(another kind of module, or one left digital): " + "; ".join(untied_warnings) + ". They stay tied. "
+            "To make them analog, untie them first (e.g. b.weight = nn.Parameter(a.weight.detach().clone())).",
             stacklevel=2,
         )
     return model
 
 
 def analog_layers(model: nn.Module):
-    """Yield ``(name, layer)`` for every analog layer of ``model``."""
+    """Yield ``(name, layer)`` for every analog layer of ``model``, one per weight.
+
+    A shared module comes once (under its first name); of layers whose weight is tied
+    (one Parameter, one set of arrays) only the first, as in ``model.parameters()``.
+    """
+    seen = set()
     for name, module in model.named_modules():
-        if isinstance(module, AnalogLayerMixin):
+        if isinstance(module, AnalogLayerMixin) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
             yield name, module
 
 

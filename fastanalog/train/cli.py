@@ -116,6 +116,8 @@ DEFAULTS: dict[str, Any] = {
     "gamma": 0.1,
     "transfer_lr": 1.0,
     "read_noise": 0.0,
+    "weight_scaling": "fit",
+    "weight_scaling_omega": 0.95,
     "epochs": 1,
     "batch_size": 128,
     "lr": 0.05,
@@ -156,6 +158,8 @@ MUST_MATCH = (
     "gamma",
     "transfer_lr",
     "read_noise",
+    "weight_scaling",
+    "weight_scaling_omega",
     "epochs",
     "batch_size",
     "lr",
@@ -279,6 +283,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--transfer-lr", type=_positive_float, help=f"step size of the P -> W transfer (default: {d['transfer_lr']})"
     )
     g.add_argument("--read-noise", type=_nonnegative_float, help="std of the read noise of P, weight units (default: 0.0)")
+    g.add_argument(
+        "--weight-scaling",
+        choices=("fit", "channel", "tensor"),
+        help="digital per-output-channel scales mapping weights onto the devices: fit (scale only channels that do not fit "
+        "the range), channel or tensor (every channel / the whole tensor to omega times the bound) (default: fit)",
+    )
+    g.add_argument(
+        "--weight-scaling-omega",
+        type=_positive_float,
+        metavar="OMEGA",
+        help="largest scaled weight as a fraction of the device bound, in (0, 1) (default: 0.95)",
+    )
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_positive_int, help=f"passes over the training set (default: {d['epochs']})")
@@ -431,6 +447,8 @@ def _validate(ns: argparse.Namespace) -> None:
     check("epochs", integer(ns.epochs, 1), "an integer >= 1")
     check("batch_size", integer(ns.batch_size, 1), "an integer >= 1")
     check("lr", num(ns.lr) and ns.lr > 0, "a number > 0")
+    check("weight_scaling", ns.weight_scaling in ("fit", "channel", "tensor"), "fit, channel or tensor")
+    check("weight_scaling_omega", num(ns.weight_scaling_omega) and 0 < ns.weight_scaling_omega < 1, "a number in (0, 1)")
     check("momentum", num(ns.momentum) and 0 <= ns.momentum < 1, "a number in [0, 1)")
     check("weight_decay", num(ns.weight_decay) and ns.weight_decay >= 0, "a number >= 0")
     check("tau", num(ns.tau) and ns.tau > 0, "a number > 0")
@@ -522,7 +540,13 @@ def make_config(ns: argparse.Namespace) -> fa.AnalogConfig:
         variation_seed=getattr(ns, "variation_seed", 0),
     )
     return fa.AnalogConfig(
-        algorithm=ns.algorithm, device=device, gamma=ns.gamma, transfer_lr=ns.transfer_lr, read_noise=ns.read_noise
+        algorithm=ns.algorithm,
+        device=device,
+        gamma=ns.gamma,
+        transfer_lr=ns.transfer_lr,
+        read_noise=ns.read_noise,
+        weight_scaling=getattr(ns, "weight_scaling", "fit"),
+        weight_scaling_omega=getattr(ns, "weight_scaling_omega", 0.95),
     )
 
 

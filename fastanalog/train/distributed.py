@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
 # Buffer names of the analog layers: these stay identical on every rank by construction.
-ANALOG_BUFFERS = ("analog_residual", "analog_buffer", "analog_mixed", "analog_pulses", "analog_last_pulses")
+ANALOG_BUFFERS = ("analog_residual", "analog_buffer", "analog_mixed", "analog_pulses", "analog_last_pulses", "analog_scale")
 ACCELERATORS = ("auto", "cpu", "cuda")
 # Seconds a collective operation (gradient all-reduce, metric sums, ...) waits for the other ranks by default.
 DEFAULT_TIMEOUT_S = 600.0
