@@ -6,8 +6,10 @@ process and on the same threads (``--threads``; torch's intra-op threads otherwi
 * the kernel alone (``torch.ops.fastanalog.<alg>_step_cpp_`` with empty pulse tensors, so no
   pulse counts are written): GB/s with the bytes the step must move, every array read and
   written once: asgd 12 B/element (g, W in; W out), rl 28 (g, W, P in; W, P, Wbar out; a
-  transfer every step), rl2 32 (g, W, P, H in; W, P, H, Wbar out);
-* the same with int32 pulse counts written (+4 B per written array: asgd 16, rl 36, rl2 40);
+  transfer every step), rl2 32 (g, W, P, H in; W, P, H, Wbar out); with ``--excess`` the
+  per-sample writes, whose float32 excess input ``A`` adds 4 B;
+* the same with int32 pulse counts written (+4 B per written array: asgd 16, rl 36, rl2 40;
+  with ``--excess`` +4 B more for the pairs of the first array);
 * the triad ``a = b + s * c`` (12 B/element) on the same threads, in C++ in the extension:
   the kernel's share of it is the "of triad" column;
 * the full launcher (``<alg>_step_cpp`` with in-kernel pulse totals, as the optimizer calls it) against
@@ -17,8 +19,8 @@ process and on the same threads (``--threads``; torch's intra-op threads otherwi
   machine).
 
 ``python benchmarks/bench_kernels_cpu.py [--size N] [--algorithms asgd,rl,rl2] [--devices
-linear,power] [--threads T] [--repeats R] [--no-reference] [--out DIR]`` prints a markdown
-table; with ``--out`` it also writes ``bench_kernels_cpu.csv`` and ``.md`` there.
+linear,power] [--threads T] [--repeats R] [--excess] [--no-reference] [--out DIR]`` prints a
+markdown table; with ``--out`` it also writes ``bench_kernels_cpu.csv`` and ``.md`` there.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from fastanalog.ops.reference import asgd_step_ref, rl2_step_ref, rl_step_ref
 
 ARRAY_BYTES = {"asgd": 12, "rl": 28, "rl2": 32}
 PULSE_BYTES = {"asgd": 4, "rl": 8, "rl2": 8}
+EXCESS_BYTES = 4  # A in float32 (in), and with pulse counts the int32 pairs (out)
 TRIAD_BYTES = 12
 DEVICES = {
     "linear": lambda: fa.LinearResponse(tau=0.6, dw_min=0.001),
@@ -61,45 +64,47 @@ def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def _arrays(n: int):
+def _arrays(n: int, excess: bool = False):
     gen = torch.Generator().manual_seed(0)
     W = torch.rand(n, generator=gen) * 0.8 - 0.4
     P = torch.randn(n, generator=gen) * 0.01
     H = torch.zeros(n)
     Wbar = torch.zeros(n)
     g = torch.randn(n, generator=gen) * 0.1  # lr * g / dw_min ~ N(0, 1): most elements pulse
-    return W, P, H, Wbar, g
+    # Per-sample |g| sums: the excess lr * (A - |g|) / 2 / dw_min ~ U(0, 0.5) pairs.
+    A = g.abs() + torch.rand(n, generator=gen) * 0.1 if excess else None
+    return W, P, H, Wbar, g, A
 
 
 def _kernel_call(alg: str, config: fa.AnalogConfig, arrays, pulses: bool):
-    """The raw op on the arrays: with or without int32 pulse outputs."""
-    W, P, H, Wbar, g = arrays
+    """The raw op on the arrays: with or without int32 pulse outputs (and pairs, with an excess)."""
+    W, P, H, Wbar, g, A = arrays
     n = W.numel()
 
-    def out():
-        return torch.empty(n if pulses else 0, dtype=torch.int32)
+    def out(written: bool = True):
+        return torch.empty(n if pulses and written else 0, dtype=torch.int32)
 
     mp = config.max_pulses or 0
     if alg == "asgd":
         desc = cpp.device_args(pack_config(config, 0)[0])
-        p = out()
-        return lambda: torch.ops.fastanalog.asgd_step_cpp_(W, g, p, LR, KEY, 0, *desc, mp)
+        p, pairs = out(), out(A is not None)
+        return lambda: torch.ops.fastanalog.asgd_step_cpp_(W, g, A, p, pairs, LR, KEY, 0, *desc, mp)
     desc = cpp._residual_args(config, 0)
-    p1, p2 = out(), out()
+    p1, pairs, p2 = out(), out(A is not None), out()
     if alg == "rl":
         return lambda: torch.ops.fastanalog.rl_step_cpp_(
-            W, P, Wbar, g, p1, p2, LR, KEY, 0, True, config.gamma, config.transfer_lr, config.read_noise, mp, *desc
+            W, P, Wbar, g, A, p1, pairs, p2, LR, KEY, 0, True, config.gamma, config.transfer_lr, config.read_noise, mp, *desc
         )
     return lambda: torch.ops.fastanalog.rl2_step_cpp_(
-        W, P, H, Wbar, g, p1, p2, LR, KEY, 0, config.buffer == "ema", config.gamma, config.transfer_lr, config.read_noise,
-        config.threshold, mp, *desc,
+        W, P, H, Wbar, g, A, p1, pairs, p2, LR, KEY, 0, config.buffer == "ema", config.gamma, config.transfer_lr,
+        config.read_noise, config.threshold, mp, *desc,
     )  # fmt: skip
 
 
 def _step_call(fn, alg: str, config: fa.AnalogConfig, arrays, **extra):
     """A launcher with the reference signature (reference, compiled reference or C++)."""
-    W, P, H, Wbar, g = arrays
-    kw = dict(lr=LR, config=config, key=KEY, tensor_id=0, **extra)
+    W, P, H, Wbar, g, A = arrays
+    kw = dict(lr=LR, config=config, key=KEY, tensor_id=0, A=A, **extra)
     if alg == "asgd":
         return lambda: fn(W, g, **kw)
     if alg == "rl":
@@ -107,7 +112,15 @@ def _step_call(fn, alg: str, config: fa.AnalogConfig, arrays, **extra):
     return lambda: fn(W, P, H, Wbar, g, **kw)
 
 
-def bench(size: int, algorithms: list[str], devices: list[str], repeats: int, reference: bool, compiled: bool = True) -> list[dict]:
+def bench(
+    size: int,
+    algorithms: list[str],
+    devices: list[str],
+    repeats: int,
+    reference: bool,
+    compiled: bool = True,
+    excess: bool = False,
+) -> list[dict]:
     if not cpp.cpp_available():
         raise SystemExit(f"the C++ kernels are unavailable: {cpp._state['error']}")
     a, b, c = torch.empty(size), torch.rand(size), torch.rand(size)
@@ -124,8 +137,10 @@ def bench(size: int, algorithms: list[str], devices: list[str], repeats: int, re
     for alg in algorithms:
         for dev in devices:
             config = fa.AnalogConfig(algorithm=alg, device=DEVICES[dev]())
-            arrays = _arrays(size)
+            arrays = _arrays(size, excess)
             triad_gbs = triad()
+            array_bytes = ARRAY_BYTES[alg] + (EXCESS_BYTES if excess else 0)
+            pulse_bytes = PULSE_BYTES[alg] + (EXCESS_BYTES if excess else 0)
             t_kernel = _median_seconds(_kernel_call(alg, config, arrays, pulses=False), repeats)
             t_pulses = _median_seconds(_kernel_call(alg, config, arrays, pulses=True), repeats)
             # As AnalogSGD calls it: pulse totals reduced in the kernel.
@@ -133,18 +148,19 @@ def bench(size: int, algorithms: list[str], devices: list[str], repeats: int, re
             row = {
                 "algorithm": alg,
                 "device": dev,
+                "excess": excess,
                 "size": size,
                 "threads": torch.get_num_threads(),
                 "kernel_ms": 1e3 * t_kernel,
-                "kernel_GBps": ARRAY_BYTES[alg] * size / t_kernel / 1e9,
+                "kernel_GBps": array_bytes * size / t_kernel / 1e9,
                 "triad_GBps": triad_gbs,
-                "of_triad": ARRAY_BYTES[alg] * size / t_kernel / 1e9 / triad_gbs,
+                "of_triad": array_bytes * size / t_kernel / 1e9 / triad_gbs,
                 "with_pulses_ms": 1e3 * t_pulses,
-                "with_pulses_GBps": (ARRAY_BYTES[alg] + PULSE_BYTES[alg]) * size / t_pulses / 1e9,
+                "with_pulses_GBps": (array_bytes + pulse_bytes) * size / t_pulses / 1e9,
                 "launcher_ms": 1e3 * t_launch,
             }
             if reference:
-                ref_arrays = _arrays(size)
+                ref_arrays = _arrays(size, excess)
                 t_eager = _median_seconds(_step_call(refs[alg], alg, config, ref_arrays), max(1, repeats // 2))
                 row.update(eager_ms=1e3 * t_eager, speedup_eager=t_eager / t_launch)
             if reference and compiled:
@@ -191,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", default="linear,power", help=f"comma-separated device families of {','.join(DEVICES)}")
     parser.add_argument("--threads", type=int, default=None, help="threads (default: torch's intra-op threads)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median)")
+    parser.add_argument("--excess", action="store_true", help="per-sample writes: pass an excess input A (pairs)")
     parser.add_argument("--no-reference", action="store_true", help="skip the eager and compiled reference")
     parser.add_argument("--no-compiled", action="store_true", help="skip torch.compile of the reference (slow to compile)")
     parser.add_argument("--out", type=Path, default=None, help="directory for bench_kernels_cpu.csv and .md")
@@ -205,11 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown device {d!r}: choose from {', '.join(DEVICES)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rows = bench(args.size, algorithms, devices, args.repeats, not args.no_reference, not args.no_compiled)
+    rows = bench(args.size, algorithms, devices, args.repeats, not args.no_reference, not args.no_compiled, args.excess)
     table = markdown(rows)
     header = (
         f"{args.size} float32 elements, {torch.get_num_threads()} threads, CPU kernels: {cpp.cpu_variant()} "
-        f"({torch.backends.cpu.get_cpu_capability()})"
+        f"({torch.backends.cpu.get_cpu_capability()}){', per-sample writes (excess A)' if args.excess else ''}"
     )
     print(header)
     print(table)

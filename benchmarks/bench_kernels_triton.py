@@ -7,10 +7,13 @@ For every algorithm and size it prints (as a markdown table, optionally also CSV
   array written once at its storage dtype, as a memory-bound kernel ideally moves them:
   asgd reads g, W and writes W (12 B/element at float32); rl (a transfer step) reads
   g, W, P and writes W, P, Wbar (24 B); rl2 reads g, W, P, H and writes W, P, H, Wbar
-  (32 B). The int32 pulse counts the kernels also write (4 B per written array and
-  element) are not counted there; the column "GB/s with pulses" counts them too (they
-  cap the first figure at 12/16 of the copy bandwidth for asgd, 24/32 for rl, 32/40
-  for rl2);
+  (32 B); with ``--excess`` the per-sample ``|g|`` sums ``A`` are read too (one array
+  more). The int32 pulse counts the kernels also write per element (4 B per written
+  array and element, 4 B more for the pairs with ``--excess``) are not counted there;
+  the column "GB/s with pulses" counts them too (they cap the first figure at 12/16 of
+  the copy bandwidth for asgd, 24/32 for rl, 32/40 for rl2). With ``--totals`` the
+  kernels reduce the pulses in-kernel to one int64 total per array, as the optimizer
+  asks them to, and write no counts: both columns agree;
 * that bandwidth as a fraction of the device's copy bandwidth measured in the same
   run (``dst.copy_(src)`` on large buffers, reading and writing each byte once) and of
   the nominal peak from a small table keyed by the device name;
@@ -107,15 +110,20 @@ def nominal_peak_gbs(name: str) -> float | None:
     return None
 
 
-def bytes_per_element(algorithm: str, dtype: torch.dtype) -> int:
-    """Bytes per element of the arrays read and written once (g and the state arrays)."""
+def bytes_per_element(algorithm: str, dtype: torch.dtype, excess: bool = False) -> int:
+    """Bytes per element of the arrays read and written once (g, A with ``excess``, and the state arrays)."""
     reads, writes = ARRAYS[algorithm]
-    return (len(reads) + len(writes)) * torch.empty((), dtype=dtype).element_size()
+    return (len(reads) + len(writes) + int(excess)) * torch.empty((), dtype=dtype).element_size()
 
 
-def pulse_bytes_per_element(algorithm: str) -> int:
-    """Bytes per element of the int32 pulse counts a step writes (P and W for rl/rl2, W for asgd)."""
-    return 4 if algorithm == "asgd" else 8
+def pulse_bytes_per_element(algorithm: str, excess: bool = False, totals: bool = False) -> int:
+    """Bytes per element of the int32 pulse counts a step writes (P and W for rl/rl2, W for asgd; pairs with ``excess``).
+
+    None with ``totals``: the kernels then write one int64 total per array.
+    """
+    if totals:
+        return 0
+    return (4 if algorithm == "asgd" else 8) + (4 if excess else 0)
 
 
 def make_config(algorithm: str, family: str, d2d: float, c2c: float, read_noise: float):
@@ -131,7 +139,10 @@ def make_config(algorithm: str, family: str, d2d: float, c2c: float, read_noise:
     return AnalogConfig(algorithm=algorithm, device=device, read_noise=read_noise)
 
 
-def make_arrays(algorithm: str, numel: int, dtype: torch.dtype, where: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_arrays(
+    algorithm: str, numel: int, dtype: torch.dtype, where: str, seed: int = 0, excess: bool = False
+) -> dict[str, torch.Tensor]:
+    """The state arrays and g; with ``excess`` also ``A`` (per-sample |g| sums: |g| plus up to 1)."""
     gen = torch.Generator(device=where).manual_seed(seed)
     names = (
         ("g", "W", "P", "H", "Wbar") if algorithm == "rl2" else ("g", "W", "P", "Wbar") if algorithm == "rl" else ("g", "W")
@@ -141,12 +152,16 @@ def make_arrays(algorithm: str, numel: int, dtype: torch.dtype, where: str, seed
         t = torch.rand(numel, generator=gen, device=where, dtype=torch.float32)
         scale = {"g": 2.0, "W": 0.6, "P": 0.1, "H": 0.002, "Wbar": 0.0}[name]
         out[name] = ((t - 0.5) * scale).to(dtype)
+    if excess:
+        out["A"] = (out["g"].float().abs() + torch.rand(numel, generator=gen, device=where)).to(dtype)
     return out
 
 
-def step_fn(impl: Callable, algorithm: str, arrays: dict, config, key: int) -> Callable[[], object]:
-    """A no-argument callable running one step of ``impl`` on ``arrays`` (in place)."""
-    common = dict(lr=0.05, config=config, key=key, tensor_id=0)
+def step_fn(impl: Callable, algorithm: str, arrays: dict, config, key: int, totals: bool = False) -> Callable[[], object]:
+    """A no-argument callable running one step of ``impl`` on ``arrays`` (in place); ``totals`` for the kernels only."""
+    common = dict(lr=0.05, config=config, key=key, tensor_id=0, A=arrays.get("A"))
+    if totals:
+        common["totals"] = True
     a = arrays
     if algorithm == "asgd":
         return lambda: impl(a["W"], a["g"], **common)
@@ -188,14 +203,17 @@ def timed_step(impl: Callable, algorithm: str, arrays: dict, config, key: int, w
         return None
 
 
-def pulse_mismatch(algorithm: str, numel: int, dtype, where: str, config, key: int, tri, ref) -> float:
-    """Fraction of pulse counts (all arrays written) on which kernel and reference differ after one step."""
-    a = make_arrays(algorithm, numel, dtype, where, seed=1)
+def pulse_mismatch(algorithm: str, numel: int, dtype, where: str, config, key: int, tri, ref, excess: bool = False) -> float:
+    """Fraction of pulse counts (all arrays written, pairs included) on which kernel and reference differ after one step."""
+    a = make_arrays(algorithm, numel, dtype, where, seed=1, excess=excess)
     b = {k: v.clone() for k, v in a.items()}
     pa = step_fn(tri, algorithm, a, config, key)()
     pb = step_fn(ref, algorithm, b, config, key)()
     diff = int((pa.first != pb.first).sum())
     total = pa.first.numel()
+    if pa.first_pairs is not None:
+        diff += int((pa.first_pairs != pb.first_pairs).sum())
+        total += pa.first_pairs.numel()
     if pa.main is not None:
         diff += int((pa.main != pb.main).sum())
         total += pa.main.numel()
@@ -219,7 +237,10 @@ def run(args: argparse.Namespace, where: str) -> list[dict]:
     copy_gbs = measured_copy_gbs(where, args.rep_ms, args.copy_bytes if where == "cuda" else 2**22)
     print(f"device: {name}")
     print(f"measured copy bandwidth: {copy_gbs:.1f} GB/s; nominal peak: {_fmt(peak, '.0f', ' GB/s')}")
-    print(f"storage {args.dtype}, family {args.family}, d2d_std {args.d2d}, c2c_std {args.c2c}, read_noise {args.read_noise}")
+    print(
+        f"storage {args.dtype}, family {args.family}, d2d_std {args.d2d}, c2c_std {args.c2c}, read_noise {args.read_noise}, "
+        f"excess input A: {'yes' if args.excess else 'no'}, pulses: {'in-kernel totals' if args.totals else 'per element'}"
+    )
     print()
     key = philox.step_key(0, 1, 0)
     rows = []
@@ -227,12 +248,13 @@ def run(args: argparse.Namespace, where: str) -> list[dict]:
         config = make_config(algorithm, args.family, args.d2d, args.c2c, args.read_noise)
         compiled = {}
         mismatch = pulse_mismatch(
-            algorithm, min(args.sizes), dtype, where, config, key, triton_impl[algorithm], ref_impl[algorithm]
+            algorithm, min(args.sizes), dtype, where, config, key, triton_impl[algorithm], ref_impl[algorithm], args.excess
         )
         for numel in args.sizes:
-            arrays = make_arrays(algorithm, numel, dtype, where)
-            bpe = bytes_per_element(algorithm, dtype)
-            tri_ms = time_ms(step_fn(triton_impl[algorithm], algorithm, arrays, config, key), where, args.rep_ms)
+            arrays = make_arrays(algorithm, numel, dtype, where, excess=args.excess)
+            bpe = bytes_per_element(algorithm, dtype, args.excess)
+            tri_fn = step_fn(triton_impl[algorithm], algorithm, arrays, config, key, totals=args.totals)
+            tri_ms = time_ms(tri_fn, where, args.rep_ms)
             ref_ms = None
             if numel <= args.max_ref_size:
                 ref_ms = timed_step(ref_impl[algorithm], algorithm, arrays, config, key, where, args.rep_ms)
@@ -246,13 +268,15 @@ def run(args: argparse.Namespace, where: str) -> list[dict]:
                     compiled["fn"] = torch.compile(ref_impl[algorithm])
                 comp_ms = timed_step(compiled["fn"], algorithm, arrays, config, key, where, args.rep_ms)
             gbs = bpe * numel / (tri_ms * 1e-3) / 1e9
-            gbs_pulses = (bpe + pulse_bytes_per_element(algorithm)) * numel / (tri_ms * 1e-3) / 1e9
+            gbs_pulses = (bpe + pulse_bytes_per_element(algorithm, args.excess, args.totals)) * numel / (tri_ms * 1e-3) / 1e9
             rows.append(
                 dict(
                     device=name,
                     algorithm=algorithm,
                     family=args.family,
                     dtype=args.dtype,
+                    excess=args.excess,
+                    totals=args.totals,
                     elements=numel,
                     bytes_per_element=bpe,
                     triton_ms=tri_ms,
@@ -302,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d2d", type=float, default=0.0, help="device-to-device spread d2d_std (default 0)")
     p.add_argument("--c2c", type=float, default=0.0, help="cycle-to-cycle spread c2c_std (default 0)")
     p.add_argument("--read-noise", type=float, default=0.0, help="read noise of P (default 0)")
+    p.add_argument("--excess", action="store_true", help="per-sample writes: pass the |g| sums A (pairs, a second stream)")
+    p.add_argument("--totals", action="store_true", help="kernels reduce the pulses to one int64 total per array")
     p.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition budget per measurement in ms")
     p.add_argument("--copy-bytes", type=parse_size, default=2**31, help="buffer size of the copy-bandwidth probe in bytes")
     p.add_argument("--max-ref-size", type=parse_size, default=2**28, help="largest size at which the reference is timed")

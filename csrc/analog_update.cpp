@@ -1,24 +1,30 @@
 // Fused CPU kernels of the analog update (SPEC section 3): asgd, rl, rl2; op registration.
 //
-// Each op updates its arrays in place in one pass over memory: every element's g, W, P, H
-// is read once and W, P, H, Wbar (when asked for) and the pulse counts are written once. The
-// multi-tensor op (multi_step_cpp_) does the same for a group of tensors of one config in one
-// parallel region, its threads splitting the group's blocks. The work is
-// cut into blocks of kBlock elements; a thread takes a contiguous run of blocks and runs
-// each block through a few short phases on block-sized scratch arrays that stay in the
-// L1/L2 cache:
+// Each op updates its arrays in place in one pass over memory: every element's g, A (when
+// given), W, P, H is read once and W, P, H, Wbar (when asked for) and the pulse counts are
+// written once. The multi-tensor op (multi_step_cpp_) does the same for a group of tensors
+// of one config in one parallel region, its threads splitting the group's blocks. The work
+// is cut into blocks at the multiples of kBlock of the global element index (offset +
+// position; a tensor's first and last blocks may be shorter); a thread takes a contiguous
+// run of blocks and runs each block through a few short phases on block-sized scratch
+// arrays that stay in the L1/L2 cache:
 //
-//   draws    one Philox4x32-10 call per element (AVX2: 8 lanes of 32x32->64 multiplies),
-//            Triton's uniforms, Box-Muller normals only where a noise option needs them,
-//            the second stream (key ^ STREAM_W_C2C) only for c2c noise of W;
+//   draws    the streams of SPEC section 4 that the step needs (stream s keyed
+//            step_key ^ STREAM_SALT[s]): one Philox4x32-10 call per four consecutive global
+//            elements, computed once (AVX2: four calls per vector in 64-bit lanes, so
+//            vpmuludq gives the 32x32->64 products; eight per vector where the build has
+//            AVX-512; the words are transposed into element order), Triton's uniforms, and
+//            Box-Muller normals (one pair of each call's (r0, r1) and (r2, r3)) only for the
+//            noise options that are on;
 //   params   device-to-device parameters regenerated from the variation key, exactly as
 //            ResponseDevice.element_params (only when d2d_std > 0; otherwise the block
 //            holds the nominal values, filled once per call);
-//   segments the update itself, in two or three branch-free loops per block (pulse count
-//            and response argument -> response -> write, read, buffer, transfer, mix),
+//   segments the update itself, in two or three branch-free loops per block (pulse counts
+//            and response arguments -> responses -> write, read, buffer, transfer, mix),
 //            specialised by template parameters (storage dtype, noise options, buffer
-//            mode); the response family is one shape loop per family, picked once per
-//            block.
+//            mode, pairs); the response family is one shape loop per family, picked once
+//            per block. Without an excess A only the response the net pulse selects is
+//            evaluated; with one, q_up where N_up > 0 and q_down where N_down > 0.
 //
 // Bitwise parity with the reference (fastanalog/ops/reference.py). All math is float32 in
 // the reference's operation order and the build uses -ffp-contract=off, so no multiply-add
@@ -95,8 +101,10 @@ namespace cpu {
 // The mode torch's at::vml passes to MKL: VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
 constexpr long long kVmlMode = 0x00000002LL | 0x00140000LL | 0x00000100LL;
 
-// Elements per block. Block loops run over whole groups of kLanes elements (the AVX2
-// Philox makes 16 at a time); block arrays have room for that.
+// Elements per block (a multiple of 4: blocks end at the multiples of kBlock of the global
+// index). Vector loops of a block run over whole groups of kLanes elements (the AVX2
+// Philox of the device-to-device parameters makes 16 at a time); block arrays have room
+// for that.
 constexpr int kBlock = 256;
 constexpr int kLanes = 16;
 // Below this many elements per thread, fewer threads are used (a thread start costs more).
@@ -130,16 +138,22 @@ struct StepArgs {
   int64_t offset = 0;  // global index of element 0 (shards)
   uint64_t key = 0;
   const void* g = nullptr;
+  const void* A = nullptr;  // per-sample |g| sums of the first write (null: no excess, no pairs)
+  int a_storage = 0;        // A's dtype (Storage)
   void* W = nullptr;
   void* P = nullptr;
   void* H = nullptr;
   void* Wbar = nullptr;  // mixed weight W + gamma * P; null: not written (computed where it is used)
-  // Pulse counts of the first array written (P; asgd: W) and of W, per element (int32) or
-  // as a total of |N| added to one int64 (either or both may be null: not reported).
+  // Pulse counts of the first array written (P; asgd: W) and of W, per element (int32, the
+  // net N_up - N_down) or as a total of N_up + N_down added to one int64 (either or both may
+  // be null: not reported); the first write's pairs min(N_up, N_down) per element (int32;
+  // null: not reported).
   int32_t* pulses_first = nullptr;
+  int32_t* pairs_first = nullptr;
   int32_t* pulses_main = nullptr;
   int64_t* total_first = nullptr;
   int64_t* total_main = nullptr;
+  float lr = 0.f;             // float32(lr)
   float neg_lr = 0.f;         // -float32(lr)
   float tlr = 0.f;            // float32(transfer_lr)
   float one_minus_tlr = 1.f;  // 1 - float32(transfer_lr), in float32
@@ -339,67 +353,94 @@ at::Tensor grad_for(const at::Tensor& g, const at::Tensor& W) {
   return g.contiguous();
 }
 
-void asgd_common(StepArgs& a, at::Tensor& W, const at::Tensor& gc, at::Tensor& pulses, double lr, int64_t key, int64_t offset,
-                 int64_t max_pulses) {
+// A, the per-sample |g| sums of the first write (SPEC section 2a): undefined when not given;
+// float32, bfloat16 or float16 as given (any of them, whatever W's dtype), other floating
+// dtypes widened to float32.
+at::Tensor excess_for(const std::optional<at::Tensor>& A, const at::Tensor& W, const char* name) {
+  if (!A.has_value() || !A->defined()) return at::Tensor();
+  const at::Tensor& t = *A;
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.numel() == W.numel(), name, " has ", t.numel(), " elements, expected ", W.numel());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  const auto st = t.scalar_type();
+  if (st != at::kFloat && st != at::kBFloat16 && st != at::kHalf) return t.to(at::kFloat);
+  return t;
+}
+
+// The first write's inputs, scalars and pulse outputs (shared by the three algorithms). The
+// pairs output is used only with an excess and per-element pulses: otherwise left alone.
+void first_common(StepArgs& a, at::Tensor& W, const at::Tensor& gc, const at::Tensor& Ac, at::Tensor& pulses, at::Tensor& pairs,
+                  const char* pulses_name, double lr, int64_t key, int64_t offset, int64_t max_pulses) {
   TORCH_CHECK(offset >= 0, "offset must be >= 0, got ", offset);
   a.numel = W.numel();
   a.offset = offset;
   a.key = static_cast<uint64_t>(key);
   a.g = gc.data_ptr();
   a.W = W.data_ptr();
-  pulses_out(pulses, W, "pulses", a.pulses_first, a.total_first);
-  a.neg_lr = -static_cast<float>(lr);
+  pulses_out(pulses, W, pulses_name, a.pulses_first, a.total_first);
+  a.A = nullptr;
+  a.pairs_first = nullptr;
+  if (Ac.defined()) {
+    a.A = Ac.data_ptr();
+    a.a_storage = storage_of(Ac, "A");
+    if (a.pulses_first != nullptr && pairs.numel() != 0) {
+      TORCH_CHECK(pairs.device().is_cpu() && pairs.is_contiguous() && pairs.scalar_type() == at::kInt,
+                  "pairs must be a contiguous int32 CPU tensor (or empty)");
+      TORCH_CHECK(pairs.numel() == W.numel(), "pairs has ", pairs.numel(), " elements, expected ", W.numel());
+      a.pairs_first = pairs.data_ptr<int32_t>();
+    }
+  }
+  a.lr = static_cast<float>(lr);
+  a.neg_lr = -a.lr;
   a.max_pulses = max_pulses_of(max_pulses);
 }
 
-void asgd_step_cpu(at::Tensor& W, const at::Tensor& g, at::Tensor& pulses, double lr, int64_t key, int64_t offset,
-                   c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w, int64_t max_pulses) {
+void asgd_step_cpu(at::Tensor& W, const at::Tensor& g, const std::optional<at::Tensor>& A, at::Tensor& pulses, at::Tensor& pairs,
+                   double lr, int64_t key, int64_t offset, c10::ArrayRef<double> dev_w, int64_t var_key_w,
+                   c10::ArrayRef<double> table_w, int64_t max_pulses) {
   check_array(W, W, "W");
   const int storage = storage_of(W, "W");
   const at::Tensor gc = grad_for(g, W);
+  const at::Tensor Ac = excess_for(A, W, "A");
   TableStore tw;
   StepArgs a;
-  asgd_common(a, W, gc, pulses, lr, key, offset, max_pulses);
+  first_common(a, W, gc, Ac, pulses, pairs, "pulses", lr, key, offset, max_pulses);
   a.dev_w = parse_device(dev_w, var_key_w, table_w, tw);
   run_parallel(select_range(kAsgd, storage, gc.scalar_type() == at::kFloat), a);
 }
 
-void residual_common(StepArgs& a, at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tensor& gc, at::Tensor& pulses_p,
-                     at::Tensor& pulses_w, double lr, int64_t key, int64_t offset, double gamma, double transfer_lr,
-                     double read_noise, int64_t max_pulses) {
-  TORCH_CHECK(offset >= 0, "offset must be >= 0, got ", offset);
-  a.numel = W.numel();
-  a.offset = offset;
-  a.key = static_cast<uint64_t>(key);
-  a.g = gc.data_ptr();
-  a.W = W.data_ptr();
+void residual_common(StepArgs& a, at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tensor& gc, const at::Tensor& Ac,
+                     at::Tensor& pulses_p, at::Tensor& pairs_p, at::Tensor& pulses_w, double lr, int64_t key, int64_t offset,
+                     double gamma, double transfer_lr, double read_noise, int64_t max_pulses) {
+  first_common(a, W, gc, Ac, pulses_p, pairs_p, "pulses_p", lr, key, offset, max_pulses);
   a.P = P.data_ptr();
   // An empty Wbar asks for no mixed weight: the layer computes it where forward needs it.
   if (Wbar.numel() != 0 || W.numel() == 0) {
     check_array(Wbar, W, "Wbar");
     a.Wbar = Wbar.data_ptr();
   }
-  pulses_out(pulses_p, W, "pulses_p", a.pulses_first, a.total_first);
   pulses_out(pulses_w, W, "pulses_w", a.pulses_main, a.total_main);
-  a.neg_lr = -static_cast<float>(lr);
   a.tlr = static_cast<float>(transfer_lr);
   a.one_minus_tlr = 1.0f - a.tlr;
   a.gamma_mix = static_cast<float>(gamma);
   a.read_noise = static_cast<float>(read_noise);
-  a.max_pulses = max_pulses_of(max_pulses);
 }
 
-void rl_step_cpu(at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tensor& g, at::Tensor& pulses_p, at::Tensor& pulses_w,
-                 double lr, int64_t key, int64_t offset, bool transfer, double gamma, double transfer_lr, double read_noise,
-                 int64_t max_pulses, c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w,
-                 c10::ArrayRef<double> dev_p, int64_t var_key_p, c10::ArrayRef<double> table_p) {
+void rl_step_cpu(at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tensor& g, const std::optional<at::Tensor>& A,
+                 at::Tensor& pulses_p, at::Tensor& pairs_p, at::Tensor& pulses_w, double lr, int64_t key, int64_t offset,
+                 bool transfer, double gamma, double transfer_lr, double read_noise, int64_t max_pulses,
+                 c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w, c10::ArrayRef<double> dev_p,
+                 int64_t var_key_p, c10::ArrayRef<double> table_p) {
   check_array(W, W, "W");
   check_array(P, W, "P");
   const int storage = storage_of(W, "W");
   const at::Tensor gc = grad_for(g, W);
+  const at::Tensor Ac = excess_for(A, W, "A");
   TableStore tw, tp;
   StepArgs a;
-  residual_common(a, W, P, Wbar, gc, pulses_p, pulses_w, lr, key, offset, gamma, transfer_lr, read_noise, max_pulses);
+  residual_common(a, W, P, Wbar, gc, Ac, pulses_p, pairs_p, pulses_w, lr, key, offset, gamma, transfer_lr, read_noise,
+                  max_pulses);
   a.transfer = transfer;
   if (!transfer) {
     a.pulses_main = nullptr;
@@ -410,18 +451,21 @@ void rl_step_cpu(at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tenso
   run_parallel(select_range(kRl, storage, gc.scalar_type() == at::kFloat), a);
 }
 
-void rl2_step_cpu(at::Tensor& W, at::Tensor& P, at::Tensor& H, at::Tensor& Wbar, const at::Tensor& g, at::Tensor& pulses_p,
-                  at::Tensor& pulses_w, double lr, int64_t key, int64_t offset, bool ema, double gamma, double transfer_lr,
-                  double read_noise, double threshold, int64_t max_pulses, c10::ArrayRef<double> dev_w, int64_t var_key_w,
-                  c10::ArrayRef<double> table_w, c10::ArrayRef<double> dev_p, int64_t var_key_p, c10::ArrayRef<double> table_p) {
+void rl2_step_cpu(at::Tensor& W, at::Tensor& P, at::Tensor& H, at::Tensor& Wbar, const at::Tensor& g,
+                  const std::optional<at::Tensor>& A, at::Tensor& pulses_p, at::Tensor& pairs_p, at::Tensor& pulses_w, double lr,
+                  int64_t key, int64_t offset, bool ema, double gamma, double transfer_lr, double read_noise, double threshold,
+                  int64_t max_pulses, c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w,
+                  c10::ArrayRef<double> dev_p, int64_t var_key_p, c10::ArrayRef<double> table_p) {
   check_array(W, W, "W");
   check_array(P, W, "P");
   check_array(H, W, "H");
   const int storage = storage_of(W, "W");
   const at::Tensor gc = grad_for(g, W);
+  const at::Tensor Ac = excess_for(A, W, "A");
   TableStore tw, tp;
   StepArgs a;
-  residual_common(a, W, P, Wbar, gc, pulses_p, pulses_w, lr, key, offset, gamma, transfer_lr, read_noise, max_pulses);
+  residual_common(a, W, P, Wbar, gc, Ac, pulses_p, pairs_p, pulses_w, lr, key, offset, gamma, transfer_lr, read_noise,
+                  max_pulses);
   a.H = H.data_ptr();
   a.ema = ema;
   a.threshold = static_cast<float>(threshold);
@@ -437,12 +481,18 @@ void rl2_step_cpu(at::Tensor& W, at::Tensor& P, at::Tensor& H, at::Tensor& Wbar,
 // blocks, tensor after tensor, in one parallel region: no per-tensor dispatch, thread start
 // or barrier, and small tensors run side by side. Every tensor is cut at its own block
 // boundaries, so each element sees the arithmetic of the single-tensor op.
+//
+// A tensor's blocks end at the multiples of kBlock of the global index (offset + position),
+// so every block but a tensor's first starts at a multiple of four: its Philox calls serve
+// four of its elements each, none is computed twice or for elements of another block.
 void run_parallel_multi(const std::vector<RangeFn>& fns, const std::vector<StepArgs>& args) {
   const size_t m = args.size();
   std::vector<int64_t> start(m + 1, 0);  // first block of each tensor in the group's block sequence
+  std::vector<int64_t> lead(m, 0);       // elements of the tensor's blocks before its element 0
   int64_t elements = 0;
   for (size_t i = 0; i < m; ++i) {
-    start[i + 1] = start[i] + (args[i].numel + kBlock - 1) / kBlock;
+    lead[i] = args[i].numel > 0 ? args[i].offset % kBlock : 0;
+    start[i + 1] = start[i] + (lead[i] + args[i].numel + kBlock - 1) / kBlock;
     elements += args[i].numel;
   }
   const int64_t nblocks = start[m];
@@ -451,7 +501,9 @@ void run_parallel_multi(const std::vector<RangeFn>& fns, const std::vector<StepA
     size_t i = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), b0) - start.begin()) - 1;
     for (; i < m && start[i] < b1; ++i) {
       const int64_t lo = std::max(b0, start[i]) - start[i], hi = std::min(b1, start[i + 1]) - start[i];
-      if (lo < hi) fns[i](args[i], lo * kBlock, std::min(args[i].numel, hi * kBlock), scratch);
+      const int64_t e0 = std::max<int64_t>(0, lo * kBlock - lead[i]);
+      const int64_t e1 = std::min(args[i].numel, hi * kBlock - lead[i]);
+      if (e0 < e1) fns[i](args[i], e0, e1, scratch);
     }
   };
   const int64_t useful = std::max<int64_t>(1, elements / kMinPerThread);
@@ -470,27 +522,45 @@ void run_parallel_multi(const std::vector<RangeFn>& fns, const std::vector<StepA
   }
 }
 
-// Every array of the call in its own memory: the threads of one call write them at once.
-void check_disjoint(const std::vector<std::pair<const at::Tensor*, std::string>>& arrays) {
+// One array of a call: its tensor, its name, and whether the call writes it.
+struct Named {
+  const at::Tensor* t;
+  std::string name;
+  bool written = true;
+};
+
+// Every array the call writes in its own memory, apart from every other array (the
+// threads of one call write them at once); read-only arrays (A) may share memory among
+// themselves.
+void check_disjoint(const std::vector<Named>& arrays) {
   struct Span {
     uintptr_t lo, hi;
     const std::string* name;
+    bool written;
   };
   std::vector<Span> spans;
   spans.reserve(arrays.size());
-  for (const auto& [t, name] : arrays) {
-    if (t->numel() == 0) continue;
-    const auto lo = reinterpret_cast<uintptr_t>(t->data_ptr());
-    spans.push_back(Span{lo, lo + static_cast<uintptr_t>(t->numel() * t->element_size()), &name});
+  for (const Named& a : arrays) {
+    if (a.t->numel() == 0) continue;
+    const auto lo = reinterpret_cast<uintptr_t>(a.t->data_ptr());
+    spans.push_back(Span{lo, lo + static_cast<uintptr_t>(a.t->numel() * a.t->element_size()), &a.name, a.written});
   }
   std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
-  for (size_t i = 1; i < spans.size(); ++i)
-    TORCH_CHECK(spans[i].lo >= spans[i - 1].hi, *spans[i - 1].name, " and ", *spans[i].name,
+  // Sweep in address order: the furthest end of the spans before, written ones and all.
+  const Span* far_all = nullptr;
+  const Span* far_written = nullptr;
+  for (const Span& sp : spans) {
+    const Span* hit = sp.written ? far_all : far_written;
+    TORCH_CHECK(hit == nullptr || sp.lo >= hit->hi, *hit->name, " and ", *sp.name,
                 " overlap in memory: every array of a multi-tensor step needs its own storage");
+    if (far_all == nullptr || sp.hi > far_all->hi) far_all = &sp;
+    if (sp.written && (far_written == nullptr || sp.hi > far_written->hi)) far_written = &sp;
+  }
 }
 
 void multi_step_cpu(int64_t algorithm, at::TensorList W, at::TensorList P, at::TensorList H, at::TensorList Wbar,
-                    at::TensorList g, at::TensorList pulses_first, at::TensorList pulses_main, double lr, at::IntArrayRef keys,
+                    at::TensorList g, at::TensorList A, at::TensorList pulses_first, at::TensorList pairs_first,
+                    at::TensorList pulses_main, double lr, at::IntArrayRef keys,
                     at::IntArrayRef offsets, bool flag, double gamma, double transfer_lr, double read_noise, double threshold,
                     int64_t max_pulses, c10::ArrayRef<double> dev_w, at::IntArrayRef var_keys_w, c10::ArrayRef<double> table_w,
                     c10::ArrayRef<double> dev_p, at::IntArrayRef var_keys_p, c10::ArrayRef<double> table_p) {
@@ -501,7 +571,9 @@ void multi_step_cpu(int64_t algorithm, at::TensorList W, at::TensorList P, at::T
     TORCH_CHECK(size == m || (optional && size == 0), name, " has ", size, " entries for ", m, " tensors");
   };
   sized(g.size(), "g", false);
+  sized(A.size(), "A", true);
   sized(pulses_first.size(), "pulses_first", false);
+  sized(pairs_first.size(), "pairs_first", true);
   sized(pulses_main.size(), "pulses_main", false);
   sized(keys.size(), "keys", false);
   sized(offsets.size(), "offsets", false);
@@ -518,32 +590,37 @@ void multi_step_cpu(int64_t algorithm, at::TensorList W, at::TensorList P, at::T
   const Device base_w = parse_device(dev_w, 0, table_w, tw);
   const Device base_p = residual ? parse_device(dev_p, 0, table_p, tp) : Device{};
   const int storage = storage_of(W[0], "W");
-  std::vector<at::Tensor> grads(m);
+  std::vector<at::Tensor> grads(m), excesses(m);
   std::vector<StepArgs> args(m);
   std::vector<RangeFn> fns(m);
-  std::vector<std::pair<const at::Tensor*, std::string>> arrays;
+  std::vector<Named> arrays;
+  arrays.reserve(5 * m);
   for (size_t i = 0; i < m; ++i) {
     at::Tensor w = W[i];
     check_array(w, w, "W");
     TORCH_CHECK(w.scalar_type() == W[0].scalar_type(), "every W of a multi-tensor step must have one dtype");
     grads[i] = grad_for(g[i], w);
-    at::Tensor pf = pulses_first[i], pm = pulses_main[i];
-    StepArgs& a = args[i];
     const std::string at_i = "[" + std::to_string(i) + "]";
-    arrays.emplace_back(&W[i], "W" + at_i);
+    if (!A.empty()) excesses[i] = excess_for(std::optional<at::Tensor>(A[i]), w, ("A" + at_i).c_str());
+    at::Tensor pf = pulses_first[i], pm = pulses_main[i];
+    at::Tensor pr = pairs_first.empty() ? pf.new_empty(0) : pairs_first[i];
+    StepArgs& a = args[i];
+    arrays.push_back(Named{&W[i], "W" + at_i});
+    if (!A.empty()) arrays.push_back(Named{&A[i], "A" + at_i, false});
     if (residual) {
       at::Tensor p = P[i];
       at::Tensor wbar = Wbar.empty() ? w.new_empty(0) : Wbar[i];
       check_array(p, w, "P");
-      residual_common(a, w, p, wbar, grads[i], pf, pm, lr, keys[i], offsets[i], gamma, transfer_lr, read_noise, max_pulses);
-      arrays.emplace_back(&P[i], "P" + at_i);
-      if (!Wbar.empty()) arrays.emplace_back(&Wbar[i], "Wbar" + at_i);
+      residual_common(a, w, p, wbar, grads[i], excesses[i], pf, pr, pm, lr, keys[i], offsets[i], gamma, transfer_lr, read_noise,
+                      max_pulses);
+      arrays.push_back(Named{&P[i], "P" + at_i});
+      if (!Wbar.empty()) arrays.push_back(Named{&Wbar[i], "Wbar" + at_i});
       if (algorithm == kRl2) {
         check_array(H[i], w, "H");
         a.H = H[i].data_ptr();
         a.ema = flag;
         a.threshold = static_cast<float>(threshold);
-        arrays.emplace_back(&H[i], "H" + at_i);
+        arrays.push_back(Named{&H[i], "H" + at_i});
       } else {
         a.transfer = flag;
         if (!flag) {
@@ -554,7 +631,7 @@ void multi_step_cpu(int64_t algorithm, at::TensorList W, at::TensorList P, at::T
       a.dev_p = base_p;
       a.dev_p.var_key = static_cast<uint64_t>(var_keys_p[i]);
     } else {
-      asgd_common(a, w, grads[i], pf, lr, keys[i], offsets[i], max_pulses);
+      first_common(a, w, grads[i], excesses[i], pf, pr, "pulses_first", lr, keys[i], offsets[i], max_pulses);
     }
     a.dev_w = base_w;
     a.dev_w.var_key = static_cast<uint64_t>(var_keys_w[i]);
@@ -679,23 +756,26 @@ std::string cpu_variant() { return use_avx2_variant() ? "avx2" : "generic"; }
 }  // namespace fastanalog
 
 TORCH_LIBRARY_FRAGMENT(fastanalog, m) {
+  // `key` is the step key (the kernels derive the stream keys); `A` the optional per-sample
+  // |g| sums of the first write; `pairs*` its min(N_up, N_down) per element (int32, with A
+  // and per-element pulses; otherwise empty and left alone).
   m.def(
-      "asgd_step_cpp_(Tensor(a!) W, Tensor g, Tensor(b!) pulses, float lr, int key, int offset, float[] dev_w, int var_key_w, "
-      "float[] table_w, int max_pulses) -> ()");
+      "asgd_step_cpp_(Tensor(a!) W, Tensor g, Tensor? A, Tensor(b!) pulses, Tensor(c!) pairs, float lr, int key, int offset, "
+      "float[] dev_w, int var_key_w, float[] table_w, int max_pulses) -> ()");
   m.def(
-      "rl_step_cpp_(Tensor(a!) W, Tensor(b!) P, Tensor(c!) Wbar, Tensor g, Tensor(d!) pulses_p, Tensor(e!) pulses_w, float lr, "
-      "int key, int offset, bool transfer, float gamma, float transfer_lr, float read_noise, int max_pulses, float[] dev_w, "
-      "int var_key_w, float[] table_w, float[] dev_p, int var_key_p, float[] table_p) -> ()");
+      "rl_step_cpp_(Tensor(a!) W, Tensor(b!) P, Tensor(c!) Wbar, Tensor g, Tensor? A, Tensor(d!) pulses_p, Tensor(e!) pairs_p, "
+      "Tensor(f!) pulses_w, float lr, int key, int offset, bool transfer, float gamma, float transfer_lr, float read_noise, "
+      "int max_pulses, float[] dev_w, int var_key_w, float[] table_w, float[] dev_p, int var_key_p, float[] table_p) -> ()");
   m.def(
-      "rl2_step_cpp_(Tensor(a!) W, Tensor(b!) P, Tensor(c!) H, Tensor(d!) Wbar, Tensor g, Tensor(e!) pulses_p, "
-      "Tensor(f!) pulses_w, float lr, int key, int offset, bool ema, float gamma, float transfer_lr, float read_noise, "
-      "float threshold, int max_pulses, float[] dev_w, int var_key_w, float[] table_w, float[] dev_p, int var_key_p, "
-      "float[] table_p) -> ()");
+      "rl2_step_cpp_(Tensor(a!) W, Tensor(b!) P, Tensor(c!) H, Tensor(d!) Wbar, Tensor g, Tensor? A, Tensor(e!) pulses_p, "
+      "Tensor(f!) pairs_p, Tensor(g!) pulses_w, float lr, int key, int offset, bool ema, float gamma, float transfer_lr, "
+      "float read_noise, float threshold, int max_pulses, float[] dev_w, int var_key_w, float[] table_w, float[] dev_p, "
+      "int var_key_p, float[] table_p) -> ()");
   m.def(
       "multi_step_cpp_(int algorithm, Tensor(a!)[] W, Tensor(b!)[] P, Tensor(c!)[] H, Tensor(d!)[] Wbar, Tensor[] g, "
-      "Tensor(e!)[] pulses_first, Tensor(f!)[] pulses_main, float lr, int[] keys, int[] offsets, bool flag, float gamma, "
-      "float transfer_lr, float read_noise, float threshold, int max_pulses, float[] dev_w, int[] var_keys_w, float[] table_w, "
-      "float[] dev_p, int[] var_keys_p, float[] table_p) -> ()");
+      "Tensor[] A, Tensor(e!)[] pulses_first, Tensor(g!)[] pairs_first, Tensor(f!)[] pulses_main, float lr, int[] keys, "
+      "int[] offsets, bool flag, float gamma, float transfer_lr, float read_noise, float threshold, int max_pulses, "
+      "float[] dev_w, int[] var_keys_w, float[] table_w, float[] dev_p, int[] var_keys_p, float[] table_p) -> ()");
   m.def("triad_cpp_(Tensor(a!) a, Tensor b, Tensor c, float s) -> ()");
   m.def("mix_cpp_(Tensor(a!) out, Tensor W, Tensor P, float gamma) -> ()");
   m.def("all_finite_cpp(Tensor[] tensors) -> bool");
@@ -859,7 +939,9 @@ static FA_INLINE void philox_keys(uint64_t key, PhiloxKeys& k) {
 #endif
 }
 
-// Uniforms of randint4x(key, first + j) for the 16 elements j = 0..15: u0 always, u1 if
+// Device-to-device parameters (ResponseDevice.element_params) draw one call per ELEMENT,
+// counter = element index (SPEC v1 layout, kept so that they never change):
+// uniforms of randint4x(key, first + j) for the 16 elements j = 0..15: u0 always, u1 if
 // U1, u2 and u3 if U23 (the other pointers are not touched).
 //
 // AVX2: each Philox word lives in the low half of a 64-bit lane, four elements per vector,
@@ -941,19 +1023,156 @@ static void philox_uniform_block(uint64_t key, uint64_t first, int n, float* u0,
     philox_group16<U1, U23>(k, first + static_cast<uint64_t>(j), u0 + j, U1 ? u1 + j : u1, U23 ? u2 + j : u2, U23 ? u3 + j : u3);
 }
 
-// Uniforms of the words a phase needs (see philox_uniform_block).
-static void draw_uniforms(bool want_u1, bool want_u23, uint64_t key, uint64_t first, int n, float* u0, float* u1, float* u2,
-                          float* u3) {
-  if (want_u23) {
-    if (want_u1)
-      philox_uniform_block<true, true>(key, first, n, u0, u1, u2, u3);
-    else
-      philox_uniform_block<false, true>(key, first, n, u0, u1, u2, u3);
-  } else if (want_u1) {
-    philox_uniform_block<true, false>(key, first, n, u0, u1, u2, u3);
-  } else {
-    philox_uniform_block<false, false>(key, first, n, u0, u1, u2, u3);
+// ----- the streams of a step: one Philox call per four elements ----------------------------
+// In stream s (key step_key ^ STREAM_SALT[s]) global element i takes word i % 4 of the call
+// with counter i / 4. The calls below are computed once each and their words written in
+// element order, so that element i's uniform lies at out[i - 4 * j0].
+#if FA_ISA_AVX2
+// Uniforms of the 4V calls j0 .. j0 + 4V - 1, in element order. Each vector holds four
+// consecutive calls in its 64-bit lanes (the words in the low halves, as philox_group16);
+// the V vectors run interleaved so their 10-round dependency chains overlap. At the end
+// the words (r0, r1) and (r2, r3) of each call are paired into 64-bit lanes and the
+// 128-bit halves transposed, so that each call's four words are consecutive.
+template <int V>
+static FA_INLINE void philox_calls(const PhiloxKeys& k, uint64_t j0, float* __restrict__ out) {
+  const __m256i ma = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
+  const __m256i mb = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  __m256i c0[V], c1[V], c2[V], c3[V];
+  for (int v = 0; v < V; ++v) {
+    // 64-bit call indices: the low word is the counter's c0, the high word its c1.
+    const __m256i idx = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<long long>(j0 + static_cast<uint64_t>(4 * v))),
+                                         _mm256_setr_epi64x(0, 1, 2, 3));
+    // Round 1 with c2 = c3 = 0: the product with c2 vanishes.
+    const __m256i pa = _mm256_mul_epu32(idx, ma);
+    c0[v] = _mm256_xor_si256(_mm256_srli_epi64(idx, 32), k.k0[0]);
+    c1[v] = _mm256_setzero_si256();
+    c2[v] = _mm256_xor_si256(_mm256_srli_epi64(pa, 32), k.k1[0]);
+    c3[v] = pa;
   }
+#pragma GCC unroll 9
+  for (int r = 1; r < kPhiloxRounds; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      const __m256i pb = _mm256_mul_epu32(c2[v], mb);
+      const __m256i pa = _mm256_mul_epu32(c0[v], ma);
+      c0[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), c1[v]), k.k0[r]);
+      c1[v] = pb;
+      c2[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), c3[v]), k.k1[r]);
+      c3[v] = pa;
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) {
+    const __m256i w01 = interleave8(c0[v], c1[v]);         // (r0, r1) of calls 0..3
+    const __m256i w23 = interleave8(c2[v], c3[v]);         // (r2, r3)
+    const __m256i lo = _mm256_unpacklo_epi64(w01, w23);    // call 0 | call 2
+    const __m256i hi = _mm256_unpackhi_epi64(w01, w23);    // call 1 | call 3
+    _mm256_store_ps(out + 16 * v, uniform8(_mm256_permute2x128_si256(lo, hi, 0x20)));
+    _mm256_store_ps(out + 16 * v + 8, uniform8(_mm256_permute2x128_si256(lo, hi, 0x31)));
+  }
+}
+#endif
+
+#if FA_ISA_AVX2 && defined(__AVX512F__)
+// The same with AVX-512 (a build for a CPU that has it, e.g. the JIT build's -march=native):
+// eight calls per vector, three-way XORs in one vpternlogq, and the transposition of the
+// 128-bit quarters by two two-source permutes.
+template <int V>
+static FA_INLINE void philox_calls8(const __m512i* k0, const __m512i* k1, uint64_t j0, float* __restrict__ out) {
+  const __m512i ma = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
+  const __m512i mb = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
+  __m512i c0[V], c1[V], c2[V], c3[V];
+  for (int v = 0; v < V; ++v) {
+    const __m512i idx = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(j0 + static_cast<uint64_t>(8 * v))),
+                                         _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+    const __m512i pa = _mm512_mul_epu32(idx, ma);
+    c0[v] = _mm512_xor_si512(_mm512_srli_epi64(idx, 32), k0[0]);
+    c1[v] = _mm512_setzero_si512();
+    c2[v] = _mm512_xor_si512(_mm512_srli_epi64(pa, 32), k1[0]);
+    c3[v] = pa;
+  }
+#pragma GCC unroll 9
+  for (int r = 1; r < kPhiloxRounds; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      const __m512i pb = _mm512_mul_epu32(c2[v], mb);
+      const __m512i pa = _mm512_mul_epu32(c0[v], ma);
+      c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[v], k0[r], 0x96);
+      c1[v] = pb;
+      c2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[v], k1[r], 0x96);
+      c3[v] = pa;
+    }
+  }
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);   // calls 0..3
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);  // calls 4..7
+  const __m512 scale = _mm512_set1_ps(kUniformScale);
+  auto uniform16 = [&](__m512i x) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_xor_si512(x, _mm512_srai_epi32(x, 31))), scale);
+  };
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) {
+    const __m512i w01 = _mm512_mask_blend_epi32(0xAAAA, c0[v], _mm512_slli_epi64(c1[v], 32));  // (r0, r1) per call
+    const __m512i w23 = _mm512_mask_blend_epi32(0xAAAA, c2[v], _mm512_slli_epi64(c3[v], 32));  // (r2, r3)
+    const __m512i lo = _mm512_unpacklo_epi64(w01, w23);  // calls 0 | 2 | 4 | 6
+    const __m512i hi = _mm512_unpackhi_epi64(w01, w23);  // calls 1 | 3 | 5 | 7
+    _mm512_store_ps(out + 32 * v, uniform16(_mm512_permutex2var_epi64(lo, first, hi)));
+    _mm512_store_ps(out + 32 * v + 16, uniform16(_mm512_permutex2var_epi64(lo, second, hi)));
+  }
+}
+#endif
+
+// Uniforms of the calls j0 .. j0 + nc - 1 (nc a multiple of 4) in element order (out: 4 nc
+// floats, 64-byte aligned).
+static void stream_uniform_words(uint64_t key, uint64_t j0, int nc, float* __restrict__ out) {
+#if FA_ISA_AVX2
+  PhiloxKeys k;
+  philox_keys(key, k);
+  int c = 0;
+#if defined(__AVX512F__)
+  if (nc >= 8) {
+    __m512i k0[kPhiloxRounds], k1[kPhiloxRounds];
+    for (int r = 0; r < kPhiloxRounds; ++r) {
+      k0[r] = _mm512_broadcast_i64x4(k.k0[r]);
+      k1[r] = _mm512_broadcast_i64x4(k.k1[r]);
+    }
+    for (; c + 32 <= nc; c += 32) philox_calls8<4>(k0, k1, j0 + static_cast<uint64_t>(c), out + 4 * c);
+    for (; c + 8 <= nc; c += 8) philox_calls8<1>(k0, k1, j0 + static_cast<uint64_t>(c), out + 4 * c);
+  }
+#endif
+  for (; c + 16 <= nc; c += 16) philox_calls<4>(k, j0 + static_cast<uint64_t>(c), out + 4 * c);
+  for (; c < nc; c += 4) philox_calls<1>(k, j0 + static_cast<uint64_t>(c), out + 4 * c);
+#else
+  for (int c = 0; c < nc; ++c) {
+    const Philox4 r = philox4x32_10(key, j0 + static_cast<uint64_t>(c));
+    out[4 * c] = uint_to_uniform(r.r0);
+    out[4 * c + 1] = uint_to_uniform(r.r1);
+    out[4 * c + 2] = uint_to_uniform(r.r2);
+    out[4 * c + 3] = uint_to_uniform(r.r3);
+  }
+#endif
+}
+
+// Buffer of one stream's numbers for one block: the calls of the block's elements, rounded
+// to whole vectors of four calls, plus room for reads of padded lanes.
+constexpr int kStreamBuf = kBlock + 32;
+
+// The calls serving global elements g .. g + n - 1 (n >= 1): the first, and how many
+// rounded up to a multiple of 4.
+static FA_INLINE void stream_calls(uint64_t g, int n, uint64_t& j0, int& nc) {
+  j0 = g >> 2;
+  nc = static_cast<int>(((g + static_cast<uint64_t>(n) + 3) >> 2) - j0);
+  nc = (nc + 3) & ~3;
+}
+
+// Uniforms of global elements g .. g + n - 1 of the stream keyed `key`; returns element g's
+// (buf + g % 4). A block lies in one aligned window of kBlock elements, so the calls fill
+// at most kBlock floats of buf.
+static const float* stream_uniforms(uint64_t key, uint64_t g, int n, float* buf) {
+  uint64_t j0;
+  int nc;
+  stream_calls(g, n, j0, nc);
+  stream_uniform_words(key, j0, nc, buf);
+  return buf + (g & 3);
 }
 
 // ----- per-thread scratch ----------------------------------------------------------------
@@ -968,16 +1187,23 @@ struct alignas(64) ParamBlock {
   alignas(64) float shift[kBlock];  // symmetric point (zero-shifted array), else 0
 };
 
-// The state of one array's write inside a block: stored value x, pulse count, response
-// argument (u_up or u_down as the sign selects), physical weight w = x + shift, shape of
-// the response, sqrt|count| (c2c noise).
+// The state of one array's write inside a block: stored value x, net pulse count, response
+// argument (without pairs u_up or u_down as the sign of the count selects; with pairs
+// u_up), physical weight w = x + shift, shape of the response (with pairs: of the up
+// pulses), the c2c noise's sqrt(var); with pairs also N_up, N_down, u_down and the shape of
+// the down pulses (shape_down points to it, or to u_down for a linear response).
 struct alignas(64) WriteBlock {
   alignas(64) float x[kBlock];
   alignas(64) float count[kBlock];
   alignas(64) float u[kBlock];
   alignas(64) float w[kBlock];
   alignas(64) float shape[kBlock];
-  alignas(64) float sqrt_count[kBlock];
+  alignas(64) float sd[kBlock];
+  alignas(64) float up[kBlock];
+  alignas(64) float down[kBlock];
+  alignas(64) float u_down[kBlock];
+  alignas(64) float shape_dn[kBlock];
+  const float* shape_down;
 };
 
 constexpr int kTemps = 12;
@@ -998,13 +1224,21 @@ struct Packed {
 };
 
 struct alignas(64) Scratch {
-  alignas(64) float u0[kBlock];  // r0: rounds the first array written
-  alignas(64) float u1[kBlock];  // r1: rounds W (rl; rl2 "ema")
-  alignas(64) float u2[kBlock];  // (r2, r3): Box-Muller pair
-  alignas(64) float u3[kBlock];
-  alignas(64) float n_read[kBlock];     // cosine normal of (r2, r3): read noise of P
-  alignas(64) float n_c2c[kBlock];      // sine normal of (r2, r3): c2c noise of the first array
-  alignas(64) float z_w[kBlock];        // cosine normal of the second stream: c2c noise of W
+  // The block's numbers of each stream the step draws (SPEC section 4), in the calls'
+  // element order: the pointers below point at the block's first element in them.
+  alignas(64) float r_round[kStreamBuf];  // stream 0
+  alignas(64) float r_pairs[kStreamBuf];  // stream 1
+  alignas(64) float r_w[kStreamBuf];      // stream 2
+  alignas(64) float r_c2c[kStreamBuf];    // stream 3
+  alignas(64) float r_read[kStreamBuf];   // stream 4
+  alignas(64) float r_c2c_w[kStreamBuf];  // stream 5
+  const float* u0;      // uniforms: net rounding of the first array written
+  const float* u_pair;  // uniforms: pair rounding of the first array (with an excess)
+  const float* u1;      // uniforms: rounding of W's transfer (rl; rl2 "ema")
+  const float* n_c2c;   // normals: c2c noise of the first array
+  const float* n_read;  // normals: read noise of P
+  const float* z_w;     // normals: c2c noise of W
+  alignas(64) float a32[kBlock];        // A widened to float32 (with an excess)
   alignas(64) float p32[kBlock];        // P after its write, as stored, widened
   alignas(64) float h[kBlock];          // rl2 buffer after the read of P
   alignas(64) float t[kTemps][kBlock];  // temporaries
@@ -1037,6 +1271,40 @@ static void box_muller_block(const float* __restrict__ a, const float* __restric
     vm_sin(th, n2, n);
     for (int j = 0; j < n; ++j) n2[j] = r[j] * n2[j];
   }
+}
+
+// Normals of global elements g .. g + n - 1 of the stream keyed `key` (philox.stream_normal):
+// call j gives elements 4j, 4j+1 the Box-Muller pair (cosine, sine) of its (r0, r1) and
+// elements 4j+2, 4j+3 that of (r2, r3); every pair's log, sqrt, cos and sin computed once.
+// Returns element g's (buf + g % 4); t: seven temporaries.
+static const float* stream_normals(uint64_t key, uint64_t g, int n, float* __restrict__ buf, float (*t)[kBlock]) {
+  uint64_t j0;
+  int nc;
+  stream_calls(g, n, j0, nc);
+  float* __restrict__ words = t[0];
+  stream_uniform_words(key, j0, nc, words);
+  const int np = 2 * nc;  // Box-Muller pairs (a multiple of 8)
+  float* __restrict__ a = t[1];
+  float* __restrict__ th = t[2];
+  float* __restrict__ lg = t[3];
+  float* __restrict__ r = t[4];
+  float* __restrict__ c = t[5];
+  float* __restrict__ sn = t[6];
+  for (int k = 0; k < np; ++k) {
+    const float u = words[2 * k];
+    a[k] = u < kMinUniform ? kMinUniform : u;
+    th[k] = words[2 * k + 1] * kTwoPi;
+  }
+  vm_log(a, lg, np);
+  for (int k = 0; k < np; ++k) lg[k] = -2.0f * lg[k];
+  vm_sqrt(lg, r, np);
+  vm_cos(th, c, np);
+  vm_sin(th, sn, np);
+  for (int k = 0; k < np; ++k) {
+    buf[2 * k] = r[k] * c[k];
+    buf[2 * k + 1] = r[k] * sn[k];
+  }
+  return buf + (g & 3);
 }
 
 // factor = max(1 + d2d_std * clamp(z, -3, 3), 0.05), each step a float32 rounding.
@@ -1311,15 +1579,46 @@ static FA_INLINE void response_arg(float x, float count, const Elem& e, float& u
   u = clampf(num / e.half, 0.0f, 2.0f);
 }
 
-// Stored value after the write: x + (D + c2c*dw*sqrt|N|*z) * q with D = N*dw and
-// q = shape * (1 + a) for N > 0, shape * (1 - a) otherwise; clamped to the device range
-// (shifted by the zero shift).
+// Stored value after a write of `count` net pulses and no pairs (reference apply_pulses with
+// one of N_up, N_down zero): x + (N dw) q + ((c2c dw) sd) z, clamped to the device range
+// (shifted by the zero shift), with q = shape (1 + a) for N > 0, shape (1 - a) otherwise and
+// sd = sqrt((|N| q) q) (c2c_sd). (N dw) q is the reference's up - 0 or 0 - down bit for bit:
+// a product of a negated factor is the negated product.
 template <bool C2C>
-static FA_INLINE float apply_write(float x, float count, float shape, float sqrt_count, float z, float c2c, const Elem& e) {
+static FA_INLINE float apply_write(float x, float count, float shape, float sd, float z, float c2c, const Elem& e) {
   const float q = shape * (count > 0.0f ? e.up : e.down);
-  float step = count * e.dw;
-  if constexpr (C2C) step = step + c2c * e.dw * sqrt_count * z;
-  return clampf(x + step * q, e.lo, e.hi);
+  float delta = (count * e.dw) * q;
+  if constexpr (C2C) delta = delta + ((c2c * e.dw) * sd) * z;
+  return clampf(x + delta, e.lo, e.hi);
+}
+
+// Stored value after N_up up and N_down down pulses (reference apply_pulses):
+// x + (N_up dw) q_up - (N_down dw) q_down (a term 0 where its count is 0) + ((c2c dw) sd) z,
+// clamped, with sd = sqrt((N_up q_up) q_up + (N_down q_down) q_down) (c2c_sd).
+template <bool C2C>
+static FA_INLINE float apply_pairs(float x, float up, float down, float shape_up, float shape_down, float sd, float z, float c2c,
+                                   const Elem& e) {
+  const float vu = up > 0.0f ? (up * e.dw) * (shape_up * e.up) : 0.0f;
+  const float vd = down > 0.0f ? (down * e.dw) * (shape_down * e.down) : 0.0f;
+  float delta = vu - vd;
+  if constexpr (C2C) delta = delta + ((c2c * e.dw) * sd) * z;
+  return clampf(x + delta, e.lo, e.hi);
+}
+
+// The pulse counts of a write with an excess (reference directional_counts): net
+// N = floor(n) + (u0 < n - floor(n)) with n = (-lr g) / dw, pairs M likewise from
+// m = ((lr max(A - |g|, 0)) 0.5) / dw and u1; N_up = min(M + max(N, 0), cap),
+// N_down = min(M + max(-N, 0), cap).
+static FA_INLINE void pair_counts(float gv, float av, float u0, float u1, float lr, float neg_lr, float dw, float cap, float& up,
+                                  float& down) {
+  const float n = (neg_lr * gv) / dw;
+  const float fl = std::floor(n);
+  const float net = fl + (u0 < n - fl ? 1.0f : 0.0f);
+  const float m = ((lr * std::max(av - std::fabs(gv), 0.0f)) * 0.5f) / dw;
+  const float flm = std::floor(m);
+  const float pairs = flm + (u1 < m - flm ? 1.0f : 0.0f);
+  up = std::min(pairs + std::max(net, 0.0f), cap);
+  down = std::min(pairs + std::max(-net, 0.0f), cap);
 }
 
 
@@ -1459,47 +1758,73 @@ static void transcendental_shape(const float* __restrict__ u, const float* __res
 #endif
 }
 
-// The response shape of the block's write for the array's family: linear u, power u^g,
-// exp expm1(g u)/expm1(g), table piecewise-linear in w (TableResponse._interp).
-static const float* response_shape(const Device& dev, const ParamBlock& p, WriteBlock& b, int n, Scratch& s) {
+// The response shape of a write for the array's family at argument u (physical weight w):
+// linear u, power u^g, exp expm1(g u)/expm1(g), table piecewise-linear in w
+// (TableResponse._interp). Needed only where count != 0 (elsewhere any finite value).
+// dir 0: the up response where count > 0, the down one elsewhere (a write without pairs);
+// dir +1 / -1: the up / down response (count = N_up / N_down of a write with pairs).
+// Returns out, or u for a linear response.
+static const float* response_shape(const Device& dev, const ParamBlock& p, const float* count, const float* u, const float* w,
+                                   float* out, int dir, int n, Scratch& s) {
   switch (dev.family) {
     case kPower:
-      transcendental_shape<kPower>(b.u, p.gamma, p.denom, b.count, b.shape, n, s);
-      return b.shape;
+      transcendental_shape<kPower>(u, p.gamma, p.denom, count, out, n, s);
+      return out;
     case kExp:
-      transcendental_shape<kExp>(b.u, p.gamma, p.denom, b.count, b.shape, n, s);
-      return b.shape;
+      transcendental_shape<kExp>(u, p.gamma, p.denom, count, out, n, s);
+      return out;
     case kTable: {
       const int m = dev.table_segments;
       const float mf = static_cast<float>(m);
       const float last = static_cast<float>(m - 1);
       const float* __restrict__ tab = dev.table;
-      const float* __restrict__ w = b.w;
-      const float* __restrict__ cnt = b.count;
+      const float* __restrict__ ww = w;
+      const float* __restrict__ cnt = count;
       const float* __restrict__ tmin = p.tau_min;
       const float* __restrict__ tmax = p.tau_max;
-      float* __restrict__ sh = b.shape;
+      float* __restrict__ sh = out;
       for (int j = 0; j < n; ++j) {
-        const float x = clampf((w[j] - tmin[j]) / (tmax[j] - tmin[j]), 0.0f, 1.0f) * mf;
+        const float x = clampf((ww[j] - tmin[j]) / (tmax[j] - tmin[j]), 0.0f, 1.0f) * mf;
         float i = std::min(std::floor(x), last);
         i = i >= 0.0f ? i : 0.0f;  // a NaN weight reads sample 0 instead of out of bounds
-        const int k = static_cast<int>(i) + (cnt[j] > 0.0f ? 0 : m + 1);
+        const bool up = dir == 0 ? cnt[j] > 0.0f : dir > 0;
+        const int k = static_cast<int>(i) + (up ? 0 : m + 1);
         const float frac = x - i;
         sh[j] = tab[k] + (tab[k + 1] - tab[k]) * frac;
       }
-      return b.shape;
+      return out;
     }
     default:
-      return b.u;  // linear: the shape is the argument itself
+      return u;  // linear: the shape is the argument itself
   }
 }
 
-// sqrt|N| through the same sqrt as torch.sqrt (MKL's is not always correctly rounded).
-static void sqrt_abs_count(WriteBlock& b, int n, float* tmp) {
-  const float* __restrict__ cnt = b.count;
-  float* __restrict__ t = tmp;
-  for (int j = 0; j < n; ++j) t[j] = std::fabs(cnt[j]);
-  vm_sqrt(t, b.sqrt_count, n);
+// sd = sqrt(var) of a write's c2c noise for j < n, var as the reference's apply_pulses:
+// (N_up q_up) q_up + (N_down q_down) q_down, a term 0 where its count is 0 (without pairs
+// just (|N| q) q for the selected q), through the same sqrt as torch.sqrt (MKL's is not
+// always correctly rounded). shape_down: the down shape with pairs, else unused.
+static void c2c_sd(WriteBlock& b, const ParamBlock& p, const float* __restrict__ shape, const float* __restrict__ shape_down,
+                   bool pairs, int n, float* __restrict__ var) {
+  const float* __restrict__ asym = p.asym;
+  if (!pairs) {
+    const float* __restrict__ cnt = b.count;
+    for (int j = 0; j < n; ++j) {
+      const float c = cnt[j];
+      const float q = shape[j] * (c > 0.0f ? 1.0f + asym[j] : 1.0f - asym[j]);
+      var[j] = c != 0.0f ? (std::fabs(c) * q) * q : 0.0f;
+    }
+  } else {
+    const float* __restrict__ up = b.up;
+    const float* __restrict__ down = b.down;
+    for (int j = 0; j < n; ++j) {
+      const float qu = shape[j] * (1.0f + asym[j]);
+      const float qd = shape_down[j] * (1.0f - asym[j]);
+      const float tu = up[j] > 0.0f ? (up[j] * qu) * qu : 0.0f;
+      const float td = down[j] > 0.0f ? (down[j] * qd) * qd : 0.0f;
+      var[j] = tu + td;
+    }
+  }
+  vm_sqrt(var, b.sd, n);
 }
 
 // Reports a block's pulse counts (integers held in floats, |N| < 2**31): per element into
@@ -1516,6 +1841,46 @@ static void write_pulses(int32_t* dst, bool total, int64_t& acc, int64_t b, int 
   }
 }
 
+// The same for a write with pairs: the net N_up - N_down and the pairs min(N_up, N_down)
+// per element, and/or N_up + N_down summed into acc.
+static void write_pulses_pairs(int32_t* dst, int32_t* dst_pairs, bool total, int64_t& acc, int64_t b, int n,
+                               const float* __restrict__ up, const float* __restrict__ down) {
+  if (dst != nullptr) {
+    int32_t* __restrict__ d = dst + b;
+    for (int j = 0; j < n; ++j) d[j] = static_cast<int32_t>(up[j]) - static_cast<int32_t>(down[j]);
+  }
+  if (dst_pairs != nullptr) {
+    int32_t* __restrict__ d = dst_pairs + b;
+    for (int j = 0; j < n; ++j) d[j] = static_cast<int32_t>(std::min(up[j], down[j]));
+  }
+  if (total) {
+    int64_t sum = 0;
+    for (int j = 0; j < n; ++j) sum += static_cast<int64_t>(static_cast<int32_t>(up[j])) + static_cast<int32_t>(down[j]);
+    acc += sum;
+  }
+}
+
+// A of elements b .. b+n-1 widened to float32 (exact) into out.
+static void widen_excess(const StepArgs& a, int64_t b, int n, float* __restrict__ out) {
+  switch (a.a_storage) {
+    case kBF16: {
+      const uint16_t* __restrict__ x = static_cast<const uint16_t*>(a.A) + b;
+      for (int j = 0; j < n; ++j) out[j] = StoreBF16::load(x[j]);
+      break;
+    }
+    case kF16: {
+      const uint16_t* __restrict__ x = static_cast<const uint16_t*>(a.A) + b;
+      for (int j = 0; j < n; ++j) out[j] = StoreF16::load(x[j]);
+      break;
+    }
+    default: {
+      const float* __restrict__ x = static_cast<const float*>(a.A) + b;
+      for (int j = 0; j < n; ++j) out[j] = x[j];
+      break;
+    }
+  }
+}
+
 // Adds a thread's pulse total to the shared one (integer addition: any order gives the same).
 static void add_total(int64_t* total, int64_t acc) {
   if (total != nullptr) __atomic_fetch_add(total, acc, __ATOMIC_RELAXED);
@@ -1525,9 +1890,15 @@ static void add_total(int64_t* total, int64_t acc) {
 // All take (args, block start b, valid elements n, scratch, shape of the write they finish).
 using SegFn = void (*)(const StepArgs&, int64_t, int, Scratch&, const float*);
 
-// First write (W for asgd, P for rl/rl2): N = round_stochastic(-lr * g / dw_min) with u0,
-// and the response argument at the stored value.
-template <class S, class G, bool RESIDUAL, bool NOM>
+// The segment loops below read the step's numbers through pointers into the scratch area
+// (s.u0, ...) and write other scratch arrays and the tensors: all disjoint (the launchers
+// check the tensors), which `ivdep` tells GCC, so that it vectorises them without runtime
+// alias checks (too many of them otherwise: it would leave the loops scalar).
+//
+// First write (W for asgd, P for rl/rl2): without pairs N = round_stochastic(-lr * g /
+// dw_min) with u0 (capped) and the response argument the sign selects; with pairs (an
+// excess A, widened into s.a32) N_up, N_down (pair_counts) and both arguments.
+template <class S, class G, bool RESIDUAL, bool NOM, bool PAIRS>
 static void seg_first(const StepArgs& a, int64_t b, int n, Scratch& s, const float*) {
   using ST = typename S::T;
   using GT = typename G::T;
@@ -1536,29 +1907,66 @@ static void seg_first(const StepArgs& a, int64_t b, int n, Scratch& s, const flo
   const ParamBlock& p = RESIDUAL ? s.pp : s.pw;
   const Elem pn = nominal_elem(RESIDUAL ? a.dev_p : a.dev_w);
   const float* __restrict__ u0 = s.u0;
-  float* __restrict__ xo = s.first.x;
-  float* __restrict__ co = s.first.count;
-  float* __restrict__ uo = s.first.u;
-  float* __restrict__ wo = s.first.w;
-  const float neg_lr = a.neg_lr, mp = a.max_pulses;
-  for (int j = 0; j < n; ++j) {
-    const auto& e = param_at<NOM>(p, pn, j);
-    const float xv = S::load(x[j]);
-    const float cnt = stochastic_count((neg_lr * G::load(g[j])) / e.dw, u0[j], mp);
-    float u, w;
-    response_arg(xv, cnt, e, u, w);
-    xo[j] = xv;
-    co[j] = cnt;
-    uo[j] = u;
-    wo[j] = w;
+  WriteBlock& f = s.first;
+  float* __restrict__ xo = f.x;
+  float* __restrict__ co = f.count;
+  float* __restrict__ uo = f.u;
+  float* __restrict__ wo = f.w;
+  const float neg_lr = a.neg_lr, lr = a.lr, mp = a.max_pulses;
+  if constexpr (!PAIRS) {
+#pragma GCC ivdep
+    for (int j = 0; j < n; ++j) {
+      const auto& e = param_at<NOM>(p, pn, j);
+      const float xv = S::load(x[j]);
+      const float cnt = stochastic_count((neg_lr * G::load(g[j])) / e.dw, u0[j], mp);
+      float u, w;
+      response_arg(xv, cnt, e, u, w);
+      xo[j] = xv;
+      co[j] = cnt;
+      uo[j] = u;
+      wo[j] = w;
+    }
+  } else {
+    const float* __restrict__ u1 = s.u_pair;
+    const float* __restrict__ av = s.a32;
+    float* __restrict__ upo = f.up;
+    float* __restrict__ dno = f.down;
+    float* __restrict__ udo = f.u_down;
+#pragma GCC ivdep
+    for (int j = 0; j < n; ++j) {
+      const auto& e = param_at<NOM>(p, pn, j);
+      const float xv = S::load(x[j]);
+      float up, down;
+      pair_counts(G::load(g[j]), av[j], u0[j], u1[j], lr, neg_lr, e.dw, mp, up, down);
+      const float w = xv + e.shift;
+      xo[j] = xv;
+      co[j] = up - down;
+      upo[j] = up;
+      dno[j] = down;
+      uo[j] = clampf((e.tau_max - w) / e.half, 0.0f, 2.0f);
+      udo[j] = clampf((w - e.tau_min) / e.half, 0.0f, 2.0f);
+      wo[j] = w;
+    }
   }
 }
 
-// The arguments of apply_write for the block's write `wb` on parameters `p`.
-#define FA_WRITE_ARGS(wb, shape, z, c2c, p, j) (wb).x[j], (wb).count[j], (shape)[j], (wb).sqrt_count[j], (z)[j], (c2c), param_at<NOM>(p, p##n, j)
+// The stored value after the write `wb` of element j (apply_write or apply_pairs), with the
+// c2c normals z (read only with C2C) and the array's parameters.
+template <bool C2C, bool PAIRS, bool NOM>
+static FA_INLINE float write_value(const WriteBlock& wb, const float* __restrict__ shape, const float* __restrict__ z, float c2c,
+                                   const ParamBlock& p, const Elem& pn, int j) {
+  const auto& e = param_at<NOM>(p, pn, j);
+  const float sd = C2C ? wb.sd[j] : 0.0f;
+  const float zz = C2C ? z[j] : 0.0f;
+  if constexpr (PAIRS) {
+    return apply_pairs<C2C>(wb.x[j], wb.up[j], wb.down[j], shape[j], wb.shape_down[j], sd, zz, c2c, e);
+  } else {
+    return apply_write<C2C>(wb.x[j], wb.count[j], shape[j], sd, zz, c2c, e);
+  }
+}
 
 // asgd: finish the write of W.
-template <class S, bool C2C, bool NOM>
+template <class S, bool C2C, bool NOM, bool PAIRS>
 static void asgd_last(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
   using ST = typename S::T;
   ST* __restrict__ W = static_cast<ST*>(a.W) + b;
@@ -1566,12 +1974,13 @@ static void asgd_last(const StepArgs& a, int64_t b, int n, Scratch& s, const flo
   const ParamBlock& p = s.pw;
   const Elem pn = nominal_elem(a.dev_w);
   const float c2c = a.dev_w.c2c_std;
-  for (int j = 0; j < n; ++j) W[j] = S::store(apply_write<C2C>(FA_WRITE_ARGS(f, shape, s.n_c2c, c2c, p, j)));
+#pragma GCC ivdep
+  for (int j = 0; j < n; ++j) W[j] = S::store(write_value<C2C, PAIRS, NOM>(f, shape, s.n_c2c, c2c, p, pn, j));
 }
 
 // rl, transfer step: finish P, read it (noisy), N_W = round_stochastic(transfer_lr * P_hat
-// / dw_min_W) with u1, and W's response argument.
-template <class S, bool C2C, bool READ, bool NOM>
+// / dw_min_W) with stream 2, and W's response argument.
+template <class S, bool C2C, bool READ, bool NOM, bool PAIRS>
 static void rl_mid(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
   using ST = typename S::T;
   ST* __restrict__ P = static_cast<ST*>(a.P) + b;
@@ -1583,14 +1992,17 @@ static void rl_mid(const StepArgs& a, int64_t b, int n, Scratch& s, const float*
   const ParamBlock& pw = s.pw;
   const Elem pwn = nominal_elem(a.dev_w);
   const float c2c = a.dev_p.c2c_std, rn = a.read_noise, tlr = a.tlr, mp = a.max_pulses;
+  const float* __restrict__ n_read = s.n_read;
+  const float* __restrict__ u1 = s.u1;
+#pragma GCC ivdep
   for (int j = 0; j < n; ++j) {
-    const ST ps = S::store(apply_write<C2C>(FA_WRITE_ARGS(f, shape, s.n_c2c, c2c, pp, j)));
+    const ST ps = S::store(write_value<C2C, PAIRS, NOM>(f, shape, s.n_c2c, c2c, pp, ppn, j));
     P[j] = ps;
     const float p32 = S::load(ps);
     float p_hat = p32;
-    if constexpr (READ) p_hat = p32 + rn * s.n_read[j];
+    if constexpr (READ) p_hat = p32 + rn * n_read[j];
     const auto& e = param_at<NOM>(pw, pwn, j);
-    const float cnt = stochastic_count((tlr * p_hat) / e.dw, s.u1[j], mp);
+    const float cnt = stochastic_count((tlr * p_hat) / e.dw, u1[j], mp);
     const float xw = S::load(W[j]);
     float u, w;
     response_arg(xw, cnt, e, u, w);
@@ -1610,7 +2022,7 @@ static FA_INLINE ST* mixed_out(const StepArgs& a, int64_t b) {
 }
 
 // rl, step without transfer: finish P, Wbar = W + gamma * P.
-template <class S, bool C2C, bool NOM>
+template <class S, bool C2C, bool NOM, bool PAIRS>
 static void rl_hold(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
   using ST = typename S::T;
   ST* __restrict__ P = static_cast<ST*>(a.P) + b;
@@ -1620,8 +2032,9 @@ static void rl_hold(const StepArgs& a, int64_t b, int n, Scratch& s, const float
   const ParamBlock& pp = s.pp;
   const Elem ppn = nominal_elem(a.dev_p);
   const float c2c = a.dev_p.c2c_std, gm = a.gamma_mix;
+#pragma GCC ivdep
   for (int j = 0; j < n; ++j) {
-    const ST ps = S::store(apply_write<C2C>(FA_WRITE_ARGS(f, shape, s.n_c2c, c2c, pp, j)));
+    const ST ps = S::store(write_value<C2C, PAIRS, NOM>(f, shape, s.n_c2c, c2c, pp, ppn, j));
     P[j] = ps;
     if (Wbar) Wbar[j] = S::store(S::load(W[j]) + gm * S::load(ps));
   }
@@ -1637,8 +2050,9 @@ static void rl_last(const StepArgs& a, int64_t b, int n, Scratch& s, const float
   const ParamBlock& pw = s.pw;
   const Elem pwn = nominal_elem(a.dev_w);
   const float c2c = a.dev_w.c2c_std, gm = a.gamma_mix;
+#pragma GCC ivdep
   for (int j = 0; j < n; ++j) {
-    const ST ws = S::store(apply_write<C2C>(FA_WRITE_ARGS(sec, shape, s.z_w, c2c, pw, j)));
+    const ST ws = S::store(write_value<C2C, false, NOM>(sec, shape, s.z_w, c2c, pw, pwn, j));
     W[j] = ws;
     if (Wbar) Wbar[j] = S::store(S::load(ws) + gm * s.p32[j]);
   }
@@ -1646,8 +2060,8 @@ static void rl_last(const StepArgs& a, int64_t b, int n, Scratch& s, const float
 
 // rl2: finish P, read it (noisy), update the buffer and choose W's pulses:
 //   accumulate: H += transfer_lr * P_hat; N = trunc(H / dw) where |H| >= threshold * dw
-//   ema:        H = (1 - transfer_lr) H + transfer_lr P_hat; N = round_stochastic(transfer_lr * H / dw) with u1
-template <class S, bool C2C, bool READ, bool EMA, bool NOM>
+//   ema:        H = (1 - transfer_lr) H + transfer_lr P_hat; N = round_stochastic(transfer_lr * H / dw) with stream 2
+template <class S, bool C2C, bool READ, bool EMA, bool NOM, bool PAIRS>
 static void rl2_mid(const StepArgs& a, int64_t b, int n, Scratch& s, const float* __restrict__ shape) {
   using ST = typename S::T;
   ST* __restrict__ P = static_cast<ST*>(a.P) + b;
@@ -1661,19 +2075,22 @@ static void rl2_mid(const StepArgs& a, int64_t b, int n, Scratch& s, const float
   const Elem pwn = nominal_elem(a.dev_w);
   const float c2c = a.dev_p.c2c_std, rn = a.read_noise, tlr = a.tlr, omt = a.one_minus_tlr, thr = a.threshold;
   const float mp = a.max_pulses;
+  const float* __restrict__ n_read = s.n_read;
+  const float* __restrict__ u1 = s.u1;
+#pragma GCC ivdep
   for (int j = 0; j < n; ++j) {
-    const ST ps = S::store(apply_write<C2C>(FA_WRITE_ARGS(f, shape, s.n_c2c, c2c, pp, j)));
+    const ST ps = S::store(write_value<C2C, PAIRS, NOM>(f, shape, s.n_c2c, c2c, pp, ppn, j));
     P[j] = ps;
     const float p32 = S::load(ps);
     float p_hat = p32;
-    if constexpr (READ) p_hat = p32 + rn * s.n_read[j];
+    if constexpr (READ) p_hat = p32 + rn * n_read[j];
     const float h0 = S::load(H[j]);
     const auto& e = param_at<NOM>(pw, pwn, j);
     const float dw = e.dw;
     float h, cnt;
     if constexpr (EMA) {
       h = omt * h0 + tlr * p_hat;
-      cnt = stochastic_count((tlr * h) / dw, s.u1[j], mp);
+      cnt = stochastic_count((tlr * h) / dw, u1[j], mp);
     } else {
       h = h0 + tlr * p_hat;
       const float t = std::trunc(h / dw);
@@ -1702,8 +2119,9 @@ static void rl2_last(const StepArgs& a, int64_t b, int n, Scratch& s, const floa
   const ParamBlock& pw = s.pw;
   const Elem pwn = nominal_elem(a.dev_w);
   const float c2c = a.dev_w.c2c_std, gm = a.gamma_mix;
+#pragma GCC ivdep
   for (int j = 0; j < n; ++j) {
-    const ST ws = S::store(apply_write<C2C>(FA_WRITE_ARGS(sec, shape, s.z_w, c2c, pw, j)));
+    const ST ws = S::store(write_value<C2C, false, NOM>(sec, shape, s.z_w, c2c, pw, pwn, j));
     W[j] = ws;
     float h = s.h[j];
     if constexpr (!EMA) h = h - sec.count[j] * param_at<NOM>(pw, pwn, j).dw;
@@ -1711,7 +2129,6 @@ static void rl2_last(const StepArgs& a, int64_t b, int n, Scratch& s, const floa
     if (Wbar) Wbar[j] = S::store(S::load(ws) + gm * s.p32[j]);
   }
 }
-#undef FA_WRITE_ARGS
 
 // ----- fused paths: the common case in one loop ---------------------------------------------
 // When every array written this step has a linear response, nominal parameters and no c2c
@@ -1720,15 +2137,14 @@ static void rl2_last(const StepArgs& a, int64_t b, int n, Scratch& s, const floa
 // same order as the segments above. With power responses (asgd and rl2, float32, AVX2) the
 // loop runs over vectors of eight lanes and calls the power only for vectors that pulse.
 
-// The write of a linear array without c2c noise; returns the stored value. Both response
-// arguments are computed (as the reference does) so that their divisions need not wait for
-// the pulse count; the one the sign selects is the same value response_arg gives.
+// The write of a linear array without c2c noise; returns the stored value. The response
+// argument is response_arg's: the numerator the sign selects, divided (one division per
+// element; the loops are bound by the divider's throughput, not by its latency).
 template <class S>
 static FA_INLINE typename S::T linear_write(float x, float count, const Elem& e) {
-  const float w = x + e.shift;
-  const float u_up = clampf((e.tau_max - w) / e.half, 0.0f, 2.0f);
-  const float u_down = clampf((w - e.tau_min) / e.half, 0.0f, 2.0f);
-  return S::store(apply_write<false>(x, count, count > 0.0f ? u_up : u_down, 0.0f, 0.0f, 0.0f, e));
+  float u, w;
+  response_arg(x, count, e, u, w);
+  return S::store(apply_write<false>(x, count, u, 0.0f, 0.0f, 0.0f, e));
 }
 
 // Scalars of a fused update, as float32.
@@ -1941,7 +2357,7 @@ static __attribute__((noinline)) void asgd_power_fused(const StepArgs& a, int64_
     const bool whole = n - j >= 8;
     const __m256 x = load8(W + j, whole, valid);
     const __m256 nv = _mm256_div_ps(_mm256_mul_ps(neg_lr, load8(g + j, whole, valid)), e.dw);
-    const __m256 cnt = stochastic_count8(nv, _mm256_load_ps(s.u0 + j), neg_cap, cap);
+    const __m256 cnt = stochastic_count8(nv, _mm256_loadu_ps(s.u0 + j), neg_cap, cap);
     _mm256_store_ps(s.first.count + j, cnt);
     store8(W + j, whole, valid, power_write8(x, cnt, e));
   }
@@ -1966,16 +2382,16 @@ static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t
     const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lane);
     const bool whole = n - j >= 8;
     const __m256 np = _mm256_div_ps(_mm256_mul_ps(neg_lr, load8(g + j, whole, valid)), e_p.dw);
-    const __m256 cp = stochastic_count8(np, _mm256_load_ps(s.u0 + j), neg_cap, cap);
+    const __m256 cp = stochastic_count8(np, _mm256_loadu_ps(s.u0 + j), neg_cap, cap);
     const __m256 p32 = power_write8(load8(P + j, whole, valid), cp, e_p);
     store8(P + j, whole, valid, p32);
     __m256 p_hat = p32;
-    if constexpr (READ) p_hat = _mm256_add_ps(p32, _mm256_mul_ps(rn, _mm256_load_ps(s.n_read + j)));
+    if constexpr (READ) p_hat = _mm256_add_ps(p32, _mm256_mul_ps(rn, _mm256_loadu_ps(s.n_read + j)));
     const __m256 h0 = load8(H + j, whole, valid);
     __m256 h, cw;
     if constexpr (EMA) {
       h = _mm256_add_ps(_mm256_mul_ps(omt, h0), _mm256_mul_ps(tlr, p_hat));
-      cw = stochastic_count8(_mm256_div_ps(_mm256_mul_ps(tlr, h), e_w.dw), _mm256_load_ps(s.u1 + j), neg_cap, cap);
+      cw = stochastic_count8(_mm256_div_ps(_mm256_mul_ps(tlr, h), e_w.dw), _mm256_loadu_ps(s.u1 + j), neg_cap, cap);
     } else {
       h = _mm256_add_ps(h0, _mm256_mul_ps(tlr, p_hat));
       const __m256 t = _mm256_round_ps(_mm256_div_ps(h, e_w.dw), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
@@ -1999,43 +2415,49 @@ static bool fusable(const Device& dev) { return dev.family == kLinear && !dev.d2
 [[maybe_unused]] static bool power_fusable(const Device& dev) { return FA_ISA_AVX2 && dev.family == kPower && !dev.d2d() && !dev.c2c(); }
 
 // ----- picking instantiations once per call ------------------------------------------------
-// NOM: no array of the step has device-to-device variation (see param_at).
-template <class S, bool NOM>
+// NOM: no array of the step has device-to-device variation (see param_at); PAIRS: the
+// first write has an excess.
+template <class S, bool NOM, bool PAIRS>
 static SegFn pick_asgd_last(bool c2c) {
-  return c2c ? &asgd_last<S, true, NOM> : &asgd_last<S, false, NOM>;
+  return c2c ? &asgd_last<S, true, NOM, PAIRS> : &asgd_last<S, false, NOM, PAIRS>;
 }
-template <class S, bool NOM>
+template <class S, bool NOM, bool PAIRS>
 static SegFn pick_rl_mid(bool c2c, bool read) {
-  if (c2c) return read ? &rl_mid<S, true, true, NOM> : &rl_mid<S, true, false, NOM>;
-  return read ? &rl_mid<S, false, true, NOM> : &rl_mid<S, false, false, NOM>;
+  if (c2c) return read ? &rl_mid<S, true, true, NOM, PAIRS> : &rl_mid<S, true, false, NOM, PAIRS>;
+  return read ? &rl_mid<S, false, true, NOM, PAIRS> : &rl_mid<S, false, false, NOM, PAIRS>;
 }
-template <class S, bool NOM>
+template <class S, bool NOM, bool PAIRS>
 static SegFn pick_rl_hold(bool c2c) {
-  return c2c ? &rl_hold<S, true, NOM> : &rl_hold<S, false, NOM>;
+  return c2c ? &rl_hold<S, true, NOM, PAIRS> : &rl_hold<S, false, NOM, PAIRS>;
 }
 template <class S, bool NOM>
 static SegFn pick_rl_last(bool c2c) {
   return c2c ? &rl_last<S, true, NOM> : &rl_last<S, false, NOM>;
 }
-template <class S, bool NOM>
+template <class S, bool NOM, bool PAIRS>
 static SegFn pick_rl2_mid(bool c2c, bool read, bool ema) {
   if (ema) {
-    if (c2c) return read ? &rl2_mid<S, true, true, true, NOM> : &rl2_mid<S, true, false, true, NOM>;
-    return read ? &rl2_mid<S, false, true, true, NOM> : &rl2_mid<S, false, false, true, NOM>;
+    if (c2c) return read ? &rl2_mid<S, true, true, true, NOM, PAIRS> : &rl2_mid<S, true, false, true, NOM, PAIRS>;
+    return read ? &rl2_mid<S, false, true, true, NOM, PAIRS> : &rl2_mid<S, false, false, true, NOM, PAIRS>;
   }
-  if (c2c) return read ? &rl2_mid<S, true, true, false, NOM> : &rl2_mid<S, true, false, false, NOM>;
-  return read ? &rl2_mid<S, false, true, false, NOM> : &rl2_mid<S, false, false, false, NOM>;
+  if (c2c) return read ? &rl2_mid<S, true, true, false, NOM, PAIRS> : &rl2_mid<S, true, false, false, NOM, PAIRS>;
+  return read ? &rl2_mid<S, false, true, false, NOM, PAIRS> : &rl2_mid<S, false, false, false, NOM, PAIRS>;
 }
 template <class S, bool NOM>
 static SegFn pick_rl2_last(bool c2c, bool ema) {
   if (ema) return c2c ? &rl2_last<S, true, true, NOM> : &rl2_last<S, false, true, NOM>;
   return c2c ? &rl2_last<S, true, false, NOM> : &rl2_last<S, false, false, NOM>;
 }
-// The first write's segment, with or without nominal parameters.
+// The first write's segment.
 template <class S, class G, bool RESIDUAL>
-static SegFn pick_first(bool nom) {
-  return nom ? &seg_first<S, G, RESIDUAL, true> : &seg_first<S, G, RESIDUAL, false>;
+static SegFn pick_first(bool nom, bool pairs) {
+  if (nom) return pairs ? &seg_first<S, G, RESIDUAL, true, true> : &seg_first<S, G, RESIDUAL, true, false>;
+  return pairs ? &seg_first<S, G, RESIDUAL, false, true> : &seg_first<S, G, RESIDUAL, false, false>;
 }
+// pick<S, NOM, PAIRS>(args...) for the runtime nom and pairs.
+#define FA_PICK_NP(pick, nom, pairs, ...)                                                               \
+  ((nom) ? ((pairs) ? pick<S, true, true>(__VA_ARGS__) : pick<S, true, false>(__VA_ARGS__))          \
+         : ((pairs) ? pick<S, false, true>(__VA_ARGS__) : pick<S, false, false>(__VA_ARGS__)))
 
 template <class S, class G>
 static FusedFn pick_rl_fused(bool transfer, bool read) {
@@ -2049,31 +2471,71 @@ static FusedFn pick_rl2_fused(bool read, bool ema) {
 }
 
 // ----- one thread's run of blocks ----------------------------------------------------------
-// Per-block quantities: the step draws, the c2c normal of W from the second stream, and
-// the d2d parameters of the arrays this step writes.
+// The streams a step draws (SPEC section 4; a stream it does not need is not drawn) and the
+// d2d parameters of the arrays it writes.
 struct BlockPlan {
-  bool u1 = false;         // W is rounded stochastically (rl transfer; rl2 "ema")
-  bool read = false;       // read noise of P
-  bool c2c_first = false;  // c2c noise of the first array (sine normal of (r2, r3))
-  bool c2c_w = false;      // c2c noise of W in rl/rl2 (second stream)
+  bool pairs = false;      // stream 1: the first write has an excess
+  bool u_w = false;        // stream 2: W is rounded stochastically (rl transfer; rl2 "ema")
+  bool c2c_first = false;  // stream 3: c2c noise of the first array
+  bool read = false;       // stream 4: read noise of P
+  bool c2c_w = false;      // stream 5: c2c noise of W in rl/rl2
   bool d2d_first = false;
   bool d2d_w = false;  // rl/rl2: W's parameters vary and W is written
 };
 
-static void block_draws(const StepArgs& a, const BlockPlan& plan, const Device& dev_first, ParamBlock& p_first,
-                        uint64_t first, int nv, Scratch& s) {
-  draw_uniforms(plan.u1, plan.read || plan.c2c_first, a.key, first, nv, s.u0, s.u1, s.u2, s.u3);
-  if (plan.read || plan.c2c_first)
-    box_muller_block(s.u2, s.u3, nv, plan.read ? s.n_read : nullptr, plan.c2c_first ? s.n_c2c : nullptr, s.t);
-  if (plan.c2c_w) {
-    philox_uniform_block<true, false>(a.key ^ kStreamWC2C, first, nv, s.t[4], s.t[5], s.t[6], s.t[7]);
-    box_muller_block(s.t[4], s.t[5], nv, s.z_w, nullptr, s.t);
-  }
-  if (plan.d2d_first) d2d_params_block(dev_first, first, nv, p_first, s);
-  if (plan.d2d_w) d2d_params_block(a.dev_w, first, nv, s.pw, s);
+// Elements of the block starting at element b of a tensor (global index offset + b): up to
+// the next multiple of kBlock of the global index, or to `end`.
+static FA_INLINE int block_len(int64_t offset, int64_t b, int64_t end) {
+  const int64_t g = offset + b;
+  return static_cast<int>(std::min<int64_t>(end - b, kBlock - g % kBlock));
 }
 
 static FA_INLINE int padded(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+static void block_draws(const StepArgs& a, const BlockPlan& plan, const Device& dev_first, ParamBlock& p_first, int64_t b, int n,
+                        Scratch& s) {
+  const uint64_t g = static_cast<uint64_t>(a.offset + b);
+  s.u0 = stream_uniforms(stream_key(a.key, kStreamRoundFirst), g, n, s.r_round);
+  if (plan.pairs) s.u_pair = stream_uniforms(stream_key(a.key, kStreamPairsFirst), g, n, s.r_pairs);
+  if (plan.u_w) s.u1 = stream_uniforms(stream_key(a.key, kStreamRoundW), g, n, s.r_w);
+  if (plan.c2c_first) s.n_c2c = stream_normals(stream_key(a.key, kStreamC2CFirst), g, n, s.r_c2c, s.t);
+  if (plan.read) s.n_read = stream_normals(stream_key(a.key, kStreamReadP), g, n, s.r_read, s.t);
+  if (plan.c2c_w) s.z_w = stream_normals(stream_key(a.key, kStreamC2CW), g, n, s.r_c2c_w, s.t);
+  const int nv = padded(n);
+  if (plan.d2d_first) d2d_params_block(dev_first, g, nv, p_first, s);
+  if (plan.d2d_w) d2d_params_block(a.dev_w, g, nv, s.pw, s);
+}
+
+// The responses of the block's first write (after seg_first) and its c2c sd; returns the
+// shape (of the up pulses with pairs; s.first.shape_down then holds the down one).
+static const float* first_responses(const Device& dev, const ParamBlock& p, const BlockPlan& plan, int nv, Scratch& s) {
+  WriteBlock& f = s.first;
+  const float* shape;
+  if (plan.pairs) {
+    shape = response_shape(dev, p, f.up, f.u, f.w, f.shape, +1, nv, s);
+    f.shape_down = response_shape(dev, p, f.down, f.u_down, f.w, f.shape_dn, -1, nv, s);
+  } else {
+    shape = response_shape(dev, p, f.count, f.u, f.w, f.shape, 0, nv, s);
+  }
+  if (plan.c2c_first) c2c_sd(f, p, shape, f.shape_down, plan.pairs, nv, s.t[0]);
+  return shape;
+}
+
+// The response of W's transfer write and its c2c sd.
+static const float* w_responses(const Device& dev, const BlockPlan& plan, int nv, Scratch& s) {
+  WriteBlock& sec = s.second;
+  const float* shape = response_shape(dev, s.pw, sec.count, sec.u, sec.w, sec.shape, 0, nv, s);
+  if (plan.c2c_w) c2c_sd(sec, s.pw, shape, nullptr, false, nv, s.t[0]);
+  return shape;
+}
+
+// The first write's pulses of a block: per element, pairs, and/or the total.
+static void report_first(const StepArgs& a, const BlockPlan& plan, int64_t& acc, int64_t b, int n, const WriteBlock& f) {
+  if (plan.pairs)
+    write_pulses_pairs(a.pulses_first, a.pairs_first, a.total_first != nullptr, acc, b, n, f.up, f.down);
+  else
+    write_pulses(a.pulses_first, a.total_first != nullptr, acc, b, n, f.count);
+}
 
 template <class S, class G>
 static void asgd_range(const StepArgs& a, int64_t begin, int64_t end, void* scratch) {
@@ -2082,36 +2544,38 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end, void* scra
   const Device& dw = a.dev_w;
   if (!dw.d2d()) fill_nominal(dw, s.pw);
   BlockPlan plan;
+  plan.pairs = a.A != nullptr;
   plan.c2c_first = dw.c2c();
   plan.d2d_first = dw.d2d();
   const bool nom = !dw.d2d();
-  const SegFn first_fn = pick_first<S, G, false>(nom);
-  const SegFn last = nom ? pick_asgd_last<S, true>(dw.c2c()) : pick_asgd_last<S, false>(dw.c2c());
-  bool fused = fusable(dw);
+  const SegFn first_fn = pick_first<S, G, false>(nom, plan.pairs);
+  const SegFn last = FA_PICK_NP(pick_asgd_last, nom, plan.pairs, dw.c2c());
+  bool fused = !plan.pairs && fusable(dw);
   FusedFn fused_fn = &asgd_fused<S, G>;
 #if FA_ISA_AVX2
   if constexpr (std::is_same_v<S, StoreF32> && std::is_same_v<G, StoreF32>) {
-    if (power_fusable(dw)) {
+    if (!plan.pairs && power_fusable(dw)) {
       fused = true;
       fused_fn = &asgd_power_fused;
     }
   }
 #endif
   const Elem ew = nominal_elem(dw);
-  for (int64_t b = begin; b < end; b += kBlock) {
-    const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
+  int n = 0;
+  for (int64_t b = begin; b < end; b += n) {
+    n = block_len(a.offset, b, end);
     const int nv = padded(n);
-    block_draws(a, plan, dw, s.pw, static_cast<uint64_t>(a.offset + b), nv, s);
+    block_draws(a, plan, dw, s.pw, b, n, s);
     if (fused) {
       fused_fn(a, b, n, s, ew, ew);
       write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
       continue;
     }
+    if (plan.pairs) widen_excess(a, b, n, s.a32);
     first_fn(a, b, n, s, nullptr);
-    const float* shape = response_shape(dw, s.pw, s.first, nv, s);
-    if (plan.c2c_first) sqrt_abs_count(s.first, nv, s.t[0]);
+    const float* shape = first_responses(dw, s.pw, plan, nv, s);
     last(a, b, n, s, shape);
-    write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
+    report_first(a, plan, acc_first, b, n, s.first);
   }
   add_total(a.total_first, acc_first);
   add_total(a.total_main, acc_main);
@@ -2126,38 +2590,39 @@ static void rl_range(const StepArgs& a, int64_t begin, int64_t end, void* scratc
   if (!dw.d2d()) fill_nominal(dw, s.pw);
   if (!dp.d2d()) fill_nominal(dp, s.pp);
   BlockPlan plan;
-  plan.u1 = a.transfer;
+  plan.pairs = a.A != nullptr;
+  plan.u_w = a.transfer;
   plan.read = a.transfer && a.read_noise > 0.f;
   plan.c2c_first = dp.c2c();
   plan.c2c_w = a.transfer && dw.c2c();
   plan.d2d_first = dp.d2d();
   plan.d2d_w = a.transfer && dw.d2d();
   const bool nom = !dw.d2d() && !dp.d2d();
-  const SegFn first_fn = pick_first<S, G, true>(nom);
-  const SegFn mid = a.transfer ? (nom ? pick_rl_mid<S, true>(dp.c2c(), plan.read) : pick_rl_mid<S, false>(dp.c2c(), plan.read))
-                               : (nom ? pick_rl_hold<S, true>(dp.c2c()) : pick_rl_hold<S, false>(dp.c2c()));
+  const SegFn first_fn = pick_first<S, G, true>(nom, plan.pairs);
+  const SegFn mid = a.transfer ? FA_PICK_NP(pick_rl_mid, nom, plan.pairs, dp.c2c(), plan.read)
+                               : FA_PICK_NP(pick_rl_hold, nom, plan.pairs, dp.c2c());
   const SegFn last = nom ? pick_rl_last<S, true>(plan.c2c_w) : pick_rl_last<S, false>(plan.c2c_w);
-  const bool fused = fusable(dp) && (!a.transfer || fusable(dw));
+  const bool fused = !plan.pairs && fusable(dp) && (!a.transfer || fusable(dw));
   const FusedFn fused_fn = pick_rl_fused<S, G>(a.transfer, plan.read);
   const Elem ew = nominal_elem(dw), ep = nominal_elem(dp);
-  for (int64_t b = begin; b < end; b += kBlock) {
-    const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
+  int n = 0;
+  for (int64_t b = begin; b < end; b += n) {
+    n = block_len(a.offset, b, end);
     const int nv = padded(n);
-    block_draws(a, plan, dp, s.pp, static_cast<uint64_t>(a.offset + b), nv, s);
+    block_draws(a, plan, dp, s.pp, b, n, s);
     if (fused) {
       fused_fn(a, b, n, s, ew, ep);
       write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
       if (a.transfer) write_pulses(a.pulses_main, a.total_main != nullptr, acc_main, b, n, s.second.count);
       continue;
     }
+    if (plan.pairs) widen_excess(a, b, n, s.a32);
     first_fn(a, b, n, s, nullptr);
-    const float* shape_p = response_shape(dp, s.pp, s.first, nv, s);
-    if (plan.c2c_first) sqrt_abs_count(s.first, nv, s.t[0]);
+    const float* shape_p = first_responses(dp, s.pp, plan, nv, s);
     mid(a, b, n, s, shape_p);
-    write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
+    report_first(a, plan, acc_first, b, n, s.first);
     if (a.transfer) {
-      const float* shape_w = response_shape(dw, s.pw, s.second, nv, s);
-      if (plan.c2c_w) sqrt_abs_count(s.second, nv, s.t[0]);
+      const float* shape_w = w_responses(dw, plan, nv, s);
       last(a, b, n, s, shape_w);
       write_pulses(a.pulses_main, a.total_main != nullptr, acc_main, b, n, s.second.count);
     }
@@ -2175,21 +2640,22 @@ static void rl2_range(const StepArgs& a, int64_t begin, int64_t end, void* scrat
   if (!dw.d2d()) fill_nominal(dw, s.pw);
   if (!dp.d2d()) fill_nominal(dp, s.pp);
   BlockPlan plan;
-  plan.u1 = a.ema;
+  plan.pairs = a.A != nullptr;
+  plan.u_w = a.ema;
   plan.read = a.read_noise > 0.f;
   plan.c2c_first = dp.c2c();
   plan.c2c_w = dw.c2c();
   plan.d2d_first = dp.d2d();
   plan.d2d_w = dw.d2d();
   const bool nom = !dw.d2d() && !dp.d2d();
-  const SegFn first_fn = pick_first<S, G, true>(nom);
-  const SegFn mid = nom ? pick_rl2_mid<S, true>(dp.c2c(), plan.read, a.ema) : pick_rl2_mid<S, false>(dp.c2c(), plan.read, a.ema);
+  const SegFn first_fn = pick_first<S, G, true>(nom, plan.pairs);
+  const SegFn mid = FA_PICK_NP(pick_rl2_mid, nom, plan.pairs, dp.c2c(), plan.read, a.ema);
   const SegFn last = nom ? pick_rl2_last<S, true>(dw.c2c(), a.ema) : pick_rl2_last<S, false>(dw.c2c(), a.ema);
-  bool fused = fusable(dp) && fusable(dw);
+  bool fused = !plan.pairs && fusable(dp) && fusable(dw);
   FusedFn fused_fn = pick_rl2_fused<S, G>(plan.read, a.ema);
 #if FA_ISA_AVX2
   if constexpr (std::is_same_v<S, StoreF32> && std::is_same_v<G, StoreF32>) {
-    if (power_fusable(dp) && power_fusable(dw)) {
+    if (!plan.pairs && power_fusable(dp) && power_fusable(dw)) {
       fused = true;
       if (a.ema)
         fused_fn = plan.read ? &rl2_power_fused<true, true> : &rl2_power_fused<false, true>;
@@ -2199,29 +2665,30 @@ static void rl2_range(const StepArgs& a, int64_t begin, int64_t end, void* scrat
   }
 #endif
   const Elem ew = nominal_elem(dw), ep = nominal_elem(dp);
-  for (int64_t b = begin; b < end; b += kBlock) {
-    const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b));
+  int n = 0;
+  for (int64_t b = begin; b < end; b += n) {
+    n = block_len(a.offset, b, end);
     const int nv = padded(n);
-    block_draws(a, plan, dp, s.pp, static_cast<uint64_t>(a.offset + b), nv, s);
+    block_draws(a, plan, dp, s.pp, b, n, s);
     if (fused) {
       fused_fn(a, b, n, s, ew, ep);
       write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
       write_pulses(a.pulses_main, a.total_main != nullptr, acc_main, b, n, s.second.count);
       continue;
     }
+    if (plan.pairs) widen_excess(a, b, n, s.a32);
     first_fn(a, b, n, s, nullptr);
-    const float* shape_p = response_shape(dp, s.pp, s.first, nv, s);
-    if (plan.c2c_first) sqrt_abs_count(s.first, nv, s.t[0]);
+    const float* shape_p = first_responses(dp, s.pp, plan, nv, s);
     mid(a, b, n, s, shape_p);
-    const float* shape_w = response_shape(dw, s.pw, s.second, nv, s);
-    if (plan.c2c_w) sqrt_abs_count(s.second, nv, s.t[0]);
+    const float* shape_w = w_responses(dw, plan, nv, s);
     last(a, b, n, s, shape_w);
-    write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
+    report_first(a, plan, acc_first, b, n, s.first);
     write_pulses(a.pulses_main, a.total_main != nullptr, acc_main, b, n, s.second.count);
   }
   add_total(a.total_first, acc_first);
   add_total(a.total_main, acc_main);
 }
+#undef FA_PICK_NP
 
 template <class S, class G>
 static RangeFn range_for(int algorithm) {

@@ -42,9 +42,34 @@ constexpr uint32_t kPhiloxRoundA = 0xD2511F53u;  // multiplier of c0
 constexpr uint32_t kPhiloxRoundB = 0xCD9E8D57u;  // multiplier of c2
 constexpr int kPhiloxRounds = 10;
 
-// XOR-ed into a step key to open the second stream of a step (c2c noise of W), as
-// philox.STREAM_W_C2C in the reference.
+// XOR-ed into a step key to open the second stream of a step (c2c noise of W) in the
+// SPEC v1 layout of the draws; the v2 streams below replace it.
 constexpr uint64_t kStreamWC2C = 0x5DEECE66DULL;
+
+// The streams of one step (SPEC v2 section 4), as philox.STREAM_* in the reference. In
+// stream s, global element i takes word r(i % 4) of the call with counter i / 4, keyed
+// stream_key(step_key, s); normals: elements 4j, 4j+1 are the Box-Muller pair of (r0, r1)
+// of call j, elements 4j+2, 4j+3 that of (r2, r3).
+enum Stream : int {
+  kStreamRoundFirst = 0,  // uniforms: net rounding u0 of the first array written (P; asgd: W)
+  kStreamPairsFirst = 1,  // uniforms: rounding u1 of that array's opposite-pulse pairs (with an excess)
+  kStreamRoundW = 2,      // uniforms: rounding of the W transfer (rl; rl2 "ema")
+  kStreamC2CFirst = 3,    // normals: cycle-to-cycle noise of the first array
+  kStreamReadP = 4,       // normals: read noise of P
+  kStreamC2CW = 5,        // normals: cycle-to-cycle noise of W (rl, rl2)
+  kStreams = 6
+};
+
+// STREAM_SALT[s] = (s * 0x9E3779B97F4A7C15) mod 2^63: s times the 64-bit golden ratio,
+// kept to 63 bits, so that a stream key stays a non-negative int64 like the step key.
+FA_HD constexpr uint64_t stream_salt(int s) {
+  return (static_cast<uint64_t>(s) * 0x9E3779B97F4A7C15ULL) & 0x7FFFFFFFFFFFFFFFULL;
+}
+constexpr uint64_t kStreamSalt[kStreams] = {stream_salt(0), stream_salt(1), stream_salt(2),
+                                            stream_salt(3), stream_salt(4), stream_salt(5)};
+
+// The Philox key of stream s of a step: step_key ^ STREAM_SALT[s] (host and device code).
+FA_HD constexpr uint64_t stream_key(uint64_t key, int s) { return key ^ stream_salt(s); }
 
 // Triton's uint_to_uniform_float scale for 32-bit words: float32(4.6566127342e-10) = 2^-31.
 constexpr float kUniformScale = 4.6566127342e-10f;

@@ -10,6 +10,9 @@ from .devices import LinearResponse, ResponseDevice
 ALGORITHMS = ("digital", "asgd", "rl", "rl2")
 BUFFERS = ("accumulate", "ema")
 MIXED_WEIGHTS = ("transient", "stored")
+# Pulses per element and write never exceed this (each direction): a huge gradient or learning
+# rate saturates the count instead of overflowing it (every backend, SPEC section 2's cap).
+PULSE_LIMIT = 2**24
 WEIGHT_SCALINGS = ("fit", "channel", "tensor")
 
 
@@ -29,7 +32,8 @@ class AnalogConfig:
         read_noise: std of the additive noise of each read of P, weight units (>= 0).
         buffer: ``rl2`` buffer mode, ``accumulate`` (threshold transfer) or ``ema``.
         threshold: ``rl2`` accumulate mode transfers once ``|H| >= threshold * dw_min_W`` (>= 1).
-        max_pulses: cap on pulses per element per write (None: no cap).
+        max_pulses: cap on pulses per element per write and direction, at most ``PULSE_LIMIT``
+            (2**24; None: that limit, which only a diverging run reaches).
         zero_shift: use P's device with its symmetric point subtracted (``G_P(0) = 0``).
         mixed_weight: how rl/rl2 keep the forward weight ``W + gamma * P``:
             ``transient`` (computed in forward and again in backward; no array is kept)
@@ -114,9 +118,16 @@ class AnalogConfig:
         if self.threshold < 1:
             raise ValueError(f"threshold must be >= 1 (in units of dw_min of W), got {self.threshold}")
         if self.max_pulses is not None and (
-            isinstance(self.max_pulses, bool) or not isinstance(self.max_pulses, int) or self.max_pulses < 1
+            isinstance(self.max_pulses, bool)
+            or not isinstance(self.max_pulses, int)
+            or not 1 <= self.max_pulses <= PULSE_LIMIT
         ):
-            raise ValueError(f"max_pulses must be None or an int >= 1, got {self.max_pulses!r}")
+            raise ValueError(f"max_pulses must be None or an int in [1, {PULSE_LIMIT}], got {self.max_pulses!r}")
+
+    @property
+    def pulse_cap(self) -> int:
+        """The cap every write applies to each direction's pulses: ``max_pulses``, or ``PULSE_LIMIT``."""
+        return PULSE_LIMIT if self.max_pulses is None else self.max_pulses
 
     @property
     def is_analog(self) -> bool:

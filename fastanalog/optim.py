@@ -63,20 +63,14 @@ def _count_step(counters: torch.Tensor, finite: bool, grads: list[torch.Tensor],
 
 def _count_pulses(last: torch.Tensor, total: torch.Tensor, pulses: StepPulses, has_residual: bool) -> None:
     """A layer's pulse counters (index 0: W, 1: P): ``last`` gets this step's, ``total`` adds them."""
+    main = pulses.main_total()
     if has_residual:
-        last[1] = pulses.first.abs().sum()
-        last[0] = pulses.main.abs().sum() if pulses.main is not None else 0
+        last[1] = pulses.first_total()
+        last[0] = main if main is not None else 0
     else:
-        last[0] = pulses.first.abs().sum()
+        last[0] = pulses.first_total()
         last[1] = 0
     total += last
-
-
-def _pulse_total(counts: torch.Tensor | None) -> torch.Tensor | None:
-    """sum |N| of a launcher's pulse report: a 0-d int64 total as it is, counts per element summed, None as None."""
-    if counts is None or (counts.dim() == 0 and counts.dtype == torch.int64):
-        return counts
-    return counts.abs().sum()
 
 
 def _count_pulses_group(layers: list, pulses: list[StepPulses]) -> None:
@@ -88,7 +82,7 @@ def _count_pulses_group(layers: list, pulses: list[StepPulses]) -> None:
     zero = torch.zeros((), dtype=torch.int64, device=where)
     new = []
     for layer, p in zip(layers, pulses):
-        first, main = _pulse_total(p.first), _pulse_total(p.main)
+        first, main = p.first_total(), p.main_total()
         w, r = (main, first) if layer.analog_config.has_residual else (first, None)
         for t in (w, r):
             new.append(t if t is not None else zero)
@@ -318,7 +312,11 @@ class AnalogSGD(Optimizer):
                         p.copy_(torch.where(finite, p.add(d_p, alpha=-lr), p))
                 tid += is_analog
             if digital:
-                torch._foreach_add_(digital, signals, alpha=-lr)
+                if lr > 65504.0 and any(p.dtype == torch.float16 for p in digital):
+                    # alpha must be representable in the tensors' dtype; multiply first (overflow is then inf, as in SGD's math).
+                    torch._foreach_add_(digital, torch._foreach_mul(signals, -lr))
+                else:
+                    torch._foreach_add_(digital, signals, alpha=-lr)
             if not analog:
                 continue
             if finite is None:
@@ -335,7 +333,16 @@ class AnalogSGD(Optimizer):
             for p, layer, tid, d_p in analog
         ]
         layers = [layer for _, layer, _, _ in analog]
+        for layer in layers:
+            if getattr(layer, "_fa_version", None) not in (None, layer.weight._version):
+                # W was written since the layer's last forward, not by us: say so before the update clips it.
+                layer._fa_version = layer.weight._version
+                layer.check_range("(W was changed outside AnalogSGD: by hand or by another optimizer)")
         _count_pulses_group(layers, analog_step_group(items, lr=lr, step=k, totals=True))
+        for layer in layers:
+            # Our own writes (a backend may write through copy_) are not edits by someone else.
+            if hasattr(layer, "_fa_version"):
+                layer._fa_version = layer.weight._version
 
     def _traced_analog_update(self, analog: list, lr: float, finite: torch.Tensor) -> None:
         """The same under torch.compile: one ``fastanalog::analog_sgd_update_`` per config of the group."""

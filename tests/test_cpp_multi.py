@@ -2,15 +2,17 @@
 
 Uses the helpers and the tolerance of ``test_cpp_step.py``. The group mixes sizes (one
 element, less than a block, several blocks and both threads' shares), tensor ids (so
-device-to-device parameters differ per tensor) and offsets (a shard of a larger tensor).
-With two threads the partition cuts the group inside a tensor and across tensors.
+device-to-device parameters differ per tensor) and offsets (shards of larger tensors, at
+offsets that are not multiples of four, one across the Philox call counter's 32-bit word).
+With two threads the partition cuts the group inside a tensor and across tensors. Cases run
+without and with an excess (the per-sample |g| sums ``As``: net counts and pairs).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_cpp_step import ALGORITHMS, SEED, _config, _device, _gradients, _initial, _tolerance
+from test_cpp_step import ALGORITHMS, SEED, _config, _device, _excess, _gradients, _initial, _tolerance
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastanalog as fa
@@ -19,7 +21,7 @@ from fastanalog.ops.reference import asgd_step_ref, rl2_step_ref, rl_step_ref
 
 SIZES = (1, 7, 1000, 70001)
 TENSOR_IDS = (0, 3, 4, 9)
-OFFSETS = (0, 0, 123_456_789, 0)
+OFFSETS = (0, 5, 123_456_789, 2**34 - 6)
 LR = 0.004
 
 # The arrays each algorithm's launchers take before g, as indices into _initial's (W, P, H, Wbar).
@@ -40,10 +42,10 @@ def _group(config, dtype=torch.float32):
     return [_initial(config, n, dtype, seed=i) for i, n in enumerate(SIZES)]
 
 
-def _single(impl: str, config, arrays, g, key, tensor_id, offset, transfer, mixed=True, totals=False):
+def _single(impl: str, config, arrays, g, key, tensor_id, offset, transfer, mixed=True, totals=False, A=None):
     W, P, H, Wbar = arrays
     Wbar = Wbar if mixed else None
-    kw = dict(lr=LR, config=config, key=key, tensor_id=tensor_id, offset=offset)
+    kw = dict(lr=LR, config=config, key=key, tensor_id=tensor_id, offset=offset, A=A)
     if impl == "cpp":
         fns = {"asgd": cpp.asgd_step_cpp, "rl": cpp.rl_step_cpp, "rl2": cpp.rl2_step_cpp}
         kw["totals"] = totals
@@ -56,11 +58,11 @@ def _single(impl: str, config, arrays, g, key, tensor_id, offset, transfer, mixe
     return fns["rl2"](W, P, H, Wbar, g, **kw)
 
 
-def _multi(config, group, grads, keys, transfer, mixed=True, totals=False):
+def _multi(config, group, grads, keys, transfer, mixed=True, totals=False, As=None):
     lists = [[arrays[r] for arrays in group] for r in _ROLES[config.algorithm]]
     if config.algorithm != "asgd" and not mixed:
         lists[-1] = None
-    kw = dict(lr=LR, config=config, keys=keys, tensor_ids=list(TENSOR_IDS), offsets=list(OFFSETS), totals=totals)
+    kw = dict(lr=LR, config=config, keys=keys, tensor_ids=list(TENSOR_IDS), offsets=list(OFFSETS), totals=totals, As=As)
     if config.algorithm == "asgd":
         return cpp.asgd_multi_step_cpp(*lists, grads, **kw)
     if config.algorithm == "rl":
@@ -76,6 +78,13 @@ def _grads(step: int, dtype=torch.float32):
     return [_gradients(n, 1, dtype, seed=100 * step + i)[0] for i, n in enumerate(SIZES)]
 
 
+def _excesses(grads, excess: bool, dtype=None):
+    """Each tensor's A (tensor 1's in bfloat16 when the others are float32), or None."""
+    if not excess:
+        return None
+    return [_excess(g, dtype or (torch.bfloat16 if i == 1 else None), seed=i) for i, g in enumerate(grads)]
+
+
 # (device of W, device of P): families and options that take every kernel path (fused
 # linear, packed transcendental responses, tables, d2d parameters per tensor id, c2c noise).
 DEVICES = {
@@ -85,45 +94,56 @@ DEVICES = {
 }
 
 
+@pytest.mark.parametrize("excess", [False, True])
 @pytest.mark.parametrize("devices", list(DEVICES))
 @pytest.mark.parametrize("alg", list(ALGORITHMS))
-def test_one_call_equals_the_reference_per_tensor(alg, devices):
+def test_one_call_equals_the_reference_per_tensor(alg, devices, excess):
     dev_w, dev_p = DEVICES[devices]
     config, transfer = _config(alg, dev_w, dev_p, read_noise=0.01, max_pulses=5)
     ref, fast = _group(config), None
     fast = [[t.clone() for t in arrays] for arrays in ref]
     for k in range(1, 3):
         grads, keys = _grads(k), _keys(k)
+        As = _excesses(grads, excess)
         expected = [
-            _single("ref", config, ref[i], grads[i], keys[i], TENSOR_IDS[i], OFFSETS[i], transfer) for i in range(len(SIZES))
+            _single("ref", config, ref[i], grads[i], keys[i], TENSOR_IDS[i], OFFSETS[i], transfer, A=As and As[i])
+            for i in range(len(SIZES))
         ]
-        got = _multi(config, fast, grads, keys, transfer)
+        got = _multi(config, fast, grads, keys, transfer, As=As)
         assert len(got) == len(SIZES)
         for i, (r, c) in enumerate(zip(expected, got)):
             assert torch.equal(r.first, c.first), f"step {k}, tensor {i}: pulses of the first array differ"
+            assert (r.first_pairs is None) == (c.first_pairs is None) == (not excess)
+            if excess:
+                assert torch.equal(r.first_pairs, c.first_pairs), f"step {k}, tensor {i}: pairs of the first array differ"
             assert (r.main is None) == (c.main is None)
             if r.main is not None:
                 assert torch.equal(r.main, c.main), f"step {k}, tensor {i}: pulses of W differ"
             for name, x, y in zip(("W", "P", "H", "Wbar"), ref[i], fast[i]):
-                torch.testing.assert_close(y, x, rtol=0, atol=_tolerance(x, k), msg=lambda m, n=name, i=i: f"tensor {i}, {n}: {m}")
+                torch.testing.assert_close(
+                    y, x, rtol=0, atol=_tolerance(x, k), msg=lambda m, n=name, i=i: f"tensor {i}, {n}: {m}"
+                )
     assert sum(int(r.first.abs().sum()) for r in expected) > 0, "the case must write pulses"
+    assert not excess or sum(int(r.first_pairs.sum()) for r in expected) > 0, "the case must write pairs"
 
 
+@pytest.mark.parametrize("excess", [False, True])
 @pytest.mark.parametrize("mixed", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("alg", list(ALGORITHMS))
-def test_one_call_equals_single_calls_bit_for_bit(alg, dtype, mixed):
+def test_one_call_equals_single_calls_bit_for_bit(alg, dtype, mixed, excess):
     config, transfer = _config(alg, _device("power", d2d_std=0.1, c2c_std=0.2, variation_seed=5), read_noise=0.01)
     single = _group(config, dtype)
     multi = [[t.clone() for t in arrays] for arrays in single]
     grads, keys = _grads(1, dtype), _keys(1)
+    As = _excesses(grads, excess)
     expected = [
-        _single("cpp", config, single[i], grads[i], keys[i], TENSOR_IDS[i], OFFSETS[i], transfer, mixed, totals=True)
+        _single("cpp", config, single[i], grads[i], keys[i], TENSOR_IDS[i], OFFSETS[i], transfer, mixed, True, As and As[i])
         for i in range(len(SIZES))
     ]
-    got = _multi(config, multi, grads, keys, transfer, mixed, totals=True)
+    got = _multi(config, multi, grads, keys, transfer, mixed, totals=True, As=As)
     for i, (s, m) in enumerate(zip(expected, got)):
-        assert m.first.dtype == torch.int64 and m.first.dim() == 0
+        assert m.first.dtype == torch.int64 and m.first.dim() == 0 and m.first_pairs is None
         assert int(s.first) == int(m.first)
         assert (s.main is None) == (m.main is None) and (s.main is None or int(s.main) == int(m.main))
         for name, x, y in zip(("W", "P", "H", "Wbar"), single[i], multi[i]):
@@ -132,16 +152,19 @@ def test_one_call_equals_single_calls_bit_for_bit(alg, dtype, mixed):
         assert not any(arrays[3].any() for arrays in multi), "a mixed weight was written though none was asked for"
 
 
+@pytest.mark.parametrize("excess", [False, True])
 @pytest.mark.parametrize("alg", list(ALGORITHMS))
-def test_totals_equal_the_sum_of_the_counts(alg):
-    config, transfer = _config(alg, _device("power", c2c_std=0.2), read_noise=0.01)
+def test_totals_equal_the_sum_of_the_counts(alg, excess):
+    config, transfer = _config(alg, _device("power", c2c_std=0.2), read_noise=0.01, max_pulses=6)
     counted = _group(config)
     summed = [[t.clone() for t in arrays] for arrays in counted]
     grads, keys = _grads(1), _keys(1)
-    c = _multi(config, counted, grads, keys, transfer)
-    t = _multi(config, summed, grads, keys, transfer, totals=True)
+    As = _excesses(grads, excess)
+    c = _multi(config, counted, grads, keys, transfer, As=As)
+    t = _multi(config, summed, grads, keys, transfer, totals=True, As=As)
     for x, y in zip(c, t):
-        assert x.first.dtype == torch.int32 and int(y.first) == int(x.first.abs().sum())
+        pairs = 2 * int(x.first_pairs.sum()) if excess else 0
+        assert x.first.dtype == torch.int32 and int(y.first) == int(x.first.abs().sum()) + pairs == int(x.first_total())
         assert (x.main is None) == (y.main is None) and (x.main is None or int(y.main) == int(x.main.abs().sum()))
     assert sum(int(y.first) for y in t) > 0
     for a, b in zip(counted, summed):
@@ -167,6 +190,20 @@ def test_rejects_bad_groups():
         cpp.rl2_multi_step_cpp(W, [P[0], P[1], P[2][:5], P[3]], H, Wbar, grads, **kw)
     with pytest.raises(ValueError, match="CPU"):
         cpp.rl2_multi_step_cpp([W[0].to("meta"), *W[1:]], P, H, Wbar, grads, **kw)
+    As = [g.abs() + 0.1 for g in grads]
+    with pytest.raises(ValueError, match="one length"):
+        cpp.rl2_multi_step_cpp(W, P, H, Wbar, grads, As=As[:3], **kw)
+    with pytest.raises(ValueError, match=r"As\[2\].*elements"):
+        cpp.rl2_multi_step_cpp(W, P, H, Wbar, grads, As=[As[0], As[1], As[2][:5], As[3]], **kw)
+    with pytest.raises(ValueError, match=r"As\[0\].*floating"):
+        cpp.rl2_multi_step_cpp(W, P, H, Wbar, grads, As=[As[0].int(), *As[1:]], **kw)
+    with pytest.raises(ValueError, match=r"As\[3\].*contiguous"):
+        cpp.rl2_multi_step_cpp(W, P, H, Wbar, grads, As=[*As[:3], torch.ones(2 * SIZES[3])[::2]], **kw)
+    with pytest.raises(RuntimeError, match="overlap"):  # A read where a tensor of the step writes
+        cpp.rl2_multi_step_cpp(W, P, H, Wbar, grads, As=[As[0], As[1], H[2], As[3]], **kw)
+    shared = torch.rand(max(SIZES)) + 2.0  # read-only arrays may share memory
+    cpp.rl2_multi_step_cpp([w.clone() for w in W], [p.clone() for p in P], [h.clone() for h in H], None, grads,
+                           As=[shared[: w.numel()] for w in W], **kw)  # fmt: skip
     for arrays, before in zip(group, _group(config)):  # a rejected call changes nothing
         for x, y in zip(arrays, before):
             assert torch.equal(x, y)
@@ -177,12 +214,17 @@ def test_opcheck_schema_and_fake():
     group = [_initial(config, n, torch.float32, seed=i) for i, n in enumerate((33, 5, 300))]
     W, P, H, Wbar = ([arrays[r] for arrays in group] for r in range(4))
     grads = [torch.randn(t.numel()) for t in W]
+    As = [g.abs() + 0.3 for g in grads]
     first = [torch.empty(t.numel(), dtype=torch.int32) for t in W]
+    pairs = [torch.empty(t.numel(), dtype=torch.int32) for t in W]
     main = [torch.empty(t.numel(), dtype=torch.int32) for t in W]
     desc_w, _, table_w, desc_p, _, table_p = cpp._residual_args(config, 0)
-    args = (2, W, P, H, Wbar, grads, first, main, LR, [5, 6, 7], [0, 0, 0], False, 0.2, 0.2, 0.0, 1.0, 0,
-            desc_w, [1, 2, 3], table_w, desc_p, [4, 5, 6], table_p)  # fmt: skip
-    torch.library.opcheck(torch.ops.fastanalog.multi_step_cpp_.default, args, test_utils=("test_schema", "test_faketensor"))
+    for excess in (As, []):
+        args = (2, W, P, H, Wbar, grads, excess, first, pairs if excess else [], main, LR, [5, 6, 7], [0, 3, 1], False, 0.2,
+                0.2, 0.0, 1.0, 0, desc_w, [1, 2, 3], table_w, desc_p, [4, 5, 6], table_p)  # fmt: skip
+        torch.library.opcheck(
+            torch.ops.fastanalog.multi_step_cpp_.default, args, test_utils=("test_schema", "test_faketensor")
+        )
 
 
 class OpCounter(TorchDispatchMode):

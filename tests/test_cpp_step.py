@@ -3,7 +3,8 @@
 Every case runs the reference and the C++ kernel on identical copies of the arrays for a
 few optimizer steps with fresh step keys and requires:
 
-* pulse counts equal element for element, every step;
+* pulse counts equal element for element, every step: the net counts of every written array
+  and, with an excess ``A`` (per-sample |g| sums), the pairs of the first array;
 * arrays within ``_tolerance``. The kernels call the same vector-math functions as torch's
   CPU kernels, so the arrays are normally bit-identical; the one allowed difference is
   torch's scalar ``std::pow`` on the last (numel mod 16) elements of each of its thread
@@ -79,7 +80,9 @@ ALGORITHMS = {
 }
 
 
-def _config(alg: str, device: fa.ResponseDevice, residual: fa.ResponseDevice | None = None, **extra) -> tuple[fa.AnalogConfig, bool | None]:
+def _config(
+    alg: str, device: fa.ResponseDevice, residual: fa.ResponseDevice | None = None, **extra
+) -> tuple[fa.AnalogConfig, bool | None]:
     algorithm, opts, transfer = ALGORITHMS[alg]
     return fa.AnalogConfig(algorithm=algorithm, device=device, residual_device=residual, gamma=0.2, **opts, **extra), transfer
 
@@ -101,10 +104,21 @@ def _gradients(n: int, steps: int, dtype: torch.dtype, seed: int = 1, scale: flo
     return [(torch.randn(n, generator=gen) * scale).to(dtype) for _ in range(steps)]
 
 
-def _step(impl: str, alg: str, arrays, g, config, transfer, key: int, offset: int, mixed: bool = True):
+def _excess(g: torch.Tensor, dtype: torch.dtype | None = None, seed: int = 2) -> torch.Tensor:
+    """Per-sample |g| sums for gradient g: about 70% of the elements A >= |g| (pairs up to a few
+    pulses), 20% A = |g| (no excess) and 10% A < |g| (an inconsistent input: e = 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    g32 = g.float().abs()
+    r = torch.rand(g.numel(), generator=gen)
+    extra = torch.rand(g.numel(), generator=gen) * 3.0
+    A = torch.where(r < 0.7, g32 + extra, torch.where(r < 0.9, g32, g32 * 0.5))
+    return A.to(dtype or g.dtype)
+
+
+def _step(impl: str, alg: str, arrays, g, config, transfer, key: int, offset: int, mixed: bool = True, A=None):
     W, P, H, Wbar = arrays
     Wbar = Wbar if mixed else None
-    kw = dict(lr=0.004, config=config, key=key, tensor_id=TENSOR_ID, offset=offset)
+    kw = dict(lr=0.004, config=config, key=key, tensor_id=TENSOR_ID, offset=offset, A=A)
     algorithm = config.algorithm
     if impl == "ref":
         fns = {"asgd": asgd_step_ref, "rl": rl_step_ref, "rl2": rl2_step_ref}
@@ -133,16 +147,31 @@ def _compare(
     g_dtype=None,
     g_scale: float = 1.5,
     mixed: bool = True,
+    excess: bool = False,
+    a_dtype=None,
 ):
-    """Both implementations over ``steps`` steps; ``mixed=False``: the C++ kernels write no mixed weight."""
+    """Both implementations over ``steps`` steps; ``mixed=False``: the C++ kernels write no mixed weight;
+    ``excess``: the steps take an ``A`` (in ``a_dtype``, default g's dtype)."""
     ref_arrays = _initial(config, n, dtype)
     cpp_arrays = [t.clone() for t in ref_arrays]
+    pairs = 0
     for k, g in enumerate(_gradients(n, steps, g_dtype or dtype, scale=g_scale), start=1):
         key = philox.step_key(SEED, k, TENSOR_ID)
-        r = _step("ref", alg, ref_arrays, g, config, transfer, key, offset)
-        c = _step("cpp", alg, cpp_arrays, g, config, transfer, key, offset, mixed)
+        A = _excess(g, a_dtype, seed=k) if excess else None
+        r = _step("ref", alg, ref_arrays, g, config, transfer, key, offset, A=A)
+        c = _step("cpp", alg, cpp_arrays, g, config, transfer, key, offset, mixed, A=A)
         assert c.first.dtype == torch.int32
-        assert torch.equal(r.first, c.first), f"step {k}: pulses of the first array differ at {int((r.first != c.first).sum())} elements"
+        assert torch.equal(r.first, c.first), (
+            f"step {k}: pulses of the first array differ at {int((r.first != c.first).sum())} elements"
+        )
+        if A is None:
+            assert r.first_pairs is None and c.first_pairs is None
+        else:
+            assert c.first_pairs is not None and c.first_pairs.dtype == torch.int32
+            assert torch.equal(r.first_pairs, c.first_pairs), (
+                f"step {k}: pairs of the first array differ at {int((r.first_pairs != c.first_pairs).sum())} elements"
+            )
+            pairs += int(r.first_pairs.sum())
         if r.main is None:
             assert c.main is None
         else:
@@ -151,7 +180,11 @@ def _compare(
             if name == "Wbar" and not mixed:
                 assert not y.any(), "a mixed weight was written though none was asked for"
                 continue
-            torch.testing.assert_close(y, x, rtol=0, atol=_tolerance(x, k), msg=lambda m, name=name, k=k: f"step {k}, {name}: {m}")
+            torch.testing.assert_close(
+                y, x, rtol=0, atol=_tolerance(x, k), msg=lambda m, name=name, k=k: f"step {k}, {name}: {m}"
+            )
+    if excess and n > 100:
+        assert pairs > 0, "the case must write pairs"
     return ref_arrays, cpp_arrays
 
 
@@ -167,7 +200,9 @@ def _cuda_toolkit() -> bool:
     return os.path.exists(os.path.join(home, "bin", "nvcc"))
 
 
-@pytest.mark.skipif(torch.version.cuda is None or not _cuda_toolkit(), reason="no CUDA toolkit: the CUDA kernels are not built")
+@pytest.mark.skipif(
+    torch.version.cuda is None or not _cuda_toolkit(), reason="no CUDA toolkit: the CUDA kernels are not built"
+)
 def test_cuda_kernels_registered_when_built():
     if cpp._state["source"] == "jit":
         pytest.skip("the prebuilt library is absent (JIT build of the CPU kernels only)")
@@ -187,27 +222,48 @@ def test_matches_reference(alg, family, options):
     _compare(alg, config, transfer, n=1023)
 
 
+@pytest.mark.parametrize("options", ["plain", "c2c", "asym_read_cap", "all_unshifted"])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("alg", list(ALGORITHMS))
+def test_matches_reference_with_excess(alg, family, options):
+    # Per-sample writes: N_up and N_down of the first array, pairs (capped by max_pulses in
+    # two option sets), both responses where both directions pulse, c2c noise of both.
+    dev_opts, cfg_opts = OPTION_SETS[options]
+    config, transfer = _config(alg, _device(family, **dev_opts), **cfg_opts)
+    _compare(alg, config, transfer, n=1023, excess=True)
+
+
+@pytest.mark.parametrize("a_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("alg", ["asgd", "rl_transfer", "rl2_acc_thr1"])
+def test_excess_in_reduced_precision(alg, a_dtype):
+    # A in bf16 or f16 beside float32 arrays and gradients (the kernels widen it as they read it).
+    config, transfer = _config(alg, _device("power", c2c_std=0.2, asymmetry=0.1), read_noise=0.01)
+    _compare(alg, config, transfer, n=2053, excess=True, a_dtype=a_dtype)
+
+
 # Gradient scales giving about 1%, 10% and 100% of the first array's elements a pulse: the
 # power and exp responses are then evaluated on the few vectors holding a pulsing element,
 # on the packed pulsing elements, and on every element (three code paths).
+@pytest.mark.parametrize("excess", [False, True])
 @pytest.mark.parametrize("g_scale", [0.003, 0.04, 1.5])
 @pytest.mark.parametrize("family", ["power", "exp"])
 @pytest.mark.parametrize("alg", ["asgd", "rl_transfer", "rl2_acc_thr1", "rl2_ema"])
-def test_pulse_density(alg, family, g_scale):
+def test_pulse_density(alg, family, g_scale, excess):
     config, transfer = _config(alg, _device(family))
-    ref, _ = _compare(alg, config, transfer, n=4096, g_scale=g_scale)
+    ref, _ = _compare(alg, config, transfer, n=4096, g_scale=g_scale, excess=excess and g_scale > 0.01)
     first = ref[0] if alg == "asgd" else ref[1]
     assert not torch.equal(first, _initial(config, 4096, torch.float32)[0 if alg == "asgd" else 1]), "no element was written"
 
 
+@pytest.mark.parametrize("excess", [False, True])
 @pytest.mark.parametrize("options", ["plain", "c2c"])
 @pytest.mark.parametrize("family", ["linear", "power"])
 @pytest.mark.parametrize("alg", ["rl_transfer", "rl_hold", "rl2_acc_thr1", "rl2_ema"])
-def test_without_mixed_weight(alg, family, options):
+def test_without_mixed_weight(alg, family, options, excess):
     """With no mixed weight asked for (an empty Wbar), W, P and H are updated exactly as with one (fused and segment paths)."""
     dev_opts, cfg_opts = OPTION_SETS[options]
     config, transfer = _config(alg, _device(family, **dev_opts), **cfg_opts)
-    _compare(alg, config, transfer, n=1023, mixed=False)
+    _compare(alg, config, transfer, n=1023, mixed=False, excess=excess)
 
 
 def test_mix_matches_reference():
@@ -225,14 +281,15 @@ def test_mix_matches_reference():
     assert torch.equal(Wbar, cpp.mix_cpp(W, P, config.gamma))
 
 
+@pytest.mark.parametrize("excess", [False, True])
 @pytest.mark.parametrize("n", [1, 7, 65537])
 @pytest.mark.parametrize("alg", list(ALGORITHMS))
-def test_sizes(alg, n):
+def test_sizes(alg, n, excess):
     # W and P on different families, with everything switched on.
     w_dev = _device("power", d2d_std=0.15, c2c_std=0.2, asymmetry=0.1, variation_seed=4)
     p_dev = _device("exp_neg", d2d_std=0.1, c2c_std=0.1, variation_seed=6)
     config, transfer = _config(alg, w_dev, residual=p_dev, read_noise=0.01)
-    _compare(alg, config, transfer, n=n)
+    _compare(alg, config, transfer, n=n, excess=excess)
 
 
 @pytest.mark.parametrize("alg", ["rl_transfer", "rl_hold", "rl2_acc_thr1", "rl2_ema"])
@@ -245,28 +302,47 @@ def test_distinct_nominal_devices(alg):
     _compare(alg, config, transfer, n=2053)
 
 
+@pytest.mark.parametrize("excess", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("alg", list(ALGORITHMS))
-def test_narrow_storage(alg, dtype):
+def test_narrow_storage(alg, dtype, excess):
     config, transfer = _config(alg, _device("power", c2c_std=0.2, d2d_std=0.1), read_noise=0.01)
-    _compare(alg, config, transfer, n=4099, dtype=dtype)
+    _compare(alg, config, transfer, n=4099, dtype=dtype, excess=excess)
 
 
+@pytest.mark.parametrize("excess", [False, True])
 @pytest.mark.parametrize("alg", ["asgd", "rl2_acc_thr1"])
-def test_float32_gradient_with_narrow_storage(alg):
+def test_float32_gradient_with_narrow_storage(alg, excess):
     config, transfer = _config(alg, _device("linear", c2c_std=0.1))
-    _compare(alg, config, transfer, n=1023, dtype=torch.bfloat16, g_dtype=torch.float32)
+    _compare(alg, config, transfer, n=1023, dtype=torch.bfloat16, g_dtype=torch.float32, excess=excess)
 
 
+# Offsets: not multiples of four (a tensor's first and last Philox calls serve elements
+# outside it); 2**32 - 600: the element counter of the device-to-device parameters crosses
+# its 32-bit word; 2**34 - 6: the call counter of the streams (element index / 4) does.
+OFFSETS = [5, 4097 + 3, 2**32 - 600, 2**34 - 6]
+
+
+@pytest.mark.parametrize("excess", [False, True])
+@pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("alg", list(ALGORITHMS))
-def test_offset_across_the_32_bit_counter_word(alg):
-    # Global indices 2**32 - 600 .. 2**32 + 422: the counter's high word changes mid-tensor.
-    config, transfer = _config(alg, _device("table", d2d_std=0.1, c2c_std=0.2), read_noise=0.01)
-    _compare(alg, config, transfer, n=1023, offset=2**32 - 600)
+def test_offsets(alg, offset, excess):
+    config, transfer = _config(alg, _device("table", d2d_std=0.1, c2c_std=0.2), read_noise=0.01, max_pulses=4)
+    _compare(alg, config, transfer, n=1023, offset=offset, steps=2, excess=excess)
 
 
+@pytest.mark.parametrize("offset", [3, 2**34 - 6])
+@pytest.mark.parametrize("alg", ["asgd", "rl2_acc_thr1", "rl2_ema"])
+def test_offsets_fused_paths(alg, offset):
+    # Nominal linear and power devices without c2c noise take the one-loop paths.
+    for family in ("linear", "power"):
+        config, transfer = _config(alg, _device(family), read_noise=0.01)
+        _compare(alg, config, transfer, n=1029, offset=offset, steps=2)
+
+
+@pytest.mark.parametrize("excess", [False, True])
 @pytest.mark.parametrize("alg", list(ALGORITHMS))
-def test_shards_equal_the_unsharded_run(alg):
+def test_shards_equal_the_unsharded_run(alg, excess):
     # A tensor cut into shards, each updated with its global offset, equals the whole.
     config, transfer = _config(alg, _device("power", d2d_std=0.2, c2c_std=0.2, asymmetry=0.1), read_noise=0.02)
     n, cuts = 4099, (0, 1000, 1001, 2900, 4099)
@@ -274,14 +350,37 @@ def test_shards_equal_the_unsharded_run(alg):
     parts = [t.clone() for t in whole]
     for k, g in enumerate(_gradients(n, STEPS, torch.float32), start=1):
         key = philox.step_key(SEED, k, TENSOR_ID)
-        full = _step("cpp", alg, whole, g, config, transfer, key, 0)
+        A = _excess(g, seed=k) if excess else None
+        full = _step("cpp", alg, whole, g, config, transfer, key, 0, A=A)
         for a, b in zip(cuts[:-1], cuts[1:]):
-            shard = _step("cpp", alg, [t[a:b] for t in parts], g[a:b], config, transfer, key, a)
+            shard = _step(
+                "cpp", alg, [t[a:b] for t in parts], g[a:b], config, transfer, key, a, A=None if A is None else A[a:b]
+            )
             assert torch.equal(shard.first, full.first[a:b]), f"step {k}, shard {a}:{b}: pulses of the first array differ"
+            if full.first_pairs is not None:
+                assert torch.equal(shard.first_pairs, full.first_pairs[a:b]), f"step {k}, shard {a}:{b}: pairs differ"
             if full.main is not None:
                 assert torch.equal(shard.main, full.main[a:b]), f"step {k}, shard {a}:{b}: pulses of W differ"
         for name, x, y in zip(("W", "P", "H", "Wbar"), whole, parts):
             assert torch.equal(x, y), f"step {k}: {name} of the shards differs from the unsharded run"
+
+
+def test_streams_not_needed_are_not_drawn():
+    # The same step with and without the options that open streams 1-5: the net rounding of
+    # the first array (stream 0) gives the same counts where A adds no pairs (A = |g|).
+    config, _ = _config("asgd", _device("linear"))
+    n = 4096
+    g = _gradients(n, 1, torch.float32)[0]
+    W0 = _initial(config, n, torch.float32)[0]
+    key = philox.step_key(SEED, 1, TENSOR_ID)
+    plain = cpp.asgd_step_cpp(W0.clone(), g, lr=0.004, config=config, key=key, tensor_id=TENSOR_ID)
+    no_pairs = cpp.asgd_step_cpp(W0.clone(), g, lr=0.004, config=config, key=key, tensor_id=TENSOR_ID, A=g.abs())
+    assert torch.equal(plain.first, no_pairs.first) and not no_pairs.first_pairs.any()
+    # ... and the net rounding uses the words of stream 0, one call per four elements.
+    u0 = philox.stream_uniform(philox.stream_key(key, philox.STREAM_ROUND_FIRST), 0, n)
+    n_req = (-torch.tensor(0.004, dtype=torch.float32) * g) / torch.tensor(config.device.dw_min, dtype=torch.float32)
+    expected = (torch.floor(n_req) + (u0 < n_req - torch.floor(n_req)).float()).to(torch.int32)
+    assert torch.equal(plain.first, expected)
 
 
 def test_steps_change_the_draws():
@@ -310,17 +409,21 @@ def test_generic_path_matches_reference():
         for alg in ("asgd", "rl2"):
             cfg = fa.AnalogConfig(algorithm=alg, device=dev, read_noise=0.01, transfer_lr=0.3)
             gen = torch.Generator().manual_seed(0)
-            n = 2051
+            n = 2051 + 2 * 256
+            offset = 2**34 - 6
             A = [torch.rand(n, generator=gen) * 0.8 - 0.4, torch.randn(n, generator=gen) * 0.05, torch.zeros(n), torch.zeros(n)]
             B = [t.clone() for t in A]
             for k in range(1, 4):
                 g = torch.randn(n, generator=gen)
-                kw = dict(lr=0.004, config=cfg, key=philox.step_key(5, k, 0), tensor_id=0)
+                kw = dict(lr=0.004, config=cfg, key=philox.step_key(5, k, 0), tensor_id=0, offset=offset)
+                kw["A"] = None if k == 1 else g.abs() + torch.rand(n, generator=gen) * 2  # k > 1: with pairs
                 if alg == "asgd":
                     r, c = asgd_step_ref(A[0], g, **kw), cpp.asgd_step_cpp(B[0], g, **kw)
                 else:
                     r, c = rl2_step_ref(*A, g, **kw), cpp.rl2_step_cpp(*B, g, **kw)
                 assert torch.equal(r.first, c.first) and (r.main is None or torch.equal(r.main, c.main)), (alg, k)
+                assert (r.first_pairs is None) == (c.first_pairs is None), (alg, k)
+                assert r.first_pairs is None or torch.equal(r.first_pairs, c.first_pairs), (alg, k)
                 for x, y in zip(A, B):
                     torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
         print("generic ok")
@@ -332,13 +435,19 @@ def test_generic_path_matches_reference():
 
 
 # ----- op contract -------------------------------------------------------------------------------------
-def test_opcheck_schema_and_fake():
+@pytest.mark.parametrize("excess", [False, True])
+def test_opcheck_schema_and_fake(excess):
     config, _ = _config("rl2_acc_thr1", _device("power", c2c_std=0.1))
     W, P, H, Wbar = _initial(config, 257, torch.float32)
     g = torch.randn(257)
-    pulses = [torch.empty(257, dtype=torch.int32) for _ in range(2)]
-    args = (W, P, H, Wbar, g, *pulses, 0.004, 77, 0, False, 0.2, 0.2, 0.0, 1.0, 0, *cpp._residual_args(config, 0))
+    A = g.abs() + 0.5 if excess else None
+    pulses_p, pairs_p, pulses_w = (torch.empty(257 if excess or i != 1 else 0, dtype=torch.int32) for i in range(3))
+    args = (W, P, H, Wbar, g, A, pulses_p, pairs_p, pulses_w, 0.004, 77, 0, False, 0.2, 0.2, 0.0, 1.0, 0,
+            *cpp._residual_args(config, 0))  # fmt: skip
     torch.library.opcheck(torch.ops.fastanalog.rl2_step_cpp_.default, args, test_utils=("test_schema", "test_faketensor"))
+    desc_w, key_w, table_w = cpp.device_args(cpp.pack_config(config, 0)[0])
+    args = (W, g, A, pulses_p, pairs_p, 0.004, 77, 3, desc_w, key_w, table_w, 2)
+    torch.library.opcheck(torch.ops.fastanalog.asgd_step_cpp_.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_pulses_can_be_skipped():
@@ -347,13 +456,15 @@ def test_pulses_can_be_skipped():
     a = _initial(config, 1000, torch.float32)
     b = [t.clone() for t in a]
     g = torch.randn(1000)
+    A = g.abs() + torch.rand(1000)
     desc = cpp._residual_args(config, 0)
-    pulses = [torch.empty(1000, dtype=torch.int32) for _ in range(2)]
+    pulses = [torch.empty(1000, dtype=torch.int32) for _ in range(3)]
     empty = torch.empty(0, dtype=torch.int32)
-    torch.ops.fastanalog.rl2_step_cpp_(*a, g, *pulses, 0.004, 5, 0, False, 0.2, 0.2, 0.0, 1.0, 0, *desc)
-    torch.ops.fastanalog.rl2_step_cpp_(*b, g, empty, empty, 0.004, 5, 0, False, 0.2, 0.2, 0.0, 1.0, 0, *desc)
+    torch.ops.fastanalog.rl2_step_cpp_(*a, g, A, *pulses, 0.004, 5, 0, False, 0.2, 0.2, 0.0, 1.0, 0, *desc)
+    torch.ops.fastanalog.rl2_step_cpp_(*b, g, A, empty, empty, empty, 0.004, 5, 0, False, 0.2, 0.2, 0.0, 1.0, 0, *desc)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+    assert pulses[1].sum() > 0  # pairs were written
 
 
 def test_rejects_bad_arrays():
@@ -369,6 +480,31 @@ def test_rejects_bad_arrays():
         cpp.rl2_step_cpp(W, P[:10], H, Wbar, g, **kw)
     with pytest.raises(ValueError, match="offset"):
         cpp.rl2_step_cpp(W, P, H, Wbar, g, offset=-1, **kw)
+
+
+def test_rejects_bad_excess():
+    config, _ = _config("rl2_acc_thr1", _device("linear"))
+    W, P, H, Wbar = _initial(config, 64, torch.float32)
+    g = torch.randn(64)
+    kw = dict(lr=0.01, config=config, key=1, tensor_id=0)
+    before = [t.clone() for t in (W, P, H, Wbar)]
+    with pytest.raises(ValueError, match="A .* elements"):
+        cpp.rl2_step_cpp(W, P, H, Wbar, g, A=g.abs()[:10], **kw)
+    with pytest.raises(ValueError, match="floating"):
+        cpp.rl2_step_cpp(W, P, H, Wbar, g, A=torch.ones(64, dtype=torch.int32), **kw)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpp.rl2_step_cpp(W, P, H, Wbar, g, A=torch.ones(128)[::2], **kw)
+    with pytest.raises(ValueError, match="device|meta"):
+        cpp.asgd_step_cpp(W, g, A=torch.ones(64, device="meta"), **kw)
+    with pytest.raises(ValueError, match="overlap"):
+        cpp.rl2_step_cpp(W, P, H, Wbar, g, A=H, **kw)
+    for x, y in zip((W, P, H, Wbar), before):  # a rejected call changes nothing
+        assert torch.equal(x, y)
+    # float64 A is widened to float32 (exactly as the reference reads it)
+    A = g.abs().double() + 0.25
+    c = cpp.asgd_step_cpp(W.clone(), g, A=A, **kw)
+    r = asgd_step_ref(W.clone(), g, A=A, **kw)
+    assert torch.equal(c.first, r.first) and torch.equal(c.first_pairs, r.first_pairs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -424,17 +560,19 @@ def test_optimizer_steps_several_tensors_like_the_reference(algorithm, monkeypat
             assert torch.equal(x, y) and int(x.sum()) > 0
 
 
+@pytest.mark.parametrize("excess", [False, True])
 @pytest.mark.parametrize("alg", list(ALGORITHMS))
-def test_pulse_totals_equal_the_sum_of_the_counts(alg):
-    # totals=True: the same arrays, and each written array's sum |N| instead of the counts.
-    config, transfer = _config(alg, _device("power", d2d_std=0.1, c2c_std=0.2), read_noise=0.01)
+def test_pulse_totals_equal_the_sum_of_the_counts(alg, excess):
+    # totals=True: the same arrays, and each written array's sum(N_up + N_down) = sum(|net| + 2 pairs)
+    # instead of the counts.
+    config, transfer = _config(alg, _device("power", d2d_std=0.1, c2c_std=0.2), read_noise=0.01, max_pulses=6)
     n = 70001  # several blocks per thread, a ragged tail
     counts = _initial(config, n, torch.float32)
     totals = [t.clone() for t in counts]
     g = _gradients(n, 1, torch.float32)[0]
     key = philox.step_key(SEED, 1, TENSOR_ID)
     fns = {"asgd": cpp.asgd_step_cpp, "rl": cpp.rl_step_cpp, "rl2": cpp.rl2_step_cpp}
-    kw = dict(lr=0.004, config=config, key=key, tensor_id=TENSOR_ID)
+    kw = dict(lr=0.004, config=config, key=key, tensor_id=TENSOR_ID, offset=7, A=_excess(g) if excess else None)
     if config.algorithm == "rl":
         kw["transfer"] = transfer
     arrays = {"asgd": slice(0, 1), "rl": [0, 1, 3], "rl2": slice(0, 4)}[config.algorithm]
@@ -442,7 +580,10 @@ def test_pulse_totals_equal_the_sum_of_the_counts(alg):
     c = fns[config.algorithm](*pick(counts), g, **kw)
     t = fns[config.algorithm](*pick(totals), g, totals=True, **kw)
     assert t.first.dtype == torch.int64 and t.first.dim() == 0
-    assert int(t.first) == int(c.first.abs().sum()) > 0
+    assert t.first_pairs is None and (c.first_pairs is not None) == excess
+    assert int(t.first) == int(c.first_total()) > 0
+    if excess:
+        assert int(t.first) == int(c.first.abs().sum()) + 2 * int(c.first_pairs.sum()) > int(c.first.abs().sum())
     assert (t.main is None) == (c.main is None)
     if c.main is not None:
         assert int(t.main) == int(c.main.abs().sum())

@@ -1,6 +1,7 @@
 """AnalogSGD: routing, exact resume, schedulers, non-finite gradients, bad input."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -287,3 +288,61 @@ def test_step_counters_live_in_a_tensor_and_round_trip():
     other.load_state_dict(opt.state_dict())
     assert (other.step_count, other.skipped_steps, other.seed) == (2, 1, 3)
     assert isinstance(other.step_count, int) and isinstance(other.skipped_steps, int)
+
+
+def test_a_float64_model_trains_on_the_reference_with_one_notice(recwarn):
+    """The compiled kernels store float32/bf16/f16: float64 arrays go to the reference, with one notice."""
+    from fastanalog.ops import dispatch
+
+    dispatch._noticed.discard(torch.float64)
+    torch.manual_seed(0)
+    model = fa.convert_to_analog(torch.nn.Sequential(torch.nn.Linear(16, 8)).double(), fa.AnalogConfig(algorithm="rl2"))
+    before = model[0].weight.detach().clone()
+    opt = fa.AnalogSGD(model.parameters(), lr=0.5, seed=0)
+    for _ in range(3):
+        loss = model(torch.randn(4, 16, dtype=torch.float64)).square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    notices = [w for w in recwarn if "reference backend" in str(w.message)]
+    assert len(notices) == 1 and "float64" in str(notices[0].message)
+    assert model[0].weight.dtype == torch.float64 and fa.total_pulses(model) > 0
+    assert not torch.equal(model[0].analog_state()["residual"], torch.zeros_like(before))
+
+
+def test_an_edit_between_forward_and_step_is_named_before_the_update():
+    """W set out of range after the forward (by hand) is reported by the step, naming the layer, not clipped silently."""
+    model = fa.convert_to_analog(nn.Sequential(nn.Linear(8, 4)), fa.AnalogConfig(algorithm="asgd", device=fa.LinearResponse(tau=0.5)))
+    opt = fa.AnalogSGD(model.parameters(), lr=0.1, seed=0)
+    model(torch.randn(2, 8)).sum().backward()
+    with torch.no_grad():
+        model[0].weight[0, 0] = 3.0
+    with pytest.warns(UserWarning, match=r"^0: 1 of 32 weights lie outside the device range.*changed outside AnalogSGD"):
+        opt.step()
+    for _ in range(2):  # our own writes are not reported
+        opt.zero_grad()
+        model(torch.randn(2, 8)).sum().backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step()
+
+
+@pytest.mark.parametrize("backend", ["default", "reference"])
+def test_a_huge_learning_rate_saturates_pulse_counts_instead_of_wrapping(backend, monkeypatch):
+    """AnalogLinear(16, 8), asgd, lr=1e6, one step: counters stay non-negative int64 and bounded by the cap."""
+    if backend == "reference":
+        monkeypatch.setenv("FASTANALOG_BACKEND", "reference")
+    from fastanalog.config import PULSE_LIMIT
+
+    torch.manual_seed(0)
+    layer = fa.AnalogLinear(16, 8, config=fa.AnalogConfig(algorithm="asgd"))
+    opt = fa.AnalogSGD(layer.parameters(), lr=1e6, seed=0)
+    layer(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    pulses = layer.analog_pulses
+    assert pulses.dtype == torch.int64
+    assert 0 < int(pulses[0]) <= PULSE_LIMIT * layer.weight.numel()
+    assert int(pulses[1]) == 0
+    assert bool(torch.isfinite(layer.weight).all())
+    with pytest.raises(ValueError, match="max_pulses"):
+        fa.AnalogConfig(max_pulses=PULSE_LIMIT + 1)

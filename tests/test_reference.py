@@ -11,6 +11,7 @@ from fastanalog.ops.reference import (
     _Array,
     apply_pulses,
     asgd_step_ref,
+    directional_counts,
     pulse_count,
     rl2_step_ref,
     rl_step_ref,
@@ -121,7 +122,7 @@ def test_one_pulse_moves_by_dw_min_times_the_response_in_its_direction():
     dev = fa.PowerResponse(tau=0.6, gamma=0.5, dw_min=0.01)
     arr = _Array.make(dev, 3, 0, 0, 0, "cpu", zero_shift=False)
     x = torch.tensor([0.1, 0.1, -0.2])
-    out = apply_pulses(x, torch.tensor([2.0, -3.0, 0.0]), arr, None)
+    out = apply_pulses(x, torch.tensor([2.0, 0.0, 0.0]), torch.tensor([0.0, 3.0, 0.0]), arr, None)
     expected = torch.tensor([0.1 + 0.02 * float(dev.q_up(torch.tensor(0.1))), 0.1 - 0.03 * float(dev.q_down(torch.tensor(0.1))), -0.2])
     torch.testing.assert_close(out, expected)
 
@@ -222,3 +223,117 @@ def test_c2c_noise_is_unbiased_and_scales_with_sqrt_pulses():
     expected_std = 0.3 * 0.001 * math.sqrt(16)
     assert abs(float(diff.mean())) < 5 * expected_std / math.sqrt(n)
     assert abs(float(diff.std()) / expected_std - 1) < 0.05
+
+
+def _uniform(key: int, stream: int, numel: int, offset: int = 0) -> torch.Tensor:
+    return philox.stream_uniform(philox.stream_key(key, stream), offset, numel)
+
+
+def test_asgd_rounds_with_stream_0_and_pairs_with_stream_1():
+    """The net count rounds with stream 0, the pairs with stream 1 (SPEC section 4), element for element."""
+    n, lr, dw = 1003, 0.7, 0.01
+    dev = fa.LinearResponse(tau=1.0, dw_min=dw)
+    cfg = fa.AnalogConfig(algorithm="asgd", device=dev)
+    gen = torch.Generator().manual_seed(3)
+    g = 0.05 * torch.randn(n, generator=gen)
+    A = g.abs() + 0.04 * torch.rand(n, generator=gen)
+    key, offset = philox.step_key(4, 9, 1), 2**34 - 501  # shard start not a multiple of 4, crossing counter 2^32
+    out = asgd_step_ref(torch.zeros(n), g, lr=lr, config=cfg, key=key, tensor_id=1, offset=offset, A=A)
+    f32 = torch.float32
+    req = (-torch.tensor(lr, dtype=f32) * g) / torch.tensor(dw, dtype=f32)
+    u0 = _uniform(key, 0, n, offset)
+    net = torch.floor(req) + (u0 < req - torch.floor(req)).to(f32)
+    m = ((torch.tensor(lr, dtype=f32) * torch.clamp(A - g.abs(), min=0)) * 0.5) / torch.tensor(dw, dtype=f32)
+    u1 = _uniform(key, 1, n, offset)
+    pairs = torch.floor(m) + (u1 < m - torch.floor(m)).to(f32)
+    assert torch.equal(out.first, net.to(torch.int32))
+    assert torch.equal(out.first_pairs, pairs.to(torch.int32))
+    assert int(out.first_pairs.sum()) > n // 2  # the excess is real: 0.7 pairs per element on average
+    assert int(out.first_total()) == int(net.abs().sum() + 2 * pairs.sum())
+    # Batch mode draws nothing else: the same net count, no pairs.
+    batch = asgd_step_ref(torch.zeros(n), g, lr=lr, config=cfg, key=key, tensor_id=1, offset=offset)
+    assert torch.equal(batch.first, out.first) and batch.first_pairs is None
+
+
+def test_a_shard_draws_what_the_whole_tensor_draws():
+    """Counters are global element indices: any split, at any offset, gives the unsplit result."""
+    n = 2 * 4096 + 13
+    dev = fa.PowerResponse(tau=0.6, gamma=0.5, dw_min=0.002, c2c_std=0.2, d2d_std=0.1)
+    cfg = fa.AnalogConfig(algorithm="rl2", device=dev, read_noise=0.01, buffer="ema", transfer_lr=0.3)
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(n, generator=gen) * 0.1
+    A = g.abs() * 2
+    W0 = 0.1 * torch.randn(n, generator=gen)
+    whole = [W0.clone(), torch.zeros(n), torch.zeros(n)]
+    key = philox.step_key(1, 2, 3)
+    ref = rl2_step_ref(*whole, None, g, lr=0.5, config=cfg, key=key, tensor_id=3, A=A)
+    parts = [W0.clone(), torch.zeros(n), torch.zeros(n)]
+    nets, pairs = [], []
+    for lo, hi in ((0, 5), (5, 4099), (4099, n)):
+        out = rl2_step_ref(*(t[lo:hi] for t in parts), None, g[lo:hi], lr=0.5, config=cfg, key=key, tensor_id=3, offset=lo, A=A[lo:hi])
+        nets.append(out.first)
+        pairs.append(out.first_pairs)
+    assert torch.equal(torch.cat(nets), ref.first) and torch.equal(torch.cat(pairs), ref.first_pairs)
+    for a, b in zip(parts, whole):
+        assert torch.equal(a, b)
+
+
+def test_cancelling_samples_drift_by_the_asymmetric_component():
+    """SPEC 2a: per-sample gradients that cancel (S = 0) still write lr*A/2 opposite pairs,
+    so W moves by -lr*A*G(W) in expectation; in batch mode (no A) it does not move."""
+    n, lr, dw = 40000, 0.05, 0.001
+    dev = fa.LinearResponse(tau=0.5, dw_min=dw)
+    cfg = fa.AnalogConfig(algorithm="asgd", device=dev)
+    w0 = 0.3
+    g = torch.zeros(n)
+    A = torch.full((n,), 0.37)  # e.g. two samples with gradients +0.185 and -0.185
+    W = torch.full((n,), w0)
+    out = asgd_step_ref(W, g, lr=lr, config=cfg, key=philox.step_key(0, 1, 0), tensor_id=0, A=A)
+    G = float(dev.G(torch.tensor(w0), dev.params()))
+    expected = -lr * 0.37 * G
+    moved = W - w0
+    se = float(moved.std()) / math.sqrt(n)
+    assert abs(float(moved.mean()) - expected) < 5 * se + 1e-7, (float(moved.mean()), expected)
+    assert expected < -0.005  # a visible drift toward the symmetric point
+    assert bool((out.first == 0).all())
+    W = torch.full((n,), w0)
+    asgd_step_ref(W, g, lr=lr, config=cfg, key=philox.step_key(0, 1, 0), tensor_id=0)
+    assert bool((W == w0).all())
+
+
+def test_pairs_respect_the_cap_on_each_direction():
+    n = torch.tensor([5.0, -5.0, 0.0, 2.0])
+    m = torch.tensor([3.0, 3.0, 9.0, 0.0])
+    up, down = directional_counts(n, torch.zeros(4), m, torch.ones(4), 6)
+    assert up.tolist() == [6.0, 3.0, 6.0, 2.0]
+    assert down.tolist() == [3.0, 6.0, 6.0, 0.0]
+
+
+def test_c2c_noise_of_paired_pulses_has_the_spec_variance():
+    """c2c with pairs: std = c2c * dw * sqrt(N_up q_up^2 + N_down q_down^2)."""
+    n = 40000
+    dev = fa.LinearResponse(tau=1.0, dw_min=0.001, c2c_std=0.4)
+    arr = _Array.make(dev, n, 0, 0, 0, "cpu", zero_shift=False)
+    x = torch.full((n,), 0.5)
+    up, down = torch.full((n,), 7.0), torch.full((n,), 3.0)
+    z = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    out = apply_pulses(x, up, down, arr, z)
+    mean = 0.5 + 0.007 * 0.5 - 0.003 * 1.5
+    std = 0.4 * 0.001 * math.sqrt(7 * 0.25 + 3 * 2.25)
+    assert abs(float(out.mean()) - mean) < 5 * std / math.sqrt(n)
+    assert abs(float(out.std()) / std - 1) < 0.03
+
+
+@pytest.mark.parametrize("algorithm", ["rl", "rl2"])
+def test_residual_write_takes_the_excess_and_transfers_take_none(algorithm):
+    n = 2000
+    cfg = fa.AnalogConfig(algorithm=algorithm, device=fa.LinearResponse(tau=1.0, dw_min=0.01), buffer="ema", transfer_lr=0.5)
+    g = torch.zeros(n)
+    A = torch.full((n,), 0.1)
+    W, P, H = torch.zeros(n), torch.full((n,), 0.2), torch.zeros(n)
+    kw = dict(transfer=True) if algorithm == "rl" else {}
+    args = (W, P, None) if algorithm == "rl" else (W, P, H, None)
+    out = (rl_step_ref if algorithm == "rl" else rl2_step_ref)(*args, g, lr=1.0, config=cfg, key=11, tensor_id=0, A=A, **kw)
+    assert int(out.first_pairs.sum()) == 5 * n  # m = 1.0 * 0.1 / 2 / 0.01 = 5 exactly
+    assert out.main is not None and int(out.main.abs().sum()) > 0
+    assert out.main_total() is not None and int(out.main_total()) == int(out.main.abs().sum())

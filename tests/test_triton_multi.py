@@ -2,6 +2,8 @@
 
 Runs under the Triton interpreter on CPU tensors like ``test_triton_step.py``, whose
 helpers, tolerances (``RTOL``, ``ATOL``, explained there) and configurations it uses.
+Launches alternate between steps without and with the excess inputs ``As``; shard offsets
+are not multiples of 4 and one crosses the Philox counter's 2^32 boundary.
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ import torch
 from test_triton_step import (
     ALGOS,
     ATOL,
+    CROSSING,
     DEVICE,
     RTOL,
     SEED,
-    assert_pulses_equal,
+    assert_arrays_close,
+    assert_step_pulses_equal,
+    assert_totals_equal,
     make_config,
+    make_excess,
     make_state,
     run_step,
 )
@@ -24,13 +30,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastanalog as fa
 from fastanalog.ops import philox
-from fastanalog.ops.triton import asgd, rl, rl2
+from fastanalog.ops.triton import asgd, common, rl, rl2
 from fastanalog.ops.triton.common import block_size
 
 # Odd sizes: a single element, less than a warp, a block's worth, and more than one block.
 SIZES = (1, 7, 1023, block_size() + 5)
 TENSOR_IDS = (0, 3, 4, 9)
-OFFSETS = (0, 0, 123_456_789, 0)  # one tensor is a shard of a larger one
+OFFSETS = (0, 5, 123_456_789, CROSSING)  # shards of larger tensors
 
 # Per variant: (family of W, family of P). asgd has no P.
 FAMILIES = {
@@ -88,40 +94,136 @@ def test_one_launch_equals_the_reference_per_tensor(algo, monkeypatch):
     tri = [{k: v.clone() for k, v in s.items()} for s in ref]
     gen = torch.Generator().manual_seed(1)
     counter = _count_kernel_launches(monkeypatch, algo)
-    for step in range(1, 4):
+    for step in range(1, 3):  # without, then with the excess inputs
         grads = [torch.randn(n, generator=gen).to(DEVICE) for n in SIZES]
+        As = [make_excess(g, step + i) for i, g in enumerate(grads)] if step % 2 == 0 else None
         keys = [philox.step_key(SEED, step, tid) for tid in TENSOR_IDS]
         launches = counter.launches
-        got = run_multi(algo, tri, grads, lr=0.1, config=config, keys=keys, tensor_ids=TENSOR_IDS, offsets=OFFSETS)
+        got = run_multi(algo, tri, grads, lr=0.1, config=config, keys=keys, tensor_ids=TENSOR_IDS, offsets=OFFSETS, As=As)
         assert counter.launches == launches + 1, "all tensors must go in one launch"
         for i, n in enumerate(SIZES):
-            want = run_step("ref", algo, ref[i], grads[i], config=config, key=keys[i], tensor_id=TENSOR_IDS[i], offset=OFFSETS[i])
-            assert_pulses_equal(want.first, got[i].first, f"step {step} tensor {n} first array")
-            assert (want.main is None) == (got[i].main is None)
-            if want.main is not None:
-                assert_pulses_equal(want.main, got[i].main, f"step {step} tensor {n} W")
+            want = run_step(
+                "ref",
+                algo,
+                ref[i],
+                grads[i],
+                config=config,
+                key=keys[i],
+                tensor_id=TENSOR_IDS[i],
+                offset=OFFSETS[i],
+                A=As[i] if As else None,
+            )
+            assert_step_pulses_equal(want, got[i], f"step {step} tensor {n}")
             for name in ref[i]:
-                torch.testing.assert_close(
-                    tri[i][name], ref[i][name], rtol=RTOL, atol=ATOL, msg=lambda m, a=name, k=step, t=n: f"{a} of {t} step {k}: {m}"
-                )
+                assert_arrays_close(tri[i][name], ref[i][name], f"{name} of {n} step {step}", RTOL, ATOL)
 
 
-def test_one_launch_equals_single_launches_bit_for_bit():
-    """Narrow storage, gradients in another dtype and an empty tensor: the multi-tensor path changes no bit."""
+@pytest.mark.parametrize("totals", [False, True])
+def test_one_launch_equals_single_launches_bit_for_bit(totals):
+    """Narrow storage, gradients in another dtype, excess inputs and an empty tensor: the multi-tensor path changes no bit."""
     config = make_config("rl2_acc_t1", "power", residual_family="exp", d2d=0.2, c2c=0.2, read_noise=0.02, asymmetry=0.1)
     sizes = (0, *SIZES)
     tids = (7, *TENSOR_IDS)
+    offsets = (3, *OFFSETS)
     multi = [make_state(config, n, dtype=torch.bfloat16, seed=i) for i, n in enumerate(sizes)]
     single = [{k: v.clone() for k, v in s.items()} for s in multi]
     grads = [torch.randn(n, generator=torch.Generator().manual_seed(n)).to(DEVICE) for n in sizes]
+    As = [make_excess(g, i).to(torch.float16) for i, g in enumerate(grads)]
     keys = [philox.step_key(SEED, 1, tid) for tid in tids]
-    got = run_multi("rl2_acc_t1", multi, grads, lr=0.1, config=config, keys=keys, tensor_ids=tids)
+    kw = dict(lr=0.1, config=config, totals=totals)
+    got = run_multi("rl2_acc_t1", multi, grads, keys=keys, tensor_ids=tids, offsets=offsets, As=As, **kw)
     for i in range(len(sizes)):
         s = single[i]
-        want = rl2.rl2_step_triton(s["W"], s["P"], s["H"], s["Wbar"], grads[i], lr=0.1, config=config, key=keys[i], tensor_id=tids[i])
-        assert torch.equal(want.first, got[i].first) and torch.equal(want.main, got[i].main)
+        want = rl2.rl2_step_triton(
+            s["W"], s["P"], s["H"], s["Wbar"], grads[i], key=keys[i], tensor_id=tids[i], offset=offsets[i], A=As[i], **kw
+        )
+        for field in ("first", "main", "first_pairs"):
+            a, b = getattr(want, field), getattr(got[i], field)
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), (field, sizes[i])
+        assert (got[i].first_pairs is None) == totals
         for name in s:
             assert torch.equal(s[name], multi[i][name]), (name, sizes[i])
+
+
+def test_totals_of_one_launch():
+    """Totals mode of a multi-tensor launch: per tensor the sums of the per-element launch, the same arrays."""
+    config = make_config("rl_transfer", "table", residual_family="exp", c2c=0.2, read_noise=0.02, max_pulses=3)
+    sizes = SIZES[:3]
+    per_element = [make_state(config, n, seed=i) for i, n in enumerate(sizes)]
+    totals = [{k: v.clone() for k, v in s.items()} for s in per_element]
+    grads = [torch.randn(n, generator=torch.Generator().manual_seed(n)).to(DEVICE) for n in sizes]
+    As = [make_excess(g, i) for i, g in enumerate(grads)]
+    kw = dict(lr=0.1, config=config, keys=[philox.step_key(SEED, 2, t) for t in TENSOR_IDS[:3]], tensor_ids=TENSOR_IDS[:3])
+    kw.update(offsets=OFFSETS[:3], As=As)
+    want = run_multi("rl_transfer", per_element, grads, **kw)
+    got = run_multi("rl_transfer", totals, grads, totals=True, **kw)
+    for i in range(len(sizes)):
+        assert_totals_equal(want[i], got[i], f"tensor {i}")
+        for name in per_element[i]:
+            assert torch.equal(per_element[i][name], totals[i][name]), (name, i)
+
+
+@pytest.mark.parametrize(
+    "sizes,offsets,shift,flags",
+    [
+        ((16, 48, 32), (0, 4, CROSSING - 2), 0, (True, True)),  # aligned: vector accesses, lead 0
+        ((16, 48, 32), (0, 4, 8), 1, (False, True)),  # one array starts 4 bytes into its storage
+        ((16, 47, 32), (0, 4, 8), 0, (True, False)),  # a numel that is not a multiple of 16
+    ],
+)
+def test_alignment_facts_of_one_launch(sizes, offsets, shift, flags, monkeypatch):
+    """The launcher tells the kernel only true alignment facts, and every combination updates like single launches."""
+    monkeypatch.setattr(common, "BLOCK_INTERPRETER", 16)
+    config = make_config("rl2_ema", "linear")
+    multi = [make_state(config, n + (shift if i == 1 else 0), seed=i) for i, n in enumerate(sizes)]
+    multi[1] = {k: v[shift:] for k, v in multi[1].items()}
+    single = [{k: v.clone() for k, v in s.items()} for s in multi]
+    grads = [torch.randn(n, generator=torch.Generator().manual_seed(n)).to(DEVICE) for n in sizes]
+    As = [make_excess(g, i) for i, g in enumerate(grads)]
+    keys = [philox.step_key(SEED, 1, t) for t in TENSOR_IDS[:3]]
+    seen = []
+    original = common.tensor_launch
+
+    def spy(*args, **kwargs):
+        launch = original(*args, **kwargs)
+        seen.append((launch[1]["ALIGNED"], launch[1]["NUMEL16"]))
+        return launch
+
+    monkeypatch.setattr(rl2, "tensor_launch", spy)
+    kw = dict(lr=0.1, config=config)
+    got = run_multi("rl2_ema", multi, grads, keys=keys, tensor_ids=TENSOR_IDS[:3], offsets=offsets, As=As, **kw)
+    assert seen == [flags]
+    for i, s in enumerate(single):
+        want = rl2.rl2_step_triton(
+            s["W"], s["P"], s["H"], s["Wbar"], grads[i], key=keys[i], tensor_id=TENSOR_IDS[i], offset=offsets[i], A=As[i], **kw
+        )
+        assert torch.equal(want.first, got[i].first) and torch.equal(want.main, got[i].main), i
+        for name in s:
+            assert torch.equal(s[name], multi[i][name]), (name, i)
+
+
+def test_tensor_table_is_copied_once_per_set_of_tensors(monkeypatch):
+    """Step after step on the same tensors only the step table (keys, pulse outputs) goes to the device."""
+    config = make_config("asgd", "power", c2c=0.2)
+    states = [make_state(config, n, seed=i) for i, n in enumerate(SIZES[:3])]
+    grads = [torch.randn(n, generator=torch.Generator().manual_seed(n)).to(DEVICE) for n in SIZES[:3]]
+    copies = []
+    original = common.device_table
+    monkeypatch.setattr(common, "device_table", lambda values, where: copies.append(len(values)) or original(values, where))
+    monkeypatch.setattr(common, "_TABLE_CACHE", type(common._TABLE_CACHE)())
+    kw = dict(lr=0.1, config=config, tensor_ids=TENSOR_IDS[:3], offsets=OFFSETS[:3])
+    for step in (1, 2):
+        keys = [philox.step_key(SEED, step, t) for t in TENSOR_IDS[:3]]
+        ref = [{"W": s["W"].clone()} for s in states]
+        got = run_multi("asgd", states, grads, keys=keys, **kw)
+        for i, s in enumerate(states):
+            kw_ref = dict(config=config, key=keys[i], tensor_id=TENSOR_IDS[i], offset=OFFSETS[i])
+            assert_step_pulses_equal(run_step("ref", "asgd", ref[i], grads[i], **kw_ref), got[i], f"step {step} tensor {i}")
+            assert_arrays_close(s["W"], ref[i]["W"], f"W of {i} step {step}")
+    assert copies == [4 + 3 * 6 + 3 * 3, 3 * 3, 3 * 3], copies  # tensor table once; keys and two outputs every step
+    other = [torch.randn(n, generator=torch.Generator().manual_seed(n)).to(DEVICE) for n in SIZES[:3]]
+    run_multi("asgd", states, other, keys=keys, **kw)
+    assert len(copies) == 5, "new gradient arrays are a new table"
 
 
 @pytest.mark.parametrize("algo", ["rl_transfer", "rl_no_transfer", "rl2_ema"])
@@ -207,7 +309,9 @@ def _grads(model: nn.Module, step: int) -> None:
 
 def test_optimizer_step_is_one_launch_and_equals_the_reference(monkeypatch):
     device = fa.PowerResponse(tau=0.6, gamma=0.5, dw_min=0.01, d2d_std=0.1, c2c_std=0.1)
-    config = fa.AnalogConfig(algorithm="rl2", device=device, residual_device=fa.ExpResponse(tau=0.5, gamma=1.2, dw_min=0.01), read_noise=0.02)
+    config = fa.AnalogConfig(
+        algorithm="rl2", device=device, residual_device=fa.ExpResponse(tau=0.5, gamma=1.2, dw_min=0.01), read_noise=0.02
+    )
     models = {}
     for backend in ("triton", "reference"):
         monkeypatch.setenv("FASTANALOG_BACKEND", backend)
@@ -245,14 +349,16 @@ def test_optimizer_launches_once_per_config_and_dtype(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # The torch.library ops.
 # ---------------------------------------------------------------------------------------------
-def _multi_op_args(algo: str):
+def _multi_op_args(algo: str, totals: bool):
     """The registered multi-tensor op and its arguments, built the way the launcher builds them."""
-    config = make_config(algo, "power", residual_family="linear", d2d=0.2, c2c=0.2, read_noise=0.02, max_pulses=3)
+    # no d2d: the op's registration is under test here, and its per-element draws are slow under the interpreter
+    config = make_config(algo, "power", residual_family="linear", c2c=0.2, read_noise=0.02, max_pulses=3, asymmetry=0.1)
     sizes = (33, 5, 17)
     states = [make_state(config, n, seed=i) for i, n in enumerate(sizes)]
     grads = [torch.randn(n, generator=torch.Generator().manual_seed(9)).to(DEVICE) for n in sizes]
     arrays = _array_lists(algo, states)
     kw = dict(lr=0.1, config=config, keys=[philox.step_key(SEED, 1, t) for t in range(3)], tensor_ids=[0, 1, 2])
+    kw.update(offsets=[0, 5, 2], As=[make_excess(g, 3) for g in grads], totals=totals)
     if algo == "asgd":
         return torch.ops.fastanalog.asgd_multi_step_triton_.default, asgd._prepare_multi(*arrays, grads, **kw)[0]
     if algo == "rl_transfer":
@@ -260,7 +366,7 @@ def _multi_op_args(algo: str):
     return torch.ops.fastanalog.rl2_multi_step_triton_.default, rl2._prepare_multi(*arrays, grads, **kw)[0]
 
 
-@pytest.mark.parametrize("algo", ["asgd", "rl_transfer", "rl2_ema"])
-def test_opcheck_multi(algo):
-    op, args = _multi_op_args(algo)
+@pytest.mark.parametrize("algo,totals", [("asgd", True), ("rl_transfer", False), ("rl2_ema", False)])
+def test_opcheck_multi(algo, totals):
+    op, args = _multi_op_args(algo, totals)
     torch.library.opcheck(op, args)

@@ -1,12 +1,23 @@
-// Fused CUDA kernels of the analog update (SPEC section 3): asgd, rl, rl2.
+// Fused CUDA kernels of the analog update (SPEC v2 section 3): asgd, rl, rl2.
 //
 // The CUDA implementations of the ops that csrc/analog_update.cpp defines
 // (torch.ops.fastanalog.{asgd,rl,rl2}_step_cpp_), with the same arguments and the same
-// numbers as the reference run on a CUDA device. One thread per element (grid-stride):
-// load g, W, P, H; one Philox4x32-10 call for the global element index (plus the second
-// stream keyed key ^ STREAM_W_C2C when W has c2c noise); device-to-device parameters
-// regenerated from the variation key; the residual write, noisy read, buffer, transfer
-// and mix in registers; one store per array.
+// numbers as the reference (fastanalog/ops/reference.py) run on a CUDA device.
+//
+// Work split (SPEC section 4). Global element i (= shard offset + position) takes word
+// i % 4 of the Philox4x32-10 call with counter j = i / 4 of each stream, so one thread
+// handles the four consecutive global elements 4j .. 4j+3 of one call (grid-stride over j):
+// it computes each stream's call once, then updates those of its four elements that lie
+// in the shard [offset, offset + numel) (the offset need not be a multiple of 4). Streams,
+// keyed stream_key(step_key, s) = step_key ^ STREAM_SALT[s] (philox.h):
+//   0 uniforms, net rounding of the first array written (W for asgd, P for rl/rl2);
+//   1 uniforms, rounding of that array's opposite-pulse pairs (only when A is given);
+//   2 uniforms, rounding of the W transfer (rl with transfer; rl2 "ema");
+//   3 normals, c2c noise of the first array;  4 normals, read noise of P;
+//   5 normals, c2c noise of W (rl with transfer; rl2).
+// A stream the launch does not need is not drawn. Per element: load g (and A), W, P, H;
+// device-to-device parameters regenerated from the variation key; the residual write,
+// noisy read, buffer, transfer and mix in registers; one store per array.
 //
 // Bitwise parity with the reference. Each torch op of the reference is its own kernel, so
 // nothing there is fused into a multiply-add; here every float multiply, add and divide is
@@ -15,6 +26,9 @@
 // torch's CUDA kernels call. Storage dtype and algorithm are template parameters; the
 // response family and the noise options are run-time values that are the same for every
 // thread of a launch, so they cost no divergence.
+//
+// The argument block is a __grid_constant__ kernel parameter: threads read it in place
+// (parameter memory), no thread copies it to local memory.
 //
 // Build time: the device code needs no torch header. The kernels are instantiated
 // explicitly below, and the host glue (argument checks, op registration) with its torch
@@ -36,6 +50,10 @@ namespace cuda {
 constexpr int kBisectionSteps = 60;
 constexpr int kThreads = 256;
 
+// The streams of a step (Stream, stream_key) and the generator: philox.h.
+static_assert(stream_key(0, kStreamRoundFirst) == 0ULL && stream_key(0, kStreamPairsFirst) == 0x1E3779B97F4A7C15ULL,
+              "stream keys as philox.STREAM_SALT");
+
 struct Device {
   int family;
   float tau_min, tau_max, gamma, dw_min, asym, d2d_std, c2c_std, shift;
@@ -48,18 +66,20 @@ struct Device {
 
 struct Args {
   int64_t numel, offset;
-  unsigned long long key;
+  unsigned long long key;  // the step key
   const void* g;
+  const void* A;  // per-element sum of the samples' |g| (SPEC 2a), or null: no excess, no pairs
   void* W;
   void* P;
   void* H;
   void* Wbar;
-  int32_t* pulses_first;  // counts per element, or null
+  int32_t* pulses_first;  // net counts N_up - N_down per element, or null
+  int32_t* pairs_first;   // pairs min(N_up, N_down) per element, or null
   int32_t* pulses_main;
-  unsigned long long* total_first;  // sum of |N| over the array (added to), or null
+  unsigned long long* total_first;  // sum of N_up + N_down over the array (added to), or null
   unsigned long long* total_main;
-  float neg_lr, tlr, one_minus_tlr, gamma_mix, read_noise, threshold, max_pulses;
-  int g_kind;  // dtype of g: 0 float32, 1 bfloat16, 2 float16
+  float lr, neg_lr, tlr, one_minus_tlr, gamma_mix, read_noise, threshold, max_pulses;
+  int g_kind, a_kind;  // dtypes of g and A: 0 float32, 1 bfloat16, 2 float16
   bool transfer, ema;
   Device dev_w, dev_p;
 };
@@ -94,6 +114,48 @@ struct Store<__half> {
   static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
 };
 
+// ----- random numbers (SPEC section 4) ------------------------------------------------------
+// Box-Muller as philox.h's pair_uniform_to_normal (Triton's, the reference's), the same
+// operations, plus one fact for the compiler: the angle u2 * 2pi (u2 in [0, 1]) is far below
+// 105615, where CUDA's cosf/sinf switch to their exact (Payne-Hanek) range reduction. That
+// path is dead here; without the assumption its scratch array would give every kernel a
+// local-memory stack frame.
+__device__ __forceinline__ void normal_pair(float u1, float u2, float& n1, float& n2) {
+  u1 = fmaxf(u1, kMinUniform);
+  const float th = __fmul_rn(u2, kTwoPi);
+  __builtin_assume(!(fabsf(th) >= 105615.0f));
+  const float r = sqrtf(__fmul_rn(-2.0f, logf(u1)));
+  n1 = __fmul_rn(r, cosf(th));
+  n2 = __fmul_rn(r, sinf(th));
+}
+
+// The four values one Philox call gives elements 4j .. 4j+3 of a stream.
+struct Quad {
+  float v0, v1, v2, v3;
+};
+
+// Element k (0..3) of a call's four values: selects, not an indexed array (which would
+// live in local memory).
+__device__ __forceinline__ float pick(const Quad& q, int k) {
+  return k == 0 ? q.v0 : (k == 1 ? q.v1 : (k == 2 ? q.v2 : q.v3));
+}
+
+// Uniforms of call j of stream s: word k becomes element 4j + k's uniform.
+__device__ __forceinline__ Quad stream_uniforms(unsigned long long step_key, Stream s, uint64_t j) {
+  const Philox4 r = philox4x32_10(stream_key(step_key, s), j);
+  return Quad{uint_to_uniform(r.r0), uint_to_uniform(r.r1), uint_to_uniform(r.r2), uint_to_uniform(r.r3)};
+}
+
+// Normals of call j of stream s: elements 4j, 4j+1 the Box-Muller pair of (r0, r1),
+// elements 4j+2, 4j+3 that of (r2, r3), cosine output first.
+__device__ __forceinline__ Quad stream_normals(unsigned long long step_key, Stream s, uint64_t j) {
+  const Philox4 r = philox4x32_10(stream_key(step_key, s), j);
+  Quad q;
+  normal_pair(uint_to_uniform(r.r0), uint_to_uniform(r.r1), q.v0, q.v1);
+  normal_pair(uint_to_uniform(r.r2), uint_to_uniform(r.r3), q.v2, q.v3);
+  return q;
+}
+
 // ----- device parameters of one element ----------------------------------------------------
 struct Params {
   float tau_min, tau_max, gamma, dw_min, asym, denom, shift;
@@ -120,7 +182,7 @@ __device__ __noinline__ double table_g64(const double* tab, int m, double w, dou
 // The symmetric point of an element's device (per-element parameters), as the family's
 // symmetric_point: closed forms for linear (float32), power and exp (float64), bisection
 // for tables (float64).
-__device__ __noinline__ float symmetric_point(const Device& dev, const Params& p) {
+__device__ __noinline__ float symmetric_point(const Device& dev, const Params p) {
   const double tmin = p.tau_min, tmax = p.tau_max, a = p.asym, g = p.gamma;
   double u_down;
   switch (dev.family) {
@@ -152,15 +214,16 @@ __device__ __noinline__ float symmetric_point(const Device& dev, const Params& p
 }
 
 // Per-element parameters regenerated from the variation key exactly as
-// ResponseDevice.element_params (kept out of line: only d2d configurations call it).
+// ResponseDevice.element_params (one call per element index, unchanged by the v2 streams;
+// kept out of line: only d2d configurations call it).
 __device__ __noinline__ Params varied_params(const Device& dev, uint64_t index) {
   Params p;
   const Philox4 r = philox4x32_10(dev.var_key, index);
   float z0, z1, z2, z3, za, unused;
-  pair_uniform_to_normal(uint_to_uniform(r.r0), uint_to_uniform(r.r1), z0, z1);
-  pair_uniform_to_normal(uint_to_uniform(r.r2), uint_to_uniform(r.r3), z2, z3);
+  normal_pair(uint_to_uniform(r.r0), uint_to_uniform(r.r1), z0, z1);
+  normal_pair(uint_to_uniform(r.r2), uint_to_uniform(r.r3), z2, z3);
   const Philox4 ra = philox4x32_10(dev.var_key ^ 1ULL, index);
-  pair_uniform_to_normal(uint_to_uniform(ra.r0), uint_to_uniform(ra.r1), za, unused);
+  normal_pair(uint_to_uniform(ra.r0), uint_to_uniform(ra.r1), za, unused);
   const float sd = dev.d2d_std;
   p.tau_min = mul(dev.tau_min, d2d_factor(z0, sd));
   p.tau_max = mul(dev.tau_max, d2d_factor(z1, sd));
@@ -187,16 +250,32 @@ __device__ __forceinline__ Params element_params(const Device& dev, uint64_t ind
 }
 
 // ----- one write (SPEC section 2) -----------------------------------------------------------
-__device__ __forceinline__ float stochastic_count(float n, float u, float max_pulses) {
+// Stochastic rounding floor(n) + (u < n - floor(n)), float32.
+__device__ __forceinline__ float stochastic_round(float n, float u) {
   const float fl = floorf(n);
-  const float c = add(fl, u < sub(n, fl) ? 1.0f : 0.0f);
-  return clampf(c, -max_pulses, max_pulses);
+  return add(fl, u < sub(n, fl) ? 1.0f : 0.0f);
 }
 
-// Response of a write of `count` pulses at stored value x: only the branch the sign selects.
-__device__ float response(const Device& dev, const Params& p, float x, float count) {
-  const float w = add(x, p.shift);
-  const bool up = count > 0.0f;
+// max(v, 0) as torch.clamp(v, min=0) (NaN stays NaN).
+__device__ __forceinline__ float clamp_min0(float v) { return v < 0.0f ? 0.0f : v; }
+
+// Pulses per direction of a write: net N and M pairs give N_up = M + max(N, 0) and
+// N_down = M + max(-N, 0), each capped at max_pulses (infinity when there is no cap).
+struct Pulses {
+  float up, down;
+};
+
+__device__ __forceinline__ Pulses directional(float net, float max_pulses) {
+  return Pulses{fminf(clamp_min0(net), max_pulses), fminf(clamp_min0(-net), max_pulses)};
+}
+
+__device__ __forceinline__ Pulses directional(float net, float pairs, float max_pulses) {
+  return Pulses{fminf(add(pairs, clamp_min0(net)), max_pulses), fminf(add(pairs, clamp_min0(-net)), max_pulses)};
+}
+
+// Shape of the response (before the asymmetry factor) of an up or a down pulse at
+// physical weight w.
+__device__ float shape(const Device& dev, const Params& p, float w, bool up) {
   if (dev.family == kTable) {
     const int m = dev.table_segments;
     const float xx = mul(clampf(dvd(sub(w, p.tau_min), sub(p.tau_max, p.tau_min)), 0.0f, 1.0f), static_cast<float>(m));
@@ -219,21 +298,37 @@ __device__ float response(const Device& dev, const Params& p, float x, float cou
   }
 }
 
-// x + (D + c2c*dw*sqrt|N|*z) * q with q = shape * (1 +- a), clamped to the shifted range.
-__device__ float apply_write(const Device& dev, const Params& p, float x, float count, float z) {
-  const float shape = response(dev, p, x, count);
-  const float q = mul(shape, count > 0.0f ? add(1.0f, p.asym) : sub(1.0f, p.asym));
-  float step = mul(count, p.dw_min);
-  if (dev.c2c_std > 0.f) step = add(step, mul(mul(mul(dev.c2c_std, p.dw_min), sqrtf(fabsf(count))), z));
-  const float x_new = add(x, mul(step, q));
-  return clampf(x_new, sub(p.tau_min, p.shift), sub(p.tau_max, p.shift));
+// The stored value x after n.up up and n.down down pulses (SPEC section 2 steps 2-4, the
+// float32 order of reference.apply_pulses):
+//   up    = (N_up * dw) * q_up(w)        (0 where N_up = 0)
+//   down  = (N_down * dw) * q_down(w)    (0 where N_down = 0)
+//   delta = up - down  [+ ((c2c * dw) * sqrt((N_up * q_up) * q_up + (N_down * q_down) * q_down)) * z]
+//   clamp(x + delta, tau_min - shift, tau_max - shift)
+// A direction without pulses evaluates no response (without pairs only one is needed).
+__device__ float apply_pulses(const Device& dev, const Params& p, float x, Pulses n, float z) {
+  const float w = add(x, p.shift);
+  const bool has_up = n.up > 0.0f, has_down = n.down > 0.0f;
+  const float q_up = has_up ? mul(shape(dev, p, w, true), add(1.0f, p.asym)) : 0.0f;
+  const float q_down = has_down ? mul(shape(dev, p, w, false), sub(1.0f, p.asym)) : 0.0f;
+  float delta = sub(has_up ? mul(mul(n.up, p.dw_min), q_up) : 0.0f, has_down ? mul(mul(n.down, p.dw_min), q_down) : 0.0f);
+  if (dev.c2c_std > 0.f) {
+    const float var = add(has_up ? mul(mul(n.up, q_up), q_up) : 0.0f, has_down ? mul(mul(n.down, q_down), q_down) : 0.0f);
+    delta = add(delta, mul(mul(mul(dev.c2c_std, p.dw_min), sqrtf(var)), z));
+  }
+  return clampf(add(x, delta), sub(p.tau_min, p.shift), sub(p.tau_max, p.shift));
 }
 
-// g in any of the storage dtypes (the same for every thread of a launch).
-__device__ __forceinline__ float load_grad(const void* g, int kind, int64_t i) {
-  if (kind == 1) return Store<__nv_bfloat16>::load(static_cast<const __nv_bfloat16*>(g)[i]);
-  if (kind == 2) return Store<__half>::load(static_cast<const __half*>(g)[i]);
-  return static_cast<const float*>(g)[i];
+// g or A in any of the storage dtypes (the same for every thread of a launch).
+__device__ __forceinline__ float load_input(const void* v, int kind, int64_t i) {
+  if (kind == 1) return Store<__nv_bfloat16>::load(static_cast<const __nv_bfloat16*>(v)[i]);
+  if (kind == 2) return Store<__half>::load(static_cast<const __half*>(v)[i]);
+  return static_cast<const float*>(v)[i];
+}
+
+// |net| + 2 * pairs of one element, as reference.pulse_total counts them.
+__device__ __forceinline__ unsigned long long pulses_of(int32_t net, int32_t pairs) {
+  return static_cast<unsigned long long>(net < 0 ? -static_cast<int64_t>(net) : static_cast<int64_t>(net)) +
+         2ULL * static_cast<unsigned long long>(pairs);
 }
 
 // Adds the threads' totals to *total: a warp sum, then one atomic per warp (integer
@@ -245,90 +340,126 @@ __device__ __forceinline__ void add_total(unsigned long long* total, unsigned lo
 }
 
 // ----- the kernel --------------------------------------------------------------------------
-template <int ALG, class S>
-__global__ void __launch_bounds__(kThreads) step_kernel(const Args a) {
+// Blocks of 256 threads per SM that the register budget must allow. On sm_90 and older,
+// asgd fits 80 registers without spilling (3 blocks) and rl, rl2 about 110 (2 blocks); the
+// sm_100+ compiler needs about 115 registers for asgd (2 blocks) and caps rl, rl2 at 128.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1000
+constexpr int kMinBlocksAsgd = 2;
+#else
+constexpr int kMinBlocksAsgd = 3;
+#endif
+template <int ALG>
+constexpr int kMinBlocks = ALG == kAsgd ? kMinBlocksAsgd : 2;
 
+template <int ALG, class S>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<ALG>) step_kernel(const __grid_constant__ Args a) {
   S* __restrict__ W = static_cast<S*>(a.W);
   S* __restrict__ P = static_cast<S*>(a.P);
   S* __restrict__ H = static_cast<S*>(a.H);
   S* __restrict__ Wbar = static_cast<S*>(a.Wbar);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  unsigned long long acc_first = 0, acc_main = 0;  // this thread's |N| totals
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.numel; i += stride) {
-    const uint64_t gi = static_cast<uint64_t>(a.offset + i);
-    const Philox4 r = philox4x32_10(a.key, gi);
-    const float u0 = uint_to_uniform(r.r0);
-    const float u1 = uint_to_uniform(r.r1);
-    float n_read = 0.f, n_c2c = 0.f;
-    const Device& dev_first = ALG == kAsgd ? a.dev_w : a.dev_p;
-    const bool reads = ALG == kRl2 || (ALG == kRl && a.transfer);
-    if ((reads && a.read_noise > 0.f) || dev_first.c2c_std > 0.f)
-      pair_uniform_to_normal(uint_to_uniform(r.r2), uint_to_uniform(r.r3), n_read, n_c2c);
+  S* __restrict__ first = ALG == kAsgd ? W : P;
+  const Device& dev_first = ALG == kAsgd ? a.dev_w : a.dev_p;
+  // What this launch draws and writes (the same for every thread).
+  const bool has_pairs = a.A != nullptr;
+  const bool writes_w = ALG == kRl2 || (ALG == kRl && a.transfer);
+  const bool rounds_w = (ALG == kRl && a.transfer) || (ALG == kRl2 && a.ema);
+  const bool c2c_first = dev_first.c2c_std > 0.f;
+  const bool read_noise = writes_w && a.read_noise != 0.f;
+  const bool c2c_w = writes_w && a.dev_w.c2c_std > 0.f;
 
-    // First write: W for asgd, P for rl/rl2.
-    const Params pf = element_params(dev_first, gi);
-    const float g32 = load_grad(a.g, a.g_kind, i);
-    const float count_f = stochastic_count(dvd(mul(a.neg_lr, g32), pf.dw_min), u0, a.max_pulses);
-    S* first = ALG == kAsgd ? W : P;
-    const S stored_f = Store<S>::store(apply_write(dev_first, pf, Store<S>::load(first[i]), count_f, n_c2c));
-    first[i] = stored_f;
-    if (a.pulses_first != nullptr) a.pulses_first[i] = static_cast<int32_t>(count_f);
-    acc_first += static_cast<unsigned long long>(fabsf(count_f));
-    if (ALG == kAsgd) continue;
+  const uint64_t begin = static_cast<uint64_t>(a.offset);
+  const uint64_t end = begin + static_cast<uint64_t>(a.numel);
+  const uint64_t first_call = begin / 4;
+  const uint64_t calls = (end + 3) / 4 - first_call;
+  const uint64_t stride = static_cast<uint64_t>(gridDim.x) * blockDim.x;
+  unsigned long long acc_first = 0, acc_main = 0;  // this thread's pulse totals
+  for (uint64_t t = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < calls; t += stride) {
+    const uint64_t j = first_call + t;
+    // Each needed stream's call j, once for the four elements.
+    const Quad u0 = stream_uniforms(a.key, kStreamRoundFirst, j);
+    Quad u1{}, u2{}, z_first{}, z_read{}, z_w{};
+    if (has_pairs) u1 = stream_uniforms(a.key, kStreamPairsFirst, j);
+    if (rounds_w) u2 = stream_uniforms(a.key, kStreamRoundW, j);
+    if (c2c_first) z_first = stream_normals(a.key, kStreamC2CFirst, j);
+    if (read_noise) z_read = stream_normals(a.key, kStreamReadP, j);
+    if (c2c_w) z_w = stream_normals(a.key, kStreamC2CW, j);
 
-    const float p32 = Store<S>::load(stored_f);
-    if (ALG == kRl && !a.transfer) {
-      if (Wbar != nullptr) Wbar[i] = Store<S>::store(add(Store<S>::load(W[i]), mul(a.gamma_mix, p32)));
-      continue;
+#pragma unroll 1
+    for (int k = 0; k < 4; ++k) {
+      const uint64_t gi = 4 * j + static_cast<uint64_t>(k);  // global element index
+      if (gi < begin || gi >= end) continue;
+      const int64_t i = static_cast<int64_t>(gi - begin);  // position in the shard
+
+      // First write: W for asgd, P for rl/rl2; pairs from the excess when A is given.
+      const Params pf = element_params(dev_first, gi);
+      const float g32 = load_input(a.g, a.g_kind, i);
+      const float net_f = stochastic_round(dvd(mul(a.neg_lr, g32), pf.dw_min), pick(u0, k));
+      Pulses nf;
+      if (has_pairs) {
+        const float a32 = load_input(a.A, a.a_kind, i);
+        const float e = mul(mul(a.lr, clamp_min0(sub(a32, fabsf(g32)))), 0.5f);
+        nf = directional(net_f, stochastic_round(dvd(e, pf.dw_min), pick(u1, k)), a.max_pulses);
+      } else {
+        nf = directional(net_f, a.max_pulses);
+      }
+      const S stored_f = Store<S>::store(apply_pulses(dev_first, pf, Store<S>::load(first[i]), nf, pick(z_first, k)));
+      first[i] = stored_f;
+      const int32_t net_first = static_cast<int32_t>(sub(nf.up, nf.down));
+      const int32_t pairs_first = static_cast<int32_t>(fminf(nf.up, nf.down));
+      if (a.pulses_first != nullptr) a.pulses_first[i] = net_first;
+      if (a.pairs_first != nullptr) a.pairs_first[i] = pairs_first;
+      acc_first += pulses_of(net_first, pairs_first);
+      if (ALG == kAsgd) continue;
+
+      const float p32 = Store<S>::load(stored_f);
+      if (!writes_w) {  // rl without transfer: only the mix
+        if (Wbar != nullptr) Wbar[i] = Store<S>::store(add(Store<S>::load(W[i]), mul(a.gamma_mix, p32)));
+        continue;
+      }
+      // Noisy read of P, W's pulses (no pairs: a transfer is one read vector).
+      const float p_hat = read_noise ? add(p32, mul(a.read_noise, pick(z_read, k))) : p32;
+      const Params pw = element_params(a.dev_w, gi);
+      float net_w, h = 0.f;
+      if (ALG == kRl) {
+        net_w = stochastic_round(dvd(mul(a.tlr, p_hat), pw.dw_min), pick(u2, k));
+      } else if (a.ema) {
+        h = add(mul(a.one_minus_tlr, Store<S>::load(H[i])), mul(a.tlr, p_hat));
+        net_w = stochastic_round(dvd(mul(a.tlr, h), pw.dw_min), pick(u2, k));
+      } else {
+        h = add(Store<S>::load(H[i]), mul(a.tlr, p_hat));
+        net_w = fabsf(h) >= mul(a.threshold, pw.dw_min) ? truncf(dvd(h, pw.dw_min)) : 0.0f;
+      }
+      const Pulses nw = directional(net_w, a.max_pulses);
+      const S stored_w = Store<S>::store(apply_pulses(a.dev_w, pw, Store<S>::load(W[i]), nw, pick(z_w, k)));
+      W[i] = stored_w;
+      const float applied_w = sub(nw.up, nw.down);
+      if (ALG == kRl2) {
+        if (!a.ema) h = sub(h, mul(applied_w, pw.dw_min));
+        H[i] = Store<S>::store(h);
+      }
+      if (Wbar != nullptr) Wbar[i] = Store<S>::store(add(Store<S>::load(stored_w), mul(a.gamma_mix, p32)));
+      const int32_t net_main = static_cast<int32_t>(applied_w);
+      if (a.pulses_main != nullptr) a.pulses_main[i] = net_main;
+      acc_main += pulses_of(net_main, 0);
     }
-    // Noisy read of P, W's pulses.
-    const float p_hat = a.read_noise > 0.f ? add(p32, mul(a.read_noise, n_read)) : p32;
-    const Params pw = element_params(a.dev_w, gi);
-    float count_w, h = 0.f;
-    if (ALG == kRl) {
-      count_w = stochastic_count(dvd(mul(a.tlr, p_hat), pw.dw_min), u1, a.max_pulses);
-    } else if (a.ema) {
-      h = add(mul(a.one_minus_tlr, Store<S>::load(H[i])), mul(a.tlr, p_hat));
-      count_w = stochastic_count(dvd(mul(a.tlr, h), pw.dw_min), u1, a.max_pulses);
-    } else {
-      h = add(Store<S>::load(H[i]), mul(a.tlr, p_hat));
-      const float t = truncf(dvd(h, pw.dw_min));
-      count_w = clampf(fabsf(h) >= mul(a.threshold, pw.dw_min) ? t : 0.0f, -a.max_pulses, a.max_pulses);
-    }
-    float z_w = 0.f;
-    if (a.dev_w.c2c_std > 0.f) {
-      const Philox4 r2 = philox4x32_10(a.key ^ kStreamWC2C, gi);
-      float unused;
-      pair_uniform_to_normal(uint_to_uniform(r2.r0), uint_to_uniform(r2.r1), z_w, unused);
-    }
-    const S stored_w = Store<S>::store(apply_write(a.dev_w, pw, Store<S>::load(W[i]), count_w, z_w));
-    W[i] = stored_w;
-    if (ALG == kRl2) {
-      if (!a.ema) h = sub(h, mul(count_w, pw.dw_min));
-      H[i] = Store<S>::store(h);
-    }
-    if (Wbar != nullptr) Wbar[i] = Store<S>::store(add(Store<S>::load(stored_w), mul(a.gamma_mix, p32)));
-    if (a.pulses_main != nullptr) a.pulses_main[i] = static_cast<int32_t>(count_w);
-    acc_main += static_cast<unsigned long long>(fabsf(count_w));
   }
   add_total(a.total_first, acc_first);
   add_total(a.total_main, acc_main);
 }
 
 // Every kernel the host side launches: algorithm x storage dtype.
-template __global__ void step_kernel<kAsgd, float>(const Args);
-template __global__ void step_kernel<kAsgd, __nv_bfloat16>(const Args);
-template __global__ void step_kernel<kAsgd, __half>(const Args);
-template __global__ void step_kernel<kRl, float>(const Args);
-template __global__ void step_kernel<kRl, __nv_bfloat16>(const Args);
-template __global__ void step_kernel<kRl, __half>(const Args);
-template __global__ void step_kernel<kRl2, float>(const Args);
-template __global__ void step_kernel<kRl2, __nv_bfloat16>(const Args);
-template __global__ void step_kernel<kRl2, __half>(const Args);
+template __global__ void step_kernel<kAsgd, float>(const __grid_constant__ Args);
+template __global__ void step_kernel<kAsgd, __nv_bfloat16>(const __grid_constant__ Args);
+template __global__ void step_kernel<kAsgd, __half>(const __grid_constant__ Args);
+template __global__ void step_kernel<kRl, float>(const __grid_constant__ Args);
+template __global__ void step_kernel<kRl, __nv_bfloat16>(const __grid_constant__ Args);
+template __global__ void step_kernel<kRl, __half>(const __grid_constant__ Args);
+template __global__ void step_kernel<kRl2, float>(const __grid_constant__ Args);
+template __global__ void step_kernel<kRl2, __nv_bfloat16>(const __grid_constant__ Args);
+template __global__ void step_kernel<kRl2, __half>(const __grid_constant__ Args);
 
 }  // namespace cuda
 }  // namespace fastanalog
-
 #ifndef __CUDA_ARCH__
 // ----- host side -----------------------------------------------------------------------------
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -339,6 +470,7 @@ template __global__ void step_kernel<kRl2, __half>(const Args);
 
 #include <algorithm>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace fastanalog {
@@ -392,8 +524,9 @@ void check_array(const at::Tensor& t, const at::Tensor& ref, const char* name) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of W");
 }
 
-// Where a pulse output goes (as on CPU): nothing for an empty tensor, the total of |N| added
-// to a one-element int64 tensor, the per-element counts into an int32 tensor of W's size.
+// Where a pulse output goes (as on CPU): nothing for an empty tensor, the total of
+// N_up + N_down over the array added to a one-element int64 tensor, the per-element net
+// counts N_up - N_down into an int32 tensor of W's size.
 void pulses_out(at::Tensor& p, const at::Tensor& ref, const char* name, int32_t*& elements, unsigned long long*& total) {
   elements = nullptr;
   total = nullptr;
@@ -408,11 +541,22 @@ void pulses_out(at::Tensor& p, const at::Tensor& ref, const char* name, int32_t*
   elements = p.data_ptr<int32_t>();
 }
 
-int grad_kind(const at::Tensor& g, const at::Tensor& W) {
-  TORCH_CHECK(g.device() == W.device(), "g must be on ", W.device(), ", got ", g.device());
-  TORCH_CHECK(g.numel() == W.numel(), "g has ", g.numel(), " elements, expected ", W.numel());
-  TORCH_CHECK(g.is_contiguous(), "g must be contiguous");
-  switch (g.scalar_type()) {
+// Where the pairs min(N_up, N_down) of the first array go: nowhere for an empty tensor, else
+// into an int32 tensor of W's size (zeros when there is no A: no pairs).
+int32_t* pairs_out(at::Tensor& p, const at::Tensor& ref, const char* name) {
+  if (p.numel() == 0) return nullptr;
+  TORCH_CHECK(p.device() == ref.device() && p.is_contiguous(), name, " must be a contiguous tensor on W's device (or empty)");
+  TORCH_CHECK(p.scalar_type() == at::kInt, name, " must be int32 (pairs per element) or empty");
+  TORCH_CHECK(p.numel() == ref.numel(), name, " has ", p.numel(), " elements, expected ", ref.numel());
+  return p.data_ptr<int32_t>();
+}
+
+// The dtype id of an input beside W (g, A): 0 float32, 1 bfloat16, 2 float16.
+int input_kind(const at::Tensor& v, const at::Tensor& W, const char* name) {
+  TORCH_CHECK(v.device() == W.device(), name, " must be on ", W.device(), ", got ", v.device());
+  TORCH_CHECK(v.numel() == W.numel(), name, " has ", v.numel(), " elements, expected ", W.numel());
+  TORCH_CHECK(v.is_contiguous(), name, " must be contiguous");
+  switch (v.scalar_type()) {
     case at::kFloat:
       return 0;
     case at::kBFloat16:
@@ -420,14 +564,16 @@ int grad_kind(const at::Tensor& g, const at::Tensor& W) {
     case at::kHalf:
       return 2;
     default:
-      TORCH_CHECK(false, "g must be float32, bfloat16 or float16, got ", g.scalar_type());
+      TORCH_CHECK(false, name, " must be float32, bfloat16 or float16, got ", v.scalar_type());
   }
   return 0;
 }
 
 template <int ALG, class S>
 void launch_typed(const Args& a, cudaStream_t stream) {
-  const int64_t blocks_needed = (a.numel + kThreads - 1) / kThreads;
+  // One thread per Philox call: the calls j = i / 4 that the shard's elements i touch.
+  const int64_t calls = (a.offset + a.numel + 3) / 4 - a.offset / 4;
+  const int64_t blocks_needed = (calls + kThreads - 1) / kThreads;
   int device = 0, sms = 1;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
@@ -458,27 +604,37 @@ float max_pulses_of(int64_t max_pulses) {
   return max_pulses > 0 ? static_cast<float>(max_pulses) : std::numeric_limits<float>::infinity();
 }
 
-void fill_common(Args& a, const at::Tensor& W, const at::Tensor& g, double lr, int64_t key, int64_t offset, int64_t max_pulses) {
+// The inputs of the first write: g, the optional excess input A, the step's scalars.
+void fill_common(Args& a, const at::Tensor& W, const at::Tensor& g, const std::optional<at::Tensor>& A, double lr, int64_t key,
+                 int64_t offset, int64_t max_pulses) {
   TORCH_CHECK(offset >= 0, "offset must be >= 0, got ", offset);
+  TORCH_CHECK(offset <= std::numeric_limits<int64_t>::max() - W.numel() - 4, "offset ", offset, " is too large");
   a.numel = W.numel();
   a.offset = offset;
   a.key = static_cast<unsigned long long>(key);
   a.g = g.data_ptr();
-  a.g_kind = grad_kind(g, W);
-  a.neg_lr = -static_cast<float>(lr);
+  a.g_kind = input_kind(g, W, "g");
+  if (A.has_value() && A->defined()) {
+    a.A = A->data_ptr();
+    a.a_kind = input_kind(*A, W, "A");
+  }
+  a.lr = static_cast<float>(lr);
+  a.neg_lr = -a.lr;
   a.max_pulses = max_pulses_of(max_pulses);
 }
 
-void asgd_step_cuda(at::Tensor& W, const at::Tensor& g, at::Tensor& pulses, double lr, int64_t key, int64_t offset,
-                    c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w, int64_t max_pulses) {
+void asgd_step_cuda(at::Tensor& W, const at::Tensor& g, const std::optional<at::Tensor>& A, at::Tensor& pulses, at::Tensor& pairs,
+                    double lr, int64_t key, int64_t offset, c10::ArrayRef<double> dev_w, int64_t var_key_w,
+                    c10::ArrayRef<double> table_w, int64_t max_pulses) {
   const c10::cuda::CUDAGuard guard(W.device());
   check_array(W, W, "W");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   TableStore tw;
   Args a{};
-  fill_common(a, W, g, lr, key, offset, max_pulses);
+  fill_common(a, W, g, A, lr, key, offset, max_pulses);
   a.W = W.data_ptr();
   pulses_out(pulses, W, "pulses", a.pulses_first, a.total_first);
+  a.pairs_first = pairs_out(pairs, W, "pairs");
   a.dev_w = parse_device(dev_w, var_key_w, table_w, tw, stream);
   launch<kAsgd>(a, W.scalar_type(), stream);
 }
@@ -491,21 +647,23 @@ void* mixed_out(at::Tensor& Wbar, const at::Tensor& W) {
   return Wbar.data_ptr();
 }
 
-void rl_step_cuda(at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tensor& g, at::Tensor& pulses_p, at::Tensor& pulses_w,
-                  double lr, int64_t key, int64_t offset, bool transfer, double gamma, double transfer_lr, double read_noise,
-                  int64_t max_pulses, c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w,
-                  c10::ArrayRef<double> dev_p, int64_t var_key_p, c10::ArrayRef<double> table_p) {
+void rl_step_cuda(at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tensor& g, const std::optional<at::Tensor>& A,
+                  at::Tensor& pulses_p, at::Tensor& pairs_p, at::Tensor& pulses_w, double lr, int64_t key, int64_t offset,
+                  bool transfer, double gamma, double transfer_lr, double read_noise, int64_t max_pulses,
+                  c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w, c10::ArrayRef<double> dev_p,
+                  int64_t var_key_p, c10::ArrayRef<double> table_p) {
   const c10::cuda::CUDAGuard guard(W.device());
   check_array(W, W, "W");
   check_array(P, W, "P");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   TableStore tw, tp;
   Args a{};
-  fill_common(a, W, g, lr, key, offset, max_pulses);
+  fill_common(a, W, g, A, lr, key, offset, max_pulses);
   a.W = W.data_ptr();
   a.P = P.data_ptr();
   a.Wbar = mixed_out(Wbar, W);
   pulses_out(pulses_p, W, "pulses_p", a.pulses_first, a.total_first);
+  a.pairs_first = pairs_out(pairs_p, W, "pairs_p");
   pulses_out(pulses_w, W, "pulses_w", a.pulses_main, a.total_main);
   if (!transfer) {
     a.pulses_main = nullptr;
@@ -521,10 +679,11 @@ void rl_step_cuda(at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tens
   launch<kRl>(a, W.scalar_type(), stream);
 }
 
-void rl2_step_cuda(at::Tensor& W, at::Tensor& P, at::Tensor& H, at::Tensor& Wbar, const at::Tensor& g, at::Tensor& pulses_p,
-                   at::Tensor& pulses_w, double lr, int64_t key, int64_t offset, bool ema, double gamma, double transfer_lr,
-                   double read_noise, double threshold, int64_t max_pulses, c10::ArrayRef<double> dev_w, int64_t var_key_w,
-                   c10::ArrayRef<double> table_w, c10::ArrayRef<double> dev_p, int64_t var_key_p, c10::ArrayRef<double> table_p) {
+void rl2_step_cuda(at::Tensor& W, at::Tensor& P, at::Tensor& H, at::Tensor& Wbar, const at::Tensor& g,
+                   const std::optional<at::Tensor>& A, at::Tensor& pulses_p, at::Tensor& pairs_p, at::Tensor& pulses_w, double lr,
+                   int64_t key, int64_t offset, bool ema, double gamma, double transfer_lr, double read_noise, double threshold,
+                   int64_t max_pulses, c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w,
+                   c10::ArrayRef<double> dev_p, int64_t var_key_p, c10::ArrayRef<double> table_p) {
   const c10::cuda::CUDAGuard guard(W.device());
   check_array(W, W, "W");
   check_array(P, W, "P");
@@ -532,12 +691,13 @@ void rl2_step_cuda(at::Tensor& W, at::Tensor& P, at::Tensor& H, at::Tensor& Wbar
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   TableStore tw, tp;
   Args a{};
-  fill_common(a, W, g, lr, key, offset, max_pulses);
+  fill_common(a, W, g, A, lr, key, offset, max_pulses);
   a.W = W.data_ptr();
   a.P = P.data_ptr();
   a.H = H.data_ptr();
   a.Wbar = mixed_out(Wbar, W);
   pulses_out(pulses_p, W, "pulses_p", a.pulses_first, a.total_first);
+  a.pairs_first = pairs_out(pairs_p, W, "pairs_p");
   pulses_out(pulses_w, W, "pulses_w", a.pulses_main, a.total_main);
   a.transfer = true;
   a.ema = ema;

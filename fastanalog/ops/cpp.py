@@ -3,8 +3,10 @@
 The kernels live in ``csrc/analog_update.cpp`` (CPU) and ``csrc/cuda/analog_update.cu``
 (CUDA). Both register the ops ``torch.ops.fastanalog.{asgd,rl,rl2}_step_cpp_`` (one CPU and
 one CUDA kernel per op), which update their arrays in place and write int32 pulse counts per element
-or, into a one-element int64 tensor, their total sum |N|. On CPU, ``multi_step_cpp_`` steps a
-whole group of tensors of one config in one call (``*_multi_step_cpp``).
+(the net ``N_up - N_down``, and with an excess ``A`` the pairs ``min(N_up, N_down)`` of the first
+array) or, into a one-element int64 tensor, their total ``sum(N_up + N_down)``. The ops take the
+step key; the kernels derive the keys of the streams of SPEC section 4 themselves. On CPU,
+``multi_step_cpp_`` steps a whole group of tensors of one config in one call (``*_multi_step_cpp``).
 
 Loading, on first use: the library built by ``pip install`` (``fastanalog/_C*.so``, with the
 CUDA kernels inside where CUDA was found at build time); failing that, a JIT build of the
@@ -164,19 +166,20 @@ def _require_cpp() -> None:
 
 # ----- fake (meta) kernels, so torch.compile can trace the ops --------------------------------
 def _register_fakes() -> None:
-    def asgd_fake(W, g, pulses, lr, key, offset, dev_w, var_key_w, table_w, max_pulses):
+    def asgd_fake(W, g, A, pulses, pairs, lr, key, offset, dev_w, var_key_w, table_w, max_pulses):
         return None
 
-    def rl_fake(W, P, Wbar, g, pulses_p, pulses_w, lr, key, offset, transfer, gamma, transfer_lr, read_noise, max_pulses,
-                dev_w, var_key_w, table_w, dev_p, var_key_p, table_p):  # fmt: skip
+    def rl_fake(W, P, Wbar, g, A, pulses_p, pairs_p, pulses_w, lr, key, offset, transfer, gamma, transfer_lr, read_noise,
+                max_pulses, dev_w, var_key_w, table_w, dev_p, var_key_p, table_p):  # fmt: skip
         return None
 
-    def rl2_fake(W, P, H, Wbar, g, pulses_p, pulses_w, lr, key, offset, ema, gamma, transfer_lr, read_noise, threshold,
-                 max_pulses, dev_w, var_key_w, table_w, dev_p, var_key_p, table_p):  # fmt: skip
+    def rl2_fake(W, P, H, Wbar, g, A, pulses_p, pairs_p, pulses_w, lr, key, offset, ema, gamma, transfer_lr, read_noise,
+                 threshold, max_pulses, dev_w, var_key_w, table_w, dev_p, var_key_p, table_p):  # fmt: skip
         return None
 
-    def multi_fake(algorithm, W, P, H, Wbar, g, pulses_first, pulses_main, lr, keys, offsets, flag, gamma, transfer_lr,
-                   read_noise, threshold, max_pulses, dev_w, var_keys_w, table_w, dev_p, var_keys_p, table_p):  # fmt: skip
+    def multi_fake(algorithm, W, P, H, Wbar, g, A, pulses_first, pairs_first, pulses_main, lr, keys, offsets, flag, gamma,
+                   transfer_lr, read_noise, threshold, max_pulses, dev_w, var_keys_w, table_w, dev_p, var_keys_p,
+                   table_p):  # fmt: skip
         return None
 
     def triad_fake(a, b, c, s):
@@ -223,8 +226,13 @@ def device_args(packed: PackedDevice) -> tuple[list[float], int, list[float]]:
     return desc, int(packed.var_key), [float(v) for v in packed.table_up + packed.table_down]
 
 
-def _check_arrays(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], g: torch.Tensor) -> torch.Tensor:
-    """Validate the arrays (equal numel, dtype and device, contiguous, disjoint); return g ready for the op."""
+def _check_arrays(
+    names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], g: torch.Tensor, A: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate the arrays (equal numel, dtype and device, contiguous, disjoint) and the excess ``A``.
+
+    Returns g and A ready for the op.
+    """
     ref = tensors[0]
     if ref.dtype not in STORAGE_DTYPES:
         raise ValueError(f"W must be float32, bfloat16 or float16 for the C++ kernels, got {ref.dtype}")
@@ -248,7 +256,38 @@ def _check_arrays(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], g: 
         raise ValueError(f"g must be a floating tensor, got {g.dtype}")
     if g.dtype not in (torch.float32, ref.dtype):
         g = g.to(torch.float32)
-    return g.contiguous()
+    return g.contiguous(), _check_excess(A, ref, names, tensors)
+
+
+def _check_excess(
+    A: torch.Tensor | None, ref: torch.Tensor, names: Sequence[str] = (), written: Sequence[torch.Tensor] = ()
+) -> torch.Tensor | None:
+    """Validate ``A``, the per-sample |g| sums of the first write (None: no excess); return it ready for the op.
+
+    It must be a contiguous floating tensor with W's numel and device, apart from the arrays the
+    step writes. float32, bfloat16 and float16 pass as they are (whatever W's dtype); other
+    floating dtypes are widened to float32.
+    """
+    if A is None:
+        return None
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"A (the per-sample |g| sums) must be a tensor or None, got {type(A).__name__}")
+    if not A.is_floating_point():
+        raise ValueError(f"A (the per-sample |g| sums) must be a floating tensor, got {A.dtype}")
+    if A.device != ref.device:
+        raise ValueError(f"A is on {A.device} but W is on {ref.device}: move it to W's device")
+    if A.numel() != ref.numel():
+        raise ValueError(f"A (the per-sample |g| sums) has {A.numel()} elements but W has {ref.numel()}")
+    if not A.is_contiguous():
+        raise ValueError("A (the per-sample |g| sums) must be contiguous (pass a flat view of it)")
+    if A.numel() > 0:
+        lo, hi = A.data_ptr(), A.data_ptr() + A.numel() * A.element_size()
+        for name, t in zip(names, written):
+            if lo < t.data_ptr() + t.numel() * t.element_size() and t.data_ptr() < hi:
+                raise ValueError(f"A and {name} overlap in memory: the kernels need separate arrays")
+    if A.dtype not in STORAGE_DTYPES:
+        A = A.to(torch.float32)
+    return A
 
 
 def _named(**arrays: torch.Tensor | None) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...]]:
@@ -263,7 +302,8 @@ def _mixed_out(Wbar: torch.Tensor | None, W: torch.Tensor) -> torch.Tensor:
 
 
 def _max_pulses(config: AnalogConfig) -> int:
-    return 0 if config.max_pulses is None else int(config.max_pulses)
+    """The pulse cap the kernels apply to each direction (always set: ``config.pulse_cap``; 0 would mean none)."""
+    return int(config.pulse_cap)
 
 
 def _check_offset(offset: int) -> int:
@@ -273,33 +313,53 @@ def _check_offset(offset: int) -> int:
 
 
 def _pulse_out(W: torch.Tensor, totals: bool, written: bool = True) -> torch.Tensor:
-    """The pulse output of one array: int32 counts per element, or one int64 that receives sum |N|."""
+    """The pulse output of one array: int32 net counts per element, or one int64 that receives sum(N_up + N_down)."""
     if totals:
         return torch.zeros(1, dtype=torch.int64, device=W.device)
     return torch.empty(W.numel() if written else 0, dtype=torch.int32, device=W.device)
+
+
+def _pairs_out(W: torch.Tensor, A: torch.Tensor | None, totals: bool) -> torch.Tensor:
+    """The pairs output of the first write: int32 per element with an excess and per-element counts, else empty."""
+    return torch.empty(W.numel() if A is not None and not totals else 0, dtype=torch.int32, device=W.device)
 
 
 def _reported(t: torch.Tensor, totals: bool) -> torch.Tensor:
     return t.view(()) if totals else t
 
 
+def _first_pairs(pairs: torch.Tensor, A: torch.Tensor | None, totals: bool) -> torch.Tensor | None:
+    return pairs if A is not None and not totals else None
+
+
 # ----- launchers (signatures of the reference functions) ----------------------------------------
 # With ``totals=True`` a launcher reports, instead of the counts per element, each written
-# array's total number of pulses sum |N| as a 0-d int64 tensor (computed inside the kernel:
-# no count array is written or read again), which is all the optimizer's bookkeeping needs.
+# array's total number of pulses sum(N_up + N_down) as a 0-d int64 tensor (computed inside the
+# kernel: no count array is written or read again), which is all the optimizer's bookkeeping
+# needs. ``A``: the per-sample |g| sums of the first write (SPEC section 2a); None is no
+# excess (e = 0, no pairs).
 def asgd_step_cpp(
-    W, g, *, lr: float, config: AnalogConfig, key: int, tensor_id: int, offset: int = 0, totals: bool = False
+    W,
+    g,
+    *,
+    lr: float,
+    config: AnalogConfig,
+    key: int,
+    tensor_id: int,
+    offset: int = 0,
+    A: torch.Tensor | None = None,
+    totals: bool = False,
 ) -> StepPulses:
-    """Analog SGD, ``W <- pulse_update_W(W, -lr * g)``, in place; as ``asgd_step_ref``."""
+    """Analog SGD, ``W <- pulse_update_W(W, -lr * g, e)``, in place; as ``asgd_step_ref``."""
     _require_cpp()
-    g = _check_arrays(("W",), (W,), g)
+    g, A = _check_arrays(("W",), (W,), g, A)
     dev_w, _ = pack_config(config, tensor_id)
     desc_w, key_w, table_w = device_args(dev_w)
-    pulses = _pulse_out(W, totals)
+    pulses, pairs = _pulse_out(W, totals), _pairs_out(W, A, totals)
     torch.ops.fastanalog.asgd_step_cpp_(
-        W, g, pulses, float(lr), int(key), _check_offset(offset), desc_w, key_w, table_w, _max_pulses(config)
+        W, g, A, pulses, pairs, float(lr), int(key), _check_offset(offset), desc_w, key_w, table_w, _max_pulses(config)
     )
-    return StepPulses(first=_reported(pulses, totals))
+    return StepPulses(first=_reported(pulses, totals), first_pairs=_first_pairs(pairs, A, totals))
 
 
 def _residual_args(config: AnalogConfig, tensor_id: int):
@@ -319,34 +379,54 @@ def rl_step_cpp(
     tensor_id: int,
     transfer: bool,
     offset: int = 0,
+    A: torch.Tensor | None = None,
     totals: bool = False,
 ) -> StepPulses:
     """Residual Learning v1 in place (``transfer``: this step's transfer flag); as ``rl_step_ref``."""
     _require_cpp()
-    g = _check_arrays(*_named(W=W, P=P, Wbar=Wbar), g)
+    g, A = _check_arrays(*_named(W=W, P=P, Wbar=Wbar), g, A)
     Wbar = _mixed_out(Wbar, W)
-    pulses_p, pulses_w = _pulse_out(W, totals), _pulse_out(W, totals, written=transfer)
+    pulses_p, pairs_p, pulses_w = _pulse_out(W, totals), _pairs_out(W, A, totals), _pulse_out(W, totals, written=transfer)
     torch.ops.fastanalog.rl_step_cpp_(
-        W, P, Wbar, g, pulses_p, pulses_w, float(lr), int(key), _check_offset(offset), bool(transfer), float(config.gamma),
-        float(config.transfer_lr), float(config.read_noise), _max_pulses(config), *_residual_args(config, tensor_id),
+        W, P, Wbar, g, A, pulses_p, pairs_p, pulses_w, float(lr), int(key), _check_offset(offset), bool(transfer),
+        float(config.gamma), float(config.transfer_lr), float(config.read_noise), _max_pulses(config),
+        *_residual_args(config, tensor_id),
     )  # fmt: skip
-    return StepPulses(first=_reported(pulses_p, totals), main=_reported(pulses_w, totals) if transfer else None)
+    return StepPulses(
+        first=_reported(pulses_p, totals),
+        main=_reported(pulses_w, totals) if transfer else None,
+        first_pairs=_first_pairs(pairs_p, A, totals),
+    )
 
 
 def rl2_step_cpp(
-    W, P, H, Wbar, g, *, lr: float, config: AnalogConfig, key: int, tensor_id: int, offset: int = 0, totals: bool = False
+    W,
+    P,
+    H,
+    Wbar,
+    g,
+    *,
+    lr: float,
+    config: AnalogConfig,
+    key: int,
+    tensor_id: int,
+    offset: int = 0,
+    A: torch.Tensor | None = None,
+    totals: bool = False,
 ) -> StepPulses:
     """Residual Learning v2 in place (residual write, noisy read, buffer, transfer, mix); as ``rl2_step_ref``."""
     _require_cpp()
-    g = _check_arrays(*_named(W=W, P=P, H=H, Wbar=Wbar), g)
+    g, A = _check_arrays(*_named(W=W, P=P, H=H, Wbar=Wbar), g, A)
     Wbar = _mixed_out(Wbar, W)
-    pulses_p, pulses_w = _pulse_out(W, totals), _pulse_out(W, totals)
+    pulses_p, pairs_p, pulses_w = _pulse_out(W, totals), _pairs_out(W, A, totals), _pulse_out(W, totals)
     torch.ops.fastanalog.rl2_step_cpp_(
-        W, P, H, Wbar, g, pulses_p, pulses_w, float(lr), int(key), _check_offset(offset), config.buffer == "ema",
+        W, P, H, Wbar, g, A, pulses_p, pairs_p, pulses_w, float(lr), int(key), _check_offset(offset), config.buffer == "ema",
         float(config.gamma), float(config.transfer_lr), float(config.read_noise), float(config.threshold), _max_pulses(config),
         *_residual_args(config, tensor_id),
     )  # fmt: skip
-    return StepPulses(first=_reported(pulses_p, totals), main=_reported(pulses_w, totals))
+    return StepPulses(
+        first=_reported(pulses_p, totals), main=_reported(pulses_w, totals), first_pairs=_first_pairs(pairs_p, A, totals)
+    )
 
 
 # ----- multi-tensor launchers ---------------------------------------------------------------------
@@ -385,6 +465,7 @@ def _multi(
     flag: bool,
     main_written: bool,
     totals: bool,
+    As: Sequence[torch.Tensor] | None = None,
 ) -> list[StepPulses]:
     _require_cpp()
     if not hasattr(torch.ops.fastanalog, "multi_step_cpp_"):
@@ -394,10 +475,12 @@ def _multi(
     offsets = [0] * m if offsets is None else [_check_offset(int(o)) for o in offsets]
     lists = {name: ts for name, ts in arrays.items() if ts is not None}
     lengths = {len(ts) for ts in lists.values()} | {len(g), len(keys), len(tensor_ids), len(offsets)}
+    if As is not None:
+        lengths.add(len(As))
     if m == 0 or len(lengths) != 1:
         raise ValueError(
-            f"{', '.join(lists)}, g, keys, tensor_ids and offsets must be non-empty lists of one length (one entry per "
-            f"tensor), got lengths {sorted(lengths)}"
+            f"{', '.join(lists)}, g, {'As, ' if As is not None else ''}keys, tensor_ids and offsets must be non-empty lists "
+            f"of one length (one entry per tensor), got lengths {sorted(lengths)}"
         )
     for name, ts in lists.items():
         for t in ts:
@@ -405,6 +488,17 @@ def _multi(
                 raise ValueError(f"{name} is on {t.device}: the multi-tensor C++ step takes CPU tensors")
     if W[0].dtype not in STORAGE_DTYPES:
         raise ValueError(f"W must be float32, bfloat16 or float16 for the C++ kernels, got {W[0].dtype}")
+    excess = []
+    if As is not None:
+        for i, (A, w) in enumerate(zip(As, W)):
+            if not isinstance(A, torch.Tensor):
+                raise TypeError(f"As[{i}] must be a tensor, got {type(A).__name__}")
+            if A.device.type != "cpu":
+                raise ValueError(f"As[{i}] is on {A.device}: the multi-tensor C++ step takes CPU tensors")
+            try:
+                excess.append(_check_excess(A, w))
+            except ValueError as exc:
+                raise ValueError(f"As[{i}]: {exc}") from None
     residual = config.has_residual
     var_keys = _variation_keys(config)
     packed = [var_keys.get(tid) or var_keys.setdefault(tid, _var_key_pair(config, tid)) for tid in tensor_ids]
@@ -419,19 +513,21 @@ def _multi(
     else:
         first = [torch.empty(t.numel(), dtype=torch.int32) for t in W]
         main = [torch.empty(t.numel() if main_written else 0, dtype=torch.int32) for t in W]
+    pairs = [torch.empty(t.numel(), dtype=torch.int32) for t in W] if As is not None and not totals else []
     torch.ops.fastanalog.multi_step_cpp_(
         _ALGORITHM_IDS[algorithm], W, list(arrays.get("residual") or []), list(arrays.get("buffer") or []),
-        list(arrays.get("weight") or []), list(g), first, main, float(lr), [int(k) for k in keys], offsets, bool(flag),
-        float(config.gamma), float(config.transfer_lr), float(config.read_noise), float(config.threshold), _max_pulses(config),
-        desc_w, [p[0] for p in packed], table_w,
+        list(arrays.get("weight") or []), list(g), excess, first, pairs, main, float(lr), [int(k) for k in keys], offsets,
+        bool(flag), float(config.gamma), float(config.transfer_lr), float(config.read_noise), float(config.threshold),
+        _max_pulses(config), desc_w, [p[0] for p in packed], table_w,
         desc_p, [p[1] for p in packed] if residual else [], table_p,
     )  # fmt: skip
     if totals:
         first = [c.view(()) for c in first]
         main = [c.view(()) for c in main] if main_written else main
+    first_pairs = pairs if pairs else [None] * m
     if not residual:
-        return [StepPulses(first=f) for f in first]
-    return [StepPulses(first=f, main=w if main_written else None) for f, w in zip(first, main)]
+        return [StepPulses(first=f, first_pairs=p) for f, p in zip(first, first_pairs)]
+    return [StepPulses(first=f, main=w if main_written else None, first_pairs=p) for f, w, p in zip(first, main, first_pairs)]
 
 
 def asgd_multi_step_cpp(
@@ -443,11 +539,15 @@ def asgd_multi_step_cpp(
     keys: Sequence[int],
     tensor_ids: Sequence[int],
     offsets: Sequence[int] | None = None,
+    As: Sequence[torch.Tensor] | None = None,
     totals: bool = False,
 ) -> list[StepPulses]:
-    """Analog SGD on several tensors of one config in one call; tensor ``i`` as ``asgd_step_cpp`` updates it."""
+    """Analog SGD on several tensors of one config in one call; tensor ``i`` as ``asgd_step_cpp`` updates it.
+
+    ``As``: None (no excess) or each tensor's per-sample |g| sums (the ``A`` of the single-tensor step).
+    """
     return _multi("asgd", {"main": W}, g, lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets,
-                  flag=False, main_written=True, totals=totals)  # fmt: skip
+                  flag=False, main_written=True, totals=totals, As=As)  # fmt: skip
 
 
 def rl_multi_step_cpp(
@@ -462,11 +562,13 @@ def rl_multi_step_cpp(
     tensor_ids: Sequence[int],
     transfer: bool,
     offsets: Sequence[int] | None = None,
+    As: Sequence[torch.Tensor] | None = None,
     totals: bool = False,
 ) -> list[StepPulses]:
     """Residual Learning v1 on several tensors in one call (``Wbar`` None: no mixed weight); as ``rl_step_cpp``."""
     return _multi("rl", {"main": W, "residual": P, "weight": Wbar}, g, lr=lr, config=config, keys=keys,
-                  tensor_ids=tensor_ids, offsets=offsets, flag=transfer, main_written=transfer, totals=totals)  # fmt: skip
+                  tensor_ids=tensor_ids, offsets=offsets, flag=transfer, main_written=transfer, totals=totals,
+                  As=As)  # fmt: skip
 
 
 def rl2_multi_step_cpp(
@@ -481,11 +583,13 @@ def rl2_multi_step_cpp(
     keys: Sequence[int],
     tensor_ids: Sequence[int],
     offsets: Sequence[int] | None = None,
+    As: Sequence[torch.Tensor] | None = None,
     totals: bool = False,
 ) -> list[StepPulses]:
     """Residual Learning v2 on several tensors in one call (``Wbar`` None: no mixed weight); as ``rl2_step_cpp``."""
     return _multi("rl2", {"main": W, "residual": P, "buffer": H, "weight": Wbar}, g, lr=lr, config=config, keys=keys,
-                  tensor_ids=tensor_ids, offsets=offsets, flag=config.buffer == "ema", main_written=True, totals=totals)  # fmt: skip
+                  tensor_ids=tensor_ids, offsets=offsets, flag=config.buffer == "ema", main_written=True, totals=totals,
+                  As=As)  # fmt: skip
 
 
 def mix_cpp(W: torch.Tensor, P: torch.Tensor, gamma: float) -> torch.Tensor | None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,22 @@ from . import reference
 from .reference import StepPulses
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
+# The storage dtypes of the compiled kernels; other float arrays (float64) take the reference.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_noticed: set[torch.dtype] = set()
+# The oldest Triton whose tl.randint4x is SPEC section 4's generator: Philox4x32-10 keyed by
+# the seed's two 32-bit halves, counter (offset low, offset high, 0, 0) for int64 offsets
+# (tests/test_philox.py checks it bit for bit, across the counter's 2^32 boundary).
+MIN_TRITON = (3, 0)
+
+
+def triton_version_ok(version: str) -> bool:
+    """Whether Triton ``version`` (e.g. ``"3.8.0"``, ``"3.1.0+git..."``) is at least ``MIN_TRITON``."""
+    parts = []
+    for piece in version.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts) >= MIN_TRITON
 
 
 @dataclass(frozen=True)
@@ -64,20 +81,35 @@ def _load(name: str) -> Backend | None:
                 return None
             if name == "cuda":
                 return Backend(
-                    name, mod.asgd_step_cpp, mod.rl_step_cpp, mod.rl2_step_cpp, lambda t: t.device.type == "cuda", totals=True
+                    name,
+                    mod.asgd_step_cpp,
+                    mod.rl_step_cpp,
+                    mod.rl2_step_cpp,
+                    lambda t: t.device.type == "cuda" and t.dtype in KERNEL_DTYPES,
+                    totals=True,
                 )
             return Backend(
                 name,
                 mod.asgd_step_cpp,
                 mod.rl_step_cpp,
                 mod.rl2_step_cpp,
-                lambda t: t.device.type == "cpu",
+                lambda t: t.device.type == "cpu" and t.dtype in KERNEL_DTYPES,
                 asgd_multi=mod.asgd_multi_step_cpp,
                 rl_multi=mod.rl_multi_step_cpp,
                 rl2_multi=mod.rl2_multi_step_cpp,
                 totals=True,
             )
         if name == "triton":
+            import triton
+
+            if not triton_version_ok(triton.__version__):
+                warnings.warn(
+                    f"fastanalog: triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, whose "
+                    "tl.randint4x the kernels rely on; the Triton backend is off (pip install 'triton>=3.0')",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return None
             mod = importlib.import_module(".triton", __package__)
             interpret = os.environ.get("TRITON_INTERPRET") == "1"
             return Backend(
@@ -85,10 +117,11 @@ def _load(name: str) -> Backend | None:
                 mod.asgd_step_triton,
                 mod.rl_step_triton,
                 mod.rl2_step_triton,
-                lambda t: t.device.type == "cuda" or (interpret and t.device.type == "cpu"),
+                lambda t: t.dtype in KERNEL_DTYPES and (t.device.type == "cuda" or (interpret and t.device.type == "cpu")),
                 asgd_multi=mod.asgd_multi_step_triton,
                 rl_multi=mod.rl_multi_step_triton,
                 rl2_multi=mod.rl2_multi_step_triton,
+                totals=True,
             )
     except ImportError:
         return None
@@ -119,13 +152,22 @@ def choose_backend(tensor: torch.Tensor) -> Backend:
             )
         if not backend.serves(tensor):
             raise RuntimeError(
-                f"FASTANALOG_BACKEND={forced!r} cannot update a {tensor.device.type} tensor; unset it or move the model"
+                f"FASTANALOG_BACKEND={forced!r} cannot update a {tensor.device.type} {tensor.dtype} tensor (its kernels store "
+                "float32, bfloat16 or float16); unset it, or move or cast the model"
             )
         return backend
     order = ("triton", "cuda", "reference") if tensor.device.type == "cuda" else ("cpp", "reference")
     for name in order:
         backend = get_backend(name)
         if backend is not None and backend.serves(tensor):
+            if name == "reference" and tensor.dtype not in KERNEL_DTYPES and tensor.dtype not in _noticed:
+                _noticed.add(tensor.dtype)
+                warnings.warn(
+                    f"fastanalog: {tensor.dtype} analog arrays are updated by the reference backend (plain PyTorch, slower): "
+                    "the compiled kernels store float32, bfloat16 or float16. The update math is float32 either way.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             return backend
     return get_backend("reference")
 
@@ -151,6 +193,8 @@ class StepItem:
 
     ``weight`` (rl/rl2 only) receives ``W + gamma * P``, or is None: then no mixed weight
     is written. ``key`` is the tensor's step key ``philox.step_key(seed, step, tensor_id)``.
+    ``A`` is the per-element sum of the samples' absolute gradients of a per-sample write
+    (SPEC section 2a), of ``grad``'s shape, or None: the write has no excess (batch mode).
     """
 
     arrays: dict[str, torch.Tensor | None]
@@ -159,6 +203,7 @@ class StepItem:
     config: AnalogConfig
     key: int
     tensor_id: int
+    A: torch.Tensor | None = None
 
 
 # The arrays each algorithm updates, in the order of its launchers' arguments (before g).
@@ -200,6 +245,7 @@ def analog_step_group(items: Sequence[StepItem], *, lr: float, step: int, totals
             config_id = config_ids[id(item.config)] = distinct.setdefault(item.config, len(distinct))
         arrays = (_array(item, n) for n in _ARRAYS[algorithm])
         dtypes = tuple(a.dtype if a is not None else None for a in arrays) + (item.grad.dtype,)
+        dtypes += (item.A.dtype if item.A is not None else None,)
         key = (backend.name, config_id, main.device, dtypes)
         launches.setdefault(key, (backend, []))[1].append(i)
     out: list[StepPulses | None] = [None] * len(items)
@@ -219,12 +265,18 @@ def _launch(backend: Backend, items: list[StepItem], *, lr: float, step: int, to
     # A role without arrays (no stored mixed weight: all None, as the launch key says) is None.
     flat = [[_flat(_array(item, n)) for item in items] if _array(items[0], n) is not None else None for n in names]
     grads = [item.grad.reshape(-1).contiguous() for item in items]
+    for item in items:
+        if item.A is not None and item.A.shape != item.grad.shape:
+            raise ValueError(f"A (per-sample |g| sums) must have the gradient's shape {tuple(item.grad.shape)}, got {tuple(item.A.shape)}")
+    sums = [item.A.reshape(-1).contiguous() for item in items] if items[0].A is not None else None
     extra = {"transfer": step % config.transfer_every == 0} if config.algorithm == "rl" else {}
     if totals and backend.totals:
         extra["totals"] = True
     multi = getattr(backend, f"{config.algorithm}_multi")
     if multi is not None:
         keys = [item.key for item in items]
+        if sums is not None:
+            extra["As"] = sums
         out = multi(*flat, grads, lr=lr, config=config, keys=keys, tensor_ids=[item.tensor_id for item in items], **extra)
     else:
         single = getattr(backend, config.algorithm)
@@ -236,6 +288,7 @@ def _launch(backend: Backend, items: list[StepItem], *, lr: float, step: int, to
                 config=config,
                 key=item.key,
                 tensor_id=item.tensor_id,
+                **({"A": sums[i]} if sums is not None else {}),
                 **extra,
             )
             for i, item in enumerate(items)
@@ -256,13 +309,15 @@ def analog_step(
     key: int,
     tensor_id: int,
     step: int,
+    A: torch.Tensor | None = None,
 ) -> StepPulses:
     """One step of ``config.algorithm`` on one tensor; arrays are updated in place.
 
     ``arrays`` is a layer's ``analog_state()``; ``weight`` the stored mixed weight
-    (written with ``W + gamma * P`` for rl/rl2), or None; ``step`` counts from 1.
+    (written with ``W + gamma * P`` for rl/rl2), or None; ``step`` counts from 1;
+    ``A`` the per-sample |g| sums of a per-sample write (None: batch mode).
     """
-    item = StepItem(arrays, weight, grad, config, key, tensor_id)
+    item = StepItem(arrays, weight, grad, config, key, tensor_id, A)
     return analog_step_group([item], lr=lr, step=step)[0]
 
 

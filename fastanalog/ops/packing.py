@@ -19,7 +19,12 @@ from ..config import AnalogConfig
 from ..devices import MATH_DTYPE, DeviceParams, ResponseDevice
 from . import philox
 
+# The one layout the compiled kernels share with Python (tests/test_layout.py checks it
+# against csrc/op_layout.h): family and algorithm ids, and the order of the float[]
+# device description (the ``DeviceField`` enum there, ``kTauMin`` <-> ``tau_min``).
 FAMILY_IDS = {"linear": 0, "power": 1, "exp": 2, "table": 3}
+ALGORITHM_IDS = {"asgd": 0, "rl": 1, "rl2": 2}
+DEVICE_FIELDS = ("family", "tau_min", "tau_max", "gamma", "dw_min", "asym", "d2d_std", "c2c_std", "has_gamma", "zero_shift", "shift")
 
 
 @dataclass(frozen=True)
@@ -87,3 +92,8 @@ def pack_config(config: AnalogConfig, tensor_id: int) -> tuple[PackedDevice, Pac
     dev_w = pack_device(config.device, tensor_id, 0, zero_shift=False)
     dev_p = pack_device(config.residual_device, tensor_id, 1, zero_shift=config.zero_shift) if config.has_residual else None
     return dev_w, dev_p
+
+
+def device_floats(packed: PackedDevice) -> list[float]:
+    """The float[] device description of one array, in ``DEVICE_FIELDS`` order (booleans and ids as floats)."""
+    return [float(getattr(packed, name)) for name in DEVICE_FIELDS]

@@ -12,6 +12,17 @@ SplitMix64 chained over the three inputs, truncated to 63 bits so the key passes
 a kernel as a non-negative int64. ``variation_key(variation_seed, tensor_id, array)``
 keys device-to-device parameters (``array`` is 0 for the main array W and 1 for the
 residual array P); it depends on no step, so those parameters never change.
+
+Streams (SPEC v2, section 4)
+----------------------------
+Each purpose of a step draws from its own stream ``s`` keyed
+``stream_key(step_key, s) = step_key ^ STREAM_SALT[s]`` (a XOR with a fixed 63-bit
+constant, so a kernel derives it from the step key with one instruction). In a
+stream, global element ``i`` takes word ``r(i mod 4)`` of the Philox call whose
+counter is ``j = i div 4``: one call serves four consecutive elements. Normals
+come in Box-Muller pairs of one call: elements ``4j, 4j+1`` are the cosine and
+sine outputs of ``(r0, r1)``, elements ``4j+2, 4j+3`` those of ``(r2, r3)``.
+See :func:`stream_words`, :func:`stream_uniform` and :func:`stream_normal`.
 """
 
 from __future__ import annotations
@@ -27,8 +38,16 @@ PHILOX_ROUND_A = 0xD2511F53
 PHILOX_ROUND_B = 0xCD9E8D57
 N_ROUNDS = 10
 
-# XOR-ed into a step key to open the second stream of a step (c2c noise of W).
-STREAM_W_C2C = 0x5DEECE66D
+# The streams of one step (SPEC section 4): what each draws, for which array.
+STREAM_ROUND_FIRST = 0  # uniforms: net rounding u0 of the first array written (P for rl/rl2, W for asgd)
+STREAM_PAIRS_FIRST = 1  # uniforms: rounding u1 of the opposite-pulse pairs of that array (per-sample writes)
+STREAM_ROUND_W = 2  # uniforms: rounding of the W transfer (rl, rl2 "ema")
+STREAM_C2C_FIRST = 3  # normals: cycle-to-cycle noise of the first array
+STREAM_READ_P = 4  # normals: read noise of P
+STREAM_C2C_W = 5  # normals: cycle-to-cycle noise of W (rl, rl2)
+N_STREAMS = 6
+# stream_key(k, s) = k ^ STREAM_SALT[s]: s times the 64-bit golden ratio, kept to 63 bits.
+STREAM_SALT = tuple((s * 0x9E3779B97F4A7C15) & 0x7FFFFFFFFFFFFFFF for s in range(N_STREAMS))
 # Domain separators for the key mixer, so step and variation keys never collide.
 _STEP_DOMAIN = 0x243F6A8885A308D3
 _VARIATION_DOMAIN = 0x13198A2E03707344
@@ -59,6 +78,13 @@ def step_key(seed: int, step: int, tensor_id: int) -> int:
 def variation_key(variation_seed: int, tensor_id: int, array: int) -> int:
     """The 63-bit Philox key of the device-to-device parameters of one array."""
     return _mix(_VARIATION_DOMAIN, variation_seed, tensor_id, array)
+
+
+def stream_key(step_key: int, stream: int) -> int:
+    """The 63-bit Philox key of stream ``stream`` (0..5) of a step: ``step_key ^ STREAM_SALT[stream]``."""
+    if not 0 <= stream < N_STREAMS:
+        raise ValueError(f"stream must be in [0, {N_STREAMS}), got {stream}")
+    return (int(step_key) ^ STREAM_SALT[stream]) & MASK63
 
 
 def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,3 +150,47 @@ def randn4x(key: int, offset: torch.Tensor):
     n0, n1 = pair_uniform_to_normal(u0, u1)
     n2, n3 = pair_uniform_to_normal(u2, u3)
     return n0, n1, n2, n3
+
+
+def _calls(key: int, offset: int, numel: int, where) -> tuple[tuple[torch.Tensor, ...], int]:
+    """The Philox calls covering elements ``[offset, offset + numel)``: their words and the first call's index."""
+    if offset < 0 or numel < 0:
+        raise ValueError(f"offset and numel must be >= 0, got {offset} and {numel}")
+    first = offset // 4
+    last = (offset + numel + 3) // 4
+    j = torch.arange(first, last, dtype=torch.int64, device=where)
+    return randint4x(key, j), first
+
+
+def _per_element(values: tuple[torch.Tensor, ...], first: int, offset: int, numel: int) -> torch.Tensor:
+    """Interleave four per-call values into per-element values (element ``4j + k`` gets value ``k`` of call ``j``)."""
+    flat = torch.stack(values, dim=1).reshape(-1)
+    start = offset - 4 * first
+    return flat[start : start + numel]
+
+
+def stream_words(key: int, offset: int, numel: int, where=None) -> torch.Tensor:
+    """The 32-bit words (int64 tensor) of elements ``[offset, offset + numel)`` of the stream keyed ``key``.
+
+    Element ``i`` takes word ``i mod 4`` of ``randint4x(key, i div 4)``.
+    """
+    words, first = _calls(key, offset, numel, where)
+    return _per_element(words, first, offset, numel)
+
+
+def stream_uniform(key: int, offset: int, numel: int, where=None) -> torch.Tensor:
+    """Float32 uniforms in ``[0, 1)`` of elements ``[offset, offset + numel)`` of the stream keyed ``key``."""
+    return uint_to_uniform(stream_words(key, offset, numel, where))
+
+
+def stream_normal(key: int, offset: int, numel: int, where=None) -> torch.Tensor:
+    """Float32 normals of elements ``[offset, offset + numel)`` of the stream keyed ``key``.
+
+    Call ``j`` gives elements ``4j, 4j+1`` the Box-Muller pair of its words ``(r0, r1)``
+    and elements ``4j+2, 4j+3`` the pair of ``(r2, r3)`` (cosine output first).
+    """
+    words, first = _calls(key, offset, numel, where)
+    u0, u1, u2, u3 = (uint_to_uniform(w) for w in words)
+    n0, n1 = pair_uniform_to_normal(u0, u1)
+    n2, n3 = pair_uniform_to_normal(u2, u3)
+    return _per_element((n0, n1, n2, n3), first, offset, numel)

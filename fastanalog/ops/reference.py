@@ -5,27 +5,39 @@ Conventions every backend follows, element for element:
 * All math in float32. Scalars (``lr``, ``transfer_lr``, ...) are rounded to float32
   before use. Arrays stored in a narrower dtype are widened, updated, and written
   back with round-to-nearest.
-* A write of ``N`` pulses (``D = N * dw_min``) changes the stored value ``x`` by
-  ``x + (D + c2c_std * dw_min * sqrt(|N|) * z) * q_s(x + shift)`` where ``q_s`` is
-  ``q_up`` for ``N > 0`` and ``q_down`` for ``N < 0`` (this equals
-  ``D*F - |D|*G`` plus SPEC's cycle-to-cycle term), then clamps to the device range
-  ``[tau_min - shift, tau_max - shift]``. ``shift`` is the device's symmetric point
-  for a zero-shifted residual array, else 0.
-* Pulse counts: stochastic rounding ``N = floor(n) + (u < n - floor(n))`` with
-  ``n = d / dw_min`` computed as a float32 division, then the optional
-  ``max_pulses`` cap. Threshold transfers truncate instead.
-* Random numbers: one ``randint4x(step_key, i)`` per element per step for the
-  global element index ``i`` = ``offset`` + position in the flat tensor. ``r0``
-  rounds the first array written (P for rl/rl2, W for asgd), ``r1`` rounds W
-  (rl, rl2 "ema"), ``(r2, r3)`` become two normals by Box-Muller: the cosine one
-  is the read noise of P, the sine one the c2c noise of the first array. The c2c
-  noise of W in rl/rl2 is the cosine normal of ``(r0, r1)`` of a second call
-  keyed ``step_key ^ STREAM_W_C2C``.
+* A write (SPEC section 2) asks for a net change ``d`` and an excess ``e >= 0``:
+  ``n = d / dw_min`` and ``m = e / dw_min`` (float32 divisions) round stochastically,
+  ``N = floor(n) + (u0 < n - floor(n))`` and ``M`` likewise with ``u1``; threshold
+  transfers truncate ``n`` instead and have ``M = 0``. Then ``N_up = M + max(N, 0)``,
+  ``N_down = M + max(-N, 0)``, each capped at ``config.pulse_cap`` (``max_pulses``, else
+  ``PULSE_LIMIT`` = 2**24, so that no count overflows, whatever the gradient).
+* The stored value ``x`` becomes, with ``w = x + shift`` and ``dw = dw_min``::
+
+      up    = (N_up * dw) * q_up(w)        (0 where N_up = 0)
+      down  = (N_down * dw) * q_down(w)    (0 where N_down = 0)
+      delta = up - down
+      delta = delta + ((c2c_std * dw) * sqrt((N_up * q_up) * q_up + (N_down * q_down) * q_down)) * z
+      x_new = clamp(x + delta, tau_min - shift, tau_max - shift)
+
+  (the noise line only where the device has ``c2c_std > 0``; each product rounded to
+  float32 in this order). With ``M = 0`` only the response the net pulse selects is
+  needed. ``shift`` is the device's symmetric point for a zero-shifted residual
+  array, else 0.
+* The excess of a per-sample write comes from ``A``, the per-element sum of the
+  samples' absolute gradients (SPEC section 2a), given as an array beside ``g``:
+  ``e = (lr * max(A - |g|, 0)) * 0.5``. ``A = None`` is ``e = 0`` (batch mode, and the
+  fast path: stream 1 is not drawn). Momentum or weight decay change ``g`` but not
+  the excess; a caller with both passes ``A' = max(A - |S|, 0) + |g|``.
+* Random numbers: the streams of SPEC section 4 (``philox.stream_key``), one
+  Philox call per four consecutive global elements ``i = offset + position``:
+  stream 0 rounds the net pulses of the first array written (P for rl/rl2, W for
+  asgd), 1 its pairs, 2 the W transfer (rl, rl2 "ema"); 3, 4, 5 are normals: c2c of
+  the first array, read noise of P, c2c of W. A stream a step does not need is not drawn.
 * Device-to-device parameters come from ``ResponseDevice.element_params`` with
   ``array = 0`` for W and ``1`` for P.
 
 Each ``*_step_ref`` updates its arrays in place (flat, contiguous tensors of equal
-numel) and returns the signed pulse counts it applied, as int32 tensors.
+numel) and returns the pulses it applied (:class:`StepPulses`).
 """
 
 from __future__ import annotations
@@ -44,10 +56,37 @@ ARRAY_P = 1
 
 @dataclass
 class StepPulses:
-    """Signed pulses applied in one step, per element (None for an array not written)."""
+    """Pulses applied in one step, per element as int32 (None for an array not written).
+
+    ``first`` and ``main`` are the signed net counts ``N_up - N_down``; ``first_pairs``
+    the opposite-pulse pairs ``min(N_up, N_down)`` of the first array's write (None
+    without an excess: no pairs). The pulses an element received are
+    ``|net| + 2 * pairs``. A kernel asked for totals reports instead, per array, that
+    sum over the array as a 0-d int64 tensor (``first`` then already includes the pairs
+    and ``first_pairs`` is None).
+    """
 
     first: torch.Tensor  # P for rl/rl2, W for asgd
     main: torch.Tensor | None = None  # W for rl/rl2 (None on a step without transfer)
+    first_pairs: torch.Tensor | None = None
+
+    def first_total(self) -> torch.Tensor:
+        """Pulses written to the first array, summed (0-d int64)."""
+        return pulse_total(self.first, self.first_pairs)
+
+    def main_total(self) -> torch.Tensor | None:
+        """Pulses written to W by the transfer of rl/rl2, summed (0-d int64), or None."""
+        return None if self.main is None else pulse_total(self.main, None)
+
+
+def pulse_total(net: torch.Tensor, pairs: torch.Tensor | None) -> torch.Tensor:
+    """``sum(|net| + 2 * pairs)`` as a 0-d int64 tensor; a 0-d int64 ``net`` is a total already."""
+    if net.dim() == 0 and net.dtype == torch.int64:
+        return net
+    total = net.to(torch.int64).abs().sum()
+    if pairs is not None:
+        total = total + 2 * pairs.to(torch.int64).sum()
+    return total
 
 
 def f32(x: float) -> torch.Tensor:
@@ -84,61 +123,125 @@ def stochastic_round(n: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def pulse_count(n: torch.Tensor, u: torch.Tensor | None, max_pulses: int | None) -> torch.Tensor:
-    """Pulse count for the requested pulses ``n``: stochastic if ``u`` is given, else truncation."""
+    """Net pulse count for the requested pulses ``n``: stochastic if ``u`` is given, else truncation; capped."""
     count = stochastic_round(n, u) if u is not None else torch.trunc(n)
     if max_pulses is not None:
         count = torch.clamp(count, -float(max_pulses), float(max_pulses))
     return count
 
 
-def apply_pulses(x: torch.Tensor, count: torch.Tensor, arr: _Array, c2c_z: torch.Tensor | None) -> torch.Tensor:
-    """Stored value after ``count`` pulses (SPEC section 2 steps 2-4), float32."""
+def directional_counts(
+    n: torch.Tensor, u0: torch.Tensor | None, m: torch.Tensor | None, u1: torch.Tensor | None, max_pulses: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N_up, N_down)`` of a write of ``n`` net and ``m`` paired pulses (SPEC section 2, step 1), float32.
+
+    ``u0`` None: the net count truncates (threshold transfer). ``m`` None: no pairs.
+    """
+    net = stochastic_round(n, u0) if u0 is not None else torch.trunc(n)
+    up = torch.clamp(net, min=0.0)
+    down = torch.clamp(-net, min=0.0)
+    if m is not None:
+        pairs = stochastic_round(m, u1)
+        up = pairs + up
+        down = pairs + down
+    if max_pulses is not None:
+        up = torch.clamp(up, max=float(max_pulses))
+        down = torch.clamp(down, max=float(max_pulses))
+    return up, down
+
+
+def apply_pulses(x: torch.Tensor, n_up: torch.Tensor, n_down: torch.Tensor, arr: _Array, c2c_z: torch.Tensor | None) -> torch.Tensor:
+    """Stored value after ``n_up`` up and ``n_down`` down pulses (SPEC section 2 steps 2-4), float32."""
     p = arr.params
     w = x + arr.shift
-    q = torch.where(count > 0, arr.device.q_up(w, p), arr.device.q_down(w, p))
-    step = count * p.dw_min
+    zero = torch.zeros((), dtype=MATH_DTYPE, device=x.device)
+    q_up = arr.device.q_up(w, p)
+    q_down = arr.device.q_down(w, p)
+    has_up = n_up > 0
+    has_down = n_down > 0
+    delta = torch.where(has_up, (n_up * p.dw_min) * q_up, zero) - torch.where(has_down, (n_down * p.dw_min) * q_down, zero)
     if arr.device.c2c_std > 0 and c2c_z is not None:
-        step = step + f32(arr.device.c2c_std) * p.dw_min * torch.sqrt(torch.abs(count)) * c2c_z
-    x_new = x + step * q
+        var = torch.where(has_up, (n_up * q_up) * q_up, zero) + torch.where(has_down, (n_down * q_down) * q_down, zero)
+        delta = delta + ((f32(arr.device.c2c_std).to(x.device) * p.dw_min) * torch.sqrt(var)) * c2c_z
+    x_new = x + delta
     return torch.clamp(x_new, p.tau_min - arr.shift, p.tau_max - arr.shift)
 
 
-def _draws(key: int, numel: int, offset: int, where):
-    idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=where)
-    r0, r1, r2, r3 = philox.randint4x(key, idx)
-    u0, u1, u2, u3 = (philox.uint_to_uniform(r) for r in (r0, r1, r2, r3))
-    n_read, n_c2c_first = philox.pair_uniform_to_normal(u2, u3)
-    return idx, u0, u1, n_read, n_c2c_first
+def excess(A: torch.Tensor, g: torch.Tensor, lr: float) -> torch.Tensor:
+    """The excess ``e = (lr * max(A - |g|, 0)) * 0.5`` of a per-sample write (SPEC section 2a), float32."""
+    a32 = A.to(MATH_DTYPE)
+    g32 = g.to(MATH_DTYPE)
+    return (f32(lr).to(g.device) * torch.clamp(a32 - torch.abs(g32), min=0.0)) * 0.5
 
 
-def _w_c2c_noise(key: int, idx: torch.Tensor) -> torch.Tensor:
-    v0, v1, _, _ = philox.rand4x(key ^ philox.STREAM_W_C2C, idx)
-    return philox.pair_uniform_to_normal(v0, v1)[0]
+def _uniform(key: int, stream: int, numel: int, offset: int, where) -> torch.Tensor:
+    return philox.stream_uniform(philox.stream_key(key, stream), offset, numel, where)
+
+
+def _normal(key: int, stream: int, numel: int, offset: int, where) -> torch.Tensor:
+    return philox.stream_normal(philox.stream_key(key, stream), offset, numel, where)
+
+
+def _first_write(x: torch.Tensor, g, A, lr, arr: _Array, config: AnalogConfig, key: int, offset: int):
+    """The gradient-driven write of the first array (W for asgd, P for rl/rl2): new value, net counts, pairs."""
+    where = x.device
+    numel = x.numel()
+    d = -f32(lr).to(where) * g.to(MATH_DTYPE)
+    u0 = _uniform(key, philox.STREAM_ROUND_FIRST, numel, offset, where)
+    m = u1 = None
+    if A is not None:
+        if A.shape != g.shape:
+            raise ValueError(f"A (the per-sample |g| sums) must have g's shape {tuple(g.shape)}, got {tuple(A.shape)}")
+        m = excess(A, g, lr) / arr.params.dw_min
+        u1 = _uniform(key, philox.STREAM_PAIRS_FIRST, numel, offset, where)
+    n_up, n_down = directional_counts(d / arr.params.dw_min, u0, m, u1, config.pulse_cap)
+    z = _normal(key, philox.STREAM_C2C_FIRST, numel, offset, where) if arr.device.c2c_std > 0 else None
+    new = apply_pulses(x.to(MATH_DTYPE), n_up, n_down, arr, z)
+    pairs = torch.minimum(n_up, n_down).to(torch.int32) if A is not None else None
+    return new, (n_up - n_down).to(torch.int32), pairs
 
 
 def _store(dst: torch.Tensor, value: torch.Tensor) -> None:
     dst.copy_(value.to(dst.dtype))
 
 
-def asgd_step_ref(W: torch.Tensor, g: torch.Tensor, *, lr: float, config: AnalogConfig, key: int, tensor_id: int, offset: int = 0) -> StepPulses:
-    """Analog SGD: ``W <- pulse_update_W(W, -lr * g)``."""
-    where = W.device
-    numel = W.numel()
-    arr_w = _Array.make(config.device, numel, tensor_id, ARRAY_W, offset, where, zero_shift=False)
-    _, u0, _, _, n_c2c = _draws(key, numel, offset, where)
-    d = -f32(lr).to(where) * g.to(MATH_DTYPE)
-    count = pulse_count(d / arr_w.params.dw_min, u0, config.max_pulses)
-    _store(W, apply_pulses(W.to(MATH_DTYPE), count, arr_w, n_c2c))
-    return StepPulses(first=count.to(torch.int32))
+def asgd_step_ref(
+    W: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    lr: float,
+    config: AnalogConfig,
+    key: int,
+    tensor_id: int,
+    offset: int = 0,
+    A: torch.Tensor | None = None,
+) -> StepPulses:
+    """Analog SGD: ``W <- pulse_update_W(W, -lr * g, e)``; ``A`` the per-sample |g| sums (None: ``e = 0``)."""
+    arr_w = _Array.make(config.device, W.numel(), tensor_id, ARRAY_W, offset, W.device, zero_shift=False)
+    new, net, pairs = _first_write(W, g, A, lr, arr_w, config, key, offset)
+    _store(W, new)
+    return StepPulses(first=net, first_pairs=pairs)
 
 
-def _residual_update(P, g, lr, config, tensor_id, offset, where, u0, n_c2c):
-    arr_p = _Array.make(config.residual_device, P.numel(), tensor_id, ARRAY_P, offset, where, zero_shift=config.zero_shift)
-    d = -f32(lr).to(where) * g.to(MATH_DTYPE)
-    count = pulse_count(d / arr_p.params.dw_min, u0, config.max_pulses)
-    p_new = apply_pulses(P.to(MATH_DTYPE), count, arr_p, n_c2c)
-    _store(P, p_new)
-    return P.to(MATH_DTYPE), count
+def _residual_update(P, g, A, lr, config, key, tensor_id, offset):
+    arr_p = _Array.make(config.residual_device, P.numel(), tensor_id, ARRAY_P, offset, P.device, zero_shift=config.zero_shift)
+    new, net, pairs = _first_write(P, g, A, lr, arr_p, config, key, offset)
+    _store(P, new)
+    return P.to(MATH_DTYPE), net, pairs
+
+
+def _read_p(p32: torch.Tensor, config: AnalogConfig, key: int, offset: int) -> torch.Tensor:
+    """The noisy read ``P + read_noise * z`` (stream 4), float32."""
+    if config.read_noise == 0:
+        return p32
+    z = _normal(key, philox.STREAM_READ_P, p32.numel(), offset, p32.device)
+    return p32 + f32(config.read_noise).to(p32.device) * z
+
+
+def _write_w(W, n_up, n_down, arr_w, config, key, offset) -> None:
+    """The transfer's write of W (no pairs), c2c noise from stream 5."""
+    z = _normal(key, philox.STREAM_C2C_W, W.numel(), offset, W.device) if config.device.c2c_std > 0 else None
+    _store(W, apply_pulses(W.to(MATH_DTYPE), n_up, n_down, arr_w, z))
 
 
 def mixed_weight(W: torch.Tensor, P: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -152,51 +255,72 @@ def _mixed(Wbar, W, P, config):
 
 
 def rl_step_ref(
-    W, P, Wbar, g, *, lr: float, config: AnalogConfig, key: int, tensor_id: int, transfer: bool, offset: int = 0
+    W,
+    P,
+    Wbar,
+    g,
+    *,
+    lr: float,
+    config: AnalogConfig,
+    key: int,
+    tensor_id: int,
+    transfer: bool,
+    offset: int = 0,
+    A: torch.Tensor | None = None,
 ) -> StepPulses:
     """Residual Learning v1 (Tiki-Taka with mixing); ``transfer`` is this step's transfer flag.
 
     ``Wbar`` receives the mixed weight ``W + gamma * P``, or is None: then none is written.
+    ``A``: the per-sample |g| sums of P's write (None: ``e = 0``).
     """
     where = W.device
-    idx, u0, u1, n_read, n_c2c = _draws(key, W.numel(), offset, where)
-    p32, count_p = _residual_update(P, g, lr, config, tensor_id, offset, where, u0, n_c2c)
-    count_w = None
+    p32, net_p, pairs = _residual_update(P, g, A, lr, config, key, tensor_id, offset)
+    net_w = None
     if transfer:
         arr_w = _Array.make(config.device, W.numel(), tensor_id, ARRAY_W, offset, where, zero_shift=False)
-        p_hat = p32 + f32(config.read_noise).to(where) * n_read
-        d = f32(config.transfer_lr).to(where) * p_hat
-        count_w = pulse_count(d / arr_w.params.dw_min, u1, config.max_pulses)
-        z_w = _w_c2c_noise(key, idx) if config.device.c2c_std > 0 else None
-        _store(W, apply_pulses(W.to(MATH_DTYPE), count_w, arr_w, z_w))
-        count_w = count_w.to(torch.int32)
+        d = f32(config.transfer_lr).to(where) * _read_p(p32, config, key, offset)
+        u = _uniform(key, philox.STREAM_ROUND_W, W.numel(), offset, where)
+        n_up, n_down = directional_counts(d / arr_w.params.dw_min, u, None, None, config.pulse_cap)
+        _write_w(W, n_up, n_down, arr_w, config, key, offset)
+        net_w = (n_up - n_down).to(torch.int32)
     _mixed(Wbar, W, P, config)
-    return StepPulses(first=count_p.to(torch.int32), main=count_w)
+    return StepPulses(first=net_p, main=net_w, first_pairs=pairs)
 
 
-def rl2_step_ref(W, P, H, Wbar, g, *, lr: float, config: AnalogConfig, key: int, tensor_id: int, offset: int = 0) -> StepPulses:
+def rl2_step_ref(
+    W,
+    P,
+    H,
+    Wbar,
+    g,
+    *,
+    lr: float,
+    config: AnalogConfig,
+    key: int,
+    tensor_id: int,
+    offset: int = 0,
+    A: torch.Tensor | None = None,
+) -> StepPulses:
     """Residual Learning v2: residual write, noisy read, digital buffer, transfer, mix (``Wbar`` None: no mix)."""
     where = W.device
-    idx, u0, u1, n_read, n_c2c = _draws(key, W.numel(), offset, where)
-    p32, count_p = _residual_update(P, g, lr, config, tensor_id, offset, where, u0, n_c2c)
+    p32, net_p, pairs = _residual_update(P, g, A, lr, config, key, tensor_id, offset)
     arr_w = _Array.make(config.device, W.numel(), tensor_id, ARRAY_W, offset, where, zero_shift=False)
-    p_hat = p32 + f32(config.read_noise).to(where) * n_read
+    p_hat = _read_p(p32, config, key, offset)
     tlr = f32(config.transfer_lr).to(where)
     h = H.to(MATH_DTYPE)
     dw = arr_w.params.dw_min
     if config.buffer == "accumulate":
         h = h + tlr * p_hat
-        count_w = torch.trunc(h / dw)
-        count_w = torch.where(torch.abs(h) >= f32(config.threshold).to(where) * dw, count_w, torch.zeros_like(count_w))
-        if config.max_pulses is not None:
-            count_w = torch.clamp(count_w, -float(config.max_pulses), float(config.max_pulses))
+        n = torch.where(torch.abs(h) >= f32(config.threshold).to(where) * dw, h / dw, torch.zeros_like(h))
+        n_up, n_down = directional_counts(n, None, None, None, config.pulse_cap)
     else:
         h = (1 - tlr) * h + tlr * p_hat
-        count_w = pulse_count(tlr * h / dw, u1, config.max_pulses)
-    z_w = _w_c2c_noise(key, idx) if config.device.c2c_std > 0 else None
-    _store(W, apply_pulses(W.to(MATH_DTYPE), count_w, arr_w, z_w))
+        u = _uniform(key, philox.STREAM_ROUND_W, W.numel(), offset, where)
+        n_up, n_down = directional_counts(tlr * h / dw, u, None, None, config.pulse_cap)
+    _write_w(W, n_up, n_down, arr_w, config, key, offset)
+    net_w = n_up - n_down
     if config.buffer == "accumulate":
-        h = h - count_w * dw
+        h = h - net_w * dw
     _store(H, h)
     _mixed(Wbar, W, P, config)
-    return StepPulses(first=count_p.to(torch.int32), main=count_w.to(torch.int32))
+    return StepPulses(first=net_p, main=net_w.to(torch.int32), first_pairs=pairs)

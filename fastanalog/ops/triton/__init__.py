@@ -1,16 +1,20 @@
 """Fused Triton kernels of the analog update, one file per algorithm (asgd, rl, rl2).
 
 Each launcher has the signature of its reference twin in ``fastanalog.ops.reference``
-and returns the same ``StepPulses``. Its multi-tensor twin (``*_multi_step_triton``) takes
-lists, one entry per tensor, and updates all tensors of one config in one launch, each as
-the single-tensor launcher would. Each launcher is also a ``torch.library`` custom op in
-the ``fastanalog`` namespace (``asgd_step_triton_``, ``rl_step_triton_``,
-``rl2_step_triton_`` and the ``*_multi_step_triton_`` ops) that mutates its arrays in place, registered with
+(the excess input ``A=None`` included) and returns the same ``StepPulses``; with
+``totals=True`` it reports per written array the sum of ``N_up + N_down`` as a 0-d int64
+tensor, reduced in the kernel, instead of per-element counts. Random numbers follow SPEC
+section 4 (per stream one Philox call per four elements). Its multi-tensor twin
+(``*_multi_step_triton``) takes lists, one entry per tensor (``As=None`` for the excess
+inputs), and updates all tensors of one config in one launch, each as the single-tensor
+launcher would. Each launcher is also a ``torch.library`` custom op in the ``fastanalog``
+namespace (``asgd_step_triton_``, ``rl_step_triton_``, ``rl2_step_triton_`` and the
+``*_multi_step_triton_`` ops) that mutates its arrays in place, registered with
 ``torch.library.custom_op`` and a no-op fake (``torch.library.triton_op`` runs the
 launcher itself on FakeTensors, which the interpreter cannot do, so ``opcheck`` fails
-with it under ``TRITON_INTERPRET=1``). On CPU tensors the kernels run only under the
-Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported); their home
-is CUDA tensors.
+with it under ``TRITON_INTERPRET=1``). Launches run with their tensors' CUDA device
+current. On CPU tensors the kernels run only under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported); their home is CUDA tensors.
 """
 
 from .asgd import asgd_multi_step_triton, asgd_step_triton

@@ -2,7 +2,7 @@
 
 Every ``@triton.jit`` helper here reproduces one step of ``fastanalog.ops.reference``
 operation for operation, in float32, so that a kernel applies the same pulse counts as
-the reference element for element (SPEC section 4):
+the reference element for element (SPEC sections 2 and 4):
 
 * Scalars (learning rates, device means, ...) reach the kernels already rounded to
   float32 (:func:`f32`), as the reference rounds every Python scalar first.
@@ -24,6 +24,25 @@ the reference element for element (SPEC section 4):
   rounded with integer bit operations (the interpreter's own float32 -> bfloat16
   cast truncates), float16 by the native conversion.
 
+Random numbers (SPEC section 4). Each purpose has its stream ``s`` with key
+``step_key ^ STREAM_SALT[s]`` (the salts are compile-time constants, the XOR happens in
+the kernel), and in a stream global element ``i`` takes word ``i % 4`` of the Philox
+call with counter ``i // 4``. A program's block therefore starts at a global index that
+is a multiple of 4 (:func:`block_range`: a shard whose offset is not one masks the
+elements of its first block that lie before the offset), draws ``tl.randint4x`` once
+for each of its ``BLOCK // 4`` calls and interleaves the four words into ``BLOCK``
+elements (:func:`stream_uniform`); normals take the Box-Muller pairs ``(r0, r1)`` and
+``(r2, r3)`` of each call (:func:`stream_normal`). A stream a configuration does not
+need is not drawn (compile-time switches).
+
+Pulses (SPEC section 2). A write rounds its net count ``N`` (stream 0, or truncation for
+the threshold transfer) and, given the excess input ``A``, its pairs ``M`` (stream 1);
+``N_up = M + max(N, 0)``, ``N_down = M + max(-N, 0)``, each capped. Per element the
+kernels store the net count ``N_up - N_down`` (int32) and, with ``A``, the pairs
+``min(N_up, N_down)``; asked for totals (``TOTALS``) they store none of that and add
+instead each program's ``sum(N_up + N_down)`` into a 0-d int64 tensor per array and
+tensor (:func:`report_pulses`).
+
 Device-to-device parameters are regenerated in-kernel exactly like
 ``ResponseDevice.element_params``: ``mean * max(1 + d2d_std * clamp(z, -3, 3), 0.05)``
 with ``(z_tau_min, z_tau_max, z_gamma, z_dw_min) = tl.randn4x(var_key, i)`` and
@@ -40,9 +59,11 @@ in both modes, so a tensor gets the same result either way.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -241,8 +262,8 @@ def mixed_pointers(Wbar: Sequence[torch.Tensor], W: Sequence[torch.Tensor]) -> t
 
 
 def step_scalars(config: AnalogConfig, lr: float) -> dict:
-    """Float32-rounded algorithm scalars shared by the kernels, and the pulse cap."""
-    cap = config.max_pulses
+    """Float32-rounded algorithm scalars shared by the kernels, and the pulse cap (always applied: ``config.pulse_cap``)."""
+    cap = config.pulse_cap
     return dict(
         lr=f32(lr),
         tlr=f32(config.transfer_lr),
@@ -254,17 +275,65 @@ def step_scalars(config: AnalogConfig, lr: float) -> dict:
     )
 
 
-def c2c_key(key: int) -> int:
-    """Step key of the second random stream (cycle-to-cycle noise of W)."""
-    return int(key) ^ philox.STREAM_W_C2C
+def check_offset(offset: int) -> int:
+    """A shard's global offset as an int; it must be non-negative."""
+    offset = int(offset)
+    if offset < 0:
+        raise ValueError(f"offset (the global index of element 0) must be >= 0, got {offset}")
+    return offset
+
+
+def check_excess(A: torch.Tensor | None, g: torch.Tensor, name: str = "A") -> None:
+    """The excess input ``A`` (SPEC section 2a), if given: a flat array like ``g`` on g's device."""
+    if A is None:
+        return
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(A).__name__}")
+    if A.shape != g.shape:
+        raise ValueError(f"{name} (the per-sample |g| sums) must have g's shape {tuple(g.shape)}, got {tuple(A.shape)}")
+    check_arrays(g.numel(), **{name: A})
+    if A.device != g.device:
+        raise ValueError(f"{name} is on {A.device} but g is on {g.device}: put them on one device")
+
+
+def new_counts(numel: int, where: torch.device, totals: bool) -> torch.Tensor:
+    """The pulse output of one written array: int32 per element, or a 0-d int64 total (zeroed: kernels add into it)."""
+    if totals:
+        return torch.zeros((), dtype=torch.int64, device=where)
+    return torch.empty(numel, dtype=torch.int32, device=where)
+
+
+def new_counts_multi(numels: Sequence[int], where: torch.device, totals: bool, arrays: int = 1) -> list[list[torch.Tensor]]:
+    """``new_counts`` for ``arrays`` written arrays of several tensors: one list per array, one entry per tensor.
+
+    Totals of one launch are 0-d views of one zeroed buffer (one allocation, one fill).
+    """
+    if totals:
+        buf = torch.zeros(arrays * len(numels), dtype=torch.int64, device=where)
+        views = list(buf.unbind())
+        return [views[a * len(numels) : (a + 1) * len(numels)] for a in range(arrays)]
+    return [[torch.empty(n, dtype=torch.int32, device=where) for n in numels] for _ in range(arrays)]
+
+
+def is_total(counts: torch.Tensor) -> bool:
+    """Whether a pulse output is a total (0-d int64) rather than per-element int32 counts."""
+    return counts.dtype == torch.int64
+
+
+def device_guard(where: torch.device):
+    """Context making ``where`` the current CUDA device for a launch (a no-op for CPU tensors)."""
+    if where.type == "cuda":
+        return torch.cuda.device(where)
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------
 # Multi-tensor launches
 # ----------------------------------------------------------------------------------------
 # Per-tensor scalars of the kernels, in the row order of the multi-tensor table; the rows of
-# the array addresses follow (the kernel's pointer arguments, in its order).
-TENSOR_SCALARS = ("numel", "offset", "key", "key_c2c", "w_var_key", "w_var_key_a", "p_var_key", "p_var_key_a")
+# the array addresses follow (the kernel's pointer arguments, in its order). The step keys and
+# the pulse outputs, new every step, are in a second table (see tensor_launch).
+TENSOR_SCALARS = ("numel", "offset", "w_var_key", "w_var_key_a", "p_var_key", "p_var_key_a")
 N_TENSOR_SCALARS = tl.constexpr(len(TENSOR_SCALARS))
 
 
@@ -279,7 +348,7 @@ def check_tensor_lists(
     One entry per tensor in every list; each tensor's arrays pass :func:`check_arrays`, and
     each array role (``arrays`` maps role names to lists) has one dtype and device.
     """
-    offsets = [0] * len(keys) if offsets is None else [int(o) for o in offsets]
+    offsets = [0] * len(keys) if offsets is None else [check_offset(o) for o in offsets]
     lengths = {len(ts) for ts in arrays.values()} | {len(keys), len(tensor_ids), len(offsets)}
     if not keys or len(lengths) != 1:
         raise ValueError(
@@ -299,6 +368,21 @@ def check_tensor_lists(
     return offsets
 
 
+def excess_list(As: Sequence[torch.Tensor] | None, g: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The excess inputs of a multi-tensor launcher: ``[]`` for None, else one per tensor like ``g``."""
+    if As is None:
+        return []
+    As = list(As)
+    if len(As) != len(g):
+        raise ValueError(f"As must hold one array per tensor ({len(g)}), got {len(As)}")
+    for i, (a, gi) in enumerate(zip(As, g)):
+        check_excess(a, gi, f"As[{i}]")
+    for a in As[1:]:
+        if a.dtype != As[0].dtype:
+            raise ValueError(f"the As arrays of one launch must share one dtype, got {As[0].dtype} and {a.dtype}")
+    return As
+
+
 def device_table(values: list[int], where: torch.device) -> torch.Tensor:
     """``values`` as an int64 tensor on ``where`` (on CUDA copied asynchronously from pinned memory)."""
     table = torch.tensor(values, dtype=torch.int64)
@@ -307,47 +391,107 @@ def device_table(values: list[int], where: torch.device) -> torch.Tensor:
     return table.pin_memory().to(where, non_blocking=True)
 
 
+def blocks_of(numel: int, offset: int, block: int) -> int:
+    """Programs covering a tensor of ``numel`` elements at global ``offset``: blocks start at multiples of 4."""
+    return triton.cdiv(numel + offset % 4, block) if numel > 0 else 0
+
+
+# Cached device copies of multi-tensor tables: {(device, table values): int64 tensor}, oldest first.
+_TABLE_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+TABLE_CACHE_SIZE = 64
+
+
+def cached_device_table(values: list[int], where: torch.device) -> torch.Tensor:
+    """``device_table(values, where)``, reused while the values are the same (LRU of ``TABLE_CACHE_SIZE``).
+
+    A table holds addresses, sizes, offsets and variation keys, all of which stay the same
+    from step to step while a model trains, so it is copied to the device once. A table is
+    a pure function of its values: an address reused by another tensor of the same shape
+    gives the same, still correct table.
+    """
+    key = (str(where), tuple(values))
+    table = _TABLE_CACHE.get(key)
+    if table is None:
+        table = _TABLE_CACHE[key] = device_table(values, where)
+        if len(_TABLE_CACHE) > TABLE_CACHE_SIZE:
+            _TABLE_CACHE.popitem(last=False)
+    else:
+        _TABLE_CACHE.move_to_end(key)
+    return table
+
+
 def tensor_launch(
-    arrays: dict[str, Sequence[torch.Tensor]], scalars: dict[str, Sequence[int]], block: int
+    arrays: dict[str, Sequence[torch.Tensor]],
+    outputs: dict[str, Sequence[torch.Tensor]],
+    scalars: dict[str, Sequence[int]],
+    keys: Sequence[int],
+    block: int,
 ) -> tuple[tuple[int], dict] | None:
     """(grid, per-tensor keyword arguments) of one kernel launch over several tensors; None if all are empty.
 
     Args:
-        arrays: the kernel's pointer arguments, in its order, each with one tensor per
-            updated tensor (the first array's numel is the tensor's).
-        scalars: the per-tensor scalar arguments the kernel takes besides ``numel``
-            (names from ``TENSOR_SCALARS``), one value per tensor.
+        arrays: the kernel's pointer arguments that stay from step to step (the arrays
+            and the inputs), in its order, each with one tensor per updated tensor (the
+            first array's numel is the tensor's).
+        outputs: its pointer arguments that are new every step (the pulse outputs), in its
+            order, one tensor per updated tensor.
+        scalars: the per-tensor scalar arguments the kernel takes besides ``numel`` and
+            ``key`` (names from ``TENSOR_SCALARS``; ``offset`` among them), one value per tensor.
+        keys: the step key of each tensor.
         block: elements per program.
 
-    Empty tensors are left out. One tensor is passed directly (``MULTI=False``). Several
-    are described by an int64 table ``[first block of each tensor and the total (T + 1)
-    | row r of TENSOR_SCALARS (T each) | addresses of array a (T each)]``
-    (``MULTI=True``); the pointer arguments then carry the first tensor's arrays only for
-    their element types, the scalar arguments 0.
+    Empty tensors are left out. One tensor is passed directly (``MULTI=False``, with
+    ``lead = offset % 4``, the elements of its first block before the offset). Several
+    are described by two int64 tables (``MULTI=True``): ``table_ptr``, ``[first block of
+    each tensor and the total (T + 1) | row r of TENSOR_SCALARS (T each) | addresses of
+    array a (T each)]``, cached on the device (:func:`cached_device_table`), and
+    ``step_ptr``, ``[step keys (T) | addresses of output o (T each)]``, copied every step.
+    The pointer arguments then carry the first tensor's arrays only for their element
+    types, the scalar arguments 0, and the constexprs ``ALIGNED`` and ``NUMEL16`` say what
+    the tables' values allow the compiler to assume (see :func:`multi_tensor_extent`,
+    :func:`tensor_array`).
     """
     first = next(iter(arrays.values()))
     rows = {"numel": [t.numel() for t in first], **scalars}
     live = [i for i, n in enumerate(rows["numel"]) if n > 0]
     if not live:
         return None
+    blocks = [blocks_of(rows["numel"][i], int(rows["offset"][i]), block) for i in live]
+    pointers = {**arrays, **outputs}
     if len(live) == 1:
         (i,) = live
-        kwargs = {name: ts[i] for name, ts in arrays.items()}
+        kwargs = {name: ts[i] for name, ts in pointers.items()}
         kwargs.update({name: int(values[i]) for name, values in rows.items()})
-        kwargs.update(table_ptr=None, n_tensors=1, search_steps=0, MULTI=False)
-        return (triton.cdiv(rows["numel"][i], block),), kwargs
+        kwargs.update(key=int(keys[i]), lead=int(rows["offset"][i]) % 4)
+        kwargs.update(table_ptr=None, step_ptr=None, n_tensors=1, search_steps=0, MULTI=False)
+        # One tensor: Triton specializes its pointers, numel and lead on alignment itself.
+        kwargs.update(ALIGNED=False, NUMEL16=False)
+        return (blocks[0],), kwargs
     starts = [0]
-    for i in live:
-        starts.append(starts[-1] + triton.cdiv(rows["numel"][i], block))
+    for b in blocks:
+        starts.append(starts[-1] + b)
     values = list(starts)
     for name in TENSOR_SCALARS:
         values += [int(rows[name][i]) if name in rows else 0 for i in live]
     for ts in arrays.values():
         values += [ts[i].data_ptr() for i in live]
-    kwargs = {name: ts[live[0]] for name, ts in arrays.items()}
+    step_values = [int(keys[i]) for i in live]
+    for ts in outputs.values():
+        step_values += [ts[i].data_ptr() for i in live]
+    kwargs = {name: ts[live[0]] for name, ts in pointers.items()}
     kwargs.update({name: 0 for name in rows})
+    # Alignment facts for the compiler (the tables hide them): array starts at multiples of
+    # 16 bytes (0-d totals are never accessed by vectors and do not count) and blocks that
+    # start at multiples of 4 elements; numels that are multiples of 16.
+    aligned = all(ts[i].data_ptr() % 16 == 0 for ts in pointers.values() for i in live if ts[i].dim() > 0)
+    aligned = aligned and all(int(rows["offset"][i]) % 4 == 0 for i in live)
+    kwargs.update(ALIGNED=aligned, NUMEL16=all(rows["numel"][i] % 16 == 0 for i in live))
+    where = first[live[0]].device
     kwargs.update(
-        table_ptr=device_table(values, first[live[0]].device),
+        key=0,
+        lead=0,
+        table_ptr=cached_device_table(values, where),
+        step_ptr=device_table(step_values, where),
         n_tensors=len(live),
         search_steps=math.ceil(math.log2(len(live))),
         MULTI=True,
@@ -390,16 +534,71 @@ def tensor_scalars(table_ptr, n_tensors, t):
         _table_entry(table_ptr, n_tensors, t, 3),
         _table_entry(table_ptr, n_tensors, t, 4),
         _table_entry(table_ptr, n_tensors, t, 5),
-        _table_entry(table_ptr, n_tensors, t, 6),
-        _table_entry(table_ptr, n_tensors, t, 7),
     )
 
 
 @triton.jit
-def tensor_array(table_ptr, n_tensors, t, array: tl.constexpr, like):
-    """Pointer to array ``array`` (the kernel's pointer arguments, counted in order) of tensor ``t``, typed as ``like``."""
+def tensor_key(step_ptr, t):
+    """The step key of tensor ``t`` of a multi-tensor launch (the step table's first row)."""
+    return tl.load(step_ptr + t)
+
+
+@triton.jit
+def tensor_output(step_ptr, n_tensors, t, output: tl.constexpr, like, ALIGNED: tl.constexpr = False):
+    """Pointer to output ``output`` (the kernel's pulse outputs, counted in order) of tensor ``t``, typed as ``like``."""
+    address = tl.load(step_ptr + (output + 1) * n_tensors + t)
+    ptr = address.to(tl.pointer_type(like.dtype.element_ty))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def tensor_array(table_ptr, n_tensors, t, array: tl.constexpr, like, ALIGNED: tl.constexpr = False):
+    """Pointer to array ``array`` (the kernel's pointer arguments, counted in order) of tensor ``t``, typed as ``like``.
+
+    ``ALIGNED``: the launcher checked that every tensor's array starts at a multiple of 16
+    bytes, which lets the compiler vectorise its accesses.
+    """
     address = _table_entry(table_ptr, n_tensors, t, N_TENSOR_SCALARS + array)
-    return address.to(tl.pointer_type(like.dtype.element_ty))
+    ptr = address.to(tl.pointer_type(like.dtype.element_ty))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def multi_tensor_extent(numel, offset, ALIGNED: tl.constexpr, NUMEL16: tl.constexpr):
+    """(numel, lead) of a tensor of a multi-tensor launch, with the alignment facts the launcher checked.
+
+    ``ALIGNED``: every offset is a multiple of 4 (``lead = 0``, blocks start at multiples of
+    the block size); ``NUMEL16``: every numel is a multiple of 16 (masks are constant over
+    vectors).
+    """
+    if NUMEL16:
+        numel = (numel >> 4) * 16  # the same value, with its divisibility visible to the compiler
+    if ALIGNED:
+        lead = 0
+    else:
+        lead = offset & 3
+    return numel, lead
+
+
+@triton.jit
+def block_range(block, offset, lead, numel, BLOCK: tl.constexpr):
+    """(positions in the tensor, mask, global indices, first Philox call) of one program's block.
+
+    Blocks are aligned to the global element index: block ``b`` covers global indices
+    ``offset - lead + b * BLOCK + [0, BLOCK)`` with ``lead = offset % 4``, so it holds the
+    whole Philox calls ``offset // 4 + b * BLOCK // 4 + [0, BLOCK // 4)``; positions
+    outside ``[0, numel)`` (the ``lead`` ones before the offset, the tail) are masked.
+    """
+    b = block.to(tl.int64)
+    off = tl.to_tensor(offset).to(tl.int64)
+    local = b * BLOCK - lead + tl.arange(0, BLOCK)
+    mask = (local >= 0) & (local < numel)
+    call0 = (off >> 2) + b * (BLOCK // 4)
+    return local, mask, local + off, call0
 
 
 # ----------------------------------------------------------------------------------------
@@ -436,10 +635,60 @@ def store_f32(ptr, offs, x, mask):
 # ----------------------------------------------------------------------------------------
 # Random numbers (SPEC section 4)
 # ----------------------------------------------------------------------------------------
+# Stream salts (philox.STREAM_SALT): stream s of a step is keyed step_key ^ SALT_s.
+SALT_ROUND_FIRST = tl.constexpr(philox.STREAM_SALT[philox.STREAM_ROUND_FIRST])
+SALT_PAIRS_FIRST = tl.constexpr(philox.STREAM_SALT[philox.STREAM_PAIRS_FIRST])
+SALT_ROUND_W = tl.constexpr(philox.STREAM_SALT[philox.STREAM_ROUND_W])
+SALT_C2C_FIRST = tl.constexpr(philox.STREAM_SALT[philox.STREAM_C2C_FIRST])
+SALT_READ_P = tl.constexpr(philox.STREAM_SALT[philox.STREAM_READ_P])
+SALT_C2C_W = tl.constexpr(philox.STREAM_SALT[philox.STREAM_C2C_W])
+
+
 @triton.jit
 def normal_pair(ra, rb):
     """Two normals (cosine, sine) from two 32-bit words, by Triton's Box-Muller."""
     return tl.pair_uniform_to_normal(tl.uint_to_uniform_float(ra), tl.uint_to_uniform_float(rb))
+
+
+@triton.jit
+def interleave4(a, b, c, d, BLOCK: tl.constexpr):
+    """``[a0, b0, c0, d0, a1, b1, ...]`` (``BLOCK`` elements): element ``4j + k`` is element ``j`` of the k-th input.
+
+    ``join(join(a, c), join(b, d))`` has shape ``[BLOCK // 4, 2, 2]`` with ``[j, i, k]`` the
+    input ``2 i + k``; its row-major reshape is the interleaving (``tl.interleave`` twice,
+    written with builtins only).
+    """
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [BLOCK])
+
+
+@triton.jit
+def stream_uniform(key, call0, SALT: tl.constexpr, BLOCK: tl.constexpr):
+    """Uniforms of the ``BLOCK`` elements from global index ``4 * call0`` on, of the stream keyed ``key ^ SALT``.
+
+    One Philox call per four elements: calls ``call0 + [0, BLOCK // 4)``, element ``4j + k``
+    takes word ``k`` of call ``j``.
+    """
+    k = tl.to_tensor(key).to(tl.int64)
+    if SALT != 0:
+        k = k ^ SALT
+    r0, r1, r2, r3 = tl.randint4x(k, call0 + tl.arange(0, BLOCK // 4).to(tl.int64))
+    return tl.uint_to_uniform_float(interleave4(r0, r1, r2, r3, BLOCK))
+
+
+@triton.jit
+def stream_normal(key, call0, SALT: tl.constexpr, BLOCK: tl.constexpr):
+    """Normals of the ``BLOCK`` elements from global index ``4 * call0`` on, of the stream keyed ``key ^ SALT``.
+
+    Elements ``4j, 4j + 1`` are the (cosine, sine) Box-Muller pair of words ``(r0, r1)``
+    of call ``j``, elements ``4j + 2, 4j + 3`` that of ``(r2, r3)``.
+    """
+    k = tl.to_tensor(key).to(tl.int64)
+    if SALT != 0:
+        k = k ^ SALT
+    r0, r1, r2, r3 = tl.randint4x(k, call0 + tl.arange(0, BLOCK // 4).to(tl.int64))
+    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
+    return interleave4(n0, n1, n2, n3, BLOCK)
 
 
 @triton.jit
@@ -587,28 +836,37 @@ def symmetric_point(
 # Pulses (SPEC section 2)
 # ----------------------------------------------------------------------------------------
 @triton.jit
-def stochastic_count(n, u, cap, CAP: tl.constexpr):
-    """``floor(n) + (u < n - floor(n))``, then clamped to ``[-cap, cap]`` if ``CAP``."""
+def stochastic_round(n, u):
+    """``floor(n) + (u < n - floor(n))``: unbiased stochastic rounding (float32)."""
     fl = tl.floor(n)
-    count = fl + (u < (n - fl)).to(tl.float32)
-    if CAP:
-        count = tl.minimum(tl.maximum(count, -cap), cap)
-    return count
+    return fl + (u < (n - fl)).to(tl.float32)
 
 
 @triton.jit
-def truncated_count(n, cap, CAP: tl.constexpr):
-    """``trunc(n)`` (toward zero), then clamped to ``[-cap, cap]`` if ``CAP``."""
-    count = tl.where(n < 0.0, tl.ceil(n), tl.floor(n))
+def truncate(n):
+    """``trunc(n)`` (toward zero), float32."""
+    return tl.where(n < 0.0, tl.ceil(n), tl.floor(n))
+
+
+@triton.jit
+def directional_counts(net, pairs, cap, PAIRS: tl.constexpr, CAP: tl.constexpr):
+    """``(N_up, N_down) = (M + max(N, 0), M + max(-N, 0))``, each capped at ``cap`` if ``CAP``; ``M = pairs`` if ``PAIRS`` else 0."""
+    up = tl.maximum(net, 0.0)
+    down = tl.maximum(-net, 0.0)
+    if PAIRS:
+        up = pairs + up
+        down = pairs + down
     if CAP:
-        count = tl.minimum(tl.maximum(count, -cap), cap)
-    return count
+        up = tl.minimum(up, cap)
+        down = tl.minimum(down, cap)
+    return up, down
 
 
 @triton.jit
 def apply_pulses(
     x,
-    count,
+    up,
+    down,
     z,
     shift,
     tmin,
@@ -622,23 +880,33 @@ def apply_pulses(
     TABLE_N: tl.constexpr,
     C2C: tl.constexpr,
     ZERO_SHIFT: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
-    """Stored value after ``count`` pulses (float32).
+    """Stored value after ``up`` up and ``down`` down pulses (float32), as ``reference.apply_pulses``.
 
-    ``x + (count * dw + c2c * dw * sqrt(|count|) * z) * q_s(x + shift)``, clamped to
-    ``[tau_min - shift, tau_max - shift]``; ``q_s`` is ``q_up`` for ``count > 0``, else
-    ``q_down``; ``shift`` is used only for a zero-shifted array and ``z`` only with
-    cycle-to-cycle noise.
+    ``delta = [(up dw) q_up if up > 0] - [(down dw) q_down if down > 0]``, plus with
+    cycle-to-cycle noise ``((c2c dw) sqrt([(up q_up) q_up] + [(down q_down) q_down])) z``;
+    then ``x + delta`` clamped to ``[tau_min - shift, tau_max - shift]``. Responses are
+    evaluated at ``x + shift`` (``shift`` used only for a zero-shifted array). Without
+    ``PAIRS`` at most one direction has pulses, and only its response is evaluated.
     """
     if ZERO_SHIFT:
         w = x + shift
     else:
         w = x
-    q = response(w, count > 0.0, tmin, tmax, gamma, asym, table_ptr, FAMILY, TABLE_N)
-    step = count * dw
+    has_up = up > 0.0
+    has_down = down > 0.0
+    if PAIRS:
+        q_up = response(w, tl.full(w.shape, True, tl.int1), tmin, tmax, gamma, asym, table_ptr, FAMILY, TABLE_N)
+        q_down = response(w, tl.full(w.shape, False, tl.int1), tmin, tmax, gamma, asym, table_ptr, FAMILY, TABLE_N)
+    else:
+        q_up = response(w, has_up, tmin, tmax, gamma, asym, table_ptr, FAMILY, TABLE_N)
+        q_down = q_up
+    delta = tl.where(has_up, (up * dw) * q_up, 0.0) - tl.where(has_down, (down * dw) * q_down, 0.0)
     if C2C:
-        step = step + c2c * dw * tl.sqrt_rn(tl.abs(count)) * z
-    x_new = x + step * q
+        var = tl.where(has_up, (up * q_up) * q_up, 0.0) + tl.where(has_down, (down * q_down) * q_down, 0.0)
+        delta = delta + ((c2c * dw) * tl.sqrt_rn(var)) * z
+    x_new = x + delta
     if ZERO_SHIFT:
         lo = tmin - shift
         hi = tmax - shift
@@ -646,6 +914,19 @@ def apply_pulses(
         lo = tmin
         hi = tmax
     return tl.minimum(tl.maximum(x_new, lo), hi)
+
+
+@triton.jit
+def report_pulses(count_ptr, pairs_ptr, local, mask, up, down, PAIRS: tl.constexpr, TOTALS: tl.constexpr):
+    """Write one array's pulses: per element the net ``up - down`` (and with ``PAIRS`` ``min(up, down)``), int32;
+    with ``TOTALS`` instead add the block's ``sum(up + down)`` into the 0-d int64 ``count_ptr``."""
+    if TOTALS:
+        n = tl.where(mask, up.to(tl.int64) + down.to(tl.int64), 0)
+        tl.atomic_add(count_ptr, tl.sum(n, axis=0), sem="relaxed")
+    else:
+        tl.store(count_ptr + local, (up - down).to(tl.int32), mask=mask)
+        if PAIRS:
+            tl.store(pairs_ptr + local, tl.minimum(up, down).to(tl.int32), mask=mask)
 
 
 @triton.jit
@@ -703,65 +984,130 @@ def array_params(
 
 
 @triton.jit
-def residual_write(
-    P_ptr,
+def first_write(
+    X_ptr,
+    count_ptr,
+    pairs_ptr,
     local,
     mask,
     idx,
+    call0,
+    key,
     g,
+    a,
     lr,
-    u0,
-    z_c2c,
     cap,
-    p_tmin,
-    p_tmax,
-    p_gamma,
-    p_dw,
-    p_asym,
-    p_d2d,
-    p_c2c,
-    p_shift,
-    p_var_key,
-    p_var_key_a,
-    p_table,
+    tmin,
+    tmax,
+    gamma,
+    dw,
+    asym,
+    d2d,
+    c2c,
+    shift,
+    var_key,
+    var_key_a,
+    table,
+    HAS_A: tl.constexpr,
     HAS_CAP: tl.constexpr,
-    P_FAMILY: tl.constexpr,
-    P_D2D: tl.constexpr,
-    P_HAS_GAMMA: tl.constexpr,
-    P_C2C: tl.constexpr,
-    P_ZERO_SHIFT: tl.constexpr,
-    P_TABLE_N: tl.constexpr,
-    P_TABLE_STEPS: tl.constexpr,
+    TOTALS: tl.constexpr,
+    FAMILY: tl.constexpr,
+    D2D: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    C2C: tl.constexpr,
+    ZERO_SHIFT: tl.constexpr,
+    TABLE_N: tl.constexpr,
+    TABLE_STEPS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """``P <- pulse_update_P(P, -lr * g)`` (rl, rl2); returns (P as stored, in float32; pulse counts).
+    """The gradient-driven write of the first array (W for asgd, P for rl/rl2); returns it as stored, in float32.
 
-    Rounding uses ``u0`` (word r0), cycle-to-cycle noise ``z_c2c`` (the sine normal of
-    words r2, r3); responses are evaluated at ``P + shift`` for a zero-shifted P.
+    ``n = (-lr g) / dw`` rounds with stream 0; with ``HAS_A`` the excess
+    ``e = (lr max(a - |g|, 0)) 0.5`` gives ``m = e / dw`` pairs, rounded with stream 1;
+    cycle-to-cycle noise from stream 3. Reports the pulses (net and pairs, or the total).
     """
-    x = load_f32(P_ptr, local, mask)
-    tmin, tmax, gamma, dw, asym, shift = array_params(
+    x = load_f32(X_ptr, local, mask)
+    e_tmin, e_tmax, e_gamma, e_dw, e_asym, e_shift = array_params(
         idx,
-        p_var_key,
-        p_var_key_a,
-        p_tmin,
-        p_tmax,
-        p_gamma,
-        p_dw,
-        p_asym,
-        p_d2d,
-        p_shift,
-        p_table,
-        P_FAMILY,
-        P_D2D,
-        P_HAS_GAMMA,
-        P_ZERO_SHIFT,
-        P_TABLE_N,
-        P_TABLE_STEPS,
+        var_key,
+        var_key_a,
+        tmin,
+        tmax,
+        gamma,
+        dw,
+        asym,
+        d2d,
+        shift,
+        table,
+        FAMILY,
+        D2D,
+        HAS_GAMMA,
+        ZERO_SHIFT,
+        TABLE_N,
+        TABLE_STEPS,
     )
-    d = (-tl.to_tensor(lr)) * g
-    count = stochastic_count(tl.div_rn(d, dw), u0, cap, HAS_CAP)
+    lr32 = tl.to_tensor(lr)
+    d = (-lr32) * g
+    net = stochastic_round(tl.div_rn(d, e_dw), stream_uniform(key, call0, SALT_ROUND_FIRST, BLOCK))
+    if HAS_A:
+        e = (lr32 * tl.maximum(a - tl.abs(g), 0.0)) * 0.5
+        pairs = stochastic_round(tl.div_rn(e, e_dw), stream_uniform(key, call0, SALT_PAIRS_FIRST, BLOCK))
+    else:
+        pairs = net
+    up, down = directional_counts(net, pairs, cap, HAS_A, HAS_CAP)
+    if C2C:
+        z = stream_normal(key, call0, SALT_C2C_FIRST, BLOCK)
+    else:
+        z = 0.0
     x_new = apply_pulses(
-        x, count, z_c2c, shift, tmin, tmax, gamma, dw, asym, p_c2c, p_table, P_FAMILY, P_TABLE_N, P_C2C, P_ZERO_SHIFT
+        x, up, down, z, e_shift, e_tmin, e_tmax, e_gamma, e_dw, e_asym, c2c, table, FAMILY, TABLE_N, C2C, ZERO_SHIFT, HAS_A
     )
-    stored = store_f32(P_ptr, local, x_new, mask)
-    return stored, count
+    stored = store_f32(X_ptr, local, x_new, mask)
+    report_pulses(count_ptr, pairs_ptr, local, mask, up, down, HAS_A, TOTALS)
+    return stored
+
+
+@triton.jit
+def transfer_write(
+    W_ptr,
+    count_ptr,
+    local,
+    mask,
+    idx,
+    call0,
+    key,
+    x,
+    n,
+    cap,
+    dw,
+    tmin,
+    tmax,
+    gamma,
+    asym,
+    c2c,
+    shift,
+    table,
+    HAS_CAP: tl.constexpr,
+    TOTALS: tl.constexpr,
+    FAMILY: tl.constexpr,
+    C2C: tl.constexpr,
+    ZERO_SHIFT: tl.constexpr,
+    TABLE_N: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """A transfer's write of W with net count ``n`` (already rounded, no pairs): c2c noise from stream 5.
+
+    Stores W, reports its pulses and returns the applied net count ``N_up - N_down`` (float32)
+    and W as stored.
+    """
+    up, down = directional_counts(n, n, cap, False, HAS_CAP)
+    if C2C:
+        z = stream_normal(key, call0, SALT_C2C_W, BLOCK)
+    else:
+        z = 0.0
+    x_new = apply_pulses(
+        x, up, down, z, shift, tmin, tmax, gamma, dw, asym, c2c, table, FAMILY, TABLE_N, C2C, ZERO_SHIFT, False
+    )
+    stored = store_f32(W_ptr, local, x_new, mask)
+    report_pulses(count_ptr, count_ptr, local, mask, up, down, False, TOTALS)
+    return up - down, stored

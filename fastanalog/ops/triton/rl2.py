@@ -1,22 +1,23 @@
 """Fused Residual Learning v2 step (digital buffer + transfer) in one pass (SPEC section 3).
 
-Per element ``i`` (global index ``offset + i``), float32 math, words ``r0..r3`` of
-``randint4x(key, i)``:
+Per element ``i`` (global index ``offset + i``), float32 math; streams as SPEC section 4:
 
-    P    <- pulse_update_P(P, -lr * g)             rounding u0; c2c: sine normal of (r2, r3)
-    Phat = P + read_noise * zr                     zr: cosine normal of (r2, r3)
+    P    <- pulse_update_P(P, -lr * g, e)          net rounding stream 0, pairs (with A) stream 1,
+                                                   c2c stream 3
+    Phat = P + read_noise * zr                     zr: stream 4
     accumulate:  H <- H + transfer_lr * Phat
                  N = trunc(H / dw_W) where |H| >= threshold * dw_W, else 0 (then the cap)
     ema:         H <- (1 - transfer_lr) H + transfer_lr * Phat
-                 N = stochastic_round(transfer_lr * H / dw_W, u1) (then the cap)
-    W    <- W + (N dw_W + c2c dw_W sqrt|N| z_W) q_s(W), clamped   z_W: cosine normal of
-                                                    randint4x(key ^ STREAM_W_C2C, i) words 0, 1
+                 N = stochastic_round(transfer_lr * H / dw_W) (stream 2; then the cap)
+    W    <- W + [(N_up dw_W) q_up] - [(N_down dw_W) q_down] (+ c2c noise, stream 5), clamped
     accumulate:  H <- H - N dw_W
     Wbar <- W + gamma * P
 
-Reads g, W, P, H and writes W, P, H, Wbar (32 bytes per element at float32) plus the
-two int32 pulse-count arrays; without a mixed weight (``Wbar`` None, ``MIX=False``) Wbar is
-not written (28 bytes).
+Each Philox call serves four elements; a stream the configuration does not need is not
+drawn (batch-mode "accumulate" without noise draws stream 0 only). Reads g (and A), W, P, H
+and writes W, P, H, Wbar (32 bytes per element at float32) plus the pulses (int32 per
+element, or one int64 total per array with ``totals``); without a mixed weight (``Wbar``
+None, ``MIX=False``) Wbar is not written (28 bytes).
 
 ``rl2_multi_step_triton`` updates several tensors of one config in one launch
 (``common.tensor_launch``), each exactly as ``rl2_step_triton`` would.
@@ -33,30 +34,43 @@ import triton.language as tl
 from ...config import AnalogConfig
 from ..reference import StepPulses
 from .common import (
-    apply_pulses,
+    SALT_READ_P,
+    SALT_ROUND_W,
     array_params,
+    block_range,
     block_size,
-    c2c_key,
     check_arrays,
+    check_excess,
+    check_offset,
     check_tensor_lists,
+    device_guard,
+    excess_list,
+    first_write,
     given_arrays,
+    is_total,
     kernel_device_args,
     launch_options,
     load_f32,
     mixed_pointers,
     multi_tensor_block,
-    normal_pair,
+    multi_tensor_extent,
+    new_counts,
+    new_counts_multi,
     packed_arrays,
     prefixed,
-    residual_write,
     step_scalars,
-    stochastic_count,
+    stochastic_round,
     store_f32,
+    stream_normal,
+    stream_uniform,
     table_tensor,
     tensor_array,
+    tensor_key,
     tensor_launch,
+    tensor_output,
     tensor_scalars,
-    truncated_count,
+    transfer_write,
+    truncate,
     variation_rows,
 )
 
@@ -68,17 +82,20 @@ def _rl2_step_kernel(
     H_ptr,
     Wbar_ptr,
     g_ptr,
+    A_ptr,
     count_p_ptr,
+    pairs_p_ptr,
     count_w_ptr,
     numel,
     key,
-    key_c2c,
     offset,
+    lead,
     w_var_key,
     w_var_key_a,
     p_var_key,
     p_var_key_a,
     table_ptr,
+    step_ptr,
     n_tensors,
     search_steps,
     lr,
@@ -107,7 +124,9 @@ def _rl2_step_kernel(
     p_table,
     EMA: tl.constexpr,
     READ_NOISE: tl.constexpr,
+    HAS_A: tl.constexpr,
     HAS_CAP: tl.constexpr,
+    TOTALS: tl.constexpr,
     W_FAMILY: tl.constexpr,
     W_D2D: tl.constexpr,
     W_HAS_GAMMA: tl.constexpr,
@@ -124,44 +143,49 @@ def _rl2_step_kernel(
     P_TABLE_STEPS: tl.constexpr,
     MIX: tl.constexpr,
     MULTI: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    NUMEL16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """One block of one tensor: the tensor's arrays and scalars are the arguments, or with ``MULTI`` come from ``table_ptr``."""
     if MULTI:
         t, block = multi_tensor_block(table_ptr, n_tensors, search_steps)
-        numel, offset, key, key_c2c, w_var_key, w_var_key_a, p_var_key, p_var_key_a = tensor_scalars(table_ptr, n_tensors, t)
-        W_ptr = tensor_array(table_ptr, n_tensors, t, 0, W_ptr)
-        P_ptr = tensor_array(table_ptr, n_tensors, t, 1, P_ptr)
-        H_ptr = tensor_array(table_ptr, n_tensors, t, 2, H_ptr)
-        Wbar_ptr = tensor_array(table_ptr, n_tensors, t, 3, Wbar_ptr)
-        g_ptr = tensor_array(table_ptr, n_tensors, t, 4, g_ptr)
-        count_p_ptr = tensor_array(table_ptr, n_tensors, t, 5, count_p_ptr)
-        count_w_ptr = tensor_array(table_ptr, n_tensors, t, 6, count_w_ptr)
+        numel, offset, w_var_key, w_var_key_a, p_var_key, p_var_key_a = tensor_scalars(table_ptr, n_tensors, t)
+        key = tensor_key(step_ptr, t)
+        numel, lead = multi_tensor_extent(numel, offset, ALIGNED, NUMEL16)
+        W_ptr = tensor_array(table_ptr, n_tensors, t, 0, W_ptr, ALIGNED)
+        P_ptr = tensor_array(table_ptr, n_tensors, t, 1, P_ptr, ALIGNED)
+        H_ptr = tensor_array(table_ptr, n_tensors, t, 2, H_ptr, ALIGNED)
+        if MIX:
+            Wbar_ptr = tensor_array(table_ptr, n_tensors, t, 3, Wbar_ptr, ALIGNED)
+        g_ptr = tensor_array(table_ptr, n_tensors, t, 4, g_ptr, ALIGNED)
+        if HAS_A:
+            A_ptr = tensor_array(table_ptr, n_tensors, t, 5, A_ptr, ALIGNED)
+        count_p_ptr = tensor_output(step_ptr, n_tensors, t, 0, count_p_ptr, ALIGNED and not TOTALS)
+        if HAS_A and not TOTALS:
+            pairs_p_ptr = tensor_output(step_ptr, n_tensors, t, 1, pairs_p_ptr, ALIGNED)
+        count_w_ptr = tensor_output(step_ptr, n_tensors, t, 2, count_w_ptr, ALIGNED and not TOTALS)
     else:
         block = tl.program_id(0)
-    local = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = local < numel
-    idx = local + tl.to_tensor(offset).to(tl.int64)
+    local, mask, idx, call0 = block_range(block, offset, lead, numel, BLOCK)
 
     g = load_f32(g_ptr, local, mask)
-    x_w = load_f32(W_ptr, local, mask)
-    h = load_f32(H_ptr, local, mask)
-    r0, r1, r2, r3 = tl.randint4x(key, idx)
-    if P_C2C or READ_NOISE:
-        z_read, z_c2c = normal_pair(r2, r3)
+    if HAS_A:
+        a = load_f32(A_ptr, local, mask)
     else:
-        z_read = 0.0
-        z_c2c = 0.0
-
-    p_st, count_p = residual_write(
+        a = g
+    p_st = first_write(
         P_ptr,
+        count_p_ptr,
+        pairs_p_ptr,
         local,
         mask,
         idx,
+        call0,
+        key,
         g,
+        a,
         lr,
-        tl.uint_to_uniform_float(r0),
-        z_c2c,
         cap,
         p_tmin,
         p_tmax,
@@ -174,7 +198,9 @@ def _rl2_step_kernel(
         p_var_key,
         p_var_key_a,
         p_table,
+        HAS_A,
         HAS_CAP,
+        TOTALS,
         P_FAMILY,
         P_D2D,
         P_HAS_GAMMA,
@@ -182,9 +208,11 @@ def _rl2_step_kernel(
         P_ZERO_SHIFT,
         P_TABLE_N,
         P_TABLE_STEPS,
+        BLOCK,
     )
-    tl.store(count_p_ptr + local, count_p.to(tl.int32), mask=mask)
 
+    x_w = load_f32(W_ptr, local, mask)
+    h = load_f32(H_ptr, local, mask)
     tmin, tmax, gamma, dw, asym, shift = array_params(
         idx,
         w_var_key,
@@ -205,32 +233,48 @@ def _rl2_step_kernel(
         W_TABLE_STEPS,
     )
     if READ_NOISE:
-        p_hat = p_st + tl.to_tensor(read_noise) * z_read
+        p_hat = p_st + tl.to_tensor(read_noise) * stream_normal(key, call0, SALT_READ_P, BLOCK)
     else:
         p_hat = p_st
     t = tl.to_tensor(tlr)
     if EMA:
         h = (1.0 - t) * h + t * p_hat
-        count_w = stochastic_count(tl.div_rn(t * h, dw), tl.uint_to_uniform_float(r1), cap, HAS_CAP)
+        n = stochastic_round(tl.div_rn(t * h, dw), stream_uniform(key, call0, SALT_ROUND_W, BLOCK))
     else:
         h = h + t * p_hat
-        count_w = truncated_count(tl.div_rn(h, dw), cap, HAS_CAP)
-        count_w = tl.where(tl.abs(h) >= tl.to_tensor(threshold) * dw, count_w, 0.0)
-    if W_C2C:
-        v0, v1, _, _ = tl.randint4x(key_c2c, idx)
-        z_w, _ = normal_pair(v0, v1)
-    else:
-        z_w = 0.0
-    x_new = apply_pulses(
-        x_w, count_w, z_w, shift, tmin, tmax, gamma, dw, asym, w_c2c, w_table, W_FAMILY, W_TABLE_N, W_C2C, W_ZERO_SHIFT
+        n = truncate(tl.where(tl.abs(h) >= tl.to_tensor(threshold) * dw, tl.div_rn(h, dw), 0.0))
+    net, w_st = transfer_write(
+        W_ptr,
+        count_w_ptr,
+        local,
+        mask,
+        idx,
+        call0,
+        key,
+        x_w,
+        n,
+        cap,
+        dw,
+        tmin,
+        tmax,
+        gamma,
+        asym,
+        w_c2c,
+        shift,
+        w_table,
+        HAS_CAP,
+        TOTALS,
+        W_FAMILY,
+        W_C2C,
+        W_ZERO_SHIFT,
+        W_TABLE_N,
+        BLOCK,
     )
-    w_st = store_f32(W_ptr, local, x_new, mask)
     if not EMA:
-        h = h - count_w * dw
+        h = h - net * dw
     store_f32(H_ptr, local, h, mask)
     if MIX:
         store_f32(Wbar_ptr, local, w_st + tl.to_tensor(mix) * p_st, mask)
-    tl.store(count_w_ptr + local, count_w.to(tl.int32), mask=mask)
 
 
 def _launch(
@@ -239,7 +283,9 @@ def _launch(
     H,
     Wbar,
     g,
+    A,
     pulses_p,
+    pairs_p,
     pulses_w,
     table_w,
     table_p,
@@ -254,8 +300,10 @@ def _launch(
     dev_p_floats,
     dev_p_ints,
 ):
-    """One launch over the tensors ``W[i], P[i], ...`` (lists, one entry per tensor; ``Wbar`` may be empty)."""
+    """One launch over the tensors ``W[i], P[i], ...`` (lists, one entry per tensor; ``Wbar``, ``A``, ``pairs_p`` may be empty)."""
     Wbar, write_mix = mixed_pointers(Wbar, W)
+    has_a = len(A) == len(W)
+    totals = is_total(pulses_p[0])
     launch = tensor_launch(
         {
             "W_ptr": W,
@@ -263,16 +311,19 @@ def _launch(
             "H_ptr": H,
             "Wbar_ptr": Wbar,
             "g_ptr": g,
+            "A_ptr": A if has_a else g,
+        },
+        {
             "count_p_ptr": pulses_p,
+            "pairs_p_ptr": pairs_p if has_a and not totals else pulses_p,
             "count_w_ptr": pulses_w,
         },
         {
-            "key": keys,
-            "key_c2c": [c2c_key(k) for k in keys],
             "offset": offsets,
             **variation_rows("w", var_keys_w, dev_w_floats),
             **variation_rows("p", var_keys_p, dev_p_floats),
         },
+        keys,
         block_size(),
     )
     if launch is None:
@@ -282,33 +333,40 @@ def _launch(
     has_cap, read_on, ema = flags
     rt_w, c_w = kernel_device_args(dev_w_floats, dev_w_ints, table_w)
     rt_p, c_p = kernel_device_args(dev_p_floats, dev_p_ints, table_p)
-    _rl2_step_kernel[grid](
-        lr=lr,
-        tlr=tlr,
-        mix=mix,
-        read_noise=read_noise,
-        threshold=threshold,
-        cap=cap,
-        EMA=bool(ema),
-        READ_NOISE=bool(read_on),
-        HAS_CAP=bool(has_cap),
-        MIX=write_mix,
-        BLOCK=block_size(),
-        **per_tensor,
-        **prefixed("w", rt_w, c_w),
-        **prefixed("p", rt_p, c_p),
-        **launch_options(),
-    )
+    with device_guard(W[0].device):
+        _rl2_step_kernel[grid](
+            lr=lr,
+            tlr=tlr,
+            mix=mix,
+            read_noise=read_noise,
+            threshold=threshold,
+            cap=cap,
+            EMA=bool(ema),
+            READ_NOISE=bool(read_on),
+            HAS_A=has_a,
+            HAS_CAP=bool(has_cap),
+            TOTALS=totals,
+            MIX=write_mix,
+            BLOCK=block_size(),
+            **per_tensor,
+            **prefixed("w", rt_w, c_w),
+            **prefixed("p", rt_p, c_p),
+            **launch_options(),
+        )
 
 
-@torch.library.custom_op("fastanalog::rl2_step_triton_", mutates_args=("W", "P", "H", "Wbar", "pulses_p", "pulses_w"))
+@torch.library.custom_op(
+    "fastanalog::rl2_step_triton_", mutates_args=("W", "P", "H", "Wbar", "pulses_p", "pairs_p", "pulses_w")
+)
 def rl2_step_triton_(
     W: torch.Tensor,
     P: torch.Tensor,
     H: torch.Tensor,
     Wbar: torch.Tensor,
     g: torch.Tensor,
+    A: torch.Tensor | None,
     pulses_p: torch.Tensor,
+    pairs_p: torch.Tensor,
     pulses_w: torch.Tensor,
     table_w: torch.Tensor,
     table_p: torch.Tensor,
@@ -324,8 +382,10 @@ def rl2_step_triton_(
     """In-place rl2 step (the op behind :func:`rl2_step_triton`).
 
     ``scalars = [lr, transfer_lr, gamma, read_noise, threshold, max_pulses]``
-    (float32-rounded), ``flags = [has max_pulses, read_noise > 0, buffer == "ema"]``;
-    device lists as in ``common.DeviceArgs``.
+    (float32-rounded), ``flags = [has max_pulses, read_noise > 0, buffer == "ema"]``; ``A``
+    None: no excess. ``pulses_p``, ``pulses_w``: int32 net counts per element, or 0-d int64
+    totals; ``pairs_p`` int32 per element when ``A`` is given and counts are per element,
+    else empty. Device lists as in ``common.DeviceArgs``.
     """
     _launch(
         [W],
@@ -333,7 +393,9 @@ def rl2_step_triton_(
         [H],
         [Wbar],
         [g],
+        [A] if A is not None else [],
         [pulses_p],
+        [pairs_p],
         [pulses_w],
         table_w,
         table_p,
@@ -357,7 +419,9 @@ def _(
     H,
     Wbar,
     g,
+    A,
     pulses_p,
+    pairs_p,
     pulses_w,
     table_w,
     table_p,
@@ -373,14 +437,18 @@ def _(
     return None
 
 
-@torch.library.custom_op("fastanalog::rl2_multi_step_triton_", mutates_args=("W", "P", "H", "Wbar", "pulses_p", "pulses_w"))
+@torch.library.custom_op(
+    "fastanalog::rl2_multi_step_triton_", mutates_args=("W", "P", "H", "Wbar", "pulses_p", "pairs_p", "pulses_w")
+)
 def rl2_multi_step_triton_(
     W: list[torch.Tensor],
     P: list[torch.Tensor],
     H: list[torch.Tensor],
     Wbar: list[torch.Tensor],
     g: list[torch.Tensor],
+    A: list[torch.Tensor],
     pulses_p: list[torch.Tensor],
+    pairs_p: list[torch.Tensor],
     pulses_w: list[torch.Tensor],
     table_w: torch.Tensor,
     table_p: torch.Tensor,
@@ -397,9 +465,10 @@ def rl2_multi_step_triton_(
 ) -> None:
     """In-place rl2 step of several tensors in one launch (the op behind :func:`rl2_multi_step_triton`).
 
-    Per tensor ``i``: its arrays at index ``i`` of the tensor lists, ``keys[i]``,
-    ``offsets[i]`` and the variation keys ``var_keys_w[i]``, ``var_keys_p[i]``; scalars,
-    flags and device lists as in ``rl2_step_triton_``, shared (their variation keys unused).
+    Per tensor ``i``: its arrays at index ``i`` of the tensor lists (``A`` empty: no excess),
+    ``keys[i]``, ``offsets[i]`` and the variation keys ``var_keys_w[i]``, ``var_keys_p[i]``;
+    scalars, flags, pulse outputs and device lists as in ``rl2_step_triton_``, shared (their
+    variation keys unused).
     """
     _launch(
         W,
@@ -407,7 +476,9 @@ def rl2_multi_step_triton_(
         H,
         Wbar,
         g,
+        A,
         pulses_p,
+        pairs_p,
         pulses_w,
         table_w,
         table_p,
@@ -431,7 +502,9 @@ def _(
     H,
     Wbar,
     g,
+    A,
     pulses_p,
+    pairs_p,
     pulses_w,
     table_w,
     table_p,
@@ -449,6 +522,18 @@ def _(
     return None
 
 
+def _pulses(count_p: torch.Tensor, pairs_p: torch.Tensor, count_w: torch.Tensor, has_a: bool) -> StepPulses:
+    if is_total(count_p):
+        return StepPulses(first=count_p, main=count_w)
+    return StepPulses(first=count_p, main=count_w, first_pairs=pairs_p if has_a else None)
+
+
+def _scalars(config: AnalogConfig, lr: float) -> tuple[list[float], list[bool]]:
+    s = step_scalars(config, lr)
+    scalars = [s["lr"], s["tlr"], s["mix"], s["read_noise"], s["threshold"], s["cap"]]
+    return scalars, [s["has_cap"], config.read_noise > 0, config.buffer == "ema"]
+
+
 def _prepare(
     W: torch.Tensor,
     P: torch.Tensor,
@@ -461,34 +546,41 @@ def _prepare(
     key: int,
     tensor_id: int,
     offset: int = 0,
+    A: torch.Tensor | None = None,
+    totals: bool = False,
 ) -> tuple[tuple, StepPulses]:
     """(arguments of ``fastanalog::rl2_step_triton_``, the StepPulses it fills)."""
     numel = W.numel()
     check_arrays(numel, **given_arrays(W=W, P=P, H=H, Wbar=Wbar, g=g))
+    check_excess(A, g)
+    offset = check_offset(offset)
     dev_w, args_w, dev_p, args_p = packed_arrays(config, tensor_id)
-    s = step_scalars(config, lr)
-    pulses_p = torch.empty(numel, dtype=torch.int32, device=W.device)
-    pulses_w = torch.empty(numel, dtype=torch.int32, device=W.device)
+    scalars, flags = _scalars(config, lr)
+    pulses_p = new_counts(numel, W.device, totals)
+    pairs_p = new_counts(numel if A is not None and not totals else 0, W.device, False)
+    pulses_w = new_counts(numel, W.device, totals)
     args = (
         W,
         P,
         H,
         Wbar if Wbar is not None else W.new_empty(0),
         g,
+        A,
         pulses_p,
+        pairs_p,
         pulses_w,
         table_tensor(dev_w, W.device),
         table_tensor(dev_p, W.device),
         int(key),
-        int(offset),
-        [s["lr"], s["tlr"], s["mix"], s["read_noise"], s["threshold"], s["cap"]],
-        [s["has_cap"], config.read_noise > 0, config.buffer == "ema"],
+        offset,
+        scalars,
+        flags,
         list(args_w.floats),
         list(args_w.ints),
         list(args_p.floats),
         list(args_p.ints),
     )
-    return args, StepPulses(first=pulses_p, main=pulses_w)
+    return args, _pulses(pulses_p, pairs_p, pulses_w, A is not None)
 
 
 def rl2_step_triton(
@@ -503,6 +595,8 @@ def rl2_step_triton(
     key: int,
     tensor_id: int,
     offset: int = 0,
+    A: torch.Tensor | None = None,
+    totals: bool = False,
 ) -> StepPulses:
     """Residual Learning v2 on flat tensors, in place; same signature and result as ``rl2_step_ref``.
 
@@ -514,11 +608,17 @@ def rl2_step_triton(
         config: the tensor's ``AnalogConfig`` (``buffer``, ``threshold``, devices, ...).
         key: this step's 63-bit Philox key; tensor_id: the analog tensor's id.
         offset: global index of element 0.
+        A: the per-sample ``|g|`` sums of P's write (SPEC section 2a); None: no excess.
+        totals: report per array the sum of ``N_up + N_down`` (0-d int64) instead of
+            per-element counts.
 
     Returns:
-        ``StepPulses(first=N_P, main=N_W)``, int32 per element.
+        ``StepPulses(first=N_P, main=N_W, first_pairs=pairs of P or None)``, int32 per
+        element; with ``totals`` the 0-d int64 totals (``first_pairs`` None).
     """
-    args, pulses = _prepare(W, P, H, Wbar, g, lr=lr, config=config, key=key, tensor_id=tensor_id, offset=offset)
+    args, pulses = _prepare(
+        W, P, H, Wbar, g, lr=lr, config=config, key=key, tensor_id=tensor_id, offset=offset, A=A, totals=totals
+    )
     torch.ops.fastanalog.rl2_step_triton_(*args)
     return pulses
 
@@ -535,36 +635,44 @@ def _prepare_multi(
     keys: Sequence[int],
     tensor_ids: Sequence[int],
     offsets: Sequence[int] | None = None,
+    As: Sequence[torch.Tensor] | None = None,
+    totals: bool = False,
 ) -> tuple[tuple, list[StepPulses]]:
     """(arguments of ``fastanalog::rl2_multi_step_triton_``, the StepPulses it fills, one per tensor)."""
     offsets = check_tensor_lists(given_arrays(W=W, P=P, H=H, Wbar=Wbar, g=g), keys, tensor_ids, offsets)
+    A = excess_list(As, g)
+    has_a = bool(A)
     dev_w, args_w, dev_p, args_p = packed_arrays(config, tensor_ids[0])
     packed = [packed_arrays(config, tid) for tid in tensor_ids]
-    s = step_scalars(config, lr)
-    pulses_p = [torch.empty(Wi.numel(), dtype=torch.int32, device=Wi.device) for Wi in W]
-    pulses_w = [torch.empty(Wi.numel(), dtype=torch.int32, device=Wi.device) for Wi in W]
+    scalars, flags = _scalars(config, lr)
+    where = W[0].device
+    numels = [Wi.numel() for Wi in W]
+    pulses_p, pulses_w = new_counts_multi(numels, where, totals, arrays=2)
+    (pairs_p,) = new_counts_multi([n if has_a and not totals else 0 for n in numels], where, False)
     args = (
         list(W),
         list(P),
         list(H),
         list(Wbar) if Wbar is not None else [],
         list(g),
+        A,
         pulses_p,
+        pairs_p,
         pulses_w,
-        table_tensor(dev_w, W[0].device),
-        table_tensor(dev_p, W[0].device),
+        table_tensor(dev_w, where),
+        table_tensor(dev_p, where),
         [int(k) for k in keys],
         offsets,
         [p[1].ints[1] for p in packed],
         [p[3].ints[1] for p in packed],
-        [s["lr"], s["tlr"], s["mix"], s["read_noise"], s["threshold"], s["cap"]],
-        [s["has_cap"], config.read_noise > 0, config.buffer == "ema"],
+        scalars,
+        flags,
         list(args_w.floats),
         list(args_w.ints),
         list(args_p.floats),
         list(args_p.ints),
     )
-    return args, [StepPulses(first=pp, main=pw) for pp, pw in zip(pulses_p, pulses_w)]
+    return args, [_pulses(pp, qp, pw, has_a) for pp, qp, pw in zip(pulses_p, pairs_p, pulses_w)]
 
 
 def rl2_multi_step_triton(
@@ -579,14 +687,18 @@ def rl2_multi_step_triton(
     keys: Sequence[int],
     tensor_ids: Sequence[int],
     offsets: Sequence[int] | None = None,
+    As: Sequence[torch.Tensor] | None = None,
+    totals: bool = False,
 ) -> list[StepPulses]:
     """Residual Learning v2 on several tensors of one config in one launch; tensor ``i`` as ``rl2_step_triton`` updates it.
 
-    Index ``i`` of every list (arrays, ``keys``, ``tensor_ids``, ``offsets``, default 0)
-    belongs to tensor ``i``; each array role shares one dtype and device. Returns one
-    ``StepPulses`` per tensor.
+    Index ``i`` of every list (arrays, ``keys``, ``tensor_ids``, ``offsets``, default 0, and
+    ``As``, None: no excess) belongs to tensor ``i``; each array role shares one dtype and
+    device. Returns one ``StepPulses`` per tensor (totals with ``totals``).
     """
-    args, pulses = _prepare_multi(W, P, H, Wbar, g, lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets)
+    args, pulses = _prepare_multi(
+        W, P, H, Wbar, g, lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets, As=As, totals=totals
+    )
     torch.ops.fastanalog.rl2_multi_step_triton_(*args)
     return pulses
 
