@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
 
-.PHONY: setup data demo test test-slow lint bench bench-aihwkit clean
+.PHONY: setup data demo test test-slow lint bench bench-aihwkit gpu-check clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,11 @@ bench: setup
 	$(PY) -m fastanalog bench step
 	$(PY) -m fastanalog bench train
 	$(PY) -m fastanalog bench kernels
+
+# On a machine with a CUDA GPU: GPU tests, kernel and ResNet-50 step benchmarks, static
+# compile figures, one report (results/gpu-check/REPORT.md). Without a GPU it says so, exit 2.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 # aihwkit builds from source against the venv's torch (about 10 minutes here).
 bench-aihwkit: setup

@@ -6,6 +6,7 @@ Benchmarks::
     fastanalog bench train     # training step and peak memory, analog / digital (Linear, ResNet-18, small ViT)
     fastanalog bench aihwkit   # training step of one layer beside IBM's aihwkit (when installed)
     fastanalog bench kernels   # runs benchmarks/bench_kernels_cpu.py and benchmarks/bench_kernels_triton.py
+    fastanalog bench gpu-compile  # the Triton kernels compiled for an NVIDIA GPU (no GPU needed): registers, spills, bytes
 
 Each of step, train and aihwkit writes ``<name>.csv``, ``<name>.md`` and ``<name>.png``
 into ``--out`` (default ``results/bench``) and prints its table. ``--tiny`` runs the
@@ -146,6 +147,16 @@ def _add_benchmarks(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--which", default="all", choices=("all", *KERNEL_SCRIPTS), help="which kernel benchmark to run (default: all)")
     p.add_argument("--scripts", default=None, metavar="DIR", help=f"folder of the kernel scripts (default: {REPO_ROOT / 'benchmarks'})")
     p.add_argument("kernel_args", nargs="*", metavar="-- OPTIONS", help="options handed to the kernel scripts instead of the shared ones")
+    p = sub.add_parser(
+        "gpu-compile",
+        help="the Triton kernels compiled for an NVIDIA GPU without one: registers, spills, bytes and Philox per element",
+        description="Compile the Triton kernel of every launch the optimizer makes for a real NVIDIA target (Triton's backend "
+        "and ptxas; no GPU needed) and report registers, spill bytes, shared memory and, per element, Philox multiplies, "
+        "global bytes and vectorised access. Exit status 1 when a goal variant (float32, linear device) misses a goal.",
+    )
+    from .gpu_compile import add_arguments as add_gpu_compile_arguments
+
+    add_gpu_compile_arguments(p)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -317,6 +328,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.bench_command == "gpu-compile":
+        from .gpu_compile import run as run_gpu_compile
+
+        return run_gpu_compile(args)
     try:
         _resolve(args)
     except ValueError as e:
