@@ -58,6 +58,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -175,6 +176,7 @@ using RangeFn = void (*)(const StepArgs&, int64_t, int64_t, void* scratch);
 // ---------------------------------------------------------------------------------------
 // The kernel templates, once per instruction set.
 #define FA_ISA_BODY 1
+#define FA_ISA_AVX512 0
 #if FA_HAVE_AVX2_VARIANT
 #define FA_ISA_AVX2 1
 namespace fastanalog {
@@ -187,6 +189,23 @@ namespace avx2 {
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace fastanalog
+// The same body with AVX-512 enabled (the Philox paths with eight calls per vector; the
+// target pragma does not define __AVX512F__, so the body tests FA_ISA_AVX512 too). Chosen at
+// run time on CPUs with AVX-512 F/DQ/BW/VL; the AVX2 body stays for the others.
+#undef FA_ISA_AVX512
+#define FA_ISA_AVX512 1
+namespace fastanalog {
+namespace cpu {
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512dq,avx512bw,avx512vl")
+#include "analog_update.cpp"
+#pragma GCC pop_options
+}  // namespace avx512
+}  // namespace cpu
+}  // namespace fastanalog
+#undef FA_ISA_AVX512
+#define FA_ISA_AVX512 0
 #undef FA_ISA_AVX2
 #endif
 #define FA_ISA_AVX2 0
@@ -198,6 +217,7 @@ namespace generic {
 }  // namespace cpu
 }  // namespace fastanalog
 #undef FA_ISA_AVX2
+#undef FA_ISA_AVX512
 #undef FA_ISA_BODY
 
 // ---------------------------------------------------------------------------------------
@@ -213,6 +233,8 @@ bool use_avx2_variant() {
   static const bool use = [] {
     const std::string cap = at::get_cpu_capability();
     const bool torch_vector = cap == "AVX2" || cap == "AVX512";
+    const char* forced = std::getenv("FASTANALOG_CPU_ISA");
+    if (forced != nullptr && std::string(forced) == "generic") return false;
     __builtin_cpu_init();
     return torch_vector && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }();
@@ -222,8 +244,26 @@ bool use_avx2_variant() {
 #endif
 }
 
+// The AVX-512 build of the vector body, where the CPU has it (FASTANALOG_CPU_ISA=avx2 or
+// generic asks for a narrower one, e.g. to test it on an AVX-512 machine).
+bool use_avx512_variant() {
+#if FA_HAVE_AVX2_VARIANT
+  static const bool use = [] {
+    const char* forced = std::getenv("FASTANALOG_CPU_ISA");
+    if (forced != nullptr && (std::string(forced) == "avx2" || std::string(forced) == "generic")) return false;
+    __builtin_cpu_init();
+    return use_avx2_variant() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  }();
+  return use;
+#else
+  return false;
+#endif
+}
+
 RangeFn select_range(int algorithm, int storage, bool g_is_f32) {
 #if FA_HAVE_AVX2_VARIANT
+  if (use_avx512_variant()) return avx512::range_fn(algorithm, storage, g_is_f32);
   if (use_avx2_variant()) return avx2::range_fn(algorithm, storage, g_is_f32);
 #endif
   return generic::range_fn(algorithm, storage, g_is_f32);
@@ -233,7 +273,7 @@ RangeFn select_range(int algorithm, int storage, bool g_is_f32) {
 size_t scratch_bytes() {
   static const size_t bytes = std::max(generic::scratch_size(),
 #if FA_HAVE_AVX2_VARIANT
-                                       avx2::scratch_size()
+                                       std::max(avx2::scratch_size(), avx512::scratch_size())
 #else
                                        size_t{0}
 #endif
@@ -749,7 +789,7 @@ bool all_finite_cpu(at::TensorList tensors) {
 }
 
 // Which code path the CPU kernels take in this process ("avx2" or "generic").
-std::string cpu_variant() { return use_avx2_variant() ? "avx2" : "generic"; }
+std::string cpu_variant() { return use_avx512_variant() ? "avx512" : use_avx2_variant() ? "avx2" : "generic"; }
 
 }  // namespace
 }  // namespace cpu
@@ -1073,7 +1113,7 @@ static FA_INLINE void philox_calls(const PhiloxKeys& k, uint64_t j0, float* __re
 }
 #endif
 
-#if FA_ISA_AVX2 && defined(__AVX512F__)
+#if FA_ISA_AVX2 && (defined(__AVX512F__) || FA_ISA_AVX512)
 // The same with AVX-512 (a build for a CPU that has it, e.g. the JIT build's -march=native):
 // eight calls per vector, three-way XORs in one vpternlogq, and the transposition of the
 // 128-bit quarters by two two-source permutes.
@@ -1128,7 +1168,7 @@ static void stream_uniform_words(uint64_t key, uint64_t j0, int nc, float* __res
   PhiloxKeys k;
   philox_keys(key, k);
   int c = 0;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || FA_ISA_AVX512
   if (nc >= 8) {
     __m512i k0[kPhiloxRounds], k1[kPhiloxRounds];
     for (int r = 0; r < kPhiloxRounds; ++r) {

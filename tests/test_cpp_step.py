@@ -192,7 +192,7 @@ def _compare(
 def test_ops_registered_for_cpu():
     for name in ("asgd_step_cpp_", "rl_step_cpp_", "rl2_step_cpp_"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastanalog::{name}", "CPU"), name
-    assert cpp.cpu_variant() in ("avx2", "generic")
+    assert cpp.cpu_variant() in ("avx512", "avx2", "generic")
 
 
 def _cuda_toolkit() -> bool:
@@ -396,17 +396,33 @@ def test_steps_change_the_draws():
     assert not torch.equal(runs[0], runs[2])
 
 
-# ----- the generic (non-AVX2) path ------------------------------------------------------------------
-def test_generic_path_matches_reference():
-    # With ATEN_CPU_CAPABILITY=default torch runs its DEFAULT kernels and so do these.
+# ----- the narrower instruction-set paths ----------------------------------------------------------
+def _cpu_has(flag: str) -> bool:
+    try:
+        return flag in open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("variant", ["generic", "avx2"])
+def test_narrower_paths_match_reference(variant):
+    """The generic body (torch's DEFAULT kernels: ATEN_CPU_CAPABILITY=default) and, on an AVX-512
+    machine, the AVX2 body (FASTANALOG_CPU_ISA=avx2), which the default run does not take there."""
+    if variant == "avx2" and not _cpu_has("avx2"):
+        pytest.skip("this CPU has no AVX2")
     script = textwrap.dedent(
         """
         import torch, fastanalog as fa
         from fastanalog.ops import cpp, philox
         from fastanalog.ops.reference import rl2_step_ref, asgd_step_ref
-        assert cpp.cpu_variant() == "generic", cpp.cpu_variant()
-        dev = fa.PowerResponse(tau=0.6, gamma=0.6, dw_min=0.001, d2d_std=0.1, c2c_std=0.2, asymmetry=0.1)
-        for alg in ("asgd", "rl2"):
+        import sys
+        assert cpp.cpu_variant() == sys.argv[1], cpp.cpu_variant()
+        devs = [
+            fa.PowerResponse(tau=0.6, gamma=0.6, dw_min=0.001, d2d_std=0.1, c2c_std=0.2, asymmetry=0.1),
+            fa.PowerResponse(tau=0.6, gamma=0.6, dw_min=0.001),  # the fused power paths
+            fa.LinearResponse(tau=0.6, dw_min=0.001),  # the fused linear paths
+        ]
+        for alg, dev in ((a, d) for a in ("asgd", "rl2") for d in devs):
             cfg = fa.AnalogConfig(algorithm=alg, device=dev, read_noise=0.01, transfer_lr=0.3)
             gen = torch.Generator().manual_seed(0)
             n = 2051 + 2 * 256
@@ -426,12 +442,12 @@ def test_generic_path_matches_reference():
                 assert r.first_pairs is None or torch.equal(r.first_pairs, c.first_pairs), (alg, k)
                 for x, y in zip(A, B):
                     torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
-        print("generic ok")
+        print("variant ok")
         """
     )
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "generic ok" in out.stdout, out.stderr[-3000:]
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default") if variant == "generic" else dict(os.environ, FASTANALOG_CPU_ISA="avx2")
+    out = subprocess.run([sys.executable, "-c", script, variant], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "variant ok" in out.stdout, out.stderr[-3000:]
 
 
 # ----- op contract -------------------------------------------------------------------------------------
