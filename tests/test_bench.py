@@ -91,20 +91,24 @@ def test_train_tiny_times_and_measures_memory(tmp_path, capsys):
 
 
 def test_train_memory_grows_with_the_layer():
-    """The fresh-process peak sees a layer's own data: a 512x512 layer's peak exceeds a 64x64 layer's by megabytes."""
+    """The fresh-process peak sees a layer's own data: a 1024x1024 layer's peak exceeds a 64x64 layer's by megabytes.
+
+    (The first step of the measured batch may also allocate a BLAS workspace of a few MiB that the
+    two-sample warm-up did not need, in some environments: the sizes are chosen well above it.)
+    """
     from fastanalog.bench.common import linear_spec
     from fastanalog.bench.train import measure_memory, memory_job
 
     cpu = torch.device("cpu")
-    jobs = [memory_job(linear_spec(n, 8), "rl2", cpu, 1, steps=1) for n in (64, 512)]
-    small, large, digital = measure_memory([*jobs, memory_job(linear_spec(512, 8), "torch", cpu, 1, steps=1)], cpu)
+    jobs = [memory_job(linear_spec(n, 8), "rl2", cpu, 1, steps=1) for n in (64, 1024)]
+    small, large, digital = measure_memory([*jobs, memory_job(linear_spec(1024, 8), "torch", cpu, 1, steps=1)], cpu)
     extra = [(r["peak"] - r["baseline"]) / 2**20 for r in (small, large, digital)]
-    # rl2 on 512x512 holds W, P, H and the gradient, four arrays of 1 MiB each (and, during forward
+    # rl2 on 1024x1024 holds W, P, H and the gradient, four arrays of 4 MiB each (and, during forward
     # and backward, the transient mixed weight); the digital layer W and its gradient.
-    assert extra[1] - extra[0] > 3, extra
-    assert large["arrays"] == 2 * 512 * 512 * 4 and digital["arrays"] == 0
-    # Nothing but P and H beyond the digital layer (within half a MiB: the allocator's granularity).
-    assert abs(extra[1] - extra[2] - 2) < 0.5, extra
+    assert extra[1] - extra[0] > 8, extra
+    assert large["arrays"] == 2 * 1024 * 1024 * 4 and digital["arrays"] == 0
+    # Nothing but P and H beyond the digital layer (within a MiB: the allocator's granularity).
+    assert abs(extra[1] - extra[2] - 8) < 1.0, extra
 
 
 # ----- aihwkit ------------------------------------------------------------------------------
