@@ -14,6 +14,7 @@ MIXED_WEIGHTS = ("transient", "stored")
 # rate saturates the count instead of overflowing it (every backend, SPEC section 2's cap).
 PULSE_LIMIT = 2**24
 WEIGHT_SCALINGS = ("fit", "channel", "tensor")
+UPDATES = ("per-sample", "batch")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,20 @@ class AnalogConfig:
             ``-lr * wd * W`` is ``-lr * wd * w`` in digital units, unscaled.
         weight_scaling_omega: the margin ``omega`` in ``(0, 1)`` (default 0.95): scaled
             channels use this fraction of the bound, where the response reaches 0.
+        update: how a mini-batch is written (SPEC section 2a). ``per-sample`` (default):
+            as a crossbar is written, one outer product per sample (for a convolution,
+            per output position), so the up and down pulses of samples that cancel in
+            the batch gradient are still sent: the gradient-driven write (W for asgd,
+            P for rl/rl2) carries, on top of the net pulses of ``-lr * S``, the
+            opposite-pulse pairs of ``e = lr * max(A - |S|, 0) / 2``, with ``S`` the
+            weight gradient and ``A`` the sum of the samples' absolute gradients, which
+            the layer computes in backward (one more GEMM of the weight gradient's size,
+            on absolute values). Its expected change is ``-lr*S*F(W) - lr*A*G(W)``: the
+            drift toward the symmetric point grows with ``sum_b |g_b|``, as in IBM's
+            aihwkit. ``batch``: the mini-batch gradient is one write (``e = 0``), the
+            model the paper's theorems state (drift grows with ``|sum_b g_b|`` only).
+            Transfers are one write either way, and a gradient set by hand (no backward
+            through the layer) is one sample.
     """
 
     algorithm: str = "rl2"
@@ -80,6 +95,7 @@ class AnalogConfig:
     mixed_weight: str = "transient"
     weight_scaling: str = "fit"
     weight_scaling_omega: float = 0.95
+    update: str = "per-sample"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -113,6 +129,8 @@ class AnalogConfig:
             raise ValueError(
                 f"weight_scaling_omega must be a number in (0, 1) (the fraction of the device bound a scaled weight may use), got {omega!r}"
             )
+        if self.update not in UPDATES:
+            raise ValueError(f"unknown update {self.update!r}: choose 'per-sample' (one write per sample, as a crossbar) or 'batch'")
         if self.buffer not in BUFFERS:
             raise ValueError(f"unknown buffer {self.buffer!r}: choose 'accumulate' or 'ema'")
         if self.threshold < 1:
@@ -136,6 +154,11 @@ class AnalogConfig:
     @property
     def has_residual(self) -> bool:
         return self.algorithm in ("rl", "rl2")
+
+    @property
+    def per_sample(self) -> bool:
+        """Whether the layer computes ``A`` (the samples' |g| sums) for its writes: analog and ``update="per-sample"``."""
+        return self.is_analog and self.update == "per-sample"
 
     @property
     def has_buffer(self) -> bool:

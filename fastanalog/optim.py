@@ -23,6 +23,26 @@ def _layer_of(p: torch.Tensor):
     return layer
 
 
+def _is_companion(p) -> bool:
+    """Whether ``p`` is an analog layer's ``analog_abs`` (its gradient is A, read through the layer's weight)."""
+    return getattr(p, "_fa_companion_of", None) is not None
+
+
+def _excess_input(layer, grad: torch.Tensor, signal: torch.Tensor) -> torch.Tensor | None:
+    """The per-sample sums the kernels take for ``signal`` (SPEC section 2a), or None (a batch write, e = 0).
+
+    The kernels send ``e = lr * max(A - |signal|, 0) / 2`` pairs; with momentum or weight decay the
+    signal is not the raw gradient S, and e must still be ``lr * max(A - |S|, 0) / 2``: they get
+    ``max(A - |S|, 0) + |signal|`` then.
+    """
+    A = layer.sample_abs_grad()
+    if A is None:
+        return None
+    if signal is grad:
+        return A
+    return (A - grad.abs()).clamp_(min=0).add_(signal.abs())
+
+
 def _all_finite(grads: list[torch.Tensor]) -> torch.Tensor:
     """Whether every gradient is finite: a 0-dim bool tensor (on the first gradient's device)."""
     if not grads:
@@ -133,6 +153,7 @@ def _update_op(
     buffer: list[torch.Tensor],
     weight: list[torch.Tensor],
     signal: list[torch.Tensor],
+    sums: list[torch.Tensor],
     last_pulses: list[torch.Tensor],
     pulses: list[torch.Tensor],
     counters: torch.Tensor,
@@ -146,7 +167,8 @@ def _update_op(
 
     Tensor ``i`` has arrays ``main[i]`` (W), ``residual[i]`` (P), ``buffer[i]`` (H) and
     stored mixed weight ``weight[i]`` where its algorithm and config have them (the lists
-    are empty otherwise), gradient signal ``signal[i]`` and its layer's pulse counters; its key is
+    are empty otherwise), gradient signal ``signal[i]``, per-sample sums ``sums[i]`` (an empty
+    tensor: none, e = 0) and its layer's pulse counters; its key is
     ``step_key(seed, step, tensor_ids[i])`` with the step read from ``counters``. ``seed``
     comes as a signed 64-bit int.
     """
@@ -162,6 +184,7 @@ def _update_op(
             cfg,
             philox.step_key(seed & philox.MASK64, step, tid),
             tid,
+            sums[i] if sums[i].numel() else None,
         )
         for i, tid in enumerate(tensor_ids)
     ]
@@ -170,7 +193,7 @@ def _update_op(
 
 
 @_update_op.register_fake
-def _(main, residual, buffer, weight, signal, last_pulses, pulses, counters, finite, config, tensor_ids, lr, seed) -> None:
+def _(main, residual, buffer, weight, signal, sums, last_pulses, pulses, counters, finite, config, tensor_ids, lr, seed) -> None:
     return None
 
 
@@ -193,6 +216,15 @@ class AnalogSGD(Optimizer):
             ``FloatingPointError`` before any array or parameter is touched;
             ``"skip"`` skips that whole step (no array, counter or random stream
             advances) and counts it in ``skipped_steps``.
+
+    Per-sample writes (``AnalogConfig(update="per-sample")``, the default; SPEC section 2a):
+    the layer's backward leaves ``A = sum_b |g_b|`` in the gradient of its companion
+    parameter ``analog_abs``, and the gradient-driven write carries the opposite-pulse pairs
+    ``e = lr * max(A - |S|, 0) / 2`` on top of the net pulses (with momentum or weight decay,
+    from the raw gradient S). Companions passed in ``params`` are left out of the param
+    groups (they are read through their layer's weight), and ``zero_grad`` clears them. A
+    weight whose gradient was set by hand, with no backward through its layer, has no A:
+    its write has no pairs.
 
     The random stream of analog tensor ``t`` (its position among the analog weights,
     in param-group order) at step ``k`` (counting from 1) is keyed by
@@ -236,6 +268,46 @@ class AnalogSGD(Optimizer):
         self.nonfinite = nonfinite
         # [steps taken, steps skipped]: a tensor, so that a compiled step reads and counts them at run time.
         self._counters = torch.zeros(2, dtype=torch.int64)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; an analog layer's ``analog_abs`` (whose gradient is A,
+        which the step reads through the layer's weight) is left out: it is not a parameter to update."""
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        else:
+            params = list(params)
+        kept = [p for p in params if not _is_companion(p)]
+        if len(kept) != len(params) and not kept:
+            return  # a group of companions only: nothing to update
+        super().add_param_group({**param_group, "params": kept})
+
+    def _analog_layers(self) -> list:
+        """The analog layers whose weights this optimizer updates (each once)."""
+        layers, seen = [], set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                layer = _layer_of(p)
+                if layer is not None and layer.analog_config.is_analog and id(layer.weight) not in seen:
+                    seen.add(id(layer.weight))
+                    layers.append(layer)
+        return layers
+
+    def _sample_sums(self) -> list:
+        """A of each analog layer (None where it has none)."""
+        return [layer.sample_abs_grad() for layer in self._analog_layers()]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; also clears A (``analog_abs.grad``) of the analog layers."""
+        super().zero_grad(set_to_none=set_to_none)
+        for layer in self._analog_layers():
+            companion = getattr(layer, "analog_abs", None)
+            if companion is None or companion.grad is None:
+                continue
+            if set_to_none:
+                companion.grad = None
+            else:
+                companion.grad.detach_().zero_()
 
     @property
     def step_count(self) -> int:
@@ -286,6 +358,7 @@ class AnalogSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads += [A for A in self._sample_sums() if A is not None]
         skip = self.nonfinite == "skip"
         if torch.compiler.is_compiling():
             finite = _all_finite(grads)
@@ -304,7 +377,7 @@ class AnalogSGD(Optimizer):
                 if p.grad is not None:
                     d_p = self._signal(p, layer, group, finite)
                     if is_analog:
-                        analog.append((p, layer, tid, d_p))
+                        analog.append((p, layer, tid, d_p, _excess_input(layer, p.grad, d_p)))
                     elif finite is None:
                         digital.append(p)
                         signals.append(d_p)
@@ -329,10 +402,10 @@ class AnalogSGD(Optimizer):
         """The analog tensors ``(param, layer, tensor id, signal)`` of one param group, eagerly."""
         k = self.step_count
         items = [
-            StepItem(layer.analog_state(), layer.analog_mixed, d_p, layer.analog_config, philox.step_key(self.seed, k, tid), tid)
-            for p, layer, tid, d_p in analog
+            StepItem(layer.analog_state(), layer.analog_mixed, d_p, layer.analog_config, philox.step_key(self.seed, k, tid), tid, A)
+            for p, layer, tid, d_p, A in analog
         ]
-        layers = [layer for _, layer, _, _ in analog]
+        layers = [entry[1] for entry in analog]
         for layer in layers:
             if getattr(layer, "_fa_version", None) not in (None, layer.weight._version):
                 # W was written since the layer's last forward, not by us: say so before the update clips it.
@@ -352,19 +425,20 @@ class AnalogSGD(Optimizer):
         seed = self.seed - 2**64 if self.seed >= 2**63 else self.seed
         for handle, entries in by_config.items():
             config = entries[0][1].analog_config
-            states = [layer.analog_state() for _, layer, _, _ in entries]
+            states = [entry[1].analog_state() for entry in entries]
             torch.ops.fastanalog.analog_sgd_update_(
                 [s["main"] for s in states],
                 [s["residual"] for s in states] if config.has_residual else [],
                 [s["buffer"] for s in states] if config.has_buffer else [],
-                [layer.analog_mixed for _, layer, _, _ in entries] if entries[0][1].analog_mixed is not None else [],
-                [d_p for _, _, _, d_p in entries],
-                [layer.analog_last_pulses for _, layer, _, _ in entries],
-                [layer.analog_pulses for _, layer, _, _ in entries],
+                [entry[1].analog_mixed for entry in entries] if entries[0][1].analog_mixed is not None else [],
+                [entry[3] for entry in entries],
+                [entry[4] if entry[4] is not None else entry[3].new_empty(0) for entry in entries],
+                [entry[1].analog_last_pulses for entry in entries],
+                [entry[1].analog_pulses for entry in entries],
                 self._counters,
                 finite,
                 handle,
-                [tid for _, _, tid, _ in entries],
+                [entry[2] for entry in entries],
                 lr,
                 seed,
             )

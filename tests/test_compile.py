@@ -144,6 +144,7 @@ def test_opcheck_compiled_step_ops():
         [s["buffer"] for s in states],
         [torch.zeros_like(layer.weight) for layer in layers],  # a stored mixed weight
         [torch.randn_like(layer.weight) for layer in layers],
+        [torch.rand_like(layers[0].weight) + 1, torch.empty(0)],  # per-sample sums of the first, none for the second
         [layer.analog_last_pulses for layer in layers],
         [layer.analog_pulses for layer in layers],
         torch.tensor([4, 0]),

@@ -39,7 +39,7 @@ def test_a_shared_module_becomes_one_shared_analog_module():
     before = model(x)
     fa.convert_to_analog(model, CFG)
     assert isinstance(model.a, fa.AnalogLinear) and model.b is model.a
-    assert len(list(model.parameters())) == 2
+    assert len(list(model.parameters())) == 3  # weight, bias and the per-sample companion analog_abs
     torch.testing.assert_close(model(x), before)
     assert [name for name, _ in fa.analog_layers(model)] == ["a"]
     assert model.a._fa_name == "a, b"
@@ -74,10 +74,10 @@ def test_tied_weights_of_two_layers_stay_one_analog_array(tie_bias):
     a, b = model.a, model.b
     assert isinstance(a, fa.AnalogLinear) and isinstance(b, fa.AnalogLinear) and a is not b
     assert b.weight is a.weight
-    for name in ("analog_scale", "analog_residual", "analog_buffer", "analog_pulses", "analog_last_pulses"):
+    for name in ("analog_scale", "analog_residual", "analog_buffer", "analog_pulses", "analog_last_pulses", "analog_abs"):
         assert getattr(b, name) is getattr(a, name), name
     assert (b.bias is a.bias) == tie_bias
-    assert len(list(model.parameters())) == (2 if tie_bias else 3)
+    assert len(list(model.parameters())) == (3 if tie_bias else 4)  # one weight, one companion analog_abs
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
     assert [name for name, _ in fa.analog_layers(model)] == ["a"]
     _train(model, x)

@@ -478,3 +478,18 @@ def test_weight_scaling_options_reach_the_config_and_are_validated():
     ns.weight_scaling_omega = 1.5
     with pytest.raises(ValueError, match="weight_scaling_omega"):
         cli._validate(ns)
+
+
+# ---------------------------------------------------------------- per-sample writes and older runs
+
+
+def test_runs_record_the_update_mode_and_older_runs_resume_in_batch_mode(finished_run: Path, tmp_path: Path, capsys) -> None:
+    """A run saved before --update existed wrote its mini-batches as one write: it continues in batch mode."""
+    assert load_checkpoint(list_checkpoints(finished_run)[-1][1])["args"]["update"] == "per-sample"
+    out, path = _copy_run(finished_run, tmp_path)
+    _rewrite(path, lambda state: state["args"].pop("update"))
+    code, _, err = _cli(["--resume", str(out), "--update", "per-sample"], capsys)
+    assert code == 2 and "--update 'per-sample' (the checkpoint has 'batch')" in err
+    result = run_training(resume=str(out), max_steps=6, no_progress=True)
+    assert result["steps"] == 6
+    assert load_checkpoint(list_checkpoints(out)[-1][1])["args"]["update"] == "batch"

@@ -3,7 +3,10 @@
 One training step is ``zero_grad``, forward, cross-entropy, backward and ``step``. For
 each model, the analog model (``convert_to_analog`` + ``AnalogSGD``) and the digital
 one (the same initial weights, plain modules + ``torch.optim.SGD``) are timed
-interleaved on the same fixed batch; the figure is analog time over digital time.
+interleaved on the same fixed batch; the figure is analog time over digital time. The
+analog model writes per sample (the default ``AnalogConfig.update``); the same model in
+batch mode is timed in the same interleaving, and the cost of per-sample writes is the
+per-sample step time over the batch-mode one.
 
 Peak memory, analog over digital: on CUDA ``torch.cuda.max_memory_allocated`` of a
 few training steps, in this process. On CPU every configuration runs in a fresh
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import fastanalog as fa
+from fastanalog.nn.layers import sample_abs_dtype
 
 from .common import (
     MS,
@@ -88,6 +92,9 @@ COLUMNS = [
     *stats_names("analog_ms"),
     *stats_names("digital_ms"),
     *stats_names("ratio"),
+    *stats_names("batch_mode_ms"),
+    *stats_names("sample_ratio"),
+    "sample_dtype",
     "analog_peak_mb",
     "digital_peak_mb",
     "analog_mem_mb",
@@ -102,14 +109,20 @@ COLUMNS = [
 
 
 # ----- models and steps --------------------------------------------------------------------
-def build_pair(spec: ModelSpec, algorithm: str, device: torch.device, seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, float]:
-    """``(model, optimizer, tau)`` for ``algorithm``, or for the plain-torch baseline when it is ``torch``."""
+def build_pair(
+    spec: ModelSpec, algorithm: str, device: torch.device, seed: int = 0, update: str | None = None
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, float]:
+    """``(model, optimizer, tau)`` for ``algorithm`` (``update``: the config's write mode, None for the default),
+    or for the plain-torch baseline when it is ``torch``."""
     torch.manual_seed(seed)
     model = spec.build().to(device)
     tau = device_range(model)
     if algorithm == BASELINE:
         return model, torch.optim.SGD(model.parameters(), lr=LR), tau
-    model = fa.convert_to_analog(model, analog_config(algorithm, tau))
+    config = analog_config(algorithm, tau)
+    if update is not None:
+        config = dataclasses.replace(config, update=update)
+    model = fa.convert_to_analog(model, config)
     return model, fa.AnalogSGD(model.parameters(), lr=LR, seed=seed), tau
 
 
@@ -241,11 +254,16 @@ def run_memory_job(job: dict[str, Any]) -> dict[str, Any]:
 
 # Layer buffers an analog model holds beyond its digital twin's tensors: P, H and a stored mixed weight.
 EXTRA_ARRAYS = ("analog_residual", "analog_buffer", "analog_mixed")
+# The per-sample companion parameter: its data and its gradient A are two more arrays.
+COMPANION = "analog_abs"
 
 
 def extra_array_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the arrays an analog ``model`` keeps beyond the digital one's (``EXTRA_ARRAYS``)."""
-    return sum(b.numel() * b.element_size() for name, b in model.named_buffers() if name.rsplit(".", 1)[-1] in EXTRA_ARRAYS)
+    """Bytes of the arrays an analog ``model`` keeps beyond the digital one's (``EXTRA_ARRAYS``, and the per-sample
+    companion with its gradient A)."""
+    buffers = sum(b.numel() * b.element_size() for name, b in model.named_buffers() if name.rsplit(".", 1)[-1] in EXTRA_ARRAYS)
+    companions = sum(2 * p.numel() * p.element_size() for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == COMPANION)
+    return buffers + companions
 
 
 def _run_forked(job: dict[str, Any]) -> dict[str, Any]:
@@ -328,9 +346,17 @@ def time_model(spec: ModelSpec, algorithms: Sequence[str], device: torch.device,
     for algorithm in algorithms:
         model, opt, _ = build_pair(spec, algorithm, device)
         step = train_step_fn(model, opt, x, y)
-        t = measure_interleaved({"analog": step, "digital": digital_step}, warmup=warmup, repeats=repeats, sync=sync)
+        batch_model, batch_opt, _ = build_pair(spec, algorithm, device, update="batch")
+        batch_step = train_step_fn(batch_model, batch_opt, x, y)
+        steps = {"analog": step, "batch": batch_step, "digital": digital_step}
+        t = measure_interleaved(steps, warmup=warmup, repeats=repeats, sync=sync)
         analog_ms, digital_ms = Stats.of(t["analog"]).scaled(MS), Stats.of(t["digital"]).scaled(MS)
-        print(f"  {spec.label} / {algorithm}: analog {analog_ms.median:.3g} ms, digital {digital_ms.median:.3g} ms per training step", flush=True)
+        batch_ms = Stats.of(t["batch"]).scaled(MS)
+        print(
+            f"  {spec.label} / {algorithm}: analog {analog_ms.median:.3g} ms (batch mode {batch_ms.median:.3g}), "
+            f"digital {digital_ms.median:.3g} ms per training step",
+            flush=True,
+        )
         rows.append(
             {
                 "model": spec.label,
@@ -341,11 +367,14 @@ def time_model(spec: ModelSpec, algorithms: Sequence[str], device: torch.device,
                 **stats_columns("analog_ms", analog_ms),
                 **stats_columns("digital_ms", digital_ms),
                 **stats_columns("ratio", ratio_stats(t["analog"], t["digital"])),
+                **stats_columns("batch_mode_ms", batch_ms),
+                **stats_columns("sample_ratio", ratio_stats(t["analog"], t["batch"])),
+                "sample_dtype": str(sample_abs_dtype(device, torch.float32)).removeprefix("torch."),
                 "warmup": warmup,
                 "repeats": repeats,
             }
         )
-        del model, opt, step
+        del model, opt, step, batch_model, batch_opt, batch_step
     return rows
 
 
@@ -415,12 +444,25 @@ def run_train(
 
     panels = [
         Panel("training step time, analog / digital", "time ratio (median, min-max)", groups, {a: bars(lambda r: _stats(r, "ratio"), a) for a in algorithms}),
+        Panel(
+            "training step time, per-sample writes / batch-mode writes",
+            "time ratio (median, min-max)",
+            groups,
+            {a: bars(lambda r: _stats(r, "sample_ratio"), a) for a in algorithms},
+        ),
         Panel(f"peak memory above baseline, analog / digital ({rows[0]['mem_kind'] if rows else ''})", "memory ratio", groups, {a: bars(mem, a) for a in algorithms}),
     ]
     notes = [
         "Time ratio: one training step (zero_grad, forward, cross-entropy, backward, step) of the analog model "
         "(convert_to_analog + AnalogSGD) over the same step of the digital model (plain modules + torch.optim.SGD), "
-        f"repeat by repeat; median [min, max] over {repeats} repeats after {warmup} warm-up steps.",
+        f"repeat by repeat; median [min, max] over {repeats} repeats after {warmup} warm-up steps. The analog model "
+        "writes per sample (the default); 'per-sample / batch' is its step time over the same model's in batch mode "
+        "(update='batch'), timed in the same interleaving. "
+        + (
+            f"The per-sample sums A are computed in {rows[0]['sample_dtype']} on this machine."
+            if rows
+            else ""
+        ),
         f"Memory: peak during {MEMORY_STEPS} training steps, above the size after a freed two-sample warm-up step "
         + (
             "(torch.cuda.max_memory_allocated)."
@@ -429,7 +471,7 @@ def run_train(
             "leave the resident set)."
         )
         + " '1 + extra arrays': the memory ratio if the analog model held nothing beyond the digital one but its extra "
-        "arrays (P, H, a stored mixed weight).",
+        "arrays (P, H, a stored mixed weight, and per sample the companion analog_abs and its gradient A).",
         device_note(rows),
     ]
     table_spec = [
@@ -440,6 +482,7 @@ def run_train(
         ("analog ms", lambda r: _stats(r, "analog_ms").fmt()),
         ("digital ms", lambda r: _stats(r, "digital_ms").fmt()),
         ("time ratio", lambda r: _stats(r, "ratio").fmt()),
+        ("per-sample / batch", lambda r: _stats(r, "sample_ratio").fmt()),
         ("mem MB (analog / digital)", lambda r: f"{r['analog_mem_mb']:.1f} / {r['digital_mem_mb']:.1f}"),
         ("mem ratio", lambda r: f"{r['mem_ratio']:.3g}"),
         ("1 + extra arrays", lambda r: f"{r['mem_goal']:.3g}"),

@@ -23,6 +23,16 @@ model:
 * ``analog_pulses``   int64 ``[pulses to W, pulses to P]`` written so far
 * ``analog_last_pulses`` the same for the last step
 
+With ``AnalogConfig(update="per-sample")`` (the default) the layer also has the parameter
+``analog_abs``, W's companion: its data is never read, and backward writes into its
+``.grad`` the per-element sum over samples of the absolute weight gradients,
+``A = sum_b |g_b|`` (SPEC section 2a; for a linear layer ``A = |D|^T |X|`` over all rows,
+for a convolution the weight gradient of ``|x|`` and ``|d|``, every output position a
+sample), which AnalogSGD turns into the opposite-pulse pairs of the per-sample write.
+Being a gradient, A is accumulated over several backward calls, cleared by ``zero_grad``
+and reduced by DDP exactly as ``weight.grad`` is. It is not saved in ``state_dict`` (a
+gradient is not state) and AnalogSGD does not treat it as a parameter of its own.
+
 Weights in digital units ``w`` are mapped onto the devices as ``W = w / s`` (SPEC
 section 7, ``AnalogConfig.weight_scaling``): the layer computes ``y = s * (x @ Wbar^T) + b``
 (convolutions likewise, ``s`` per output channel), ``Wbar`` the forward weight above. The
@@ -77,6 +87,89 @@ class _StoredMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+def sample_abs_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the per-sample sums ``A`` are computed in.
+
+    Half-precision activations (autocast, a bf16 model) are used as they are. Otherwise
+    bfloat16 on CUDA devices that support it (tensor cores), float32 elsewhere: on CPUs,
+    even those with AVX512-BF16 or AMX, the two casts cost what the faster product saves at
+    the sizes of a training step (``fastanalog bench train`` shows the choice), and float32
+    keeps DDP ranks within float rounding of one rank with the whole batch.
+    ``FASTANALOG_SAMPLE_DTYPE=float32|bfloat16`` overrides the choice. A only sets the
+    opposite-pulse pairs ``e`` (relative error 2**-8 in bfloat16), never the net update.
+    """
+    forced = os.environ.get("FASTANALOG_SAMPLE_DTYPE", "").strip().lower()
+    if forced:
+        if forced not in ("float32", "bfloat16"):
+            raise ValueError(f"FASTANALOG_SAMPLE_DTYPE={forced!r}: choose float32 or bfloat16")
+        return getattr(torch, forced)
+    if dtype in (torch.bfloat16, torch.float16):
+        return dtype
+    if device.type == "cuda" and _cuda_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+@torch.compiler.assume_constant_result
+def _cuda_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _abs_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``|t|`` in ``dtype`` (one new tensor)."""
+    cast = t.to(dtype)
+    return cast.abs_() if cast is not t else t.abs()
+
+
+def sample_abs_sums(d: torch.Tensor, x: torch.Tensor, weight_shape, geometry, dtype: torch.dtype) -> torch.Tensor:
+    """``A = sum_b |g_b|`` of a layer (SPEC section 2a), in ``dtype``: the weight gradient of ``|x|`` and ``|d|``.
+
+    ``d`` is the gradient of the layer's output (bias-free and unscaled: whatever multiplies
+    it afterwards is inside ``d``), ``x`` its input; every row of a linear layer and every
+    output position of a convolution is a sample. ``geometry`` is None for a linear layer,
+    else the convolution's ``(stride, padding, dilation, groups, pad, padding_mode)`` with
+    ``pad`` the explicit padding of ``F.pad`` for string paddings and padding modes other
+    than zeros (None otherwise).
+    """
+    if geometry is None:
+        rows = d.shape[-1] if d.dim() else 1
+        da = _abs_in(d.reshape(-1, rows), dtype)
+        xa = _abs_in(x.reshape(-1, x.shape[-1] if x.dim() else 1), dtype)
+        return da.t().mm(xa)
+    stride, padding, dilation, groups, pad, mode = geometry
+    spatial = len(stride)
+    if x.dim() == spatial + 1:  # an unbatched input
+        x, d = x.unsqueeze(0), d.unsqueeze(0)
+    xa, da = _abs_in(x, dtype), _abs_in(d, dtype)
+    if pad is not None:
+        xa = F.pad(xa, pad, mode="constant" if mode == "zeros" else mode)
+        padding = (0,) * spatial
+    shape_only = xa.new_zeros(()).expand(weight_shape)
+    return torch.ops.aten.convolution_backward(
+        da, xa, shape_only, None, list(stride), list(padding), list(dilation), False, [0] * spatial, groups, [False, True, False]
+    )[1]
+
+
+class _SampleAbs(torch.autograd.Function):
+    """The layer's output, unchanged; backward passes its gradient ``d`` on and gives the companion the gradient ``A``."""
+
+    @staticmethod
+    def forward(ctx, out, x, companion, geometry):
+        ctx.save_for_backward(x)
+        ctx.geometry = geometry
+        ctx.weight_shape = companion.shape
+        ctx.mark_dirty(out)  # the output itself, not a view of it: later in-place ops (ReLU(inplace=True)) stay legal
+        return out
+
+    @staticmethod
+    def backward(ctx, d):
+        A = None
+        if ctx.needs_input_grad[2]:
+            (x,) = ctx.saved_tensors
+            A = sample_abs_sums(d, x, ctx.weight_shape, ctx.geometry, sample_abs_dtype(d.device, d.dtype))
+        return d, None, A, None
 
 
 class _Recompute:
@@ -143,6 +236,7 @@ class AnalogLayerMixin:
                     self.register_buffer(name, t, persistent=name != "analog_mixed")
                 else:
                     setattr(self, name, None)
+            self.analog_abs = share.analog_abs
         else:
             weight: nn.Parameter = self.weight
             if config.is_analog:
@@ -167,11 +261,21 @@ class AnalogLayerMixin:
                 self.analog_mixed = None
             self.register_buffer("analog_pulses", torch.zeros(2, dtype=torch.int64, device=weight.device))
             self.register_buffer("analog_last_pulses", torch.zeros(2, dtype=torch.int64, device=weight.device))
+            self._init_companion()
         self._note_scale()
         self._fa_version = self.weight._version
         self.register_load_state_dict_pre_hook(_prepare_state_dict)
         self.register_load_state_dict_post_hook(_refresh_after_load)
+        self._register_state_dict_hook(_drop_companion)
         self._tag_weight()
+
+    def _init_companion(self) -> None:
+        """The parameter ``analog_abs`` whose gradient is A (per-sample configs), or None."""
+        weight = self.weight
+        if self.analog_config.per_sample:
+            self.analog_abs = nn.Parameter(torch.zeros_like(weight.detach()), requires_grad=weight.requires_grad)
+        else:
+            self.analog_abs = None
 
     def _note_scale(self) -> None:
         """Remember (a Python bool, so that forward and compiled graphs need no data-dependent branch) whether s is all 1."""
@@ -222,6 +326,13 @@ class AnalogLayerMixin:
     def _tag_weight(self) -> None:
         # AnalogSGD finds the layer (and so its arrays and config) through the parameter.
         self.weight._fa_layer = weakref.ref(self)
+        if getattr(self, "analog_abs", None) is not None:
+            self.analog_abs._fa_companion_of = weakref.ref(self)
+
+    def sample_abs_grad(self) -> torch.Tensor | None:
+        """A, the per-sample |g| sums of the backward passes since ``zero_grad`` (None: no per-sample write, e = 0)."""
+        companion = getattr(self, "analog_abs", None)
+        return None if companion is None else companion.grad
 
     def __setstate__(self, state):  # pickling and deepcopy make a new Parameter
         super().__setstate__(state)
@@ -232,6 +343,9 @@ class AnalogLayerMixin:
             else:
                 self.analog_scale = None
         self.__dict__.setdefault("_fa_name", None)
+        if "analog_abs" not in self._parameters and "analog_abs" not in self.__dict__:
+            # Layers pickled before per-sample writes: their config's update is the class default.
+            self._init_companion()
         self._note_scale()
         self._fa_version = self.weight._version
         self._tag_weight()
@@ -266,12 +380,22 @@ class AnalogLayerMixin:
             self._fa_version = self.weight._version
             self.check_range("(W was changed outside AnalogSGD: by hand or by another optimizer)")
         if self._fa_unit_scale:
-            return self._forward_unscaled(lambda x, w: run(x, w, self.bias), x)
-        out = self._forward_unscaled(lambda x, w: run(x, w, None), x)
+            return self._per_sample(self._forward_unscaled(lambda x, w: run(x, w, self.bias), x), x)
+        out = self._per_sample(self._forward_unscaled(lambda x, w: run(x, w, None), x), x)
         s = self.analog_scale.to(out.dtype).view(_scale_shape(self.weight))
         if self.bias is None:
             return out * s
         return torch.addcmul(self.bias.to(out.dtype).view(s.shape), out, s)
+
+    def _per_sample(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out``, with a backward that also computes A into ``analog_abs.grad`` when this layer writes per sample."""
+        companion = self.analog_abs
+        if companion is None or not torch.is_grad_enabled() or not companion.requires_grad:
+            return out
+        return _SampleAbs.apply(out, x, companion, self._sample_geometry())
+
+    def _sample_geometry(self):
+        return None
 
     def _forward_unscaled(self, run, x: torch.Tensor) -> torch.Tensor:
         """``run(x, forward weight)``, the gradient at the forward weight landing in ``weight.grad``."""
@@ -364,11 +488,16 @@ def _prepare_state_dict(module, state_dict, prefix, *args) -> None:
         state_dict[prefix + "weight"] = state_dict.pop(old)
     if prefix and module._fa_name is None:
         module._fa_name = prefix[:-1]
+    if getattr(module, "analog_abs", None) is not None:
+        # Never saved (a gradient, not state): the layer's own value, so that strict loading finds it.
+        state_dict.setdefault(prefix + "analog_abs", module.analog_abs.detach())
     cfg = module.analog_config
     key = prefix + "weight"
     if not cfg.is_analog or key not in state_dict:
         return
-    analog = any(k.startswith(prefix + "analog_") and "." not in k[len(prefix) :] for k in state_dict)
+    analog = any(
+        k.startswith(prefix + "analog_") and "." not in k[len(prefix) :] and k != prefix + "analog_abs" for k in state_dict
+    )
     if not analog:
         w = state_dict[key]
         scale = _choose_scale(w, cfg)
@@ -388,6 +517,11 @@ def _prepare_state_dict(module, state_dict, prefix, *args) -> None:
         _warn_outside(w.detach(), cfg, module._layer_name(), "(in the state dict being loaded)")
 
 
+def _drop_companion(module, state_dict, prefix, local_metadata) -> None:
+    """``analog_abs`` holds a gradient, not state: keep it out of ``state_dict`` (loading fills it in)."""
+    state_dict.pop(prefix + "analog_abs", None)
+
+
 def _refresh_after_load(module, incompatible_keys) -> None:
     module.refresh_weight()
     module._fa_version = module.weight._version
@@ -404,7 +538,18 @@ class AnalogLinear(AnalogLayerMixin, nn.Linear):
         return self._forward_with(F.linear, input)
 
 
-class AnalogConv1d(AnalogLayerMixin, nn.Conv1d):
+class _ConvSamples:
+    """The geometry :func:`sample_abs_sums` needs of a convolution."""
+
+    def _sample_geometry(self):
+        pad = None
+        if isinstance(self.padding, str) or self.padding_mode != "zeros":
+            pad = tuple(self._reversed_padding_repeated_twice)
+        padding = (0,) * len(self.stride) if isinstance(self.padding, str) else tuple(self.padding)
+        return (tuple(self.stride), padding, tuple(self.dilation), self.groups, pad, self.padding_mode)
+
+
+class AnalogConv1d(_ConvSamples, AnalogLayerMixin, nn.Conv1d):
     """``nn.Conv1d`` on analog devices; all nn.Conv1d arguments plus ``config``."""
 
     def __init__(self, *args, config: AnalogConfig | None = None, **kwargs):
@@ -415,7 +560,7 @@ class AnalogConv1d(AnalogLayerMixin, nn.Conv1d):
         return self._forward_with(self._conv_forward, input)
 
 
-class AnalogConv2d(AnalogLayerMixin, nn.Conv2d):
+class AnalogConv2d(_ConvSamples, AnalogLayerMixin, nn.Conv2d):
     """``nn.Conv2d`` on analog devices; all nn.Conv2d arguments plus ``config``."""
 
     def __init__(self, *args, config: AnalogConfig | None = None, **kwargs):

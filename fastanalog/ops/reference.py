@@ -168,10 +168,15 @@ def apply_pulses(x: torch.Tensor, n_up: torch.Tensor, n_down: torch.Tensor, arr:
 
 
 def excess(A: torch.Tensor, g: torch.Tensor, lr: float) -> torch.Tensor:
-    """The excess ``e = (lr * max(A - |g|, 0)) * 0.5`` of a per-sample write (SPEC section 2a), float32."""
+    """The excess ``e = (lr * max(A - |g|, 0)) * 0.5`` of a per-sample write (SPEC section 2a), float32.
+
+    ``max`` ignores a NaN as IEEE ``fmax`` does (the kernels' max): where A and g both
+    overflow float32 (``inf - inf``) there is no excess, and the capped net count stands.
+    """
     a32 = A.to(MATH_DTYPE)
     g32 = g.to(MATH_DTYPE)
-    return (f32(lr).to(g.device) * torch.clamp(a32 - torch.abs(g32), min=0.0)) * 0.5
+    zero = torch.zeros((), dtype=MATH_DTYPE, device=g.device)
+    return (f32(lr).to(g.device) * torch.fmax(a32 - torch.abs(g32), zero)) * 0.5
 
 
 def _uniform(key: int, stream: int, numel: int, offset: int, where) -> torch.Tensor:

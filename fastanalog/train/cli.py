@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 import fastanalog as fa
 
+from ..config import UPDATES
 from ..devices import ResponseDevice
 from .checkpoint import (
     CHECKPOINT_DIR,
@@ -118,6 +119,7 @@ DEFAULTS: dict[str, Any] = {
     "read_noise": 0.0,
     "weight_scaling": "fit",
     "weight_scaling_omega": 0.95,
+    "update": "per-sample",
     "epochs": 1,
     "batch_size": 128,
     "lr": 0.05,
@@ -160,6 +162,7 @@ MUST_MATCH = (
     "read_noise",
     "weight_scaling",
     "weight_scaling_omega",
+    "update",
     "epochs",
     "batch_size",
     "lr",
@@ -169,6 +172,8 @@ MUST_MATCH = (
     "seed",
     "amp",
 )
+# Options added after runs were saved without them: the value that reproduces those runs.
+SAVED_BEFORE = {"update": "batch"}
 # Options a resumed run does not take from its checkpoint (they concern this invocation only); every
 # other option not given again comes from the checkpoint (--max-steps included), and one given again wins.
 NOT_INHERITED = ("resume", "out", "overwrite")
@@ -295,6 +300,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         metavar="OMEGA",
         help="largest scaled weight as a fraction of the device bound, in (0, 1) (default: 0.95)",
     )
+    g.add_argument(
+        "--update",
+        choices=UPDATES,
+        help="how a mini-batch is written: per-sample (one outer product per sample, as a crossbar and aihwkit do: "
+        "opposite pulses of different samples are sent, not cancelled; one more GEMM per layer) or batch (the "
+        "mini-batch gradient as one write, the paper's theorem model) (default: per-sample)",
+    )
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_positive_int, help=f"passes over the training set (default: {d['epochs']})")
@@ -405,6 +417,7 @@ def _option(name: str) -> str:
 
 def _take_checkpoint_args(ns: argparse.Namespace, saved: Mapping[str, Any], path: Path) -> None:
     """Fill the options not given from the checkpoint's; CheckpointError where a given one contradicts it."""
+    saved = {**SAVED_BEFORE, **saved}
     conflicts = [
         f"{_option(k)} {getattr(ns, k)!r} (the checkpoint has {saved.get(k)!r})"
         for k in MUST_MATCH
@@ -449,6 +462,7 @@ def _validate(ns: argparse.Namespace) -> None:
     check("lr", num(ns.lr) and ns.lr > 0, "a number > 0")
     check("weight_scaling", ns.weight_scaling in ("fit", "channel", "tensor"), "fit, channel or tensor")
     check("weight_scaling_omega", num(ns.weight_scaling_omega) and 0 < ns.weight_scaling_omega < 1, "a number in (0, 1)")
+    check("update", ns.update in UPDATES, " or ".join(UPDATES))
     check("momentum", num(ns.momentum) and 0 <= ns.momentum < 1, "a number in [0, 1)")
     check("weight_decay", num(ns.weight_decay) and ns.weight_decay >= 0, "a number >= 0")
     check("tau", num(ns.tau) and ns.tau > 0, "a number > 0")
@@ -547,6 +561,7 @@ def make_config(ns: argparse.Namespace) -> fa.AnalogConfig:
         read_noise=ns.read_noise,
         weight_scaling=getattr(ns, "weight_scaling", "fit"),
         weight_scaling_omega=getattr(ns, "weight_scaling_omega", 0.95),
+        update=getattr(ns, "update", "per-sample"),
     )
 
 

@@ -1,0 +1,381 @@
+"""Per-sample writes (SPEC section 2a): the layers' A = sum_b |g_b|, and what AnalogSGD does with it."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastanalog as fa
+from fastanalog.nn.layers import sample_abs_dtype, sample_abs_sums
+
+
+@pytest.fixture(autouse=True)
+def _float32_sums(monkeypatch):
+    """Exact float32 sums unless a test asks for the machine's choice."""
+    monkeypatch.setenv("FASTANALOG_SAMPLE_DTYPE", "float32")
+
+
+def _asgd(update="per-sample", **device):
+    kw = dict(tau=1.0, dw_min=1e-4)
+    kw.update(device)
+    return fa.AnalogConfig(algorithm="asgd", device=fa.LinearResponse(**kw), update=update)
+
+
+def _per_sample_abs_grads(layer, x, loss_of_row):
+    """The oracle: sum over rows b of |dL_b/dW| with one backward per row (bias-free, digital twin)."""
+    total = torch.zeros_like(layer.weight)
+    for b in range(x.shape[0]):
+        layer.weight.grad = None
+        loss_of_row(layer(x[b : b + 1]), b).backward()
+        total += layer.weight.grad.abs()
+    layer.weight.grad = None
+    return total
+
+
+def test_linear_A_is_the_sum_of_the_rows_absolute_gradients():
+    torch.manual_seed(0)
+    layer = fa.AnalogLinear(5, 3, config=_asgd(tau=2.0))
+    x = torch.randn(6, 5)
+    target = torch.randn(6, 3)
+
+    def loss(y, b):
+        return ((y - target[b : b + 1]) ** 2).sum()
+
+    want = _per_sample_abs_grads(copy.deepcopy(layer), x, loss)
+    layer(x).sub(target).pow(2).sum().backward()
+    assert torch.allclose(layer.sample_abs_grad(), want, rtol=1e-5, atol=1e-6)
+    assert (layer.sample_abs_grad() >= layer.weight.grad.abs() - 1e-6).all(), "A >= |S| element by element"
+
+
+def test_linear_leading_dimensions_are_samples_and_scales_enter_A():
+    """Tokens of a (batch, tokens, features) input are samples; a per-channel digital scale s multiplies A as it does S."""
+    torch.manual_seed(1)
+    cfg = fa.AnalogConfig(algorithm="asgd", device=fa.LinearResponse(tau=0.5), weight_scaling="channel")
+    layer = fa.AnalogLinear(4, 3, bias=False, config=cfg)
+    assert not bool((layer.analog_scale == 1).all())
+    x = torch.randn(2, 5, 4)
+    d = torch.randn(2, 5, 3)
+    (layer(x) * d).sum().backward()
+    s = layer.analog_scale.view(-1, 1)
+    want = (d.reshape(-1, 3).abs() * s.view(1, -1)).t() @ x.reshape(-1, 4).abs()
+    assert torch.allclose(layer.sample_abs_grad(), want, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(layer.weight.grad, (d.reshape(-1, 3) * s.view(1, -1)).t() @ x.reshape(-1, 4), rtol=1e-5, atol=1e-6)
+
+
+def _unfold_abs(x, d, conv):
+    """The convolution oracle: every (sample, output position) is one outer product |d| x |patch| (any groups)."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+        padding = 0
+    else:
+        padding = conv.padding
+    two_d = x.dim() == 4
+    if not two_d:  # Conv1d as a 1-high Conv2d
+        x, d = x.unsqueeze(2), d.unsqueeze(2)
+    k = conv.kernel_size if two_d else (1, conv.kernel_size[0])
+    pads = padding if two_d else (0, padding[0] if isinstance(padding, tuple) else padding)
+    stride = conv.stride if two_d else (1, conv.stride[0])
+    dilation = conv.dilation if two_d else (1, conv.dilation[0])
+    cols = F.unfold(x.abs(), k, dilation=dilation, padding=pads, stride=stride)  # (B, C*kh*kw, L)
+    B, out = d.shape[0], d.shape[1]
+    g = conv.groups
+    cin = x.shape[1] // g
+    cols = cols.view(B, g, cin * k[0] * k[1], -1)
+    dd = d.abs().reshape(B, g, out // g, -1)
+    A = torch.einsum("bgol,bgkl->gok", dd, cols).reshape(out, cin * k[0] * k[1])
+    return A.view(conv.weight.shape)
+
+
+@pytest.mark.parametrize(
+    "kind,kw",
+    [
+        ("2d", dict(kernel_size=3)),
+        ("2d", dict(kernel_size=3, stride=2, padding=1)),
+        ("2d", dict(kernel_size=(2, 3), dilation=2, padding=(1, 2))),
+        ("2d", dict(kernel_size=3, groups=2, padding=1)),
+        ("2d", dict(kernel_size=4, padding="same")),
+        ("2d", dict(kernel_size=3, padding=1, padding_mode="reflect")),
+        ("2d", dict(kernel_size=3, padding=2, padding_mode="circular")),
+        ("1d", dict(kernel_size=3, stride=2, padding=1, groups=2)),
+        ("1d", dict(kernel_size=2, padding="same", padding_mode="replicate")),
+    ],
+)
+def test_conv_A_is_the_sum_over_samples_and_positions(kind, kw):
+    torch.manual_seed(2)
+    cls = fa.AnalogConv2d if kind == "2d" else fa.AnalogConv1d
+    conv = cls(4, 6, config=_asgd(tau=2.0), **kw)
+    shape = (3, 4, 9, 8) if kind == "2d" else (3, 4, 11)
+    x = torch.randn(shape)
+    y = conv(x)
+    d = torch.randn_like(y)
+    (y * d).sum().backward()
+    want = _unfold_abs(x, d, conv)
+    assert torch.allclose(conv.sample_abs_grad(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_unbatched_conv_input():
+    torch.manual_seed(3)
+    conv = fa.AnalogConv2d(2, 3, 3, padding=1, config=_asgd())
+    x = torch.randn(2, 5, 5)
+    conv(x).sum().backward()
+    conv2 = copy.deepcopy(conv)
+    conv2.analog_abs.grad = None
+    conv2(x.unsqueeze(0)).sum().backward()
+    assert torch.allclose(conv.sample_abs_grad(), conv2.sample_abs_grad())
+
+
+def _cancelling_step(layer_kind: str, update: str):
+    """One Analog SGD step whose per-sample gradients cancel: S = 0, A > 0. Returns (dW, lr * A * G(W))."""
+    lr, w0 = 0.1, 0.4
+    cfg = _asgd(update=update, dw_min=1e-5)
+    if layer_kind == "linear":
+        layer = fa.AnalogLinear(3, 2, bias=False, config=cfg)
+        x = torch.tensor([[1.0, 2.0, 0.5], [1.0, 2.0, 0.5]])
+
+        def loss(y):
+            return (y[0] - y[1]).sum()  # sample 0 pushes up, sample 1 down by as much
+    else:
+        layer = fa.AnalogConv1d(2, 2, 1, bias=False, config=cfg)
+        x = torch.tensor([[[1.0, 1.0], [0.5, 0.5]]])  # two output positions with the same patch
+
+        def loss(y):
+            return (y[..., 0] - y[..., 1]).sum()  # position 0 up, position 1 down
+    with torch.no_grad():
+        layer.weight.fill_(w0)
+    opt = fa.AnalogSGD(layer.parameters(), lr=lr, seed=3)
+    opt.zero_grad()
+    loss(layer(x)).backward()
+    assert float(layer.weight.grad.abs().max()) == 0.0
+    A = layer.sample_abs_grad()
+    opt.step()
+    G = w0 / 1.0  # linear device, tau 1: G(w) = w / tau
+    expected = -lr * (A if A is not None else torch.zeros_like(layer.weight)) * G
+    return layer.weight.detach() - w0, expected
+
+
+@pytest.mark.parametrize("layer_kind", ["linear", "conv"])
+def test_cancelling_samples_drift_in_per_sample_mode_only(layer_kind):
+    dW, expected = _cancelling_step(layer_kind, "per-sample")
+    assert float(expected.abs().min()) > 0
+    # Stochastic rounding of lr * A / 2 / dw_min pairs: an error of at most one pair (2 pulses).
+    assert torch.allclose(dW, expected, atol=2.5e-5 * 1.4, rtol=0)
+    dW, _ = _cancelling_step(layer_kind, "batch")
+    assert float(dW.abs().max()) == 0.0
+
+
+def test_batch_mode_has_no_companion_and_per_sample_differs():
+    torch.manual_seed(4)
+    batch = fa.AnalogLinear(6, 4, config=_asgd(update="batch"))
+    per = fa.AnalogLinear(6, 4, config=_asgd(update="per-sample"))
+    per.load_state_dict(batch.state_dict())
+    assert batch.analog_abs is None and per.analog_abs is not None
+    assert "analog_abs" not in dict(per.named_buffers()) and "analog_abs" not in per.state_dict()
+    x = torch.randn(16, 6)
+    outs = []
+    for layer in (batch, per):
+        opt = fa.AnalogSGD(layer.parameters(), lr=0.05, seed=9)
+        assert all(p is not layer.analog_abs for g in opt.param_groups for p in g["params"])
+        for _ in range(3):
+            opt.zero_grad()
+            layer(x).pow(2).mean().backward()
+            opt.step()
+        outs.append(layer.weight.detach().clone())
+    assert not torch.equal(outs[0], outs[1])
+    assert int(per.analog_pulses[0]) > int(batch.analog_pulses[0]), "per-sample writes send the pairs too"
+
+
+def test_accumulation_sums_A_and_zero_grad_clears_it():
+    torch.manual_seed(5)
+    layer = fa.AnalogLinear(4, 3, config=_asgd())
+    opt = fa.AnalogSGD(layer.parameters(), lr=0.1)
+    x1, x2 = torch.randn(3, 4), torch.randn(5, 4)
+    layer(x1).sum().backward()
+    a1 = layer.sample_abs_grad().clone()
+    layer(x2).sum().backward()
+    both = layer.sample_abs_grad().clone()
+    layer.analog_abs.grad = None
+    layer(x2).sum().backward()
+    assert torch.allclose(both, a1 + layer.sample_abs_grad())
+    opt.zero_grad()
+    assert layer.sample_abs_grad() is None
+    layer(x1).sum().backward()
+    opt.zero_grad(set_to_none=False)
+    assert float(layer.sample_abs_grad().abs().max()) == 0.0
+    layer(x1).sum().backward()
+    layer.zero_grad()
+    assert layer.sample_abs_grad() is None
+
+
+def test_a_gradient_set_by_hand_is_one_sample():
+    """No backward through the layer: no A, e = 0, the batch-mode write."""
+    results = []
+    for update in ("per-sample", "batch"):
+        torch.manual_seed(6)
+        layer = fa.AnalogLinear(4, 3, config=_asgd(update=update))
+        opt = fa.AnalogSGD(layer.parameters(), lr=0.1, seed=2)
+        layer.weight.grad = torch.randn(3, 4)
+        layer.bias.grad = torch.randn(3)
+        opt.step()
+        results.append(layer.weight.detach().clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_momentum_and_weight_decay_take_e_from_the_raw_gradient(monkeypatch):
+    """With momentum the signal is not S; the pairs must still be lr * max(A - |S|, 0) / 2."""
+    from fastanalog.ops import dispatch
+
+    seen = []
+    real = dispatch.analog_step_group
+
+    def spy(items, **kw):
+        seen.extend(items)
+        return real(items, **kw)
+
+    monkeypatch.setattr("fastanalog.optim.analog_step_group", spy)
+    torch.manual_seed(7)
+    layer = fa.AnalogLinear(4, 3, bias=False, config=_asgd())
+    opt = fa.AnalogSGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01, seed=2)
+    x = torch.randn(8, 4)
+    for _ in range(2):
+        opt.zero_grad()
+        layer(x).pow(2).sum().backward()
+        S, A = layer.weight.grad.clone(), layer.sample_abs_grad().clone()
+        opt.step()
+    item = seen[-1]
+    assert item.A is not None
+    assert not torch.allclose(item.grad, S)
+    assert torch.allclose((item.A - item.grad.abs()).clamp(min=0), (A - S.abs()).clamp(min=0), atol=1e-6)
+
+
+def test_tied_layers_share_one_companion():
+    torch.manual_seed(8)
+    a = nn.Linear(4, 4, bias=False)
+    m = nn.Sequential(a, nn.Tanh(), a)
+    m = fa.convert_to_analog(m, _asgd())
+    assert m[0] is m[2]
+    m2 = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 4, bias=False))
+    m2[2].weight = m2[0].weight
+    m2 = fa.convert_to_analog(m2, _asgd())
+    assert m2[0].analog_abs is m2[2].analog_abs
+    x = torch.randn(3, 4)
+    m2(x).sum().backward()
+    assert m2[0].sample_abs_grad() is not None
+    assert sum(1 for _ in m2.parameters()) == 2  # one weight, one companion
+
+
+def test_inplace_activation_after_the_layer_and_no_grad_forward():
+    torch.manual_seed(9)
+    m = nn.Sequential(fa.AnalogLinear(4, 5, config=_asgd()), nn.ReLU(inplace=True), fa.AnalogLinear(5, 2, config=_asgd()))
+    x = torch.randn(3, 4)
+    m(x).sum().backward()
+    assert m[0].sample_abs_grad() is not None and m[2].sample_abs_grad() is not None
+    with torch.no_grad():
+        m(x)
+
+
+def test_state_dict_round_trip_and_old_layers_load():
+    torch.manual_seed(10)
+    per = fa.AnalogLinear(4, 3, config=_asgd())
+    sd = per.state_dict()
+    assert "analog_abs" not in sd
+    other = fa.AnalogLinear(4, 3, config=_asgd())
+    other.load_state_dict(sd)  # strict
+    assert torch.equal(other.weight, per.weight)
+    batch = fa.AnalogLinear(4, 3, config=_asgd(update="batch"))
+    batch.load_state_dict(sd)
+    per.load_state_dict(batch.state_dict())
+
+
+def test_bf16_autocast_and_bf16_sums(monkeypatch):
+    torch.manual_seed(11)
+    layer = fa.AnalogLinear(16, 8, config=_asgd())
+    x = torch.randn(32, 16)
+    layer(x).pow(2).sum().backward()
+    exact = layer.sample_abs_grad().clone()
+    layer.analog_abs.grad = None
+    monkeypatch.setenv("FASTANALOG_SAMPLE_DTYPE", "bfloat16")
+    layer(x).pow(2).sum().backward()
+    assert layer.sample_abs_grad().dtype == torch.float32
+    assert torch.allclose(layer.sample_abs_grad(), exact, rtol=2e-2, atol=1e-3)
+    layer.analog_abs.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().pow(2).sum().backward()
+    assert torch.isfinite(layer.sample_abs_grad()).all()
+    assert torch.allclose(layer.sample_abs_grad(), exact, rtol=5e-2, atol=1e-2)
+
+
+def test_sample_dtype_choice(monkeypatch):
+    monkeypatch.delenv("FASTANALOG_SAMPLE_DTYPE")
+    cpu = torch.device("cpu")
+    assert sample_abs_dtype(cpu, torch.bfloat16) == torch.bfloat16
+    assert sample_abs_dtype(cpu, torch.float32) == torch.float32
+    monkeypatch.setenv("FASTANALOG_SAMPLE_DTYPE", "float16")
+    with pytest.raises(ValueError, match="FASTANALOG_SAMPLE_DTYPE"):
+        sample_abs_dtype(cpu, torch.float32)
+
+
+def test_sample_abs_sums_linear_matches_matmul():
+    d, x = torch.randn(7, 3), torch.randn(7, 5)
+    assert torch.allclose(sample_abs_sums(d, x, (3, 5), None, torch.float32), d.abs().t() @ x.abs())
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("algorithm", ["asgd", "rl", "rl2"])
+def test_backends_agree_in_per_sample_mode(backend, algorithm, monkeypatch):
+    """A few training steps of a small model: every backend gives the default backend's arrays."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+
+    def run():
+        torch.manual_seed(12)
+        cfg = fa.AnalogConfig(algorithm=algorithm, device=fa.PowerResponse(tau=0.6, gamma=0.5, dw_min=0.002), gamma=0.1, transfer_lr=0.1)
+        m = fa.convert_to_analog(nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)), cfg)
+        opt = fa.AnalogSGD(m.parameters(), lr=0.3, seed=5)
+        x, y = torch.randn(4, 1, 6, 6), torch.randint(0, 2, (4,))
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        return m.state_dict()
+
+    want = run()
+    monkeypatch.setenv("FASTANALOG_BACKEND", backend)
+    got = run()
+    for k in want:
+        if want[k].is_floating_point():
+            assert torch.allclose(got[k], want[k], rtol=0, atol=2e-7), k
+        else:
+            assert torch.equal(got[k], want[k]), k
+
+
+def test_compiled_step_equals_eager_in_per_sample_mode():
+    torch._dynamo.reset()
+
+    def make():
+        torch.manual_seed(13)
+        m = fa.convert_to_analog(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), _asgd(dw_min=0.001))
+        return m, fa.AnalogSGD(m.parameters(), lr=0.2, seed=4)
+
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+
+    def step(m, opt):
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+
+    eager_m, eager_opt = make()
+    comp_m, comp_opt = make()
+    compiled = torch.compile(step)
+    for _ in range(3):
+        eager_opt.zero_grad()
+        step(eager_m, eager_opt)
+        comp_opt.zero_grad()
+        compiled(comp_m, comp_opt)
+    for k, v in eager_m.state_dict().items():
+        assert torch.allclose(comp_m.state_dict()[k], v, rtol=0, atol=1e-6), k
+    assert torch.equal(comp_m[0].analog_pulses, eager_m[0].analog_pulses)
