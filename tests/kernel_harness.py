@@ -493,11 +493,11 @@ def compare_group(
     With ``totals`` the group reports sums; they must equal the sums of the oracle's counts.
     Returns the oracle's pulses per tensor.
     """
-    grouped, alone, oracle, before, items, grads, sums = [], [], [], [], [], [], []
+    grouped, singles, oracle, before, items, grads, sums = [], [], [], [], [], [], []
     for i, e in enumerate(entries):
         arrays = make_arrays(e.config, e.shape, dtype=e.dtype, device=backend.device, weight=e.weight, seed=i)
         grouped.append(arrays)
-        alone.append(arrays.clone())
+        singles.append(arrays.clone())
         oracle.append(arrays.clone())
         before.append(arrays.clone())
         g = gradient(e.shape, dtype=e.dtype, device=backend.device, seed=10 + i)
@@ -515,11 +515,11 @@ def compare_group(
         deviations += assert_step_matches(got[i], want, grouped[i], oracle[i], before[i], what, backend.name)
         if alone:
             single = dispatch.analog_step(
-                alone[i].state(), alone[i].weight, grads[i], lr=LR, config=e.config,
+                singles[i].state(), singles[i].weight, grads[i], lr=LR, config=e.config,
                 key=philox.step_key(SEED, step, e.tensor_id), tensor_id=e.tensor_id, step=step, A=sums[i],
             )  # fmt: skip
             for name, x in grouped[i].named().items():
-                assert torch.equal(x, alone[i].named()[name]), f"{what} {name} differs from the tensor's analog_step alone"
+                assert torch.equal(x, singles[i].named()[name]), f"{what} {name} differs from the tensor's analog_step alone"
             assert_step_pulses_match(single, want, f"{what} alone")
         wants.append(want)
     report_deviations(deviations)
