@@ -31,6 +31,7 @@ state a backend reaches by itself), and are compared after every step.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -45,7 +46,6 @@ SEED = 20261201
 TENSOR_ID = 3
 LR = 0.1
 ULPS = 2
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Global element indices for the oracle's offset checks: not multiples of 4 (a shard's first and
 # last Philox calls serve elements outside it), across the 32-bit word of the device-to-device
 # element counter (2**32) and of the stream call counter (element 2**34 is call 2**32).
@@ -119,6 +119,8 @@ def make_device(family: str, *, tau: float = TAU, dw_min: float = DW_MIN, **opti
         return fa.PowerResponse(tau=tau, dw_min=dw_min, gamma=0.37, **options)
     if family == "exp":
         return fa.ExpResponse(tau=tau, dw_min=dw_min, gamma=1.7, **options)
+    if family == "exp_neg":  # a negative gamma: the response is concave in u
+        return fa.ExpResponse(tau=tau, dw_min=dw_min, gamma=-1.2, **options)
     if family == "table":
         return fa.TableResponse(tau=tau, dw_min=dw_min, up=TABLE_UP, down=TABLE_DOWN, **options)
     raise ValueError(f"unknown family {family!r}")
@@ -467,6 +469,28 @@ def total_pulses(results: list[tuple[StepPulses, StepPulses]]) -> int:
 
 def total_pairs(results: list[tuple[StepPulses, StepPulses]]) -> int:
     return sum(int(want.first_pairs.sum()) for _, want in results if want.first_pairs is not None)
+
+
+def check_steps_draw_anew(backend: Backend, config: fa.AnalogConfig, n: int = 331) -> None:
+    """The same step from the same arrays repeats its pulses; another step (key) or variation seed changes them."""
+    start = make_arrays(config, n, device=backend.device)
+    g = gradient(n, device=backend.device)
+    A = per_sample_sums(g, "mixed")
+
+    def run(step: int, cfg: fa.AnalogConfig) -> tuple[StepPulses, Arrays]:
+        arrays = start.clone()
+        return backend_step(arrays, g, config=cfg, step=step, A=A), arrays
+
+    (a, arrays_a), (b, arrays_b), (c, _) = run(1, config), run(1, config), run(2, config)
+    assert torch.equal(a.first, b.first) and torch.equal(a.first_pairs, b.first_pairs)
+    for name, x in arrays_a.named().items():
+        assert torch.equal(x, arrays_b.named()[name]), f"{name}: the same step gave other values"
+    assert (a.first != c.first).float().mean() > 0.2, "another step key must draw other roundings"
+    device = config.device
+    reseeded = dataclasses.replace(device, tau=None, variation_seed=device.variation_seed + 1)  # tau_min/tau_max kept
+    other = dataclasses.replace(config, device=reseeded, residual_device=reseeded)
+    _, arrays_d = run(1, other)
+    assert not torch.equal(arrays_a.main, arrays_d.main), "another variation seed must give other device parameters"
 
 
 # ----- several tensors in one call ---------------------------------------------------------------------------

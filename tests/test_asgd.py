@@ -15,6 +15,7 @@ from kernel_harness import (
     check_bad_input,
     check_counter_layout,
     check_shards_equal_whole,
+    check_steps_draw_anew,
     compare,
     compare_group,
     make_config,
@@ -43,7 +44,7 @@ def config(family: str = "power", **options) -> fa.AnalogConfig:
     return make_config(ALGORITHM, make_device(family, **device_options), **options)
 
 
-@pytest.mark.parametrize("n", [1, 3, 5, 1023])
+@pytest.mark.parametrize("n", [1, 3, 5, 1023, 4099])
 def test_odd_sizes(backend, n):
     results = compare(backend, config(d2d_std=0.2, c2c_std=0.2, asymmetry=0.1), n, steps=2)
     assert total_pulses(results) > 0
@@ -98,6 +99,20 @@ def test_non_contiguous(backend, layout):
     assert total_pulses(results) > 0
 
 
+# Gradients giving about 1% and 10% of the elements a pulse (the others none): kernels that evaluate
+# responses only where an element pulses, or per vector holding one, take other paths than at 100%.
+@pytest.mark.parametrize("grad_scale", [0.001, 0.01])
+@pytest.mark.parametrize("family", ["power", "exp"])
+def test_sparse_writes(backend, family, grad_scale):
+    results = compare(backend, config(family, c2c_std=0.1), 2053, steps=1, excess="none", grad_scale=grad_scale)
+    written = sum(int((want.first != 0).sum()) for _, want in results)
+    assert 0 < written < 0.2 * 2053
+
+
+def test_steps_draw_anew(backend):
+    check_steps_draw_anew(backend, config(d2d_std=0.2, c2c_std=0.2))
+
+
 @pytest.mark.parametrize("shape", [(0,), (0, 3)])
 def test_empty(backend, shape):
     results = compare(backend, config(c2c_std=0.2), shape, steps=2)
@@ -106,12 +121,13 @@ def test_empty(backend, shape):
 
 @pytest.mark.parametrize("totals", [False, True])
 def test_group(backend, totals):
-    # One config object shared by two tensors and an equal but distinct one (one launch), another
+    # One config object shared by three tensors (one empty) and an equal but distinct one (one launch), another
     # config in bfloat16 (no mixed weight for rl/rl2) and another algorithm, with and without A:
     # each tensor gets what the oracle, and analog_step alone, give it.
     a = config(d2d_std=0.1, c2c_std=0.2)
     entries = [
         Entry(a, 1, tensor_id=0, excess="mixed"),
+        Entry(a, 0, tensor_id=8, excess="mixed"),
         Entry(a, (5, 7), tensor_id=4, excess="mixed"),
         Entry(config(d2d_std=0.1, c2c_std=0.2), 331, tensor_id=9, excess="mixed"),
         Entry(config("table", asymmetry=0.1), 17, dtype=torch.bfloat16, tensor_id=5),
