@@ -560,6 +560,7 @@ BAD_INPUTS = {
     "main_int": ("main", (ValueError, TypeError), r"dtype|floating|float32"),
     "residual_numel": ("residual", (ValueError,), r"element|shape"),
     "residual_dtype": ("residual", (ValueError, TypeError), r"dtype"),
+    "residual_is_main": ("residual", (ValueError,), r"overlap|memory|same"),
     "buffer_missing": ("buffer", (ValueError, TypeError), r"buffer|H\b"),
     "weight_numel": ("weight", (ValueError,), r"element|shape"),
     "A_shape": ("A", (ValueError,), r"shape"),
@@ -580,6 +581,7 @@ KNOWN_INPUT_GAPS = {
     "main_int": ({"reference", "cpp", "triton"}, "accepted (reference), a RuntimeError from the forced backend (kernels)"),
     "residual_numel": ({"reference", "cpp"}, "a RuntimeError from a broadcast (reference) or the op's check (cpp)"),
     "residual_dtype": ({"reference", "cpp", "triton"}, "accepted (reference, triton), a RuntimeError from the op (cpp)"),
+    "residual_is_main": ({"reference", "cpp", "triton"}, "accepted (reference, triton), a RuntimeError from the op (cpp)"),
     "buffer_missing": ({"reference", "cpp", "triton"}, "AttributeError (reference), RuntimeError (cpp), TypeError on None (triton)"),
     "weight_numel": ({"reference", "cpp"}, "a RuntimeError from a broadcast (reference) or the op's check (cpp)"),
     "A_int": ({"reference"}, "an integer A is accepted"),
@@ -624,6 +626,8 @@ def check_bad_input(request, backend: Backend, config: fa.AnalogConfig, name: st
         arrays.residual = torch.zeros((4, 5), device=backend.device)
     elif name == "residual_dtype":
         arrays.residual = arrays.residual.to(torch.float16)
+    elif name == "residual_is_main":
+        arrays.residual = arrays.main
     elif name == "buffer_missing":
         arrays.buffer = None
     elif name == "weight_numel":
