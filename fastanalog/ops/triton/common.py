@@ -897,13 +897,14 @@ def report_pulses(count_ptr, pairs_ptr, local, mask, up, down, PAIRS: tl.constex
 
 
 @triton.jit
-def array_params(idx, var_key, var_key_a, dev, table_ptr, SPEC: tl.constexpr):
+def array_params(idx, var_keys, dev, table_ptr, SPEC: tl.constexpr):
     """``(tau_min, tau_max, gamma, dw_min, asym, shift)`` of one array: scalars, or per element with variation.
 
-    ``dev`` is the array's run-time device description (``packing.DEVICE_FIELDS``), ``SPEC``
-    its compile-time one (``DEVICE_SPEC``). ``shift`` is the symmetric point of a
-    zero-shifted array: the nominal one of ``dev`` without variation, else computed per
-    element from that element's parameters.
+    ``var_keys``: the array's ``(variation key, variation key ^ 1)``; ``dev`` its run-time
+    device description (``packing.DEVICE_FIELDS``), ``SPEC`` its compile-time one
+    (``DEVICE_SPEC``). ``shift`` is the symmetric point of a zero-shifted array: the
+    nominal one of ``dev`` without variation, else computed per element from that
+    element's parameters.
     """
     tmin = tl.to_tensor(dev[TAU_MIN])
     tmax = tl.to_tensor(dev[TAU_MAX])
@@ -911,6 +912,7 @@ def array_params(idx, var_key, var_key_a, dev, table_ptr, SPEC: tl.constexpr):
     dw = tl.to_tensor(dev[DW_MIN])
     asym = tl.to_tensor(dev[ASYM])
     if SPEC[S_D2D]:
+        var_key, var_key_a = var_keys
         e_tmin, e_tmax, e_gamma, e_dw, e_asym = element_params(
             idx, var_key, var_key_a, tmin, tmax, gamma, dw, asym, tl.to_tensor(dev[D2D_STD]), SPEC[S_HAS_GAMMA]
         )
@@ -926,37 +928,32 @@ def array_params(idx, var_key, var_key_a, dev, table_ptr, SPEC: tl.constexpr):
 
 
 @triton.jit
-def first_write(
-    X_ptr,
-    count_ptr,
-    pairs_ptr,
-    local,
-    mask,
-    idx,
-    call0,
-    key,
-    g,
-    a,
-    lr,
-    cap,
-    dev,
-    var_key,
-    var_key_a,
-    table_ptr,
-    SPEC: tl.constexpr,
-    HAS_A: tl.constexpr,
-    HAS_CAP: tl.constexpr,
-    TOTALS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """The gradient-driven write of the first array (W for asgd, P for rl/rl2); returns it as stored, in float32.
+def write_pulses(X_ptr, blk, key, x, up, down, params, dev, table_ptr, SPEC: tl.constexpr, C2C_SALT: tl.constexpr,
+                 PAIRS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Apply ``up``/``down`` pulses to ``x`` (c2c noise from the stream salted ``C2C_SALT``) and store the array;
+    returns it as stored, in float32."""
+    local, mask, _, call0 = blk
+    if SPEC[S_C2C]:
+        z = stream_normal(key, call0, C2C_SALT, BLOCK)
+    else:
+        z = 0.0
+    x_new = apply_pulses(x, up, down, z, params, dev[C2C_STD], table_ptr, SPEC, PAIRS)
+    return store_f32(X_ptr, local, x_new, mask)
 
-    ``n = (-lr g) / dw`` rounds with stream 0; with ``HAS_A`` the excess
-    ``e = (lr max(a - |g|, 0)) 0.5`` gives ``m = e / dw`` pairs, rounded with stream 1;
-    cycle-to-cycle noise from stream 3. Reports the pulses (net and pairs, or the total).
+
+@triton.jit
+def first_write(X_ptr, blk, key, g, a, lr, cap, dev, var_keys, table_ptr, SPEC: tl.constexpr, HAS_A: tl.constexpr,
+                HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """The gradient-driven write of the first array (W for asgd, P for rl/rl2).
+
+    ``blk``: the block of :func:`block_range`. ``n = (-lr g) / dw`` rounds with stream 0;
+    with ``HAS_A`` the excess ``e = (lr max(a - |g|, 0)) 0.5`` gives ``m = e / dw`` pairs,
+    rounded with stream 1; cycle-to-cycle noise from stream 3. Returns the array as stored
+    and the pulses ``(N_up, N_down)``, float32, for :func:`report_pulses`.
     """
+    local, mask, idx, call0 = blk
     x = load_f32(X_ptr, local, mask)
-    params = array_params(idx, var_key, var_key_a, dev, table_ptr, SPEC)
+    params = array_params(idx, var_keys, dev, table_ptr, SPEC)
     e_dw = params[3]
     lr32 = tl.to_tensor(lr)
     d = (-lr32) * g
@@ -967,46 +964,16 @@ def first_write(
     else:
         pairs = net
     up, down = directional_counts(net, pairs, cap, HAS_A, HAS_CAP)
-    if SPEC[S_C2C]:
-        z = stream_normal(key, call0, SALT_C2C_FIRST, BLOCK)
-    else:
-        z = 0.0
-    x_new = apply_pulses(x, up, down, z, params, dev[C2C_STD], table_ptr, SPEC, HAS_A)
-    stored = store_f32(X_ptr, local, x_new, mask)
-    report_pulses(count_ptr, pairs_ptr, local, mask, up, down, HAS_A, TOTALS)
-    return stored
+    return write_pulses(X_ptr, blk, key, x, up, down, params, dev, table_ptr, SPEC, SALT_C2C_FIRST, HAS_A, BLOCK), up, down
 
 
 @triton.jit
-def transfer_write(
-    W_ptr,
-    count_ptr,
-    local,
-    mask,
-    call0,
-    key,
-    x,
-    n,
-    cap,
-    params,
-    dev,
-    table_ptr,
-    SPEC: tl.constexpr,
-    HAS_CAP: tl.constexpr,
-    TOTALS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+def transfer_write(W_ptr, blk, key, x, n, cap, params, dev, table_ptr, SPEC: tl.constexpr, HAS_CAP: tl.constexpr,
+                   BLOCK: tl.constexpr):  # fmt: skip
     """A transfer's write of W with net count ``n`` (already rounded, no pairs): c2c noise from stream 5.
 
-    ``params``: W's :func:`array_params`. Stores W, reports its pulses and returns the applied
-    net count ``N_up - N_down`` (float32) and W as stored.
+    ``params``: W's :func:`array_params`. Stores W; returns it as stored and the pulses
+    ``(N_up, N_down)``, float32, for :func:`report_pulses`.
     """
     up, down = directional_counts(n, n, cap, False, HAS_CAP)
-    if SPEC[S_C2C]:
-        z = stream_normal(key, call0, SALT_C2C_W, BLOCK)
-    else:
-        z = 0.0
-    x_new = apply_pulses(x, up, down, z, params, dev[C2C_STD], table_ptr, SPEC, False)
-    stored = store_f32(W_ptr, local, x_new, mask)
-    report_pulses(count_ptr, count_ptr, local, mask, up, down, False, TOTALS)
-    return up - down, stored
+    return write_pulses(W_ptr, blk, key, x, up, down, params, dev, table_ptr, SPEC, SALT_C2C_W, False, BLOCK), up, down

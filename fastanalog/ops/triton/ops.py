@@ -5,9 +5,9 @@ Every op takes the same kinds of arguments, so one launch path serves all six:
 * the arrays (tensors for a single-tensor op, lists for a multi-tensor one), the excess
   input ``A`` (None / empty: none), the pulse outputs (int32 per element, or 0-d int64
   totals; ``pairs`` empty unless ``A`` is given and counts are per element);
-* the response tables ``table_w`` (and ``table_p``) of ``common.table_tensor``;
-* per tensor the step key, the offset and the variation keys (single ops: ``var_keys``,
-  one per array, W first; multi ops: ``var_keys_w`` and ``var_keys_p``, one per tensor);
+* ``tables``: the response tables (``common.table_tensor``) of W and (rl, rl2) P;
+* per tensor the step key and the offset; ``var_keys``, per array (W, then P) one
+  variation key per tensor;
 * ``scalars`` (``common.STEP_SCALARS``), ``flags`` (``common.STEP_FLAGS``) and ``devices``,
   the float32 device descriptions of W and (rl, rl2) P in ``packing.DEVICE_FIELDS`` order,
   concatenated (``common.described_devices``).
@@ -41,36 +41,25 @@ from .common import (
 from .step import launch
 
 
-def _launch(algorithm: str, W, g, A, pulses, pairs, tables, keys, offsets, var_keys, scalars, flags, devices, **rl_arrays):
+def _launch(algorithm: str, W, g, A, pulses, pairs, tables, keys, offsets, var_keys, scalars, flags, devices, **rl_args):
     """``step.launch`` from an op's arguments (lists, one entry per tensor; W-then-P order per array).
 
-    ``rl_arrays``: ``P``, ``Wbar``, ``pulses_w`` (and ``H``) of rl and rl2, ``transfer`` of rl.
+    ``rl_args``: ``P``, ``Wbar``, ``pulses_w`` (and ``H``) of rl and rl2, ``transfer`` of rl.
     """
     arrays = {"first": W, "g": g, "A": A}
     outputs = {"count_first": pulses, "pairs_first": pairs}
-    transfer = rl_arrays.pop("transfer", True)
+    per_array = [var_keys[i * len(keys) : (i + 1) * len(keys)] for i in range(len(tables))]
+    n = len(DEVICE_FIELDS)
+    described = [devices[i * n : (i + 1) * n] for i in range(len(tables))]
     if algorithm != "asgd":
         # rl, rl2: the gradient writes P first, the transfer writes W (the main array).
-        arrays.update(first=rl_arrays["P"], main=W, Wbar=rl_arrays["Wbar"])
-        if "H" in rl_arrays:
-            arrays["H"] = rl_arrays["H"]
-        outputs["count_main"] = rl_arrays["pulses_w"]
-        n = len(DEVICE_FIELDS)
-        devices = list(devices[n:]) + list(devices[:n])
-        tables, var_keys = tables[::-1], var_keys[::-1]
-    launch(
-        algorithm,
-        arrays,
-        outputs,
-        keys=keys,
-        offsets=offsets,
-        var_keys=var_keys,
-        devices=devices,
-        tables=tables,
-        scalars=scalars,
-        flags=flags,
-        transfer=transfer,
-    )
+        arrays.update(first=rl_args["P"], main=W, Wbar=rl_args["Wbar"])
+        if "H" in rl_args:
+            arrays["H"] = rl_args["H"]
+        outputs["count_main"] = rl_args["pulses_w"]
+        tables, per_array, described = tables[::-1], per_array[::-1], described[::-1]
+    step_args = dict(keys=keys, offsets=offsets, var_keys=per_array, devices=[v for d in described for v in d], tables=tables)
+    launch(algorithm, arrays, outputs, scalars=scalars, flags=flags, transfer=rl_args.get("transfer", True), **step_args)
 
 
 def _no_fake(*args, **kwargs) -> None:
@@ -79,163 +68,71 @@ def _no_fake(*args, **kwargs) -> None:
     return None
 
 
-# ----- the ops ------------------------------------------------------------------------------
-@torch.library.custom_op("fastanalog::asgd_step_triton_", mutates_args=("W", "pulses", "pairs"))
-def asgd_step_triton_(
-    W: torch.Tensor,
-    g: torch.Tensor,
-    A: torch.Tensor | None,
-    pulses: torch.Tensor,
-    pairs: torch.Tensor,
-    table_w: torch.Tensor,
-    key: int,
-    offset: int,
-    var_keys: list[int],
-    scalars: list[float],
-    flags: list[bool],
-    devices: list[float],
-) -> None:
+# ----- the ops (arguments by kind: arrays, pulse outputs, tables, per tensor, per step) --------
+Tensor = torch.Tensor
+Tensors = list[torch.Tensor]
+_MUTATES = {
+    "asgd": ("W", "pulses", "pairs"),
+    "rl": ("W", "P", "Wbar", "pulses_p", "pairs_p", "pulses_w"),
+    "rl2": ("W", "P", "H", "Wbar", "pulses_p", "pairs_p", "pulses_w"),
+}
+
+
+@torch.library.custom_op("fastanalog::asgd_step_triton_", mutates_args=_MUTATES["asgd"])
+def asgd_step_triton_(W: Tensor, g: Tensor, A: Tensor | None, pulses: Tensor, pairs: Tensor, tables: Tensors,
+                      key: int, offset: int, var_keys: list[int], scalars: list[float], flags: list[bool], devices: list[float]) -> None:  # fmt: skip
     """In-place Analog SGD step (the op behind :func:`asgd_step_triton`)."""
-    _launch("asgd", [W], [g], [A] if A is not None else [], [pulses], [pairs], [table_w], [key], [offset],
-            [[k] for k in var_keys], scalars, flags, devices)  # fmt: skip
+    _launch("asgd", [W], [g], [A] if A is not None else [], [pulses], [pairs], tables, [key], [offset], var_keys, scalars, flags, devices)
 
 
-@torch.library.custom_op("fastanalog::asgd_multi_step_triton_", mutates_args=("W", "pulses", "pairs"))
-def asgd_multi_step_triton_(
-    W: list[torch.Tensor],
-    g: list[torch.Tensor],
-    A: list[torch.Tensor],
-    pulses: list[torch.Tensor],
-    pairs: list[torch.Tensor],
-    table_w: torch.Tensor,
-    keys: list[int],
-    offsets: list[int],
-    var_keys_w: list[int],
-    scalars: list[float],
-    flags: list[bool],
-    devices: list[float],
-) -> None:
+@torch.library.custom_op("fastanalog::asgd_multi_step_triton_", mutates_args=_MUTATES["asgd"])
+def asgd_multi_step_triton_(W: Tensors, g: Tensors, A: Tensors, pulses: Tensors, pairs: Tensors, tables: Tensors,
+                            keys: list[int], offsets: list[int], var_keys: list[int], scalars: list[float], flags: list[bool],
+                            devices: list[float]) -> None:  # fmt: skip
     """In-place Analog SGD step of several tensors in one launch (the op behind :func:`asgd_multi_step_triton`)."""
-    _launch("asgd", W, g, A, pulses, pairs, [table_w], keys, offsets, [var_keys_w], scalars, flags, devices)
+    _launch("asgd", W, g, A, pulses, pairs, tables, keys, offsets, var_keys, scalars, flags, devices)
 
 
-@torch.library.custom_op("fastanalog::rl_step_triton_", mutates_args=("W", "P", "Wbar", "pulses_p", "pairs_p", "pulses_w"))
-def rl_step_triton_(
-    W: torch.Tensor,
-    P: torch.Tensor,
-    Wbar: torch.Tensor,
-    g: torch.Tensor,
-    A: torch.Tensor | None,
-    pulses_p: torch.Tensor,
-    pairs_p: torch.Tensor,
-    pulses_w: torch.Tensor,
-    table_w: torch.Tensor,
-    table_p: torch.Tensor,
-    key: int,
-    offset: int,
-    var_keys: list[int],
-    transfer: bool,
-    scalars: list[float],
-    flags: list[bool],
-    devices: list[float],
-) -> None:
+@torch.library.custom_op("fastanalog::rl_step_triton_", mutates_args=_MUTATES["rl"])
+def rl_step_triton_(W: Tensor, P: Tensor, Wbar: Tensor, g: Tensor, A: Tensor | None, pulses_p: Tensor, pairs_p: Tensor,
+                    pulses_w: Tensor, tables: Tensors, key: int, offset: int, var_keys: list[int], transfer: bool,
+                    scalars: list[float], flags: list[bool], devices: list[float]) -> None:  # fmt: skip
     """In-place rl step (the op behind :func:`rl_step_triton`); an empty ``Wbar`` asks for no mixed weight,
     ``pulses_w`` is written only when ``transfer``."""
-    _launch("rl", [W], [g], [A] if A is not None else [], [pulses_p], [pairs_p], [table_w, table_p], [key], [offset],
-            [[k] for k in var_keys], scalars, flags, devices, P=[P], Wbar=[Wbar], pulses_w=[pulses_w], transfer=transfer)  # fmt: skip
+    rl_args = dict(P=[P], Wbar=[Wbar], pulses_w=[pulses_w], transfer=transfer)
+    _launch("rl", [W], [g], [A] if A is not None else [], [pulses_p], [pairs_p], tables, [key], [offset], var_keys, scalars, flags,
+            devices, **rl_args)  # fmt: skip
 
 
-@torch.library.custom_op(
-    "fastanalog::rl_multi_step_triton_", mutates_args=("W", "P", "Wbar", "pulses_p", "pairs_p", "pulses_w")
-)
-def rl_multi_step_triton_(
-    W: list[torch.Tensor],
-    P: list[torch.Tensor],
-    Wbar: list[torch.Tensor],
-    g: list[torch.Tensor],
-    A: list[torch.Tensor],
-    pulses_p: list[torch.Tensor],
-    pairs_p: list[torch.Tensor],
-    pulses_w: list[torch.Tensor],
-    table_w: torch.Tensor,
-    table_p: torch.Tensor,
-    keys: list[int],
-    offsets: list[int],
-    var_keys_w: list[int],
-    var_keys_p: list[int],
-    transfer: bool,
-    scalars: list[float],
-    flags: list[bool],
-    devices: list[float],
-) -> None:
+@torch.library.custom_op("fastanalog::rl_multi_step_triton_", mutates_args=_MUTATES["rl"])
+def rl_multi_step_triton_(W: Tensors, P: Tensors, Wbar: Tensors, g: Tensors, A: Tensors, pulses_p: Tensors, pairs_p: Tensors,
+                          pulses_w: Tensors, tables: Tensors, keys: list[int], offsets: list[int], var_keys: list[int],
+                          transfer: bool, scalars: list[float], flags: list[bool], devices: list[float]) -> None:  # fmt: skip
     """In-place rl step of several tensors in one launch (the op behind :func:`rl_multi_step_triton`)."""
-    _launch("rl", W, g, A, pulses_p, pairs_p, [table_w, table_p], keys, offsets, [var_keys_w, var_keys_p], scalars, flags,
-            devices, P=P, Wbar=Wbar, pulses_w=pulses_w, transfer=transfer)  # fmt: skip
+    rl_args = dict(P=P, Wbar=Wbar, pulses_w=pulses_w, transfer=transfer)
+    _launch("rl", W, g, A, pulses_p, pairs_p, tables, keys, offsets, var_keys, scalars, flags, devices, **rl_args)
 
 
-@torch.library.custom_op(
-    "fastanalog::rl2_step_triton_", mutates_args=("W", "P", "H", "Wbar", "pulses_p", "pairs_p", "pulses_w")
-)
-def rl2_step_triton_(
-    W: torch.Tensor,
-    P: torch.Tensor,
-    H: torch.Tensor,
-    Wbar: torch.Tensor,
-    g: torch.Tensor,
-    A: torch.Tensor | None,
-    pulses_p: torch.Tensor,
-    pairs_p: torch.Tensor,
-    pulses_w: torch.Tensor,
-    table_w: torch.Tensor,
-    table_p: torch.Tensor,
-    key: int,
-    offset: int,
-    var_keys: list[int],
-    scalars: list[float],
-    flags: list[bool],
-    devices: list[float],
-) -> None:
+@torch.library.custom_op("fastanalog::rl2_step_triton_", mutates_args=_MUTATES["rl2"])
+def rl2_step_triton_(W: Tensor, P: Tensor, H: Tensor, Wbar: Tensor, g: Tensor, A: Tensor | None, pulses_p: Tensor,
+                     pairs_p: Tensor, pulses_w: Tensor, tables: Tensors, key: int, offset: int, var_keys: list[int],
+                     scalars: list[float], flags: list[bool], devices: list[float]) -> None:  # fmt: skip
     """In-place rl2 step (the op behind :func:`rl2_step_triton`); an empty ``Wbar`` asks for no mixed weight."""
-    _launch("rl2", [W], [g], [A] if A is not None else [], [pulses_p], [pairs_p], [table_w, table_p], [key], [offset],
-            [[k] for k in var_keys], scalars, flags, devices, P=[P], H=[H], Wbar=[Wbar], pulses_w=[pulses_w])  # fmt: skip
+    rl_args = dict(P=[P], H=[H], Wbar=[Wbar], pulses_w=[pulses_w])
+    _launch("rl2", [W], [g], [A] if A is not None else [], [pulses_p], [pairs_p], tables, [key], [offset], var_keys, scalars, flags,
+            devices, **rl_args)  # fmt: skip
 
 
-@torch.library.custom_op(
-    "fastanalog::rl2_multi_step_triton_", mutates_args=("W", "P", "H", "Wbar", "pulses_p", "pairs_p", "pulses_w")
-)
-def rl2_multi_step_triton_(
-    W: list[torch.Tensor],
-    P: list[torch.Tensor],
-    H: list[torch.Tensor],
-    Wbar: list[torch.Tensor],
-    g: list[torch.Tensor],
-    A: list[torch.Tensor],
-    pulses_p: list[torch.Tensor],
-    pairs_p: list[torch.Tensor],
-    pulses_w: list[torch.Tensor],
-    table_w: torch.Tensor,
-    table_p: torch.Tensor,
-    keys: list[int],
-    offsets: list[int],
-    var_keys_w: list[int],
-    var_keys_p: list[int],
-    scalars: list[float],
-    flags: list[bool],
-    devices: list[float],
-) -> None:
+@torch.library.custom_op("fastanalog::rl2_multi_step_triton_", mutates_args=_MUTATES["rl2"])
+def rl2_multi_step_triton_(W: Tensors, P: Tensors, H: Tensors, Wbar: Tensors, g: Tensors, A: Tensors, pulses_p: Tensors,
+                           pairs_p: Tensors, pulses_w: Tensors, tables: Tensors, keys: list[int], offsets: list[int],
+                           var_keys: list[int], scalars: list[float], flags: list[bool], devices: list[float]) -> None:  # fmt: skip
     """In-place rl2 step of several tensors in one launch (the op behind :func:`rl2_multi_step_triton`)."""
-    _launch("rl2", W, g, A, pulses_p, pairs_p, [table_w, table_p], keys, offsets, [var_keys_w, var_keys_p], scalars, flags,
-            devices, P=P, H=H, Wbar=Wbar, pulses_w=pulses_w)  # fmt: skip
+    _launch("rl2", W, g, A, pulses_p, pairs_p, tables, keys, offsets, var_keys, scalars, flags, devices, P=P, H=H, Wbar=Wbar,
+            pulses_w=pulses_w)  # fmt: skip
 
 
-for _op in (
-    asgd_step_triton_,
-    asgd_multi_step_triton_,
-    rl_step_triton_,
-    rl_multi_step_triton_,
-    rl2_step_triton_,
-    rl2_multi_step_triton_,
-):
+for _op in (asgd_step_triton_, asgd_multi_step_triton_, rl_step_triton_, rl_multi_step_triton_, rl2_step_triton_, rl2_multi_step_triton_):
     _op.register_fake(_no_fake)
 
 
@@ -246,12 +143,8 @@ def _step_pulses(first: torch.Tensor, pairs: torch.Tensor, main: torch.Tensor | 
 
 def _config_args(config: AnalogConfig, lr: float, where: torch.device) -> dict:
     """The op arguments that come from the config: tables, scalars, flags and device descriptions."""
-    tables = device_tables(config, where)
-    args = dict(table_w=tables[0], scalars=step_scalars(config, lr), flags=step_flags(config))
-    if len(tables) > 1:
-        args["table_p"] = tables[1]
-    args["devices"] = [v for dev in described_devices(config) for v in dev]
-    return args
+    devices = [v for dev in described_devices(config) for v in dev]
+    return dict(tables=device_tables(config, where), scalars=step_scalars(config, lr), flags=step_flags(config), devices=devices)
 
 
 def prepare(
@@ -316,14 +209,14 @@ def prepare_multi(
     numels = [Wi.numel() for Wi in arrays["W"]]
     var_keys = [variation_keys(config, tid) for tid in tensor_ids]
     kwargs = {name: list(ts) if ts is not None else [] for name, ts in arrays.items()}
-    kwargs.update(g=list(g), A=A, keys=[int(k) for k in keys], offsets=offsets, var_keys_w=[k[0] for k in var_keys])
+    # per array (W, then P) one variation key per tensor
+    kwargs.update(g=list(g), A=A, keys=[int(k) for k in keys], offsets=offsets, var_keys=[k for ks in zip(*var_keys) for k in ks])
     kwargs.update(_config_args(config, lr, where))
     (pairs,) = new_counts_multi([n if has_a and not totals else 0 for n in numels], where, False)
     if algorithm == "asgd":
         (pulses,) = new_counts_multi(numels, where, totals)
         kwargs.update(pulses=pulses, pairs=pairs)
         return kwargs, [_step_pulses(c, p, None, has_a) for c, p in zip(pulses, pairs)]
-    kwargs["var_keys_p"] = [k[1] for k in var_keys]
     writes_main = algorithm == "rl2" or transfer
     if algorithm == "rl":
         kwargs["transfer"] = bool(transfer)
@@ -338,193 +231,84 @@ def prepare_multi(
 
 
 # ----- the public launchers -------------------------------------------------------------------
-def asgd_step_triton(
-    W: torch.Tensor,
-    g: torch.Tensor,
-    *,
-    lr: float,
-    config: AnalogConfig,
-    key: int,
-    tensor_id: int,
-    offset: int = 0,
-    A: torch.Tensor | None = None,
-    totals: bool = False,
-) -> StepPulses:
-    """Analog SGD on flat tensors, in place; same signature and result as ``asgd_step_ref``.
-
-    Args:
-        W: main array (weight units), float32/bfloat16/float16, updated in place.
-        g: gradient at W (same numel, any supported float dtype).
-        lr: learning rate (rounded to float32).
-        config: the tensor's ``AnalogConfig`` (its ``device`` is W's device).
-        key: this step's 63-bit Philox key (``philox.step_key``).
-        tensor_id: the analog tensor's id (keys the device-to-device draw).
-        offset: global index of ``W[0]`` (for shards of a larger tensor).
-        A: the per-sample ``|g|`` sums (SPEC section 2a), like g; None: no excess.
-        totals: report the sum of ``N_up + N_down`` over W (a 0-d int64 tensor) instead of
-            per-element counts.
-
-    Returns:
-        ``StepPulses(first=N_W, first_pairs=pairs or None)``: int32 net counts (and pairs
-        with ``A``) per element, or with ``totals`` ``StepPulses(first=total)``.
-    """
-    kwargs, pulses = prepare("asgd", {"W": W}, g, lr=lr, config=config, key=key, tensor_id=tensor_id, offset=offset, A=A, totals=totals)
+# Each has the signature and result of its reference twin (``fastanalog.ops.reference``).
+# Arguments they share:
+#   arrays (W, P, H, Wbar): flat float32/bfloat16/float16 tensors in weight units, updated in
+#       place; Wbar None: no mixed weight is written. g: the gradient (at W for asgd, at Wbar
+#       for rl/rl2), same numel, any supported float dtype.
+#   lr: learning rate (rounded to float32). config: the tensor's AnalogConfig (device for W,
+#       residual_device for P, buffer, threshold, ...).
+#   key: this step's 63-bit Philox key (philox.step_key); tensor_id: the analog tensor's id
+#       (keys the device-to-device draw); offset: global index of element 0 (shards).
+#   A: the per-sample |g| sums of the first write (SPEC section 2a), like g; None: no excess.
+#   totals: report per written array the sum of N_up + N_down (0-d int64) instead of
+#       per-element int32 counts (then first_pairs is None).
+# The multi-tensor launchers take one entry per tensor in every list (arrays, keys,
+# tensor_ids, offsets, default 0, and As, None: no excess for any tensor), each array role of
+# one dtype and device, update all tensors of one config in one launch, each as the
+# single-tensor launcher would, and return one StepPulses per tensor.
+def asgd_step_triton(W: torch.Tensor, g: torch.Tensor, *, lr: float, config: AnalogConfig, key: int, tensor_id: int,
+                     offset: int = 0, A: torch.Tensor | None = None, totals: bool = False) -> StepPulses:  # fmt: skip
+    """Analog SGD on flat tensors, in place: ``StepPulses(first=N_W, first_pairs=pairs with A, else None)``."""
+    kw = dict(lr=lr, config=config, key=key, tensor_id=tensor_id, offset=offset, A=A, totals=totals)
+    kwargs, pulses = prepare("asgd", {"W": W}, g, **kw)
     torch.ops.fastanalog.asgd_step_triton_(**kwargs)
     return pulses
 
 
-def rl_step_triton(
-    W: torch.Tensor,
-    P: torch.Tensor,
-    Wbar: torch.Tensor | None,
-    g: torch.Tensor,
-    *,
-    lr: float,
-    config: AnalogConfig,
-    key: int,
-    tensor_id: int,
-    transfer: bool,
-    offset: int = 0,
-    A: torch.Tensor | None = None,
-    totals: bool = False,
-) -> StepPulses:
-    """Residual Learning v1 on flat tensors, in place; same signature and result as ``rl_step_ref``.
+def rl_step_triton(W: torch.Tensor, P: torch.Tensor, Wbar: torch.Tensor | None, g: torch.Tensor, *, lr: float,
+                   config: AnalogConfig, key: int, tensor_id: int, transfer: bool, offset: int = 0,
+                   A: torch.Tensor | None = None, totals: bool = False) -> StepPulses:  # fmt: skip
+    """Residual Learning v1 on flat tensors, in place; ``transfer``: whether this step transfers P into W.
 
-    Args:
-        W, P, Wbar: main, residual and mixed forward arrays (weight units), updated in place;
-            ``Wbar`` None: no mixed weight is written.
-        g: gradient at Wbar.
-        lr: learning rate (rounded to float32).
-        config: the tensor's ``AnalogConfig`` (``device`` for W, ``residual_device`` for P).
-        key: this step's 63-bit Philox key; tensor_id: the analog tensor's id.
-        transfer: whether this step transfers P into W.
-        offset: global index of element 0.
-        A: the per-sample ``|g|`` sums of P's write (SPEC section 2a); None: no excess.
-        totals: report per array the sum of ``N_up + N_down`` (0-d int64) instead of
-            per-element counts.
-
-    Returns:
-        ``StepPulses(first=N_P, main=N_W or None without transfer, first_pairs=pairs of P or
-        None)``, int32 per element; with ``totals`` the 0-d int64 totals (``first_pairs`` None).
+    Returns ``StepPulses(first=N_P, main=N_W or None without transfer, first_pairs=pairs of P
+    with A, else None)``.
     """
-    arrays = {"W": W, "P": P, "Wbar": Wbar}
     kw = dict(lr=lr, config=config, key=key, tensor_id=tensor_id, offset=offset, A=A, totals=totals, transfer=transfer)
-    kwargs, pulses = prepare("rl", arrays, g, **kw)
+    kwargs, pulses = prepare("rl", {"W": W, "P": P, "Wbar": Wbar}, g, **kw)
     torch.ops.fastanalog.rl_step_triton_(**kwargs)
     return pulses
 
 
-def rl2_step_triton(
-    W: torch.Tensor,
-    P: torch.Tensor,
-    H: torch.Tensor,
-    Wbar: torch.Tensor | None,
-    g: torch.Tensor,
-    *,
-    lr: float,
-    config: AnalogConfig,
-    key: int,
-    tensor_id: int,
-    offset: int = 0,
-    A: torch.Tensor | None = None,
-    totals: bool = False,
-) -> StepPulses:
-    """Residual Learning v2 on flat tensors, in place; same signature and result as ``rl2_step_ref``.
+def rl2_step_triton(W: torch.Tensor, P: torch.Tensor, H: torch.Tensor, Wbar: torch.Tensor | None, g: torch.Tensor, *,
+                    lr: float, config: AnalogConfig, key: int, tensor_id: int, offset: int = 0,
+                    A: torch.Tensor | None = None, totals: bool = False) -> StepPulses:  # fmt: skip
+    """Residual Learning v2 on flat tensors (H: the digital buffer), in place.
 
-    Args:
-        W, P, H, Wbar: main, residual, digital buffer and mixed forward arrays (weight
-            units), updated in place; ``Wbar`` None: no mixed weight is written.
-        g: gradient at Wbar.
-        lr: learning rate (rounded to float32).
-        config: the tensor's ``AnalogConfig`` (``buffer``, ``threshold``, devices, ...).
-        key: this step's 63-bit Philox key; tensor_id: the analog tensor's id.
-        offset: global index of element 0.
-        A: the per-sample ``|g|`` sums of P's write (SPEC section 2a); None: no excess.
-        totals: report per array the sum of ``N_up + N_down`` (0-d int64) instead of
-            per-element counts.
-
-    Returns:
-        ``StepPulses(first=N_P, main=N_W, first_pairs=pairs of P or None)``, int32 per
-        element; with ``totals`` the 0-d int64 totals (``first_pairs`` None).
+    Returns ``StepPulses(first=N_P, main=N_W, first_pairs=pairs of P with A, else None)``.
     """
-    arrays = {"W": W, "P": P, "H": H, "Wbar": Wbar}
-    kwargs, pulses = prepare("rl2", arrays, g, lr=lr, config=config, key=key, tensor_id=tensor_id, offset=offset, A=A, totals=totals)
+    kw = dict(lr=lr, config=config, key=key, tensor_id=tensor_id, offset=offset, A=A, totals=totals)
+    kwargs, pulses = prepare("rl2", {"W": W, "P": P, "H": H, "Wbar": Wbar}, g, **kw)
     torch.ops.fastanalog.rl2_step_triton_(**kwargs)
     return pulses
 
 
-def asgd_multi_step_triton(
-    W: Sequence[torch.Tensor],
-    g: Sequence[torch.Tensor],
-    *,
-    lr: float,
-    config: AnalogConfig,
-    keys: Sequence[int],
-    tensor_ids: Sequence[int],
-    offsets: Sequence[int] | None = None,
-    As: Sequence[torch.Tensor] | None = None,
-    totals: bool = False,
-) -> list[StepPulses]:
-    """Analog SGD on several tensors of one config in one launch; tensor ``i`` as ``asgd_step_triton`` updates it.
-
-    ``W[i]``, ``g[i]``, ``keys[i]``, ``tensor_ids[i]``, ``offsets[i]`` (default 0) and ``As[i]``
-    (None: no excess for any tensor) are the arguments of tensor ``i``; each array role shares
-    one dtype and device. Returns one ``StepPulses`` per tensor (totals with ``totals``).
-    """
+def asgd_multi_step_triton(W: Sequence[torch.Tensor], g: Sequence[torch.Tensor], *, lr: float, config: AnalogConfig,
+                           keys: Sequence[int], tensor_ids: Sequence[int], offsets: Sequence[int] | None = None,
+                           As: Sequence[torch.Tensor] | None = None, totals: bool = False) -> list[StepPulses]:  # fmt: skip
+    """Analog SGD on several tensors of one config in one launch; tensor ``i`` as ``asgd_step_triton`` updates it."""
     kw = dict(lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets, As=As, totals=totals)
     kwargs, pulses = prepare_multi("asgd", {"W": W}, g, **kw)
     torch.ops.fastanalog.asgd_multi_step_triton_(**kwargs)
     return pulses
 
 
-def rl_multi_step_triton(
-    W: Sequence[torch.Tensor],
-    P: Sequence[torch.Tensor],
-    Wbar: Sequence[torch.Tensor] | None,
-    g: Sequence[torch.Tensor],
-    *,
-    lr: float,
-    config: AnalogConfig,
-    keys: Sequence[int],
-    tensor_ids: Sequence[int],
-    transfer: bool,
-    offsets: Sequence[int] | None = None,
-    As: Sequence[torch.Tensor] | None = None,
-    totals: bool = False,
-) -> list[StepPulses]:
-    """Residual Learning v1 on several tensors of one config in one launch; tensor ``i`` as ``rl_step_triton`` updates it.
-
-    Index ``i`` of every list (arrays, ``keys``, ``tensor_ids``, ``offsets``, default 0, and
-    ``As``, None: no excess) belongs to tensor ``i``; each array role shares one dtype and
-    device. Returns one ``StepPulses`` per tensor (totals with ``totals``).
-    """
+def rl_multi_step_triton(W: Sequence[torch.Tensor], P: Sequence[torch.Tensor], Wbar: Sequence[torch.Tensor] | None,
+                         g: Sequence[torch.Tensor], *, lr: float, config: AnalogConfig, keys: Sequence[int],
+                         tensor_ids: Sequence[int], transfer: bool, offsets: Sequence[int] | None = None,
+                         As: Sequence[torch.Tensor] | None = None, totals: bool = False) -> list[StepPulses]:  # fmt: skip
+    """Residual Learning v1 on several tensors of one config in one launch; tensor ``i`` as ``rl_step_triton`` updates it."""
     kw = dict(lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets, As=As, totals=totals, transfer=transfer)
     kwargs, pulses = prepare_multi("rl", {"W": W, "P": P, "Wbar": Wbar}, g, **kw)
     torch.ops.fastanalog.rl_multi_step_triton_(**kwargs)
     return pulses
 
 
-def rl2_multi_step_triton(
-    W: Sequence[torch.Tensor],
-    P: Sequence[torch.Tensor],
-    H: Sequence[torch.Tensor],
-    Wbar: Sequence[torch.Tensor] | None,
-    g: Sequence[torch.Tensor],
-    *,
-    lr: float,
-    config: AnalogConfig,
-    keys: Sequence[int],
-    tensor_ids: Sequence[int],
-    offsets: Sequence[int] | None = None,
-    As: Sequence[torch.Tensor] | None = None,
-    totals: bool = False,
-) -> list[StepPulses]:
-    """Residual Learning v2 on several tensors of one config in one launch; tensor ``i`` as ``rl2_step_triton`` updates it.
-
-    Index ``i`` of every list (arrays, ``keys``, ``tensor_ids``, ``offsets``, default 0, and
-    ``As``, None: no excess) belongs to tensor ``i``; each array role shares one dtype and
-    device. Returns one ``StepPulses`` per tensor (totals with ``totals``).
-    """
+def rl2_multi_step_triton(W: Sequence[torch.Tensor], P: Sequence[torch.Tensor], H: Sequence[torch.Tensor],
+                          Wbar: Sequence[torch.Tensor] | None, g: Sequence[torch.Tensor], *, lr: float, config: AnalogConfig,
+                          keys: Sequence[int], tensor_ids: Sequence[int], offsets: Sequence[int] | None = None,
+                          As: Sequence[torch.Tensor] | None = None, totals: bool = False) -> list[StepPulses]:  # fmt: skip
+    """Residual Learning v2 on several tensors of one config in one launch; tensor ``i`` as ``rl2_step_triton`` updates it."""
     kw = dict(lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets, As=As, totals=totals)
     kwargs, pulses = prepare_multi("rl2", {"W": W, "P": P, "H": H, "Wbar": Wbar}, g, **kw)
     torch.ops.fastanalog.rl2_multi_step_triton_(**kwargs)

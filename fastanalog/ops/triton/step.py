@@ -56,6 +56,7 @@ from .common import (
     mixed_pointers,
     multi_tensor_block,
     multi_tensor_extent,
+    report_pulses,
     stochastic_round,
     store_f32,
     stream_normal,
@@ -146,47 +147,30 @@ def _step_kernel(
         g_ptr = tensor_array(table_ptr, n_tensors, tensor, 4, g_ptr, ALIGNED)
         if HAS_A:
             A_ptr = tensor_array(table_ptr, n_tensors, tensor, 5, A_ptr, ALIGNED)
-        count_first_ptr = tensor_output(step_ptr, n_tensors, tensor, 0, count_first_ptr, ALIGNED and not TOTALS)
-        if HAS_A and not TOTALS:
-            pairs_first_ptr = tensor_output(step_ptr, n_tensors, tensor, 1, pairs_first_ptr, ALIGNED)
-        # The addresses written last (W's pulses, Wbar) are read from the tables where they
-        # are used: held from here on they would take registers through the whole block.
+        # The pulse outputs and Wbar are looked up where they are written: held from here on,
+        # their addresses would take registers through the whole block.
     else:
         tensor = 0
         block = tl.program_id(0)
-    local, mask, idx, call0 = block_range(block, offset, lead, numel, BLOCK)
+    blk = block_range(block, offset, lead, numel, BLOCK)
+    local, mask, idx, call0 = blk
 
     g = load_f32(g_ptr, local, mask)
     if HAS_A:
         a = load_f32(A_ptr, local, mask)
     else:
         a = g
-    first_st = first_write(
-        first_ptr,
-        count_first_ptr,
-        pairs_first_ptr,
-        local,
-        mask,
-        idx,
-        call0,
-        key,
-        g,
-        a,
-        lr,
-        cap,
-        first_dev,
-        first_var_key,
-        first_var_key_a,
-        first_table,
-        FIRST_SPEC,
-        HAS_A,
-        HAS_CAP,
-        TOTALS,
-        BLOCK,
-    )
+    first_keys = (first_var_key, first_var_key_a)
+    first_st, up, down = first_write(first_ptr, blk, key, g, a, lr, cap, first_dev, first_keys, first_table, FIRST_SPEC,
+                                     HAS_A, HAS_CAP, BLOCK)  # fmt: skip
+    if MULTI:
+        count_first_ptr = tensor_output(step_ptr, n_tensors, tensor, 0, count_first_ptr, ALIGNED and not TOTALS)
+        if HAS_A and not TOTALS:
+            pairs_first_ptr = tensor_output(step_ptr, n_tensors, tensor, 1, pairs_first_ptr, ALIGNED)
+    report_pulses(count_first_ptr, pairs_first_ptr, local, mask, up, down, HAS_A, TOTALS)
     if WRITES_MAIN:
         x_w = load_f32(main_ptr, local, mask)
-        params = array_params(idx, main_var_key, main_var_key_a, main_dev, main_table, MAIN_SPEC)
+        params = array_params(idx, (main_var_key, main_var_key_a), main_dev, main_table, MAIN_SPEC)
         dw = params[3]
         if READ_NOISE:
             p_hat = first_st + tl.to_tensor(read_noise) * stream_normal(key, call0, SALT_READ_P, BLOCK)
@@ -203,14 +187,13 @@ def _step_kernel(
             else:
                 h = h + t * p_hat
                 n = threshold_count(h, tl.to_tensor(threshold), dw)
+        w_st, up, down = transfer_write(main_ptr, blk, key, x_w, n, cap, params, main_dev, main_table, MAIN_SPEC, HAS_CAP, BLOCK)
         if MULTI:
             count_main_ptr = tensor_output(step_ptr, n_tensors, tensor, 2, count_main_ptr, ALIGNED and not TOTALS)
-        net, w_st = transfer_write(
-            main_ptr, count_main_ptr, local, mask, call0, key, x_w, n, cap, params, main_dev, main_table, MAIN_SPEC, HAS_CAP, TOTALS, BLOCK
-        )
+        report_pulses(count_main_ptr, count_main_ptr, local, mask, up, down, False, TOTALS)
         if ALG == RL2:
             if not EMA:
-                h = h - net * dw
+                h = h - (up - down) * dw
             store_f32(H_ptr, local, h, mask)
     elif MIX:
         w_st = load_f32(main_ptr, local, mask)
