@@ -72,11 +72,21 @@ from .common import (
 )
 
 # Array roles: the kernel's pointer arguments in this order, and the rows of the multi-tensor
-# table (``first``: the array the gradient writes, W for asgd and P for rl/rl2; ``main``: W of
+# table (the kernel's row numbers) (``first``: the array the gradient writes, W for asgd and P for rl/rl2; ``main``: W of
 # rl/rl2). A role an algorithm has no array for carries the first array, which the kernel
 # never touches.
 ARRAYS = ("first", "main", "H", "Wbar", "g", "A")
 OUTPUTS = ("count_first", "pairs_first", "count_main")
+
+
+@triton.jit
+def _first_outputs(step_ptr, n_tensors, tensor, count_ptr, pairs_ptr, HAS_A: tl.constexpr, TOTALS: tl.constexpr,
+                   ALIGNED: tl.constexpr):  # fmt: skip
+    """The first array's pulse outputs (counts, pairs) of tensor ``tensor`` of a multi-tensor launch."""
+    count_ptr = tensor_output(step_ptr, n_tensors, tensor, 0, count_ptr, ALIGNED and not TOTALS)
+    if HAS_A and not TOTALS:
+        pairs_ptr = tensor_output(step_ptr, n_tensors, tensor, 1, pairs_ptr, ALIGNED)
+    return count_ptr, pairs_ptr
 
 
 @triton.jit
@@ -147,8 +157,12 @@ def _step_kernel(
         g_ptr = tensor_array(table_ptr, n_tensors, tensor, 4, g_ptr, ALIGNED)
         if HAS_A:
             A_ptr = tensor_array(table_ptr, n_tensors, tensor, 5, A_ptr, ALIGNED)
-        # The pulse outputs and Wbar are looked up where they are written: held from here on,
-        # their addresses would take registers through the whole block.
+        # Where the pulse outputs and Wbar are looked up decides what ptxas spills (bench
+        # gpu-compile): asgd, whose only write ends the block, here; rl and rl2 where they are
+        # written (held from here on, W's pulse address spilled in rl2 with A).
+        if ALG == ASGD:
+            count_first_ptr, pairs_first_ptr = _first_outputs(step_ptr, n_tensors, tensor, count_first_ptr, pairs_first_ptr,
+                                                              HAS_A, TOTALS, ALIGNED)  # fmt: skip
     else:
         tensor = 0
         block = tl.program_id(0)
@@ -163,10 +177,9 @@ def _step_kernel(
     first_keys = (first_var_key, first_var_key_a)
     first_st, up, down = first_write(first_ptr, blk, key, g, a, lr, cap, first_dev, first_keys, first_table, FIRST_SPEC,
                                      HAS_A, HAS_CAP, BLOCK)  # fmt: skip
-    if MULTI:
-        count_first_ptr = tensor_output(step_ptr, n_tensors, tensor, 0, count_first_ptr, ALIGNED and not TOTALS)
-        if HAS_A and not TOTALS:
-            pairs_first_ptr = tensor_output(step_ptr, n_tensors, tensor, 1, pairs_first_ptr, ALIGNED)
+    if MULTI and ALG != ASGD:
+        count_first_ptr, pairs_first_ptr = _first_outputs(step_ptr, n_tensors, tensor, count_first_ptr, pairs_first_ptr,
+                                                          HAS_A, TOTALS, ALIGNED)  # fmt: skip
     report_pulses(count_first_ptr, pairs_first_ptr, local, mask, up, down, HAS_A, TOTALS)
     if WRITES_MAIN:
         x_w = load_f32(main_ptr, local, mask)
