@@ -30,7 +30,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastanalog as fa
 from fastanalog.ops import philox
-from fastanalog.ops.triton import asgd, common, rl, rl2
+from fastanalog.ops.triton import common
+from fastanalog.ops.triton import ops as triton_ops
+from fastanalog.ops.triton import step as triton_step
 from fastanalog.ops.triton.common import block_size
 
 # Odd sizes: a single element, less than a warp, a block's worth, and more than one block.
@@ -58,10 +60,10 @@ def run_multi(algo: str, states: list[dict], grads: list[torch.Tensor], **kw):
     algorithm, _, transfer = ALGOS[algo]
     arrays = _array_lists(algo, states)
     if algorithm == "asgd":
-        return asgd.asgd_multi_step_triton(*arrays, grads, **kw)
+        return triton_ops.asgd_multi_step_triton(*arrays, grads, **kw)
     if algorithm == "rl":
-        return rl.rl_multi_step_triton(*arrays, grads, transfer=transfer, **kw)
-    return rl2.rl2_multi_step_triton(*arrays, grads, **kw)
+        return triton_ops.rl_multi_step_triton(*arrays, grads, transfer=transfer, **kw)
+    return triton_ops.rl2_multi_step_triton(*arrays, grads, **kw)
 
 
 class LaunchCounter:
@@ -76,11 +78,9 @@ class LaunchCounter:
         return self.kernel[grid]
 
 
-def _count_kernel_launches(monkeypatch, algo: str) -> LaunchCounter:
-    module = {"asgd": asgd, "rl": rl, "rl2": rl2}[ALGOS[algo][0]]
-    name = f"_{ALGOS[algo][0]}_step_kernel"
-    counter = LaunchCounter(getattr(module, name))
-    monkeypatch.setattr(module, name, counter)
+def _count_kernel_launches(monkeypatch) -> LaunchCounter:
+    counter = LaunchCounter(triton_step._step_kernel)
+    monkeypatch.setattr(triton_step, "_step_kernel", counter)
     return counter
 
 
@@ -93,7 +93,7 @@ def test_one_launch_equals_the_reference_per_tensor(algo, monkeypatch):
     ref = [make_state(config, n, seed=i) for i, n in enumerate(SIZES)]
     tri = [{k: v.clone() for k, v in s.items()} for s in ref]
     gen = torch.Generator().manual_seed(1)
-    counter = _count_kernel_launches(monkeypatch, algo)
+    counter = _count_kernel_launches(monkeypatch)
     for step in range(1, 3):  # without, then with the excess inputs
         grads = [torch.randn(n, generator=gen).to(DEVICE) for n in SIZES]
         As = [make_excess(g, step + i) for i, g in enumerate(grads)] if step % 2 == 0 else None
@@ -134,7 +134,7 @@ def test_one_launch_equals_single_launches_bit_for_bit(totals):
     got = run_multi("rl2_acc_t1", multi, grads, keys=keys, tensor_ids=tids, offsets=offsets, As=As, **kw)
     for i in range(len(sizes)):
         s = single[i]
-        want = rl2.rl2_step_triton(
+        want = triton_ops.rl2_step_triton(
             s["W"], s["P"], s["H"], s["Wbar"], grads[i], key=keys[i], tensor_id=tids[i], offset=offsets[i], A=As[i], **kw
         )
         for field in ("first", "main", "first_pairs"):
@@ -189,12 +189,12 @@ def test_alignment_facts_of_one_launch(sizes, offsets, shift, flags, monkeypatch
         seen.append((launch[1]["ALIGNED"], launch[1]["NUMEL16"]))
         return launch
 
-    monkeypatch.setattr(rl2, "tensor_launch", spy)
+    monkeypatch.setattr(triton_step, "tensor_launch", spy)
     kw = dict(lr=0.1, config=config)
     got = run_multi("rl2_ema", multi, grads, keys=keys, tensor_ids=TENSOR_IDS[:3], offsets=offsets, As=As, **kw)
     assert seen == [flags]
     for i, s in enumerate(single):
-        want = rl2.rl2_step_triton(
+        want = triton_ops.rl2_step_triton(
             s["W"], s["P"], s["H"], s["Wbar"], grads[i], key=keys[i], tensor_id=TENSOR_IDS[i], offset=offsets[i], A=As[i], **kw
         )
         assert torch.equal(want.first, got[i].first) and torch.equal(want.main, got[i].main), i
@@ -220,7 +220,8 @@ def test_tensor_table_is_copied_once_per_set_of_tensors(monkeypatch):
             kw_ref = dict(config=config, key=keys[i], tensor_id=TENSOR_IDS[i], offset=OFFSETS[i])
             assert_step_pulses_equal(run_step("ref", "asgd", ref[i], grads[i], **kw_ref), got[i], f"step {step} tensor {i}")
             assert_arrays_close(s["W"], ref[i]["W"], f"W of {i} step {step}")
-    assert copies == [4 + 3 * 6 + 3 * 3, 3 * 3, 3 * 3], copies  # tensor table once; keys and two outputs every step
+    # the tensor table once (first blocks, six scalar rows, six array rows); keys and three outputs every step
+    assert copies == [4 + 3 * 6 + 3 * 6, 3 * 4, 3 * 4], copies
     other = [torch.randn(n, generator=torch.Generator().manual_seed(n)).to(DEVICE) for n in SIZES[:3]]
     run_multi("asgd", states, other, keys=keys, **kw)
     assert len(copies) == 5, "new gradient arrays are a new table"
@@ -240,11 +241,11 @@ def test_without_mixed_weight_updates_the_arrays_alike(algo):
     keys = [philox.step_key(SEED, 1, tid) for tid in tids]
     kw = dict(lr=0.1, config=config, keys=keys, tensor_ids=tids)
     run_multi(algo, with_mix, grads, **kw)
-    launch = rl.rl_multi_step_triton if algorithm == "rl" else rl2.rl2_multi_step_triton
+    launch = triton_ops.rl_multi_step_triton if algorithm == "rl" else triton_ops.rl2_multi_step_triton
     extra = {"transfer": transfer} if algorithm == "rl" else {}
     names = ("W", "P") if algorithm == "rl" else ("W", "P", "H")
     launch(*[[s[n] for s in multi] for n in names], None, grads, **kw, **extra)
-    single_launch = rl.rl_step_triton if algorithm == "rl" else rl2.rl2_step_triton
+    single_launch = triton_ops.rl_step_triton if algorithm == "rl" else triton_ops.rl2_step_triton
     for i, s in enumerate(single):
         single_launch(*[s[n] for n in names], None, grads[i], lr=0.1, config=config, key=keys[i], tensor_id=tids[i], **extra)
         for name in names:
@@ -257,9 +258,9 @@ def test_rejects_mixed_dtypes_and_lengths():
     W = [torch.zeros(4, device=DEVICE), torch.zeros(5, device=DEVICE, dtype=torch.bfloat16)]
     g = [torch.zeros(4, device=DEVICE), torch.zeros(5, device=DEVICE)]
     with pytest.raises(ValueError, match="share dtype"):
-        asgd.asgd_multi_step_triton(W, g, lr=0.1, config=config, keys=[1, 2], tensor_ids=[0, 1])
+        triton_ops.asgd_multi_step_triton(W, g, lr=0.1, config=config, keys=[1, 2], tensor_ids=[0, 1])
     with pytest.raises(ValueError, match="one length"):
-        asgd.asgd_multi_step_triton(W[:1], g[:1], lr=0.1, config=config, keys=[1, 2], tensor_ids=[0, 1])
+        triton_ops.asgd_multi_step_triton(W[:1], g[:1], lr=0.1, config=config, keys=[1, 2], tensor_ids=[0, 1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,23 +351,21 @@ def test_optimizer_launches_once_per_config_and_dtype(monkeypatch):
 # The torch.library ops.
 # ---------------------------------------------------------------------------------------------
 def _multi_op_args(algo: str, totals: bool):
-    """The registered multi-tensor op and its arguments, built the way the launcher builds them."""
+    """The registered multi-tensor op and its keyword arguments, built the way the launcher builds them."""
     # no d2d: the op's registration is under test here, and its per-element draws are slow under the interpreter
     config = make_config(algo, "power", residual_family="linear", c2c=0.2, read_noise=0.02, max_pulses=3, asymmetry=0.1)
     sizes = (33, 5, 17)
     states = [make_state(config, n, seed=i) for i, n in enumerate(sizes)]
     grads = [torch.randn(n, generator=torch.Generator().manual_seed(9)).to(DEVICE) for n in sizes]
-    arrays = _array_lists(algo, states)
+    algorithm, _, transfer = ALGOS[algo]
+    names = {"asgd": ("W",), "rl": ("W", "P", "Wbar"), "rl2": ("W", "P", "H", "Wbar")}[algorithm]
     kw = dict(lr=0.1, config=config, keys=[philox.step_key(SEED, 1, t) for t in range(3)], tensor_ids=[0, 1, 2])
-    kw.update(offsets=[0, 5, 2], As=[make_excess(g, 3) for g in grads], totals=totals)
-    if algo == "asgd":
-        return torch.ops.fastanalog.asgd_multi_step_triton_.default, asgd._prepare_multi(*arrays, grads, **kw)[0]
-    if algo == "rl_transfer":
-        return torch.ops.fastanalog.rl_multi_step_triton_.default, rl._prepare_multi(*arrays, grads, transfer=True, **kw)[0]
-    return torch.ops.fastanalog.rl2_multi_step_triton_.default, rl2._prepare_multi(*arrays, grads, **kw)[0]
+    kw.update(offsets=[0, 5, 2], As=[make_excess(g, 3) for g in grads], totals=totals, transfer=transfer)
+    kwargs, _ = triton_ops.prepare_multi(algorithm, {n: [s[n] for s in states] for n in names}, grads, **kw)
+    return getattr(torch.ops.fastanalog, f"{algorithm}_multi_step_triton_").default, kwargs
 
 
 @pytest.mark.parametrize("algo,totals", [("asgd", True), ("rl_transfer", False), ("rl2_ema", False)])
 def test_opcheck_multi(algo, totals):
-    op, args = _multi_op_args(algo, totals)
-    torch.library.opcheck(op, args)
+    op, kwargs = _multi_op_args(algo, totals)
+    torch.library.opcheck(op, (), kwargs)

@@ -1,4 +1,4 @@
-"""Fused Triton kernels of the analog update, one file per algorithm (asgd, rl, rl2).
+"""Fused Triton kernels of the analog update: one kernel for asgd, rl and rl2 (``step``), its launchers (``ops``).
 
 Each launcher has the signature of its reference twin in ``fastanalog.ops.reference``
 (the excess input ``A=None`` included) and returns the same ``StepPulses``; with
@@ -17,9 +17,14 @@ current. On CPU tensors the kernels run only under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported); their home is CUDA tensors.
 """
 
-from .asgd import asgd_multi_step_triton, asgd_step_triton
-from .rl import rl_multi_step_triton, rl_step_triton
-from .rl2 import rl2_multi_step_triton, rl2_step_triton
+from .ops import (
+    asgd_multi_step_triton,
+    asgd_step_triton,
+    rl2_multi_step_triton,
+    rl2_step_triton,
+    rl_multi_step_triton,
+    rl_step_triton,
+)
 
 __all__ = [
     "asgd_multi_step_triton",

@@ -65,7 +65,6 @@ import math
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -74,12 +73,13 @@ import triton.language as tl
 
 from ...config import AnalogConfig
 from .. import philox
-from ..packing import PackedDevice, pack_config
+from ..packing import ALGORITHM_IDS, DEVICE_FIELDS, FAMILY_IDS, PackedDevice, device_floats, pack_config
 
-FAMILY_LINEAR = 0
-FAMILY_POWER = 1
-FAMILY_EXP = 2
-FAMILY_TABLE = 3
+# Family and algorithm ids (packing.FAMILY_IDS, packing.ALGORITHM_IDS): ints for the host,
+# constexprs for the kernels.
+FAMILY_LINEAR, FAMILY_POWER, FAMILY_EXP, FAMILY_TABLE = (FAMILY_IDS[f] for f in ("linear", "power", "exp", "table"))
+LINEAR, POWER, EXP, TABLE = (tl.constexpr(f) for f in (FAMILY_LINEAR, FAMILY_POWER, FAMILY_EXP, FAMILY_TABLE))
+ASGD, RL, RL2 = (tl.constexpr(ALGORITHM_IDS[a]) for a in ("asgd", "rl", "rl2"))
 
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -137,91 +137,79 @@ def table_geometry(table: torch.Tensor, family: int) -> tuple[int, int]:
     return n, max(0, math.ceil(math.log2(n)))
 
 
-@dataclass(frozen=True)
-class DeviceArgs:
-    """One array's device as the flat scalar lists a ``torch.library`` op can carry.
+# ----------------------------------------------------------------------------------------
+# Device descriptions and step scalars
+# ----------------------------------------------------------------------------------------
+# A kernel gets each array's device in two parts. The run-time part is a tuple of float32
+# scalars in ``packing.DEVICE_FIELDS`` order (the layout csrc/op_layout.h shares), passed as
+# kernel parameters; kernels read it by these indices. The compile-time part (``DEVICE_SPEC``
+# order) selects code: the family, which options are on and the table's geometry.
+FIELD = {name: i for i, name in enumerate(DEVICE_FIELDS)}
+TAU_MIN = tl.constexpr(FIELD["tau_min"])
+TAU_MAX = tl.constexpr(FIELD["tau_max"])
+GAMMA = tl.constexpr(FIELD["gamma"])
+DW_MIN = tl.constexpr(FIELD["dw_min"])
+ASYM = tl.constexpr(FIELD["asym"])
+D2D_STD = tl.constexpr(FIELD["d2d_std"])
+C2C_STD = tl.constexpr(FIELD["c2c_std"])
+SHIFT = tl.constexpr(FIELD["shift"])
 
-    ``floats``: ``[tau_min, tau_max, gamma, dw_min, asym, d2d_std, c2c_std, shift]``
-    (float32-rounded; ``shift`` is the nominal symmetric point of a zero-shifted array
-    without variation, else 0). ``ints``: ``[family, var_key, has_gamma, zero_shift]``.
+DEVICE_SPEC = ("family", "d2d", "has_gamma", "c2c", "zero_shift", "table_n", "table_steps")
+S_FAMILY, S_D2D, S_HAS_GAMMA, S_C2C, S_ZERO_SHIFT, S_TABLE_N, S_TABLE_STEPS = (tl.constexpr(i) for i in range(len(DEVICE_SPEC)))
+
+
+@functools.lru_cache(maxsize=1024)
+def described_devices(config: AnalogConfig) -> tuple[tuple[float, ...], ...]:
+    """The run-time device descriptions of a config's arrays: ``(W's,)``, or ``(W's, P's)`` with a residual.
+
+    Each is ``packing.device_floats`` rounded to float32. Cached per config (configs are
+    frozen): packing evaluates symmetric points, a float64 bisection for tables. Variation
+    keys are per tensor and not part of it (:func:`variation_keys`).
     """
-
-    floats: tuple[float, ...]
-    ints: tuple[int, ...]
-
-    @classmethod
-    def make(cls, dev: PackedDevice) -> DeviceArgs:
-        floats = tuple(
-            f32(v) for v in (dev.tau_min, dev.tau_max, dev.gamma, dev.dw_min, dev.asym, dev.d2d_std, dev.c2c_std, dev.shift)
-        )
-        ints = (int(dev.family), int(dev.var_key), int(dev.has_gamma), int(dev.zero_shift))
-        return cls(floats, ints)
+    return tuple(tuple(f32(v) for v in device_floats(dev)) for dev in pack_config(config, 0) if dev is not None)
 
 
-@functools.lru_cache(maxsize=4096)
-def packed_arrays(
-    config: AnalogConfig, tensor_id: int
-) -> tuple[PackedDevice, DeviceArgs, PackedDevice | None, DeviceArgs | None]:
-    """(W's packed device, its op arguments, P's packed device, its op arguments), cached per config and tensor.
-
-    Packing evaluates symmetric points (a float64 bisection for tables), so launchers
-    reuse it across steps; configs are frozen, hence valid cache keys.
-    """
-    dev_w, dev_p = pack_config(config, tensor_id)
-    args_w = DeviceArgs.make(dev_w)
-    args_p = DeviceArgs.make(dev_p) if dev_p is not None else None
-    return dev_w, args_w, dev_p, args_p
+def device_tables(config: AnalogConfig, where: torch.device) -> list[torch.Tensor]:
+    """The response tables (:func:`table_tensor`) of a config's arrays on ``where``, in ``described_devices`` order."""
+    return [table_tensor(dev, where) for dev in pack_config(config, 0) if dev is not None]
 
 
-def kernel_device_args(floats: list[float], ints: list[int], table: torch.Tensor) -> tuple[dict, dict]:
-    """(run-time scalars, constexprs) of one array for a kernel (see ``DeviceArgs`` for the lists).
-
-    The variation keys are per tensor and not among them (see :func:`variation_rows`).
-    """
-    n_table, steps = table_geometry(table, ints[0])
-    tau_min, tau_max, gamma, dw_min, asym, d2d_std, c2c_std, shift = floats
-    family, _, has_gamma, zero_shift = ints
-    d2d = d2d_std > 0
-    runtime = dict(
-        tmin=tau_min,
-        tmax=tau_max,
-        gamma=gamma,
-        dw=dw_min,
-        asym=asym,
-        d2d=d2d_std,
-        c2c=c2c_std,
-        shift=shift,
-        table=table,
-    )
-    const = dict(
-        FAMILY=family,
-        D2D=d2d,
-        HAS_GAMMA=bool(has_gamma) and d2d,
-        C2C=c2c_std > 0,
-        ZERO_SHIFT=bool(zero_shift),
-        TABLE_N=n_table,
-        TABLE_STEPS=steps,
-    )
-    return runtime, const
+def variation_keys(config: AnalogConfig, tensor_id: int) -> list[int]:
+    """Philox keys of the device-to-device draws of W and (with a residual) P of one tensor; 0 without variation."""
+    return [int(dev.var_key) for dev in pack_config(config, tensor_id) if dev is not None]
 
 
-def variation_rows(prefix: str, var_keys: Sequence[int], floats: Sequence[float]) -> dict[str, list[int]]:
-    """Per-tensor ``{prefix}_var_key`` and ``{prefix}_var_key_a`` (``var_key ^ 1``, the asymmetry's stream) of one array.
-
-    ``floats`` is the array's ``DeviceArgs.floats``; without variation both keys are 0.
-    """
-    d2d = floats[5] > 0
-    return {
-        f"{prefix}_var_key": [int(k) if d2d else 0 for k in var_keys],
-        f"{prefix}_var_key_a": [(int(k) ^ 1) if d2d else 0 for k in var_keys],
-    }
+def device_spec(dev: Sequence[float], table: torch.Tensor) -> tuple:
+    """The compile-time part of one array's device (``DEVICE_SPEC`` order) from its description and table."""
+    family = int(dev[FIELD["family"]])
+    n_table, steps = table_geometry(table, family)
+    d2d = dev[FIELD["d2d_std"]] > 0
+    has_gamma = bool(dev[FIELD["has_gamma"]]) and d2d
+    return (family, d2d, has_gamma, dev[FIELD["c2c_std"]] > 0, bool(dev[FIELD["zero_shift"]]), n_table, steps)
 
 
-def prefixed(prefix: str, runtime: dict, const: dict) -> dict:
-    """Kernel keyword arguments of one array: ``{prefix}_{name}`` / ``{PREFIX}_{NAME}``."""
-    out = {f"{prefix}_{k}": v for k, v in runtime.items()}
-    out.update({f"{prefix.upper()}_{k}": v for k, v in const.items()})
-    return out
+def variation_rows(var_keys: Sequence[int], dev: Sequence[float]) -> tuple[list[int], list[int]]:
+    """(per-tensor variation keys, their ``key ^ 1``: the asymmetry's stream) of one array; zeros without variation."""
+    if dev[FIELD["d2d_std"]] > 0:
+        return [int(k) for k in var_keys], [int(k) ^ 1 for k in var_keys]
+    return [0] * len(var_keys), [0] * len(var_keys)
+
+
+# Step scalars and flags as the ops carry them (lists in these orders).
+STEP_SCALARS = ("lr", "transfer_lr", "gamma", "read_noise", "threshold", "cap")
+STEP_FLAGS = ("has_cap", "read_noise", "ema")
+
+
+def step_scalars(config: AnalogConfig, lr: float) -> list[float]:
+    """The float32-rounded ``STEP_SCALARS`` of a step (``cap``: ``config.pulse_cap``, 0 for none)."""
+    cap = config.pulse_cap
+    values = (lr, config.transfer_lr, config.gamma, config.read_noise, config.threshold, cap if cap is not None else 0.0)
+    return [f32(v) for v in values]
+
+
+def step_flags(config: AnalogConfig) -> list[bool]:
+    """The ``STEP_FLAGS`` of a config: a pulse cap, read noise, the rl2 buffer an EMA."""
+    return [config.pulse_cap is not None, config.read_noise > 0, config.buffer == "ema"]
 
 
 def check_arrays(numel: int, **tensors: torch.Tensor) -> None:
@@ -259,20 +247,6 @@ def mixed_pointers(Wbar: Sequence[torch.Tensor], W: Sequence[torch.Tensor]) -> t
     if len(Wbar) == len(W) and all(b.numel() == w.numel() for b, w in zip(Wbar, W)):
         return list(Wbar), True
     return list(W), False
-
-
-def step_scalars(config: AnalogConfig, lr: float) -> dict:
-    """Float32-rounded algorithm scalars shared by the kernels, and the pulse cap (always applied: ``config.pulse_cap``)."""
-    cap = config.pulse_cap
-    return dict(
-        lr=f32(lr),
-        tlr=f32(config.transfer_lr),
-        mix=f32(config.gamma),
-        read_noise=f32(config.read_noise),
-        threshold=f32(config.threshold),
-        cap=f32(cap) if cap is not None else 0.0,
-        has_cap=cap is not None,
-    )
 
 
 def check_offset(offset: int) -> int:
@@ -333,7 +307,7 @@ def device_guard(where: torch.device):
 # Per-tensor scalars of the kernels, in the row order of the multi-tensor table; the rows of
 # the array addresses follow (the kernel's pointer arguments, in its order). The step keys and
 # the pulse outputs, new every step, are in a second table (see tensor_launch).
-TENSOR_SCALARS = ("numel", "offset", "w_var_key", "w_var_key_a", "p_var_key", "p_var_key_a")
+TENSOR_SCALARS = ("numel", "offset", "first_var_key", "first_var_key_a", "main_var_key", "main_var_key_a")
 N_TENSOR_SCALARS = tl.constexpr(len(TENSOR_SCALARS))
 
 
@@ -728,13 +702,13 @@ def expm1_f64(x):
 @triton.jit
 def _shape(u, gamma, FAMILY: tl.constexpr):
     """Response of the analytic family at normalised distance ``u`` in [0, 2], before asymmetry."""
-    if FAMILY == 1:
+    if FAMILY == POWER:
         # u ** gamma, evaluated as exp(gamma * log(u)) in float64 and rounded once.
         u64 = u.to(tl.float64)
         pos = u64 > 0.0
         r = tl.exp(gamma.to(tl.float64) * tl.log(tl.where(pos, u64, 1.0)))
         return tl.where(pos, r, 0.0).to(tl.float32)
-    elif FAMILY == 2:
+    elif FAMILY == EXP:
         # expm1(gamma * u) / expm1(gamma): each expm1 rounded to float32 as torch.expm1 returns it.
         num = expm1_f64((gamma * u).to(tl.float64)).to(tl.float32)
         den = expm1_f64(gamma.to(tl.float64)).to(tl.float32)
@@ -753,7 +727,7 @@ def response(w, up, tmin, tmax, gamma, asym, table_ptr, FAMILY: tl.constexpr, TA
     ``[tau_min, tau_max]`` (``TableResponse._interp``). Then ``* (1 + a)`` for up,
     ``* (1 - a)`` for down. Only the selected direction is evaluated.
     """
-    if FAMILY == 3:
+    if FAMILY == TABLE:
         x = tl.minimum(tl.maximum(tl.div_rn(w - tmin, tmax - tmin), 0.0), 1.0) * TABLE_N
         fl = tl.minimum(tl.floor(x), TABLE_N - 1)
         frac = x - fl
@@ -796,9 +770,9 @@ def symmetric_point(
     every device whose ``q_up`` falls and ``q_down`` rises); with several crossings the
     two may pick different ones.
     """
-    if FAMILY == 0:
+    if FAMILY == LINEAR:
         return tl.div_rn((1.0 + asym) * tmax + (1.0 - asym) * tmin, 2.0)
-    elif FAMILY == 1:
+    elif FAMILY == POWER:
         a = asym.to(tl.float64)
         g = gamma.to(tl.float64)
         ratio = tl.exp(tl.log((1.0 - a) / (1.0 + a)) * (1.0 / g))
@@ -806,7 +780,7 @@ def symmetric_point(
         lo = tmin.to(tl.float64)
         hi = tmax.to(tl.float64)
         return (lo + (hi - lo) / 2.0 * u_down).to(tl.float32)
-    elif FAMILY == 2:
+    elif FAMILY == EXP:
         a = asym.to(tl.float64)
         g = gamma.to(tl.float64)
         x = (-a + tl.sqrt(a * a + (1.0 - a * a) * tl.exp(2.0 * g))) / (1.0 - a)
@@ -863,34 +837,27 @@ def directional_counts(net, pairs, cap, PAIRS: tl.constexpr, CAP: tl.constexpr):
 
 
 @triton.jit
-def apply_pulses(
-    x,
-    up,
-    down,
-    z,
-    shift,
-    tmin,
-    tmax,
-    gamma,
-    dw,
-    asym,
-    c2c,
-    table_ptr,
-    FAMILY: tl.constexpr,
-    TABLE_N: tl.constexpr,
-    C2C: tl.constexpr,
-    ZERO_SHIFT: tl.constexpr,
-    PAIRS: tl.constexpr,
-):
+def threshold_count(h, threshold, dw):
+    """The rl2 "accumulate" transfer count: ``trunc(h / dw)`` where ``|h| >= threshold * dw``, else 0 (float32)."""
+    return truncate(tl.where(tl.abs(h) >= threshold * dw, tl.div_rn(h, dw), 0.0))
+
+
+@triton.jit
+def apply_pulses(x, up, down, z, params, c2c, table_ptr, SPEC: tl.constexpr, PAIRS: tl.constexpr):
     """Stored value after ``up`` up and ``down`` down pulses (float32), as ``reference.apply_pulses``.
 
-    ``delta = [(up dw) q_up if up > 0] - [(down dw) q_down if down > 0]``, plus with
-    cycle-to-cycle noise ``((c2c dw) sqrt([(up q_up) q_up] + [(down q_down) q_down])) z``;
-    then ``x + delta`` clamped to ``[tau_min - shift, tau_max - shift]``. Responses are
-    evaluated at ``x + shift`` (``shift`` used only for a zero-shifted array). Without
-    ``PAIRS`` at most one direction has pulses, and only its response is evaluated.
+    ``params`` are the array's ``(tau_min, tau_max, gamma, dw_min, asym, shift)``
+    (:func:`array_params`), ``SPEC`` its compile-time device. ``delta = [(up dw) q_up if
+    up > 0] - [(down dw) q_down if down > 0]``, plus with cycle-to-cycle noise ``((c2c dw)
+    sqrt([(up q_up) q_up] + [(down q_down) q_down])) z``; then ``x + delta`` clamped to
+    ``[tau_min - shift, tau_max - shift]``. Responses are evaluated at ``x + shift``
+    (``shift`` used only for a zero-shifted array). Without ``PAIRS`` at most one direction
+    has pulses, and only its response is evaluated.
     """
-    if ZERO_SHIFT:
+    tmin, tmax, gamma, dw, asym, shift = params
+    FAMILY: tl.constexpr = SPEC[S_FAMILY]
+    TABLE_N: tl.constexpr = SPEC[S_TABLE_N]
+    if SPEC[S_ZERO_SHIFT]:
         w = x + shift
     else:
         w = x
@@ -903,11 +870,11 @@ def apply_pulses(
         q_up = response(w, has_up, tmin, tmax, gamma, asym, table_ptr, FAMILY, TABLE_N)
         q_down = q_up
     delta = tl.where(has_up, (up * dw) * q_up, 0.0) - tl.where(has_down, (down * dw) * q_down, 0.0)
-    if C2C:
+    if SPEC[S_C2C]:
         var = tl.where(has_up, (up * q_up) * q_up, 0.0) + tl.where(has_down, (down * q_down) * q_down, 0.0)
         delta = delta + ((c2c * dw) * tl.sqrt_rn(var)) * z
     x_new = x + delta
-    if ZERO_SHIFT:
+    if SPEC[S_ZERO_SHIFT]:
         lo = tmin - shift
         hi = tmax - shift
     else:
@@ -930,122 +897,64 @@ def report_pulses(count_ptr, pairs_ptr, local, mask, up, down, PAIRS: tl.constex
 
 
 @triton.jit
-def array_params(
-    idx,
-    var_key,
-    var_key_a,
-    tmin,
-    tmax,
-    gamma,
-    dw,
-    asym,
-    d2d,
-    shift,
-    table_ptr,
-    FAMILY: tl.constexpr,
-    D2D: tl.constexpr,
-    HAS_GAMMA: tl.constexpr,
-    ZERO_SHIFT: tl.constexpr,
-    TABLE_N: tl.constexpr,
-    TABLE_STEPS: tl.constexpr,
-):
+def array_params(idx, var_keys, dev, table_ptr, SPEC: tl.constexpr):
     """``(tau_min, tau_max, gamma, dw_min, asym, shift)`` of one array: scalars, or per element with variation.
 
-    ``shift`` is the symmetric point of a zero-shifted array: the nominal one passed
-    in without variation, else computed per element from that element's parameters.
+    ``var_keys``: the array's ``(variation key, variation key ^ 1)``; ``dev`` its run-time
+    device description (``packing.DEVICE_FIELDS``), ``SPEC`` its compile-time one
+    (``DEVICE_SPEC``). ``shift`` is the symmetric point of a zero-shifted array: the
+    nominal one of ``dev`` without variation, else computed per element from that
+    element's parameters.
     """
-    if D2D:
+    tmin = tl.to_tensor(dev[TAU_MIN])
+    tmax = tl.to_tensor(dev[TAU_MAX])
+    gamma = tl.to_tensor(dev[GAMMA])
+    dw = tl.to_tensor(dev[DW_MIN])
+    asym = tl.to_tensor(dev[ASYM])
+    if SPEC[S_D2D]:
+        var_key, var_key_a = var_keys
         e_tmin, e_tmax, e_gamma, e_dw, e_asym = element_params(
-            idx,
-            var_key,
-            var_key_a,
-            tl.to_tensor(tmin),
-            tl.to_tensor(tmax),
-            tl.to_tensor(gamma),
-            tl.to_tensor(dw),
-            tl.to_tensor(asym),
-            tl.to_tensor(d2d),
-            HAS_GAMMA,
+            idx, var_key, var_key_a, tmin, tmax, gamma, dw, asym, tl.to_tensor(dev[D2D_STD]), SPEC[S_HAS_GAMMA]
         )
-        if ZERO_SHIFT:
-            e_shift = symmetric_point(e_tmin, e_tmax, e_gamma, e_asym, table_ptr, FAMILY, TABLE_N, TABLE_STEPS)
+        if SPEC[S_ZERO_SHIFT]:
+            e_shift = symmetric_point(
+                e_tmin, e_tmax, e_gamma, e_asym, table_ptr, SPEC[S_FAMILY], SPEC[S_TABLE_N], SPEC[S_TABLE_STEPS]
+            )
         else:
-            e_shift = tl.to_tensor(shift)
+            e_shift = tl.to_tensor(dev[SHIFT])
         return e_tmin, e_tmax, e_gamma, e_dw, e_asym, e_shift
     else:
-        return (
-            tl.to_tensor(tmin),
-            tl.to_tensor(tmax),
-            tl.to_tensor(gamma),
-            tl.to_tensor(dw),
-            tl.to_tensor(asym),
-            tl.to_tensor(shift),
-        )
+        return tmin, tmax, gamma, dw, asym, tl.to_tensor(dev[SHIFT])
 
 
 @triton.jit
-def first_write(
-    X_ptr,
-    count_ptr,
-    pairs_ptr,
-    local,
-    mask,
-    idx,
-    call0,
-    key,
-    g,
-    a,
-    lr,
-    cap,
-    tmin,
-    tmax,
-    gamma,
-    dw,
-    asym,
-    d2d,
-    c2c,
-    shift,
-    var_key,
-    var_key_a,
-    table,
-    HAS_A: tl.constexpr,
-    HAS_CAP: tl.constexpr,
-    TOTALS: tl.constexpr,
-    FAMILY: tl.constexpr,
-    D2D: tl.constexpr,
-    HAS_GAMMA: tl.constexpr,
-    C2C: tl.constexpr,
-    ZERO_SHIFT: tl.constexpr,
-    TABLE_N: tl.constexpr,
-    TABLE_STEPS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """The gradient-driven write of the first array (W for asgd, P for rl/rl2); returns it as stored, in float32.
+def write_pulses(X_ptr, blk, key, x, up, down, params, dev, table_ptr, SPEC: tl.constexpr, C2C_SALT: tl.constexpr,
+                 PAIRS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Apply ``up``/``down`` pulses to ``x`` (c2c noise from the stream salted ``C2C_SALT``) and store the array;
+    returns it as stored, in float32."""
+    local, mask, _, call0 = blk
+    if SPEC[S_C2C]:
+        z = stream_normal(key, call0, C2C_SALT, BLOCK)
+    else:
+        z = 0.0
+    x_new = apply_pulses(x, up, down, z, params, dev[C2C_STD], table_ptr, SPEC, PAIRS)
+    return store_f32(X_ptr, local, x_new, mask)
 
-    ``n = (-lr g) / dw`` rounds with stream 0; with ``HAS_A`` the excess
-    ``e = (lr max(a - |g|, 0)) 0.5`` gives ``m = e / dw`` pairs, rounded with stream 1;
-    cycle-to-cycle noise from stream 3. Reports the pulses (net and pairs, or the total).
+
+@triton.jit
+def first_write(X_ptr, blk, key, g, a, lr, cap, dev, var_keys, table_ptr, SPEC: tl.constexpr, HAS_A: tl.constexpr,
+                HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """The gradient-driven write of the first array (W for asgd, P for rl/rl2).
+
+    ``blk``: the block of :func:`block_range`. ``n = (-lr g) / dw`` rounds with stream 0;
+    with ``HAS_A`` the excess ``e = (lr max(a - |g|, 0)) 0.5`` gives ``m = e / dw`` pairs,
+    rounded with stream 1; cycle-to-cycle noise from stream 3. Returns the array as stored
+    and the pulses ``(N_up, N_down)``, float32, for :func:`report_pulses`.
     """
+    local, mask, idx, call0 = blk
     x = load_f32(X_ptr, local, mask)
-    e_tmin, e_tmax, e_gamma, e_dw, e_asym, e_shift = array_params(
-        idx,
-        var_key,
-        var_key_a,
-        tmin,
-        tmax,
-        gamma,
-        dw,
-        asym,
-        d2d,
-        shift,
-        table,
-        FAMILY,
-        D2D,
-        HAS_GAMMA,
-        ZERO_SHIFT,
-        TABLE_N,
-        TABLE_STEPS,
-    )
+    params = array_params(idx, var_keys, dev, table_ptr, SPEC)
+    e_dw = params[3]
     lr32 = tl.to_tensor(lr)
     d = (-lr32) * g
     net = stochastic_round(tl.div_rn(d, e_dw), stream_uniform(key, call0, SALT_ROUND_FIRST, BLOCK))
@@ -1055,59 +964,16 @@ def first_write(
     else:
         pairs = net
     up, down = directional_counts(net, pairs, cap, HAS_A, HAS_CAP)
-    if C2C:
-        z = stream_normal(key, call0, SALT_C2C_FIRST, BLOCK)
-    else:
-        z = 0.0
-    x_new = apply_pulses(
-        x, up, down, z, e_shift, e_tmin, e_tmax, e_gamma, e_dw, e_asym, c2c, table, FAMILY, TABLE_N, C2C, ZERO_SHIFT, HAS_A
-    )
-    stored = store_f32(X_ptr, local, x_new, mask)
-    report_pulses(count_ptr, pairs_ptr, local, mask, up, down, HAS_A, TOTALS)
-    return stored
+    return write_pulses(X_ptr, blk, key, x, up, down, params, dev, table_ptr, SPEC, SALT_C2C_FIRST, HAS_A, BLOCK), up, down
 
 
 @triton.jit
-def transfer_write(
-    W_ptr,
-    count_ptr,
-    local,
-    mask,
-    idx,
-    call0,
-    key,
-    x,
-    n,
-    cap,
-    dw,
-    tmin,
-    tmax,
-    gamma,
-    asym,
-    c2c,
-    shift,
-    table,
-    HAS_CAP: tl.constexpr,
-    TOTALS: tl.constexpr,
-    FAMILY: tl.constexpr,
-    C2C: tl.constexpr,
-    ZERO_SHIFT: tl.constexpr,
-    TABLE_N: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+def transfer_write(W_ptr, blk, key, x, n, cap, params, dev, table_ptr, SPEC: tl.constexpr, HAS_CAP: tl.constexpr,
+                   BLOCK: tl.constexpr):  # fmt: skip
     """A transfer's write of W with net count ``n`` (already rounded, no pairs): c2c noise from stream 5.
 
-    Stores W, reports its pulses and returns the applied net count ``N_up - N_down`` (float32)
-    and W as stored.
+    ``params``: W's :func:`array_params`. Stores W; returns it as stored and the pulses
+    ``(N_up, N_down)``, float32, for :func:`report_pulses`.
     """
     up, down = directional_counts(n, n, cap, False, HAS_CAP)
-    if C2C:
-        z = stream_normal(key, call0, SALT_C2C_W, BLOCK)
-    else:
-        z = 0.0
-    x_new = apply_pulses(
-        x, up, down, z, shift, tmin, tmax, gamma, dw, asym, c2c, table, FAMILY, TABLE_N, C2C, ZERO_SHIFT, False
-    )
-    stored = store_f32(W_ptr, local, x_new, mask)
-    report_pulses(count_ptr, count_ptr, local, mask, up, down, False, TOTALS)
-    return up - down, stored
+    return write_pulses(W_ptr, blk, key, x, up, down, params, dev, table_ptr, SPEC, SALT_C2C_W, False, BLOCK), up, down
