@@ -159,6 +159,7 @@ def test_opcheck_compiled_step_ops():
     torch.library.opcheck(torch.ops.fastanalog.analog_sgd_check_.default, (~finite, torch.zeros(2, dtype=torch.int64), grads, True))
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
 @pytest.mark.parametrize("algorithm", ["asgd", "rl", "rl2"])
 def test_compiled_op_call_equals_eager(algorithm, backend):
