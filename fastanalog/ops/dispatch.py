@@ -32,6 +32,7 @@ from .library import (
     BACKENDS,
     KERNEL_DTYPES,
     MIN_TRITON,
+    _noticed,  # noqa: F401  (the dtypes already noticed as served by the reference; tests reset it)
     available_backends,
     backend_available,
     backend_for,
@@ -39,7 +40,6 @@ from .library import (
     triton_version_ok,
     use_backend,
 )
-from .library import _noticed  # noqa: F401  (the dtypes already noticed as served by the reference; tests reset it)
 from .reference import StepPulses
 
 __all__ = [
