@@ -12,7 +12,8 @@ torch must be importable while building, so install with ``pip install
 --no-build-isolation -e .`` (the Makefile does). Without torch, or if a compile fails, the
 package installs without that extension and ``fastanalog.ops.cpp`` builds the CPU kernels
 at first use (JIT) or falls back to the reference backend. ``FASTANALOG_NO_EXT=1`` skips
-the extensions. ``MAX_JOBS`` bounds parallel compile jobs.
+the extensions; ``FASTANALOG_NO_CUDA=1`` builds the CPU kernels alone (a quicker build while
+working on them). ``MAX_JOBS`` bounds parallel compile jobs.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _cuda_home() -> str | None:
 def _extensions():
     if os.environ.get("FASTANALOG_NO_EXT", "") == "1":
         return [], {}
-    cuda_home = _cuda_home()
+    cuda_home = None if os.environ.get("FASTANALOG_NO_CUDA", "") == "1" else _cuda_home()
     if cuda_home is not None:
         # torch.utils.cpp_extension reads CUDA_HOME when imported; a wrapper script named nvcc
         # on PATH would otherwise make it guess a wrong root.

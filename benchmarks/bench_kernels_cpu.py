@@ -3,8 +3,8 @@
 For each algorithm (and device family) at ``--size`` float32 elements this measures, in one
 process and on the same threads (``--threads``; torch's intra-op threads otherwise):
 
-* the kernel alone (``torch.ops.fastanalog.<alg>_step_cpp_`` with empty pulse tensors, so no
-  pulse counts are written): GB/s with the bytes the step must move, every array read and
+* the kernel alone (``torch.ops.fastanalog._native_step``, the C++ kernel of the op
+  ``fastanalog::<alg>_step``, with empty pulse tensors, so no pulse counts are written): GB/s with the bytes the step must move, every array read and
   written once: asgd 12 B/element (g, W in; W out), rl 28 (g, W, P in; W, P, Wbar out; a
   transfer every step), rl2 32 (g, W, P, H in; W, P, H, Wbar out); with ``--excess`` the
   per-sample writes, whose float32 excess input ``A`` adds 4 B;
@@ -35,8 +35,7 @@ from pathlib import Path
 import torch
 
 import fastanalog as fa
-from fastanalog.ops import cpp
-from fastanalog.ops.packing import pack_config
+from fastanalog.ops import cpp, packing
 from fastanalog.ops.reference import asgd_step_ref, rl2_step_ref, rl_step_ref
 
 ARRAY_BYTES = {"asgd": 12, "rl": 28, "rl2": 32}
@@ -77,28 +76,22 @@ def _arrays(n: int, excess: bool = False):
 
 
 def _kernel_call(alg: str, config: fa.AnalogConfig, arrays, pulses: bool):
-    """The raw op on the arrays: with or without int32 pulse outputs (and pairs, with an excess)."""
+    """The C++ kernel's op on the arrays: with or without int32 pulse outputs (and pairs, with an excess)."""
     W, P, H, Wbar, g, A = arrays
     n = W.numel()
 
     def out(written: bool = True):
-        return torch.empty(n if pulses and written else 0, dtype=torch.int32)
+        return [torch.empty(n if pulses and written else 0, dtype=torch.int32)]
 
-    mp = config.max_pulses or 0
-    if alg == "asgd":
-        desc = cpp.device_args(pack_config(config, 0)[0])
-        p, pairs = out(), out(A is not None)
-        return lambda: torch.ops.fastanalog.asgd_step_cpp_(W, g, A, p, pairs, LR, KEY, 0, *desc, mp)
-    desc = cpp._residual_args(config, 0)
-    p1, pairs, p2 = out(), out(A is not None), out()
-    if alg == "rl":
-        return lambda: torch.ops.fastanalog.rl_step_cpp_(
-            W, P, Wbar, g, A, p1, pairs, p2, LR, KEY, 0, True, config.gamma, config.transfer_lr, config.read_noise, mp, *desc
-        )
-    return lambda: torch.ops.fastanalog.rl2_step_cpp_(
-        W, P, H, Wbar, g, A, p1, pairs, p2, LR, KEY, 0, config.buffer == "ema", config.gamma, config.transfer_lr,
-        config.read_noise, config.threshold, mp, *desc,
+    packed = packing.pack_op_config(config)
+    common = ([KEY], [0], [0], packing.step_floats(config, LR, True), list(packed.devices), list(packed.tables),
+              list(packed.seeds))  # fmt: skip
+    residual = alg != "asgd"
+    args = (
+        packing.ALGORITHM_IDS[alg], [W], [P] if residual else [], [H] if alg == "rl2" else [], [Wbar] if residual else [], [g],
+        [A] if A is not None else [], out(), out(A is not None), out() if residual else [], *common,
     )  # fmt: skip
+    return lambda: torch.ops.fastanalog._native_step(*args)
 
 
 def _step_call(fn, alg: str, config: fa.AnalogConfig, arrays, **extra):

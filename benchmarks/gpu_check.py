@@ -65,8 +65,7 @@ def kernel_rows(n: int = 1 << 24, repeats: int = 20) -> list[dict]:
     copy = copy_bandwidth()
     rows = []
     for name in ("triton", "cuda"):
-        backend = dispatch.get_backend(name)
-        if backend is None:
+        if not dispatch.backend_available(name):
             rows.append(dict(backend=name, note="not available"))
             continue
         for alg in ("asgd", "rl", "rl2"):
@@ -78,14 +77,15 @@ def kernel_rows(n: int = 1 << 24, repeats: int = 20) -> list[dict]:
                 arrays["buffer"] = torch.zeros(n, device="cuda") if cfg.has_buffer else None
                 grad = torch.randn(n, device="cuda") * 0.01
                 item = dispatch.StepItem(arrays, None, grad, cfg, 1, 0)
-                for step in range(1, 4):
-                    dispatch._launch(backend, [item], lr=0.1, step=step, totals=True)
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for step in range(repeats):
-                    dispatch._launch(backend, [item], lr=0.1, step=4 + step, totals=True)
-                end.record()
+                with dispatch.use_backend(name):
+                    for step in range(1, 4):
+                        dispatch.analog_step_group([item], lr=0.1, step=step, totals=True)
+                    torch.cuda.synchronize()
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for step in range(repeats):
+                        dispatch.analog_step_group([item], lr=0.1, step=4 + step, totals=True)
+                    end.record()
                 torch.cuda.synchronize()
                 seconds = start.elapsed_time(end) / 1e3 / repeats
                 loads, stores = expected_bytes(Variant(alg))

@@ -1,9 +1,11 @@
 // Fused CPU kernels of the analog update (SPEC section 3): asgd, rl, rl2; op registration.
 //
-// Each op updates its arrays in place in one pass over memory: every element's g, A (when
-// given), W, P, H is read once and W, P, H, Wbar (when asked for) and the pulse counts are
-// written once. The multi-tensor op (multi_step_cpp_) does the same for a group of tensors
-// of one config in one parallel region, its threads splitting the group's blocks. The work
+// The CPU kernel of the ops fastanalog::{asgd,rl,rl2}_step (one op per algorithm, lists of
+// tensors; schemas in fastanalog/ops/library.py, reached through fastanalog::_native_step)
+// updates a group of tensors of one config in one parallel region, its threads splitting
+// the group's blocks, and every tensor's arrays in one pass over memory: every element's g,
+// A (when given), W, P, H is read once and W, P, H, Wbar (when asked for) and the pulse
+// counts are written once. The work
 // is cut into blocks at the multiples of kBlock of the global element index (offset +
 // position; a tensor's first and last blocks may be shorter); a thread takes a contiguous
 // run of blocks and runs each block through a few short phases on block-sized scratch
@@ -299,13 +301,6 @@ void* worker_scratch(int t) {
   return pool[t].get();
 }
 
-void run_parallel_multi(const std::vector<RangeFn>& fns, const std::vector<StepArgs>& args);
-
-// Runs fn over [0, numel) on torch's intra-op threads: thread t gets a contiguous run of
-// whole blocks, so every element sees the same arithmetic whatever the thread count (a
-// group of one tensor, see run_parallel_multi).
-void run_parallel(RangeFn fn, const StepArgs& a) { run_parallel_multi({fn}, {a}); }
-
 int storage_of(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat:
@@ -436,20 +431,6 @@ void first_common(StepArgs& a, at::Tensor& W, const at::Tensor& gc, const at::Te
   a.max_pulses = max_pulses_of(max_pulses);
 }
 
-void asgd_step_cpu(at::Tensor& W, const at::Tensor& g, const std::optional<at::Tensor>& A, at::Tensor& pulses, at::Tensor& pairs,
-                   double lr, int64_t key, int64_t offset, c10::ArrayRef<double> dev_w, int64_t var_key_w,
-                   c10::ArrayRef<double> table_w, int64_t max_pulses) {
-  check_array(W, W, "W");
-  const int storage = storage_of(W, "W");
-  const at::Tensor gc = grad_for(g, W);
-  const at::Tensor Ac = excess_for(A, W, "A");
-  TableStore tw;
-  StepArgs a;
-  first_common(a, W, gc, Ac, pulses, pairs, "pulses", lr, key, offset, max_pulses);
-  a.dev_w = parse_device(dev_w, var_key_w, table_w, tw);
-  run_parallel(select_range(kAsgd, storage, gc.scalar_type() == at::kFloat), a);
-}
-
 void residual_common(StepArgs& a, at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tensor& gc, const at::Tensor& Ac,
                      at::Tensor& pulses_p, at::Tensor& pairs_p, at::Tensor& pulses_w, double lr, int64_t key, int64_t offset,
                      double gamma, double transfer_lr, double read_noise, int64_t max_pulses) {
@@ -467,60 +448,12 @@ void residual_common(StepArgs& a, at::Tensor& W, at::Tensor& P, at::Tensor& Wbar
   a.read_noise = static_cast<float>(read_noise);
 }
 
-void rl_step_cpu(at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tensor& g, const std::optional<at::Tensor>& A,
-                 at::Tensor& pulses_p, at::Tensor& pairs_p, at::Tensor& pulses_w, double lr, int64_t key, int64_t offset,
-                 bool transfer, double gamma, double transfer_lr, double read_noise, int64_t max_pulses,
-                 c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w, c10::ArrayRef<double> dev_p,
-                 int64_t var_key_p, c10::ArrayRef<double> table_p) {
-  check_array(W, W, "W");
-  check_array(P, W, "P");
-  const int storage = storage_of(W, "W");
-  const at::Tensor gc = grad_for(g, W);
-  const at::Tensor Ac = excess_for(A, W, "A");
-  TableStore tw, tp;
-  StepArgs a;
-  residual_common(a, W, P, Wbar, gc, Ac, pulses_p, pairs_p, pulses_w, lr, key, offset, gamma, transfer_lr, read_noise,
-                  max_pulses);
-  a.transfer = transfer;
-  if (!transfer) {
-    a.pulses_main = nullptr;
-    a.total_main = nullptr;
-  }
-  a.dev_w = parse_device(dev_w, var_key_w, table_w, tw);
-  a.dev_p = parse_device(dev_p, var_key_p, table_p, tp);
-  run_parallel(select_range(kRl, storage, gc.scalar_type() == at::kFloat), a);
-}
-
-void rl2_step_cpu(at::Tensor& W, at::Tensor& P, at::Tensor& H, at::Tensor& Wbar, const at::Tensor& g,
-                  const std::optional<at::Tensor>& A, at::Tensor& pulses_p, at::Tensor& pairs_p, at::Tensor& pulses_w, double lr,
-                  int64_t key, int64_t offset, bool ema, double gamma, double transfer_lr, double read_noise, double threshold,
-                  int64_t max_pulses, c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w,
-                  c10::ArrayRef<double> dev_p, int64_t var_key_p, c10::ArrayRef<double> table_p) {
-  check_array(W, W, "W");
-  check_array(P, W, "P");
-  check_array(H, W, "H");
-  const int storage = storage_of(W, "W");
-  const at::Tensor gc = grad_for(g, W);
-  const at::Tensor Ac = excess_for(A, W, "A");
-  TableStore tw, tp;
-  StepArgs a;
-  residual_common(a, W, P, Wbar, gc, Ac, pulses_p, pairs_p, pulses_w, lr, key, offset, gamma, transfer_lr, read_noise,
-                  max_pulses);
-  a.H = H.data_ptr();
-  a.ema = ema;
-  a.threshold = static_cast<float>(threshold);
-  a.dev_w = parse_device(dev_w, var_key_w, table_w, tw);
-  a.dev_p = parse_device(dev_p, var_key_p, table_p, tp);
-  run_parallel(select_range(kRl2, storage, gc.scalar_type() == at::kFloat), a);
-}
-
 // ----- many tensors in one call ------------------------------------------------------------
 // One step of one algorithm on a group of tensors that share a configuration (their keys,
-// offsets and variation keys apart): the arguments of each tensor are those of the
-// single-tensor op, the device descriptions are shared. The threads split the group's
-// blocks, tensor after tensor, in one parallel region: no per-tensor dispatch, thread start
-// or barrier, and small tensors run side by side. Every tensor is cut at its own block
-// boundaries, so each element sees the arithmetic of the single-tensor op.
+// offsets, tensor ids and so variation keys apart). The threads split the group's blocks,
+// tensor after tensor, in one parallel region: no per-tensor dispatch, thread start or
+// barrier, and small tensors run side by side. Every tensor is cut at its own block
+// boundaries, so each element sees the arithmetic it would see as the group's only tensor.
 //
 // A tensor's blocks end at the multiples of kBlock of the global index (offset + position),
 // so every block but a tensor's first starts at a multiple of four: its Philox calls serve
@@ -598,12 +531,59 @@ void check_disjoint(const std::vector<Named>& arrays) {
   }
 }
 
-void multi_step_cpu(int64_t algorithm, at::TensorList W, at::TensorList P, at::TensorList H, at::TensorList Wbar,
-                    at::TensorList g, at::TensorList A, at::TensorList pulses_first, at::TensorList pairs_first,
-                    at::TensorList pulses_main, double lr, at::IntArrayRef keys,
-                    at::IntArrayRef offsets, bool flag, double gamma, double transfer_lr, double read_noise, double threshold,
-                    int64_t max_pulses, c10::ArrayRef<double> dev_w, at::IntArrayRef var_keys_w, c10::ArrayRef<double> table_w,
-                    c10::ArrayRef<double> dev_p, at::IntArrayRef var_keys_p, c10::ArrayRef<double> table_p) {
+// The packed arguments of the ops (op_layout.h): the step's scalars, and per array (W, then
+// P for rl/rl2) its device description, table samples and variation seed.
+struct Packed {
+  double lr, gamma, transfer_lr, read_noise, threshold;
+  int64_t max_pulses;
+  bool flag;
+  Device dev_w, dev_p;
+  bool d2d_w = false, d2d_p = false;
+  uint64_t seed_w = 0, seed_p = 0;
+  TableStore tw, tp;
+};
+
+void unpack(Packed& out, bool residual, c10::ArrayRef<double> step, c10::ArrayRef<double> devices,
+            c10::ArrayRef<double> tables, at::IntArrayRef seeds) {
+  TORCH_CHECK(step.size() == static_cast<size_t>(kStepFields), "step must have ", static_cast<int>(kStepFields),
+              " scalars (op_layout.h StepField), got ", step.size());
+  const size_t k = residual ? 2 : 1;
+  TORCH_CHECK(devices.size() == k * kDeviceFields, "devices must hold ", k, " device description(s) of ",
+              static_cast<int>(kDeviceFields), " floats (op_layout.h DeviceField), got ", devices.size(), " floats");
+  TORCH_CHECK(seeds.size() == k, "seeds must hold ", k, " variation seed(s), got ", seeds.size());
+  size_t table_sizes[2] = {0, 0};
+  for (size_t a = 0; a < k; ++a) {
+    const double n = devices[a * kDeviceFields + kTableSize];
+    TORCH_CHECK(n >= 0 && n == std::floor(n), "table size of device ", a, " must be a whole number >= 0, got ", n);
+    table_sizes[a] = static_cast<size_t>(n);
+  }
+  TORCH_CHECK(table_sizes[0] + table_sizes[1] == tables.size(), "the device descriptions' table sizes (", table_sizes[0], ", ",
+              table_sizes[1], ") do not add up to the ", tables.size(), " table floats");
+  out.lr = step[kStepLr];
+  out.gamma = step[kStepGamma];
+  out.transfer_lr = step[kStepTransferLr];
+  out.read_noise = step[kStepReadNoise];
+  out.threshold = step[kStepThreshold];
+  out.max_pulses = static_cast<int64_t>(step[kStepMaxPulses]);
+  out.flag = step[kStepFlag] != 0.0;
+  out.dev_w = parse_device(devices.slice(0, kDeviceFields), 0, tables.slice(0, table_sizes[0]), out.tw);
+  out.d2d_w = devices[kD2dStd] > 0.0;
+  out.seed_w = static_cast<uint64_t>(seeds[0]);
+  if (residual) {
+    out.dev_p = parse_device(devices.slice(kDeviceFields, kDeviceFields), 0, tables.slice(table_sizes[0], table_sizes[1]), out.tp);
+    out.d2d_p = devices[kDeviceFields + kD2dStd] > 0.0;
+    out.seed_p = static_cast<uint64_t>(seeds[1]);
+  }
+}
+
+// The CPU kernel of the ops fastanalog::{asgd,rl,rl2}_step (schemas: fastanalog/ops/library.py),
+// reached through their private twin fastanalog::_native_step. Tensor i is updated as the
+// group's only tensor would be.
+void native_step_cpu(int64_t algorithm, at::TensorList W, at::TensorList P, at::TensorList H, at::TensorList Wbar,
+                     at::TensorList g, at::TensorList A, at::TensorList pulses_first, at::TensorList pairs_first,
+                     at::TensorList pulses_main, at::IntArrayRef keys, at::IntArrayRef offsets, at::IntArrayRef tensor_ids,
+                     c10::ArrayRef<double> step, c10::ArrayRef<double> devices, c10::ArrayRef<double> tables,
+                     at::IntArrayRef seeds) {
   TORCH_CHECK(algorithm == kAsgd || algorithm == kRl || algorithm == kRl2, "unknown algorithm id ", algorithm);
   const bool residual = algorithm != kAsgd;
   const size_t m = W.size();
@@ -614,21 +594,25 @@ void multi_step_cpu(int64_t algorithm, at::TensorList W, at::TensorList P, at::T
   sized(A.size(), "A", true);
   sized(pulses_first.size(), "pulses_first", false);
   sized(pairs_first.size(), "pairs_first", true);
-  sized(pulses_main.size(), "pulses_main", false);
+  sized(pulses_main.size(), "pulses_main", !residual);
   sized(keys.size(), "keys", false);
   sized(offsets.size(), "offsets", false);
-  sized(var_keys_w.size(), "var_keys_w", false);
+  sized(tensor_ids.size(), "tensor_ids", false);
   sized(P.size(), "P", !residual);
-  sized(var_keys_p.size(), "var_keys_p", !residual);
   sized(H.size(), "H", algorithm != kRl2);
   sized(Wbar.size(), "Wbar", true);
-  TORCH_CHECK(residual || (P.empty() && H.empty() && Wbar.empty()), "asgd takes no P, H or Wbar");
+  TORCH_CHECK(residual || (P.empty() && H.empty() && Wbar.empty() && pulses_main.empty()), "asgd takes no P, H, Wbar or pulses_main");
   TORCH_CHECK(!residual || P.size() == m, "rl and rl2 need P for every tensor");
   TORCH_CHECK(algorithm != kRl2 || H.size() == m, "rl2 needs H for every tensor");
+  TORCH_CHECK(algorithm != kRl || H.empty(), "rl takes no H");
+  Packed pk;
+  unpack(pk, residual, step, devices, tables, seeds);
   if (m == 0) return;
-  TableStore tw, tp;
-  const Device base_w = parse_device(dev_w, 0, table_w, tw);
-  const Device base_p = residual ? parse_device(dev_p, 0, table_p, tp) : Device{};
+  const double lr = pk.lr, gamma = pk.gamma, transfer_lr = pk.transfer_lr, read_noise = pk.read_noise, threshold = pk.threshold;
+  const int64_t max_pulses = pk.max_pulses;
+  const bool flag = pk.flag;
+  const Device& base_w = pk.dev_w;
+  const Device& base_p = pk.dev_p;
   const int storage = storage_of(W[0], "W");
   std::vector<at::Tensor> grads(m), excesses(m);
   std::vector<StepArgs> args(m);
@@ -642,7 +626,7 @@ void multi_step_cpu(int64_t algorithm, at::TensorList W, at::TensorList P, at::T
     grads[i] = grad_for(g[i], w);
     const std::string at_i = "[" + std::to_string(i) + "]";
     if (!A.empty()) excesses[i] = excess_for(std::optional<at::Tensor>(A[i]), w, ("A" + at_i).c_str());
-    at::Tensor pf = pulses_first[i], pm = pulses_main[i];
+    at::Tensor pf = pulses_first[i], pm = residual ? pulses_main[i] : pf.new_empty(0);
     at::Tensor pr = pairs_first.empty() ? pf.new_empty(0) : pairs_first[i];
     StepArgs& a = args[i];
     arrays.push_back(Named{&W[i], "W" + at_i});
@@ -669,12 +653,12 @@ void multi_step_cpu(int64_t algorithm, at::TensorList W, at::TensorList P, at::T
         }
       }
       a.dev_p = base_p;
-      a.dev_p.var_key = static_cast<uint64_t>(var_keys_p[i]);
+      a.dev_p.var_key = pk.d2d_p ? variation_key(pk.seed_p, static_cast<uint64_t>(tensor_ids[i]), 1) : 0;
     } else {
       first_common(a, w, grads[i], excesses[i], pf, pr, "pulses_first", lr, keys[i], offsets[i], max_pulses);
     }
     a.dev_w = base_w;
-    a.dev_w.var_key = static_cast<uint64_t>(var_keys_w[i]);
+    a.dev_w.var_key = pk.d2d_w ? variation_key(pk.seed_w, static_cast<uint64_t>(tensor_ids[i]), 0) : 0;
     fns[i] = select_range(static_cast<int>(algorithm), storage, grads[i].scalar_type() == at::kFloat);
   }
   check_disjoint(arrays);
@@ -795,27 +779,11 @@ std::string cpu_variant() { return use_avx512_variant() ? "avx512" : use_avx2_va
 }  // namespace cpu
 }  // namespace fastanalog
 
+// The step ops' schemas (fastanalog::{asgd,rl,rl2}_step and their private twin
+// fastanalog::_native_step) are defined in Python (fastanalog/ops/library.py), so that they
+// exist without this library; it registers kernels only. The helpers below are this
+// library's own.
 TORCH_LIBRARY_FRAGMENT(fastanalog, m) {
-  // `key` is the step key (the kernels derive the stream keys); `A` the optional per-sample
-  // |g| sums of the first write; `pairs*` its min(N_up, N_down) per element (int32, with A
-  // and per-element pulses; otherwise empty and left alone).
-  m.def(
-      "asgd_step_cpp_(Tensor(a!) W, Tensor g, Tensor? A, Tensor(b!) pulses, Tensor(c!) pairs, float lr, int key, int offset, "
-      "float[] dev_w, int var_key_w, float[] table_w, int max_pulses) -> ()");
-  m.def(
-      "rl_step_cpp_(Tensor(a!) W, Tensor(b!) P, Tensor(c!) Wbar, Tensor g, Tensor? A, Tensor(d!) pulses_p, Tensor(e!) pairs_p, "
-      "Tensor(f!) pulses_w, float lr, int key, int offset, bool transfer, float gamma, float transfer_lr, float read_noise, "
-      "int max_pulses, float[] dev_w, int var_key_w, float[] table_w, float[] dev_p, int var_key_p, float[] table_p) -> ()");
-  m.def(
-      "rl2_step_cpp_(Tensor(a!) W, Tensor(b!) P, Tensor(c!) H, Tensor(d!) Wbar, Tensor g, Tensor? A, Tensor(e!) pulses_p, "
-      "Tensor(f!) pairs_p, Tensor(g!) pulses_w, float lr, int key, int offset, bool ema, float gamma, float transfer_lr, "
-      "float read_noise, float threshold, int max_pulses, float[] dev_w, int var_key_w, float[] table_w, float[] dev_p, "
-      "int var_key_p, float[] table_p) -> ()");
-  m.def(
-      "multi_step_cpp_(int algorithm, Tensor(a!)[] W, Tensor(b!)[] P, Tensor(c!)[] H, Tensor(d!)[] Wbar, Tensor[] g, "
-      "Tensor[] A, Tensor(e!)[] pulses_first, Tensor(g!)[] pairs_first, Tensor(f!)[] pulses_main, float lr, int[] keys, "
-      "int[] offsets, bool flag, float gamma, float transfer_lr, float read_noise, float threshold, int max_pulses, "
-      "float[] dev_w, int[] var_keys_w, float[] table_w, float[] dev_p, int[] var_keys_p, float[] table_p) -> ()");
   m.def("triad_cpp_(Tensor(a!) a, Tensor b, Tensor c, float s) -> ()");
   m.def("mix_cpp_(Tensor(a!) out, Tensor W, Tensor P, float gamma) -> ()");
   m.def("all_finite_cpp(Tensor[] tensors) -> bool");
@@ -823,10 +791,7 @@ TORCH_LIBRARY_FRAGMENT(fastanalog, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastanalog, CPU, m) {
-  m.impl("asgd_step_cpp_", &fastanalog::cpu::asgd_step_cpu);
-  m.impl("rl_step_cpp_", &fastanalog::cpu::rl_step_cpu);
-  m.impl("rl2_step_cpp_", &fastanalog::cpu::rl2_step_cpu);
-  m.impl("multi_step_cpp_", &fastanalog::cpu::multi_step_cpu);
+  m.impl("_native_step", &fastanalog::cpu::native_step_cpu);
   m.impl("triad_cpp_", &fastanalog::cpu::triad_cpu);
   m.impl("mix_cpp_", &fastanalog::cpu::mix_cpu);
   m.impl("all_finite_cpp", &fastanalog::cpu::all_finite_cpu);

@@ -71,6 +71,21 @@ constexpr uint64_t kStreamSalt[kStreams] = {stream_salt(0), stream_salt(1), stre
 // The Philox key of stream s of a step: step_key ^ STREAM_SALT[s] (host and device code).
 FA_HD constexpr uint64_t stream_key(uint64_t key, int s) { return key ^ stream_salt(s); }
 
+// The key mixer of fastanalog/ops/philox.py (SplitMix64 chained over its inputs, 63 bits
+// kept): variation_key(seed, tensor_id, array) keys the device-to-device draw of one array
+// (array 0: W, 1: P). The ops take the variation seeds and tensor ids and derive the keys.
+FA_HD constexpr uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ULL;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+  return x ^ (x >> 31);
+}
+constexpr uint64_t kVariationDomain = 0x13198A2E03707344ULL;
+FA_HD constexpr uint64_t variation_key(uint64_t seed, uint64_t tensor_id, uint64_t array) {
+  return splitmix64(splitmix64(splitmix64(splitmix64(0 ^ kVariationDomain) ^ seed) ^ tensor_id) ^ array) &
+         0x7FFFFFFFFFFFFFFFULL;
+}
+
 // Triton's uint_to_uniform_float scale for 32-bit words: float32(4.6566127342e-10) = 2^-31.
 constexpr float kUniformScale = 4.6566127342e-10f;
 // Box-Muller constants, rounded to float32 as the float32 tensor ops of the reference do.

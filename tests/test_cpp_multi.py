@@ -188,7 +188,7 @@ def test_rejects_bad_groups():
         cpp.rl2_multi_step_cpp([W[0], W[1].double(), W[2], W[3]], P, H, Wbar, grads, **kw)
     with pytest.raises(RuntimeError, match="elements"):
         cpp.rl2_multi_step_cpp(W, [P[0], P[1], P[2][:5], P[3]], H, Wbar, grads, **kw)
-    with pytest.raises(ValueError, match="CPU"):
+    with pytest.raises(ValueError, match="CPU or CUDA"):
         cpp.rl2_multi_step_cpp([W[0].to("meta"), *W[1:]], P, H, Wbar, grads, **kw)
     As = [g.abs() + 0.1 for g in grads]
     with pytest.raises(ValueError, match="one length"):
@@ -209,22 +209,35 @@ def test_rejects_bad_groups():
             assert torch.equal(x, y)
 
 
-def test_opcheck_schema_and_fake():
-    config, _ = _config("rl2_acc_thr1", _device("power", c2c_std=0.1))
+@pytest.mark.parametrize("alg", ["asgd", "rl_transfer", "rl_hold", "rl2_acc_thr1"])
+def test_opcheck_schema_and_fake(alg):
+    from fastanalog.ops import packing
+
+    config, transfer = _config(alg, _device("power", c2c_std=0.1), _device("table", d2d_std=0.1))
     group = [_initial(config, n, torch.float32, seed=i) for i, n in enumerate((33, 5, 300))]
     W, P, H, Wbar = ([arrays[r] for arrays in group] for r in range(4))
     grads = [torch.randn(t.numel()) for t in W]
     As = [g.abs() + 0.3 for g in grads]
     first = [torch.empty(t.numel(), dtype=torch.int32) for t in W]
     pairs = [torch.empty(t.numel(), dtype=torch.int32) for t in W]
-    main = [torch.empty(t.numel(), dtype=torch.int32) for t in W]
-    desc_w, _, table_w, desc_p, _, table_p = cpp._residual_args(config, 0)
+    main = [torch.empty(t.numel() if transfer is not False else 0, dtype=torch.int32) for t in W]
+    packed = packing.pack_op_config(config)
+    common = ([5, 6, 7], [0, 3, 1], [1, 2, 3], packing.step_floats(config, LR, bool(transfer)), list(packed.devices),
+              list(packed.tables), list(packed.seeds))  # fmt: skip
+    op = getattr(torch.ops.fastanalog, f"{config.algorithm}_step").default
     for excess in (As, []):
-        args = (2, W, P, H, Wbar, grads, excess, first, pairs if excess else [], main, LR, [5, 6, 7], [0, 3, 1], False, 0.2,
-                0.2, 0.0, 1.0, 0, desc_w, [1, 2, 3], table_w, desc_p, [4, 5, 6], table_p)  # fmt: skip
-        torch.library.opcheck(
-            torch.ops.fastanalog.multi_step_cpp_.default, args, test_utils=("test_schema", "test_faketensor")
-        )
+        p = pairs if excess else []
+        if config.algorithm == "asgd":
+            args = (W, grads, excess, first, p, *common)
+        elif config.algorithm == "rl":
+            args = (W, P, Wbar, grads, excess, first, p, main, *common)
+        else:
+            args = (W, P, H, [], grads, excess, first, p, main, *common)
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        native = (packing.ALGORITHM_IDS[config.algorithm], W, P if config.has_residual else [],
+                  H if config.algorithm == "rl2" else [], [], grads, excess, first, p,
+                  main if config.has_residual else [], *common)  # fmt: skip
+        torch.library.opcheck(torch.ops.fastanalog._native_step.default, native, test_utils=("test_schema", "test_faketensor"))
 
 
 class OpCounter(TorchDispatchMode):
@@ -251,8 +264,15 @@ def test_optimizer_steps_each_config_in_one_call(monkeypatch):
     net[4] = fa.convert_to_analog(torch.nn.Linear(7, 3), fa.AnalogConfig(algorithm="asgd", device=_device("linear")))
     opt = fa.AnalogSGD(net.parameters(), lr=0.05, seed=9)
     torch.nn.functional.cross_entropy(net(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 0])).backward()
+    from fastanalog.ops import library
+
+    native_calls = []
+    native = library._native
+    monkeypatch.setattr(library, "_native", lambda algorithm, a: (native_calls.append(algorithm), native(algorithm, a)))
     with OpCounter() as ops:
         opt.step()
     steps = {k: v for k, v in ops.calls.items() if "step" in k}
-    assert steps == {"multi_step_cpp_": 2}, f"one call per config, got {steps}"
+    # One call of each config's op, whose CPU kernel ran the C++ kernels once.
+    assert steps == {"rl2_step": 1, "asgd_step": 1}, f"one call per config, got {steps}"
+    assert sorted(native_calls) == ["asgd", "rl2"]
     assert fa.total_pulses(net) > 0

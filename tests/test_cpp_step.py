@@ -190,8 +190,14 @@ def _compare(
 
 # ----- the extension ---------------------------------------------------------------------------
 def test_ops_registered_for_cpu():
-    for name in ("asgd_step_cpp_", "rl_step_cpp_", "rl2_step_cpp_"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastanalog::{name}", "CPU"), name
+    # One op per algorithm, a kernel per device; the compiled library registers the CPU kernel of
+    # their private twin, and no op of the old per-backend family exists.
+    for name in ("asgd_step", "rl_step", "rl2_step"):
+        for key in ("CPU", "CUDA", "CompositeExplicitAutograd"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastanalog::{name}", key), (name, key)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastanalog::_native_step", "CPU")
+    for name in ("asgd_step_cpp_", "rl_step_cpp_", "rl2_step_cpp_", "multi_step_cpp_"):
+        assert not hasattr(torch.ops.fastanalog, name), name
     assert cpp.cpu_variant() in ("avx512", "avx2", "generic")
 
 
@@ -206,8 +212,7 @@ def _cuda_toolkit() -> bool:
 def test_cuda_kernels_registered_when_built():
     if cpp._state["source"] == "jit":
         pytest.skip("the prebuilt library is absent (JIT build of the CPU kernels only)")
-    for name in ("asgd_step_cpp_", "rl_step_cpp_", "rl2_step_cpp_"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastanalog::{name}", "CUDA"), name
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastanalog::_native_step", "CUDA")
     assert cpp.cuda_kernels_registered()
     assert cpp.cuda_available() == torch.cuda.is_available()
 
@@ -451,36 +456,143 @@ def test_narrower_paths_match_reference(variant):
 
 
 # ----- op contract -------------------------------------------------------------------------------------
+def _op_args(alg: str, config, n: int, excess: bool, totals: bool = False, seed: int = 0):
+    """Arguments of ``alg``'s op (``fastanalog.ops.library``) for one tensor of ``n`` elements of ``config``."""
+    from fastanalog.ops import packing
+
+    W, P, H, Wbar = _initial(config, n, torch.float32, seed=seed)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    A = [g.abs() + 0.5] if excess else []
+    out = lambda: torch.zeros(1, dtype=torch.int64) if totals else torch.empty(n, dtype=torch.int32)  # noqa: E731
+    pairs = [torch.empty(n, dtype=torch.int32)] if excess and not totals else []
+    packed = packing.pack_op_config(config)
+    common = ([77], [5], [TENSOR_ID], packing.step_floats(config, 0.004, True), list(packed.devices), list(packed.tables),
+              list(packed.seeds))  # fmt: skip
+    if config.algorithm == "asgd":
+        return ([W], [g], A, [out()], pairs, *common)
+    if config.algorithm == "rl":
+        return ([W], [P], [Wbar], [g], A, [out()], pairs, [out()], *common)
+    return ([W], [P], [H], [Wbar], [g], A, [out()], pairs, [out()], *common)
+
+
+@pytest.mark.parametrize("totals", [False, True])
 @pytest.mark.parametrize("excess", [False, True])
-def test_opcheck_schema_and_fake(excess):
-    config, _ = _config("rl2_acc_thr1", _device("power", c2c_std=0.1))
-    W, P, H, Wbar = _initial(config, 257, torch.float32)
-    g = torch.randn(257)
-    A = g.abs() + 0.5 if excess else None
-    pulses_p, pairs_p, pulses_w = (torch.empty(257 if excess or i != 1 else 0, dtype=torch.int32) for i in range(3))
-    args = (W, P, H, Wbar, g, A, pulses_p, pairs_p, pulses_w, 0.004, 77, 0, False, 0.2, 0.2, 0.0, 1.0, 0,
-            *cpp._residual_args(config, 0))  # fmt: skip
-    torch.library.opcheck(torch.ops.fastanalog.rl2_step_cpp_.default, args, test_utils=("test_schema", "test_faketensor"))
-    desc_w, key_w, table_w = cpp.device_args(cpp.pack_config(config, 0)[0])
-    args = (W, g, A, pulses_p, pairs_p, 0.004, 77, 3, desc_w, key_w, table_w, 2)
-    torch.library.opcheck(torch.ops.fastanalog.asgd_step_cpp_.default, args, test_utils=("test_schema", "test_faketensor"))
+@pytest.mark.parametrize("alg", ["asgd", "rl_transfer", "rl2_ema"])
+def test_opcheck_schema_and_fake(alg, excess, totals):
+    config, _ = _config(alg, _device("power", c2c_std=0.1, d2d_std=0.1))
+    op = getattr(torch.ops.fastanalog, f"{config.algorithm}_step").default
+    torch.library.opcheck(op, _op_args(alg, config, 257, excess, totals), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("alg", ["asgd", "rl_transfer", "rl2_ema"])
+def test_the_op_equals_the_reference(alg):
+    """The op on CPU float32 tensors (the C++ kernel) gives the reference's counts and arrays."""
+    config, _ = _config(alg, _device("table", d2d_std=0.1, variation_seed=5), read_noise=0.01)
+    args = _op_args(alg, config, 3000, excess=True)
+    ref_args = [[t.clone() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) else a for a in args]
+    getattr(torch.ops.fastanalog, f"{config.algorithm}_step")(*args)
+    from fastanalog.ops import library
+
+    with library.use_backend("reference"):
+        getattr(torch.ops.fastanalog, f"{config.algorithm}_step")(*ref_args)
+    for a, b in zip(args, ref_args):
+        if isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+            for x, y in zip(a, b):
+                if x.is_floating_point():
+                    torch.testing.assert_close(x, y, rtol=0, atol=_tolerance(y, 1))
+                else:
+                    assert torch.equal(x, y)
+    first = args[{"asgd": 3, "rl": 5, "rl2": 6}[config.algorithm]][0]
+    assert int(first.abs().sum()) > 0
+
+
+def test_fake_checks_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    config, _ = _config("rl2_ema", _device("linear"))
+    args = list(_op_args("rl2_ema", config, 64, excess=False))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        torch.ops.fastanalog.rl2_step(*args)  # consistent: nothing to say
+        bad = list(args)
+        bad[1] = [torch.empty(10)]
+        with pytest.raises(RuntimeError, match=r"P\[0\] has 10 elements but W\[0\] has 64"):
+            torch.ops.fastanalog.rl2_step(*bad)
+        bad = list(args)
+        bad[9] = [1, 2]
+        with pytest.raises(RuntimeError, match="keys has 2 entries for 1 tensors"):
+            torch.ops.fastanalog.rl2_step(*bad)
+        bad = list(args)
+        bad[12] = args[12][:3]
+        with pytest.raises(RuntimeError, match="step must have 7 scalars"):
+            torch.ops.fastanalog.rl2_step(*bad)
+
+
+def test_rejects_a_bad_layout():
+    config, _ = _config("rl2_ema", _device("linear"))
+    args = list(_op_args("rl2_ema", config, 64, excess=False))
+    bad = list(args)
+    bad[13] = args[13][:-1]
+    with pytest.raises(RuntimeError, match="device description"):
+        torch.ops.fastanalog.rl2_step(*bad)
+    bad = list(args)
+    bad[15] = args[15][:1]
+    with pytest.raises(RuntimeError, match="variation seed"):
+        torch.ops.fastanalog.rl2_step(*bad)
+    bad = list(args)
+    bad[14] = [1.0, 2.0]
+    with pytest.raises(RuntimeError, match="table"):
+        torch.ops.fastanalog.rl2_step(*bad)
+
+
+_LOAD_ORDER_SCRIPT = """
+import sys, warnings
+import torch
+order = sys.argv[1]
+if order == "library_first":
+    import glob, os
+    import fastanalog
+    path = glob.glob(os.path.join(os.path.dirname(fastanalog.__file__), "_C*.so"))[0]
+    torch.ops.load_library(path)  # kernels registered before their schemas exist
+import fastanalog as fa
+from fastanalog.ops import cpp, dispatch
+if order == "no_library":
+    cpp._prebuilt = lambda stem: None
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    W = torch.zeros(1000)
+    out = dispatch.analog_step({"main": W}, None, torch.randn(1000), lr=1.0, config=fa.AnalogConfig(algorithm="asgd"),
+                               key=5, tensor_id=0, step=1)
+unavailable = [w for w in caught if "C++ kernels are unavailable" in str(w.message)]
+print(dispatch.backend_for(W), cpp.cpp_available(), len(unavailable), int(out.first.abs().sum()) > 0)
+"""
+
+
+@pytest.mark.parametrize(
+    "order, expected",
+    [("python_first", "cpp True 0 True"), ("library_first", "cpp True 0 True"), ("no_library", "reference False 1 True")],
+)
+def test_load_orders(order, expected):
+    """The compiled library may be loaded before or after the ops' Python schemas; without it the
+    reference serves CPU tensors, after one warning."""
+    env = dict(os.environ, FASTANALOG_NO_JIT="1")
+    env.pop("FASTANALOG_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", _LOAD_ORDER_SCRIPT, order], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == expected
 
 
 def test_pulses_can_be_skipped():
     # Empty pulse tensors: the arrays are updated exactly the same, no counts are written.
     config, _ = _config("rl2_acc_thr1", _device("linear"))
-    a = _initial(config, 1000, torch.float32)
-    b = [t.clone() for t in a]
-    g = torch.randn(1000)
-    A = g.abs() + torch.rand(1000)
-    desc = cpp._residual_args(config, 0)
-    pulses = [torch.empty(1000, dtype=torch.int32) for _ in range(3)]
-    empty = torch.empty(0, dtype=torch.int32)
-    torch.ops.fastanalog.rl2_step_cpp_(*a, g, A, *pulses, 0.004, 5, 0, False, 0.2, 0.2, 0.0, 1.0, 0, *desc)
-    torch.ops.fastanalog.rl2_step_cpp_(*b, g, A, empty, empty, empty, 0.004, 5, 0, False, 0.2, 0.2, 0.0, 1.0, 0, *desc)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
-    assert pulses[1].sum() > 0  # pairs were written
+    a = _op_args("rl2_acc_thr1", config, 1000, excess=True)
+    b = [[t.clone() for t in x] if isinstance(x, list) and x and isinstance(x[0], torch.Tensor) else x for x in a]
+    empty = [torch.empty(0, dtype=torch.int32)]
+    b[6:9] = [empty, empty, empty]
+    torch.ops.fastanalog.rl2_step(*a)
+    torch.ops.fastanalog.rl2_step(*b)
+    for x, y in zip(a[:4], b[:4]):
+        assert torch.equal(x[0], y[0])
+    assert a[7][0].sum() > 0  # pairs were written
 
 
 def test_rejects_bad_arrays():

@@ -49,8 +49,7 @@ def _arrays(alg: str, n: int, dtype: torch.dtype, seed: int) -> dict:
 @pytest.mark.parametrize("excess", [False, True])
 @pytest.mark.parametrize("noise", [False, True])
 def test_backend_equals_reference_on_cuda(backend, alg, family, dtype, excess, noise):
-    impl = dispatch.get_backend(backend)
-    if impl is None:
+    if not dispatch.backend_available(backend):
         pytest.skip(f"the {backend} backend is not available here")
     n = 70001
     cfg = fa.AnalogConfig(algorithm=alg, device=_device(family, noise), read_noise=0.01 if noise else 0.0, transfer_lr=0.3)
@@ -61,8 +60,10 @@ def test_backend_equals_reference_on_cuda(backend, alg, family, dtype, excess, n
     ref_arrays = _arrays(alg, n, dtype, 1)
     got_arrays = _arrays(alg, n, dtype, 1)
     item = dict(grad=g, config=cfg, key=key, tensor_id=2, A=A)
-    ref = dispatch._launch(dispatch.get_backend("reference"), [dispatch.StepItem(ref_arrays, None, **item)], lr=0.1, step=1, totals=False)[0]
-    got = dispatch._launch(impl, [dispatch.StepItem(got_arrays, None, **item)], lr=0.1, step=1, totals=False)[0]
+    with dispatch.use_backend("reference"):
+        ref = dispatch.analog_step_group([dispatch.StepItem(ref_arrays, None, **item)], lr=0.1, step=1)[0]
+    with dispatch.use_backend(backend):
+        got = dispatch.analog_step_group([dispatch.StepItem(got_arrays, None, **item)], lr=0.1, step=1)[0]
     assert torch.equal(got.first.cpu(), ref.first.cpu())
     if excess:
         assert torch.equal(got.first_pairs.cpu(), ref.first_pairs.cpu())
@@ -71,7 +72,8 @@ def test_backend_equals_reference_on_cuda(backend, alg, family, dtype, excess, n
     for name, a in ref_arrays.items():
         if a is not None:
             torch.testing.assert_close(got_arrays[name].float(), a.float(), rtol=0, atol=4 * torch.finfo(dtype).eps)
-    totals = dispatch._launch(impl, [dispatch.StepItem(_arrays(alg, n, dtype, 1), None, **item)], lr=0.1, step=1, totals=True)[0]
+    with dispatch.use_backend(backend):
+        totals = dispatch.analog_step_group([dispatch.StepItem(_arrays(alg, n, dtype, 1), None, **item)], lr=0.1, step=1, totals=True)[0]
     assert int(totals.first_total()) == int(reference.pulse_total(ref.first, ref.first_pairs))
 
 
@@ -79,14 +81,13 @@ def test_backend_equals_reference_on_cuda(backend, alg, family, dtype, excess, n
 def test_tensors_on_another_device_than_the_current_one(backend):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
-    impl = dispatch.get_backend(backend)
-    if impl is None:
+    if not dispatch.backend_available(backend):
         pytest.skip(f"the {backend} backend is not available here")
     cfg = fa.AnalogConfig(algorithm="asgd")
-    with torch.cuda.device(0):
+    with torch.cuda.device(0), dispatch.use_backend(backend):
         W = torch.zeros(1000, device="cuda:1")
         g = torch.randn(1000, device="cuda:1")
-        out = dispatch._launch(impl, [dispatch.StepItem({"main": W}, None, g, cfg, 5, 0)], lr=1.0, step=1, totals=False)[0]
+        out = dispatch.analog_step_group([dispatch.StepItem({"main": W}, None, g, cfg, 5, 0)], lr=1.0, step=1)[0]
     Wr = torch.zeros(1000, device="cuda:1")
     ref = reference.asgd_step_ref(Wr, g, lr=1.0, config=cfg, key=5, tensor_id=0)
     assert torch.equal(out.first.cpu(), ref.first.cpu())

@@ -151,10 +151,11 @@ def test_minimum_triton_version_is_enforced(monkeypatch):
     assert dispatch.triton_version_ok(triton.__version__)
     assert dispatch.triton_version_ok("3.0.0") and dispatch.triton_version_ok("3.10.1+git1234")
     assert not dispatch.triton_version_ok("2.3.1") and not dispatch.triton_version_ok("2.1.0")
-    dispatch.get_backend.cache_clear()
+    dispatch.triton_usable.cache_clear()
     monkeypatch.setattr(triton, "__version__", "2.3.1")
     try:
         with pytest.warns(RuntimeWarning, match="older than 3.0"):
-            assert dispatch.get_backend("triton") is None
+            assert not dispatch.backend_available("triton")
+        assert "triton" not in dispatch.available_backends()
     finally:
-        dispatch.get_backend.cache_clear()
+        dispatch.triton_usable.cache_clear()

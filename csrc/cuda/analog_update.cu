@@ -1,8 +1,9 @@
 // Fused CUDA kernels of the analog update (SPEC v2 section 3): asgd, rl, rl2.
 //
-// The CUDA implementations of the ops that csrc/analog_update.cpp defines
-// (torch.ops.fastanalog.{asgd,rl,rl2}_step_cpp_), with the same arguments and the same
-// numbers as the reference (fastanalog/ops/reference.py) run on a CUDA device.
+// The CUDA kernel of the ops fastanalog::{asgd,rl,rl2}_step (schemas in
+// fastanalog/ops/library.py), registered for their private twin fastanalog::_native_step with
+// the arguments of the CPU kernel, giving the numbers of the reference
+// (fastanalog/ops/reference.py) run on a CUDA device.
 //
 // Work split (SPEC section 4). Global element i (= shard offset + position) takes word
 // i % 4 of the Philox4x32-10 call with counter j = i / 4 of each stream, so one thread
@@ -623,100 +624,118 @@ void fill_common(Args& a, const at::Tensor& W, const at::Tensor& g, const std::o
   a.max_pulses = max_pulses_of(max_pulses);
 }
 
-void asgd_step_cuda(at::Tensor& W, const at::Tensor& g, const std::optional<at::Tensor>& A, at::Tensor& pulses, at::Tensor& pairs,
-                    double lr, int64_t key, int64_t offset, c10::ArrayRef<double> dev_w, int64_t var_key_w,
-                    c10::ArrayRef<double> table_w, int64_t max_pulses) {
-  const c10::cuda::CUDAGuard guard(W.device());
-  check_array(W, W, "W");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  TableStore tw;
-  Args a{};
-  fill_common(a, W, g, A, lr, key, offset, max_pulses);
-  a.W = W.data_ptr();
-  pulses_out(pulses, W, "pulses", a.pulses_first, a.total_first);
-  a.pairs_first = pairs_out(pairs, W, "pairs");
-  a.dev_w = parse_device(dev_w, var_key_w, table_w, tw, stream);
-  launch<kAsgd>(a, W.scalar_type(), stream);
-}
-
 // The mixed weight's output: null for an empty Wbar, which asks for none (the layer computes
 // W + gamma * P where forward needs it).
-void* mixed_out(at::Tensor& Wbar, const at::Tensor& W) {
+void* mixed_out(const at::Tensor& Wbar, const at::Tensor& W) {
   if (Wbar.numel() == 0 && W.numel() != 0) return nullptr;
   check_array(Wbar, W, "Wbar");
   return Wbar.data_ptr();
 }
 
-void rl_step_cuda(at::Tensor& W, at::Tensor& P, at::Tensor& Wbar, const at::Tensor& g, const std::optional<at::Tensor>& A,
-                  at::Tensor& pulses_p, at::Tensor& pairs_p, at::Tensor& pulses_w, double lr, int64_t key, int64_t offset,
-                  bool transfer, double gamma, double transfer_lr, double read_noise, int64_t max_pulses,
-                  c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w, c10::ArrayRef<double> dev_p,
-                  int64_t var_key_p, c10::ArrayRef<double> table_p) {
-  const c10::cuda::CUDAGuard guard(W.device());
-  check_array(W, W, "W");
-  check_array(P, W, "P");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  TableStore tw, tp;
-  Args a{};
-  fill_common(a, W, g, A, lr, key, offset, max_pulses);
-  a.W = W.data_ptr();
-  a.P = P.data_ptr();
-  a.Wbar = mixed_out(Wbar, W);
-  pulses_out(pulses_p, W, "pulses_p", a.pulses_first, a.total_first);
-  a.pairs_first = pairs_out(pairs_p, W, "pairs_p");
-  pulses_out(pulses_w, W, "pulses_w", a.pulses_main, a.total_main);
-  if (!transfer) {
-    a.pulses_main = nullptr;
-    a.total_main = nullptr;
+// The CUDA kernels of the ops fastanalog::{asgd,rl,rl2}_step (schemas in
+// fastanalog/ops/library.py), reached through their private twin fastanalog::_native_step:
+// the arguments and layout of the CPU kernel (csrc/analog_update.cpp, op_layout.h); one
+// launch per tensor, in order, on the current stream of W[0]'s device.
+void native_step_cuda(int64_t algorithm, at::TensorList W, at::TensorList P, at::TensorList H, at::TensorList Wbar,
+                      at::TensorList g, at::TensorList A, at::TensorList pulses_first, at::TensorList pairs_first,
+                      at::TensorList pulses_main, at::IntArrayRef keys, at::IntArrayRef offsets, at::IntArrayRef tensor_ids,
+                      c10::ArrayRef<double> step, c10::ArrayRef<double> devices, c10::ArrayRef<double> tables,
+                      at::IntArrayRef seeds) {
+  TORCH_CHECK(algorithm == kAsgd || algorithm == kRl || algorithm == kRl2, "unknown algorithm id ", algorithm);
+  const bool residual = algorithm != kAsgd;
+  const size_t m = W.size();
+  auto sized = [m](size_t size, const char* name, bool optional) {
+    TORCH_CHECK(size == m || (optional && size == 0), name, " has ", size, " entries for ", m, " tensors");
+  };
+  sized(g.size(), "g", false);
+  sized(A.size(), "A", true);
+  sized(pulses_first.size(), "pulses_first", false);
+  sized(pairs_first.size(), "pairs_first", true);
+  sized(pulses_main.size(), "pulses_main", !residual);
+  sized(keys.size(), "keys", false);
+  sized(offsets.size(), "offsets", false);
+  sized(tensor_ids.size(), "tensor_ids", false);
+  sized(P.size(), "P", !residual);
+  sized(H.size(), "H", algorithm != kRl2);
+  sized(Wbar.size(), "Wbar", true);
+  TORCH_CHECK(residual || (P.empty() && H.empty() && Wbar.empty() && pulses_main.empty()), "asgd takes no P, H, Wbar or pulses_main");
+  TORCH_CHECK(algorithm != kRl || H.empty(), "rl takes no H");
+  TORCH_CHECK(step.size() == static_cast<size_t>(kStepFields), "step must have ", static_cast<int>(kStepFields),
+              " scalars (op_layout.h StepField), got ", step.size());
+  const size_t k = residual ? 2 : 1;
+  TORCH_CHECK(devices.size() == k * kDeviceFields, "devices must hold ", k, " device description(s) of ",
+              static_cast<int>(kDeviceFields), " floats (op_layout.h DeviceField), got ", devices.size(), " floats");
+  TORCH_CHECK(seeds.size() == k, "seeds must hold ", k, " variation seed(s), got ", seeds.size());
+  size_t table_sizes[2] = {0, 0};
+  for (size_t a = 0; a < k; ++a) {
+    const double n = devices[a * kDeviceFields + kTableSize];
+    TORCH_CHECK(n >= 0 && n == static_cast<double>(static_cast<int64_t>(n)), "table size of device ", a,
+                " must be a whole number >= 0, got ", n);
+    table_sizes[a] = static_cast<size_t>(n);
   }
-  a.transfer = transfer;
-  a.tlr = static_cast<float>(transfer_lr);
-  a.one_minus_tlr = 1.0f - a.tlr;
-  a.gamma_mix = static_cast<float>(gamma);
-  a.read_noise = static_cast<float>(read_noise);
-  a.dev_w = parse_device(dev_w, var_key_w, table_w, tw, stream);
-  a.dev_p = parse_device(dev_p, var_key_p, table_p, tp, stream);
-  launch<kRl>(a, W.scalar_type(), stream);
-}
-
-void rl2_step_cuda(at::Tensor& W, at::Tensor& P, at::Tensor& H, at::Tensor& Wbar, const at::Tensor& g,
-                   const std::optional<at::Tensor>& A, at::Tensor& pulses_p, at::Tensor& pairs_p, at::Tensor& pulses_w, double lr,
-                   int64_t key, int64_t offset, bool ema, double gamma, double transfer_lr, double read_noise, double threshold,
-                   int64_t max_pulses, c10::ArrayRef<double> dev_w, int64_t var_key_w, c10::ArrayRef<double> table_w,
-                   c10::ArrayRef<double> dev_p, int64_t var_key_p, c10::ArrayRef<double> table_p) {
-  const c10::cuda::CUDAGuard guard(W.device());
-  check_array(W, W, "W");
-  check_array(P, W, "P");
-  check_array(H, W, "H");
+  TORCH_CHECK(table_sizes[0] + table_sizes[1] == tables.size(), "the device descriptions' table sizes do not add up to the ",
+              tables.size(), " table floats");
+  if (m == 0) return;
+  const c10::cuda::CUDAGuard guard(W[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   TableStore tw, tp;
-  Args a{};
-  fill_common(a, W, g, A, lr, key, offset, max_pulses);
-  a.W = W.data_ptr();
-  a.P = P.data_ptr();
-  a.H = H.data_ptr();
-  a.Wbar = mixed_out(Wbar, W);
-  pulses_out(pulses_p, W, "pulses_p", a.pulses_first, a.total_first);
-  a.pairs_first = pairs_out(pairs_p, W, "pairs_p");
-  pulses_out(pulses_w, W, "pulses_w", a.pulses_main, a.total_main);
-  a.transfer = true;
-  a.ema = ema;
-  a.tlr = static_cast<float>(transfer_lr);
-  a.one_minus_tlr = 1.0f - a.tlr;
-  a.gamma_mix = static_cast<float>(gamma);
-  a.read_noise = static_cast<float>(read_noise);
-  a.threshold = static_cast<float>(threshold);
-  a.dev_w = parse_device(dev_w, var_key_w, table_w, tw, stream);
-  a.dev_p = parse_device(dev_p, var_key_p, table_p, tp, stream);
-  launch<kRl2>(a, W.scalar_type(), stream);
+  const Device base_w = parse_device(devices.slice(0, kDeviceFields), 0, tables.slice(0, table_sizes[0]), tw, stream);
+  const Device base_p = residual ? parse_device(devices.slice(kDeviceFields, kDeviceFields), 0,
+                                                tables.slice(table_sizes[0], table_sizes[1]), tp, stream)
+                                 : Device{};
+  const bool d2d_w = devices[kD2dStd] > 0.0, d2d_p = residual && devices[kDeviceFields + kD2dStd] > 0.0;
+  const bool flag = step[kStepFlag] != 0.0;
+  for (size_t i = 0; i < m; ++i) {
+    const at::Tensor& w = W[i];
+    check_array(w, W[0], "W");
+    const uint64_t tid = static_cast<uint64_t>(tensor_ids[i]);
+    Args a{};
+    const std::optional<at::Tensor> excess = A.empty() ? std::nullopt : std::optional<at::Tensor>(A[i]);
+    fill_common(a, w, g[i], excess, step[kStepLr], keys[i], offsets[i], static_cast<int64_t>(step[kStepMaxPulses]));
+    a.W = w.data_ptr();
+    at::Tensor pf = pulses_first[i];
+    pulses_out(pf, w, "pulses_first", a.pulses_first, a.total_first);
+    if (!pairs_first.empty()) {
+      at::Tensor pr = pairs_first[i];
+      a.pairs_first = pairs_out(pr, w, "pairs_first");
+    }
+    a.dev_w = base_w;
+    a.dev_w.var_key = d2d_w ? variation_key(static_cast<uint64_t>(seeds[0]), tid, 0) : 0;
+    if (residual) {
+      check_array(P[i], w, "P");
+      a.P = P[i].data_ptr();
+      a.Wbar = Wbar.empty() ? nullptr : mixed_out(Wbar[i], w);
+      at::Tensor pm = pulses_main[i];
+      pulses_out(pm, w, "pulses_main", a.pulses_main, a.total_main);
+      a.tlr = static_cast<float>(step[kStepTransferLr]);
+      a.one_minus_tlr = 1.0f - a.tlr;
+      a.gamma_mix = static_cast<float>(step[kStepGamma]);
+      a.read_noise = static_cast<float>(step[kStepReadNoise]);
+      a.dev_p = base_p;
+      a.dev_p.var_key = d2d_p ? variation_key(static_cast<uint64_t>(seeds[1]), tid, 1) : 0;
+    }
+    if (algorithm == kAsgd) {
+      launch<kAsgd>(a, w.scalar_type(), stream);
+    } else if (algorithm == kRl) {
+      a.transfer = flag;
+      if (!flag) {
+        a.pulses_main = nullptr;
+        a.total_main = nullptr;
+      }
+      launch<kRl>(a, w.scalar_type(), stream);
+    } else {
+      check_array(H[i], w, "H");
+      a.H = H[i].data_ptr();
+      a.transfer = true;
+      a.ema = flag;
+      a.threshold = static_cast<float>(step[kStepThreshold]);
+      launch<kRl2>(a, w.scalar_type(), stream);
+    }
+  }
 }
 
 }  // namespace cuda
 }  // namespace fastanalog
 
-TORCH_LIBRARY_IMPL(fastanalog, CUDA, m) {
-  m.impl("asgd_step_cpp_", &fastanalog::cuda::asgd_step_cuda);
-  m.impl("rl_step_cpp_", &fastanalog::cuda::rl_step_cuda);
-  m.impl("rl2_step_cpp_", &fastanalog::cuda::rl2_step_cuda);
-}
+TORCH_LIBRARY_IMPL(fastanalog, CUDA, m) { m.impl("_native_step", &fastanalog::cuda::native_step_cuda); }
 #endif  // __CUDA_ARCH__

@@ -317,10 +317,9 @@ def backend_name(device: torch.device) -> str:
     from ..ops import dispatch
 
     try:
-        backend = dispatch.choose_backend(torch.empty(1, device=device))
+        return dispatch.backend_for(torch.empty(1, device=device))
     except RuntimeError as e:
         raise ValueError(str(e)) from e
-    return str(getattr(backend, "name", backend))
 
 
 def environment(device: torch.device) -> dict[str, str]:

@@ -1,23 +1,26 @@
-"""The compiled analog-update kernels (C++ on CPU, CUDA on GPU): loader and launchers.
+"""The compiled analog-update kernels (C++ on CPU, CUDA on GPU): loader and thin helpers.
 
 The kernels live in ``csrc/analog_update.cpp`` (CPU) and ``csrc/cuda/analog_update.cu``
-(CUDA). Both register the ops ``torch.ops.fastanalog.{asgd,rl,rl2}_step_cpp_`` (one CPU and
-one CUDA kernel per op), which update their arrays in place and write int32 pulse counts per element
-(the net ``N_up - N_down``, and with an excess ``A`` the pairs ``min(N_up, N_down)`` of the first
-array) or, into a one-element int64 tensor, their total ``sum(N_up + N_down)``. The ops take the
-step key; the kernels derive the keys of the streams of SPEC section 4 themselves. On CPU,
-``multi_step_cpp_`` steps a whole group of tensors of one config in one call (``*_multi_step_cpp``).
+(CUDA). The library registers them, for CPU and CUDA tensors, as the kernels of the private op
+``torch.ops.fastanalog._native_step`` whose schema ``fastanalog.ops.library`` defines: the
+arguments of the ops ``fastanalog::{asgd,rl,rl2}_step`` in one list form, the algorithm's id
+first. Those ops reach it when the compiled kernels serve the tensors (see ``library``).
+Besides, the library defines a few helpers of its own: ``mix_cpp_``, ``triad_cpp_``,
+``all_finite_cpp``, ``cpu_variant_cpp``.
 
 Loading, on first use: the library built by ``pip install`` (``fastanalog/_C*.so``, with the
 CUDA kernels inside where CUDA was found at build time); failing that, a JIT build of the
 CPU kernels with ``torch.utils.cpp_extension.load`` (with ``-march=native``); failing that,
-one warning and ``cpp_available()`` is False. Importing fastanalog never builds or loads
-anything. ``FASTANALOG_NO_JIT=1`` disables the JIT build.
+one warning and ``cpp_available()`` is False (the reference then serves CPU tensors).
+Importing fastanalog never builds or loads anything. ``FASTANALOG_NO_JIT=1`` disables the
+JIT build.
 
-The launchers take exactly the arguments of the reference functions in
-``fastanalog.ops.reference`` and return the same ``StepPulses``; for the same key they give
-the same pulse counts element for element (see the kernels' header for the one place where
-a float can differ in its last bit).
+``asgd_step_cpp``, ``rl_step_cpp``, ``rl2_step_cpp`` (the reference functions' signatures)
+and ``*_multi_step_cpp`` (lists, one entry per tensor) run the compiled kernels on CPU or
+CUDA tensors whatever ``FASTANALOG_BACKEND`` says, through the one op: for tests and
+benchmarks of the kernels themselves. For the same key they give the reference's pulse
+counts element for element (see the kernels' header for the one place where a float can
+differ in its last bit).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..config import AnalogConfig
-from .packing import PackedDevice, pack_config
+from . import library
 from .reference import StepPulses
 
 __all__ = [
@@ -43,7 +46,6 @@ __all__ = [
     "cpu_variant",
     "cuda_available",
     "cuda_kernels_registered",
-    "device_args",
     "rl2_multi_step_cpp",
     "rl2_step_cpp",
     "rl_multi_step_cpp",
@@ -68,11 +70,11 @@ def _prebuilt(stem: str) -> str | None:
     return hits[0] if hits else None
 
 
-def _warn_if_stale(library: str) -> None:
+def _warn_if_stale(path: str) -> None:
     sources = [p for p in _CSRC.rglob("*") if p.suffix in (".cpp", ".h", ".cu")] if _CSRC.is_dir() else []
-    if sources and max(p.stat().st_mtime for p in sources) > os.path.getmtime(library):
+    if sources and max(p.stat().st_mtime for p in sources) > os.path.getmtime(path):
         warnings.warn(
-            f"fastanalog: {library} is older than the sources in {_CSRC}; rebuild it with "
+            f"fastanalog: {path} is older than the sources in {_CSRC}; rebuild it with "
             "`pip install --no-build-isolation -e .` (or delete it to use a JIT build)",
             RuntimeWarning,
             stacklevel=4,
@@ -108,6 +110,7 @@ def _load() -> None:
         if _state["tried"]:
             return
         errors = []
+        assert library.SCHEMAS  # the op schemas exist (defined on import of .library) before kernels register
         path = _prebuilt("_C")
         if path is not None:
             _warn_if_stale(path)
@@ -123,7 +126,7 @@ def _load() -> None:
             except Exception as exc:  # a failed JIT build must not break the caller
                 errors.append(f"JIT build: {exc}")
         if _state["cpu"]:
-            _state["cuda"] = torch._C._dispatch_has_kernel_for_dispatch_key("fastanalog::rl2_step_cpp_", "CUDA")
+            _state["cuda"] = torch._C._dispatch_has_kernel_for_dispatch_key("fastanalog::_native_step", "CUDA")
             _register_fakes()
         else:
             _state["error"] = "; ".join(errors) or "no compiled kernels found"
@@ -164,35 +167,15 @@ def _require_cpp() -> None:
         raise RuntimeError(f"the fastanalog C++ kernels are unavailable: {_state['error']}")
 
 
-# ----- fake (meta) kernels, so torch.compile can trace the ops --------------------------------
+# ----- fake (meta) kernels of the helper ops, so torch.compile can trace them ----------------
 def _register_fakes() -> None:
-    def asgd_fake(W, g, A, pulses, pairs, lr, key, offset, dev_w, var_key_w, table_w, max_pulses):
-        return None
-
-    def rl_fake(W, P, Wbar, g, A, pulses_p, pairs_p, pulses_w, lr, key, offset, transfer, gamma, transfer_lr, read_noise,
-                max_pulses, dev_w, var_key_w, table_w, dev_p, var_key_p, table_p):  # fmt: skip
-        return None
-
-    def rl2_fake(W, P, H, Wbar, g, A, pulses_p, pairs_p, pulses_w, lr, key, offset, ema, gamma, transfer_lr, read_noise,
-                 threshold, max_pulses, dev_w, var_key_w, table_w, dev_p, var_key_p, table_p):  # fmt: skip
-        return None
-
-    def multi_fake(algorithm, W, P, H, Wbar, g, A, pulses_first, pairs_first, pulses_main, lr, keys, offsets, flag, gamma,
-                   transfer_lr, read_noise, threshold, max_pulses, dev_w, var_keys_w, table_w, dev_p, var_keys_p,
-                   table_p):  # fmt: skip
-        return None
-
     def triad_fake(a, b, c, s):
         return None
 
-    fakes = (
-        ("asgd_step_cpp_", asgd_fake),
-        ("rl_step_cpp_", rl_fake),
-        ("rl2_step_cpp_", rl2_fake),
-        ("multi_step_cpp_", multi_fake),
-        ("triad_cpp_", triad_fake),
-    )
-    for name, fn in fakes:
+    def mix_fake(out, W, P, gamma):
+        return None
+
+    for name, fn in (("triad_cpp_", triad_fake), ("mix_cpp_", mix_fake)):
         if not hasattr(torch.ops.fastanalog, name):  # kernels built before the op existed
             continue
         try:
@@ -203,29 +186,6 @@ def _register_fakes() -> None:
 
 
 # ----- arguments ---------------------------------------------------------------------------------
-def device_args(packed: PackedDevice) -> tuple[list[float], int, list[float]]:
-    """(description, variation key, table samples) of one array's device, as the ops take them.
-
-    The description's order is the ``DeviceField`` enum of csrc/op_layout.h (shared by the
-    CPU and CUDA kernels): family, tau_min, tau_max, gamma, dw_min, asymmetry, d2d_std, c2c_std,
-    has_gamma, zero_shift, nominal shift.
-    """
-    desc = [
-        float(packed.family),
-        packed.tau_min,
-        packed.tau_max,
-        packed.gamma,
-        packed.dw_min,
-        packed.asym,
-        packed.d2d_std,
-        packed.c2c_std,
-        float(packed.has_gamma),
-        float(packed.zero_shift),
-        packed.shift,
-    ]
-    return desc, int(packed.var_key), [float(v) for v in packed.table_up + packed.table_down]
-
-
 def _check_arrays(
     names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], g: torch.Tensor, A: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -296,48 +256,24 @@ def _named(**arrays: torch.Tensor | None) -> tuple[tuple[str, ...], tuple[torch.
     return tuple(given), tuple(given.values())
 
 
-def _mixed_out(Wbar: torch.Tensor | None, W: torch.Tensor) -> torch.Tensor:
-    """The ops' Wbar argument: the array, or an empty tensor, which asks the kernels to write no mixed weight."""
-    return Wbar if Wbar is not None else W.new_empty(0)
-
-
-def _max_pulses(config: AnalogConfig) -> int:
-    """The pulse cap the kernels apply to each direction (always set: ``config.pulse_cap``; 0 would mean none)."""
-    return int(config.pulse_cap)
-
-
 def _check_offset(offset: int) -> int:
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"offset must be an int >= 0 (global index of element 0), got {offset!r}")
     return offset
 
 
-def _pulse_out(W: torch.Tensor, totals: bool, written: bool = True) -> torch.Tensor:
-    """The pulse output of one array: int32 net counts per element, or one int64 that receives sum(N_up + N_down)."""
-    if totals:
-        return torch.zeros(1, dtype=torch.int64, device=W.device)
-    return torch.empty(W.numel() if written else 0, dtype=torch.int32, device=W.device)
-
-
-def _pairs_out(W: torch.Tensor, A: torch.Tensor | None, totals: bool) -> torch.Tensor:
-    """The pairs output of the first write: int32 per element with an excess and per-element counts, else empty."""
-    return torch.empty(W.numel() if A is not None and not totals else 0, dtype=torch.int32, device=W.device)
-
-
-def _reported(t: torch.Tensor, totals: bool) -> torch.Tensor:
-    return t.view(()) if totals else t
-
-
-def _first_pairs(pairs: torch.Tensor, A: torch.Tensor | None, totals: bool) -> torch.Tensor | None:
-    return pairs if A is not None and not totals else None
-
-
 # ----- launchers (signatures of the reference functions) ----------------------------------------
 # With ``totals=True`` a launcher reports, instead of the counts per element, each written
 # array's total number of pulses sum(N_up + N_down) as a 0-d int64 tensor (computed inside the
-# kernel: no count array is written or read again), which is all the optimizer's bookkeeping
-# needs. ``A``: the per-sample |g| sums of the first write (SPEC section 2a); None is no
-# excess (e = 0, no pairs).
+# kernel: no count array is written or read again). ``A``: the per-sample |g| sums of the first
+# write (SPEC section 2a); None is no excess (e = 0, no pairs).
+def _one(algorithm: str, arrays: dict, g, A, *, lr, config, key, tensor_id, offset, totals, transfer=False) -> StepPulses:
+    lists = {name: [t] if t is not None else None for name, t in arrays.items()}
+    return library.step(algorithm, lists, [g], lr=lr, config=config, keys=[int(key)], tensor_ids=[int(tensor_id)],
+                        flag=bool(transfer), offsets=[_check_offset(offset)], As=[A] if A is not None else None,
+                        totals=totals, native=True)[0]  # fmt: skip
+
+
 def asgd_step_cpp(
     W,
     g,
@@ -353,18 +289,7 @@ def asgd_step_cpp(
     """Analog SGD, ``W <- pulse_update_W(W, -lr * g, e)``, in place; as ``asgd_step_ref``."""
     _require_cpp()
     g, A = _check_arrays(("W",), (W,), g, A)
-    dev_w, _ = pack_config(config, tensor_id)
-    desc_w, key_w, table_w = device_args(dev_w)
-    pulses, pairs = _pulse_out(W, totals), _pairs_out(W, A, totals)
-    torch.ops.fastanalog.asgd_step_cpp_(
-        W, g, A, pulses, pairs, float(lr), int(key), _check_offset(offset), desc_w, key_w, table_w, _max_pulses(config)
-    )
-    return StepPulses(first=_reported(pulses, totals), first_pairs=_first_pairs(pairs, A, totals))
-
-
-def _residual_args(config: AnalogConfig, tensor_id: int):
-    dev_w, dev_p = pack_config(config, tensor_id)
-    return device_args(dev_w) + device_args(dev_p)
+    return _one("asgd", {"main": W}, g, A, lr=lr, config=config, key=key, tensor_id=tensor_id, offset=offset, totals=totals)
 
 
 def rl_step_cpp(
@@ -385,18 +310,8 @@ def rl_step_cpp(
     """Residual Learning v1 in place (``transfer``: this step's transfer flag); as ``rl_step_ref``."""
     _require_cpp()
     g, A = _check_arrays(*_named(W=W, P=P, Wbar=Wbar), g, A)
-    Wbar = _mixed_out(Wbar, W)
-    pulses_p, pairs_p, pulses_w = _pulse_out(W, totals), _pairs_out(W, A, totals), _pulse_out(W, totals, written=transfer)
-    torch.ops.fastanalog.rl_step_cpp_(
-        W, P, Wbar, g, A, pulses_p, pairs_p, pulses_w, float(lr), int(key), _check_offset(offset), bool(transfer),
-        float(config.gamma), float(config.transfer_lr), float(config.read_noise), _max_pulses(config),
-        *_residual_args(config, tensor_id),
-    )  # fmt: skip
-    return StepPulses(
-        first=_reported(pulses_p, totals),
-        main=_reported(pulses_w, totals) if transfer else None,
-        first_pairs=_first_pairs(pairs_p, A, totals),
-    )
+    return _one("rl", {"main": W, "residual": P, "weight": Wbar}, g, A, lr=lr, config=config, key=key, tensor_id=tensor_id,
+                offset=offset, totals=totals, transfer=transfer)  # fmt: skip
 
 
 def rl2_step_cpp(
@@ -417,41 +332,14 @@ def rl2_step_cpp(
     """Residual Learning v2 in place (residual write, noisy read, buffer, transfer, mix); as ``rl2_step_ref``."""
     _require_cpp()
     g, A = _check_arrays(*_named(W=W, P=P, H=H, Wbar=Wbar), g, A)
-    Wbar = _mixed_out(Wbar, W)
-    pulses_p, pairs_p, pulses_w = _pulse_out(W, totals), _pairs_out(W, A, totals), _pulse_out(W, totals)
-    torch.ops.fastanalog.rl2_step_cpp_(
-        W, P, H, Wbar, g, A, pulses_p, pairs_p, pulses_w, float(lr), int(key), _check_offset(offset), config.buffer == "ema",
-        float(config.gamma), float(config.transfer_lr), float(config.read_noise), float(config.threshold), _max_pulses(config),
-        *_residual_args(config, tensor_id),
-    )  # fmt: skip
-    return StepPulses(
-        first=_reported(pulses_p, totals), main=_reported(pulses_w, totals), first_pairs=_first_pairs(pairs_p, A, totals)
-    )
+    return _one("rl2", {"main": W, "residual": P, "buffer": H, "weight": Wbar}, g, A, lr=lr, config=config, key=key,
+                tensor_id=tensor_id, offset=offset, totals=totals)  # fmt: skip
 
 
 # ----- multi-tensor launchers ---------------------------------------------------------------------
 # One op call steps a whole group of tensors that share a config: the kernels' threads split
 # the group's elements in one parallel region, and Python does no per-tensor work beyond
 # collecting arguments. Tensor i is updated exactly as the single-tensor launcher updates it.
-_ALGORITHM_IDS = {"asgd": 0, "rl": 1, "rl2": 2}
-
-
-_VARIATION_KEYS: dict[AnalogConfig, dict[int, tuple[int, int]]] = {}
-
-
-def _variation_keys(config: AnalogConfig) -> dict[int, tuple[int, int]]:
-    """The cache tensor id -> (variation key of W, of P) of ``config``: one config lookup per call, not one per tensor."""
-    keys = _VARIATION_KEYS.get(config)
-    if keys is None:
-        keys = _VARIATION_KEYS[config] = {}
-    return keys
-
-
-def _var_key_pair(config: AnalogConfig, tensor_id: int) -> tuple[int, int]:
-    dev_w, dev_p = pack_config(config, tensor_id)
-    return int(dev_w.var_key), int(dev_p.var_key) if dev_p is not None else 0
-
-
 def _multi(
     algorithm: str,
     arrays: dict[str, Sequence[torch.Tensor] | None],
@@ -463,13 +351,10 @@ def _multi(
     tensor_ids: Sequence[int],
     offsets: Sequence[int] | None,
     flag: bool,
-    main_written: bool,
     totals: bool,
     As: Sequence[torch.Tensor] | None = None,
 ) -> list[StepPulses]:
     _require_cpp()
-    if not hasattr(torch.ops.fastanalog, "multi_step_cpp_"):
-        raise RuntimeError("the loaded C++ kernels predate the multi-tensor step: rebuild them (pip install -e .)")
     W = list(arrays["main"])
     m = len(W)
     offsets = [0] * m if offsets is None else [_check_offset(int(o)) for o in offsets]
@@ -482,52 +367,27 @@ def _multi(
             f"{', '.join(lists)}, g, {'As, ' if As is not None else ''}keys, tensor_ids and offsets must be non-empty lists "
             f"of one length (one entry per tensor), got lengths {sorted(lengths)}"
         )
+    where = W[0].device
+    if where.type not in ("cpu", "cuda"):
+        raise ValueError(f"W[0] is on {where}: the compiled kernels take CPU or CUDA tensors")
     for name, ts in lists.items():
-        for t in ts:
-            if t.device.type != "cpu":
-                raise ValueError(f"{name} is on {t.device}: the multi-tensor C++ step takes CPU tensors")
+        for i, t in enumerate(ts):
+            if t.device != where:
+                raise ValueError(f"{name}[{i}] is on {t.device} but W[0] is on {where}: the compiled kernels take CPU or CUDA tensors of one device")
     if W[0].dtype not in STORAGE_DTYPES:
         raise ValueError(f"W must be float32, bfloat16 or float16 for the C++ kernels, got {W[0].dtype}")
-    excess = []
+    excess = None
     if As is not None:
+        excess = []
         for i, (A, w) in enumerate(zip(As, W)):
             if not isinstance(A, torch.Tensor):
                 raise TypeError(f"As[{i}] must be a tensor, got {type(A).__name__}")
-            if A.device.type != "cpu":
-                raise ValueError(f"As[{i}] is on {A.device}: the multi-tensor C++ step takes CPU tensors")
             try:
                 excess.append(_check_excess(A, w))
             except ValueError as exc:
                 raise ValueError(f"As[{i}]: {exc}") from None
-    residual = config.has_residual
-    var_keys = _variation_keys(config)
-    packed = [var_keys.get(tid) or var_keys.setdefault(tid, _var_key_pair(config, tid)) for tid in tensor_ids]
-    first_w, first_p = pack_config(config, tensor_ids[0])
-    desc_w, _, table_w = device_args(first_w)
-    desc_p, _, table_p = device_args(first_p) if residual else ([], 0, [])
-    if totals:
-        counts = torch.zeros(2, m, dtype=torch.int64)
-        first, main = list(counts[0].split(1)), list(counts[1].split(1))
-        if not main_written:
-            main = [counts.new_empty(0)] * m
-    else:
-        first = [torch.empty(t.numel(), dtype=torch.int32) for t in W]
-        main = [torch.empty(t.numel() if main_written else 0, dtype=torch.int32) for t in W]
-    pairs = [torch.empty(t.numel(), dtype=torch.int32) for t in W] if As is not None and not totals else []
-    torch.ops.fastanalog.multi_step_cpp_(
-        _ALGORITHM_IDS[algorithm], W, list(arrays.get("residual") or []), list(arrays.get("buffer") or []),
-        list(arrays.get("weight") or []), list(g), excess, first, pairs, main, float(lr), [int(k) for k in keys], offsets,
-        bool(flag), float(config.gamma), float(config.transfer_lr), float(config.read_noise), float(config.threshold),
-        _max_pulses(config), desc_w, [p[0] for p in packed], table_w,
-        desc_p, [p[1] for p in packed] if residual else [], table_p,
-    )  # fmt: skip
-    if totals:
-        first = [c.view(()) for c in first]
-        main = [c.view(()) for c in main] if main_written else main
-    first_pairs = pairs if pairs else [None] * m
-    if not residual:
-        return [StepPulses(first=f, first_pairs=p) for f, p in zip(first, first_pairs)]
-    return [StepPulses(first=f, main=w if main_written else None, first_pairs=p) for f, w, p in zip(first, main, first_pairs)]
+    return library.step(algorithm, arrays, list(g), lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, flag=flag,
+                        offsets=offsets, As=excess, totals=totals, native=True)  # fmt: skip
 
 
 def asgd_multi_step_cpp(
@@ -547,7 +407,7 @@ def asgd_multi_step_cpp(
     ``As``: None (no excess) or each tensor's per-sample |g| sums (the ``A`` of the single-tensor step).
     """
     return _multi("asgd", {"main": W}, g, lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets,
-                  flag=False, main_written=True, totals=totals, As=As)  # fmt: skip
+                  flag=False, totals=totals, As=As)  # fmt: skip
 
 
 def rl_multi_step_cpp(
@@ -567,8 +427,7 @@ def rl_multi_step_cpp(
 ) -> list[StepPulses]:
     """Residual Learning v1 on several tensors in one call (``Wbar`` None: no mixed weight); as ``rl_step_cpp``."""
     return _multi("rl", {"main": W, "residual": P, "weight": Wbar}, g, lr=lr, config=config, keys=keys,
-                  tensor_ids=tensor_ids, offsets=offsets, flag=transfer, main_written=transfer, totals=totals,
-                  As=As)  # fmt: skip
+                  tensor_ids=tensor_ids, offsets=offsets, flag=transfer, totals=totals, As=As)  # fmt: skip
 
 
 def rl2_multi_step_cpp(
@@ -588,8 +447,7 @@ def rl2_multi_step_cpp(
 ) -> list[StepPulses]:
     """Residual Learning v2 on several tensors in one call (``Wbar`` None: no mixed weight); as ``rl2_step_cpp``."""
     return _multi("rl2", {"main": W, "residual": P, "buffer": H, "weight": Wbar}, g, lr=lr, config=config, keys=keys,
-                  tensor_ids=tensor_ids, offsets=offsets, flag=config.buffer == "ema", main_written=True, totals=totals,
-                  As=As)  # fmt: skip
+                  tensor_ids=tensor_ids, offsets=offsets, flag=False, totals=totals, As=As)  # fmt: skip
 
 
 def mix_cpp(W: torch.Tensor, P: torch.Tensor, gamma: float) -> torch.Tensor | None:
