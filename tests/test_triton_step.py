@@ -39,7 +39,6 @@ from fastanalog import AnalogConfig, ExpResponse, LinearResponse, PowerResponse,
 from fastanalog.ops import philox  # noqa: E402
 from fastanalog.ops.reference import asgd_step_ref, rl2_step_ref, rl_step_ref  # noqa: E402
 from fastanalog.ops.triton import asgd_step_triton, common, rl2_step_triton, rl_step_triton  # noqa: E402
-from fastanalog.ops.triton import ops as triton_ops  # noqa: E402
 from fastanalog.ops.triton import step as triton_step  # noqa: E402
 from fastanalog.ops.triton.common import load_f32, store_f32, stream_normal, stream_uniform  # noqa: E402
 
@@ -592,22 +591,3 @@ def test_second_device_while_the_first_is_current():
     assert (got.first != want.first).float().mean() < 1e-3
     for name in ref:
         torch.testing.assert_close(tri[name], ref[name], rtol=1e-4, atol=1e-5)
-
-
-def _op_args(algo: str, numel: int = 33, totals: bool = False):
-    """The registered op and its keyword arguments, built the way the launcher builds them."""
-    # no d2d: the op's registration is under test here, and its per-element draws are slow under the interpreter
-    config = make_config(algo, "power", c2c=0.2, read_noise=0.02, max_pulses=3, asymmetry=0.1)
-    s = make_state(config, numel)
-    g = torch.randn(numel, generator=torch.Generator().manual_seed(9)).to(DEVICE)
-    common_kw = dict(lr=0.1, config=config, key=philox.step_key(SEED, 1, 0), tensor_id=0, A=make_excess(g, 2), totals=totals)
-    algorithm, _, transfer = ALGOS[algo]
-    names = {"asgd": ("W",), "rl": ("W", "P", "Wbar"), "rl2": ("W", "P", "H", "Wbar")}[algorithm]
-    kwargs, _ = triton_ops.prepare(algorithm, {n: s[n] for n in names}, g, transfer=transfer, **common_kw)
-    return getattr(torch.ops.fastanalog, f"{algorithm}_step_triton_").default, kwargs
-
-
-@pytest.mark.parametrize("algo,totals", [("asgd", False), ("rl_transfer", True), ("rl_no_transfer", False), ("rl2_ema", False)])
-def test_opcheck(algo, totals):
-    op, kwargs = _op_args(algo, totals=totals)
-    torch.library.opcheck(op, (), kwargs)

@@ -167,8 +167,7 @@ def record_launches(variant: Variant) -> list:
     """The Triton launches of one optimizer step of ``variant`` on a group of tensors of ``variant.sizes``."""
     from ..ops import dispatch
 
-    backend = dispatch.get_backend("triton")
-    if backend is None:
+    if not dispatch.backend_available("triton"):
         raise RuntimeError("the Triton backend is not importable here (is triton installed?)")
     config = _config(variant)
     dtype = getattr(torch, variant.dtype)
@@ -181,8 +180,8 @@ def record_launches(variant: Variant) -> list:
         grad = torch.empty(n, dtype=dtype, device="cpu")
         A = torch.empty(n, dtype=dtype, device="cpu") if variant.excess else None
         items.append(dispatch.StepItem(arrays, None, grad, config, key=12345 + tid, tensor_id=tid, A=A))
-    with _recording() as launches:
-        dispatch._launch(backend, items, lr=0.01, step=1, totals=True)
+    with _recording() as launches, dispatch.use_backend("triton"):
+        dispatch.analog_step_group(items, lr=0.01, step=1, totals=True)
     if not launches:
         raise RuntimeError(f"{variant.name}: the Triton launcher made no kernel launch")
     return launches

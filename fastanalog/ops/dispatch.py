@@ -123,6 +123,7 @@ def analog_step_group(items: Sequence[StepItem], *, lr: float, step: int, totals
         algorithm = item.config.algorithm
         if algorithm not in _ARRAYS:
             raise ValueError(f"analog_step got algorithm {algorithm!r}, which has no analog update")
+        _check_item(item, algorithm)
         main = item.arrays["main"]
         if (main.device, main.dtype) not in checked:
             backend_for(main)
@@ -139,6 +140,65 @@ def analog_step_group(items: Sequence[StepItem], *, lr: float, step: int, totals
         for i, pulses in zip(indices, _launch([items[i] for i in indices], lr=lr, step=step, totals=totals)):
             out[i] = pulses
     return out
+
+
+_ROLES = {"main": "W (main)", "residual": "P (residual)", "buffer": "H (buffer)", "weight": "Wbar (stored mixed weight)"}
+
+
+def _check_item(item: StepItem, algorithm: str) -> None:
+    """ValueError/TypeError naming the array where ``item`` cannot be stepped; checked before anything is written.
+
+    The arrays ``algorithm`` needs are present, floating, of W's shape, dtype and device, and
+    apart in memory; the gradient and ``A`` are floating tensors of W's shape on its device.
+    """
+    main = item.arrays.get("main")
+    if not isinstance(main, torch.Tensor):
+        raise TypeError(f"W (main) must be a tensor, got {type(main).__name__}")
+    if not main.is_floating_point():
+        raise TypeError(f"W (main) must be a floating tensor, got {main.dtype}")
+    written = []
+    for name in _ARRAYS[algorithm]:
+        t = _array(item, name)
+        if t is None:
+            if name == "weight":
+                continue
+            raise ValueError(f"{algorithm} needs the array {_ROLES[name]}, got None")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{_ROLES[name]} must be a tensor, got {type(t).__name__}")
+        if t is not main:
+            if t.shape != main.shape:
+                raise ValueError(f"{_ROLES[name]} has shape {tuple(t.shape)}, W has {tuple(main.shape)}")
+            if t.dtype != main.dtype:
+                raise ValueError(f"{_ROLES[name]} has dtype {t.dtype}, W has {main.dtype}: store a tensor's arrays in one dtype")
+            if t.device != main.device:
+                raise ValueError(f"{_ROLES[name]} is on {t.device}, W on {main.device}: keep a tensor's arrays on one device")
+        written.append((name, t))
+    for label, t in (("the gradient", item.grad), ("A (the per-sample |g| sums)", item.A)):
+        if t is None and label.startswith("A"):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{label} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{label} must be a floating tensor, got {t.dtype}")
+        if t.shape != main.shape:
+            raise ValueError(f"{label} has shape {tuple(t.shape)}, W has {tuple(main.shape)}")
+        if t.device != main.device:
+            raise ValueError(f"{label} is on {t.device}, W on {main.device}")
+    if main.numel() == 0 or main.device.type == "meta":
+        return
+    spans = []
+    for name, t in written:
+        start = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+        spans.append((name, start, start + _extent(t) * t.element_size()))
+    for i in range(len(spans)):
+        for j in range(i + 1, len(spans)):
+            if spans[i][1] < spans[j][2] and spans[j][1] < spans[i][2]:
+                raise ValueError(f"{_ROLES[spans[i][0]]} and {_ROLES[spans[j][0]]} overlap in memory: each array needs its own")
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Elements from the first to one past the last element ``t`` addresses (its span in storage)."""
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
 
 def _launch(items: list[StepItem], *, lr: float, step: int, totals: bool) -> list[StepPulses]:

@@ -7,12 +7,9 @@ tensor, reduced in the kernel, instead of per-element counts. Random numbers fol
 section 4 (per stream one Philox call per four elements). Its multi-tensor twin
 (``*_multi_step_triton``) takes lists, one entry per tensor (``As=None`` for the excess
 inputs), and updates all tensors of one config in one launch, each as the single-tensor
-launcher would. Each launcher is also a ``torch.library`` custom op in the ``fastanalog``
-namespace (``asgd_step_triton_``, ``rl_step_triton_``, ``rl2_step_triton_`` and the
-``*_multi_step_triton_`` ops) that mutates its arrays in place, registered with
-``torch.library.custom_op`` and a no-op fake (``torch.library.triton_op`` runs the
-launcher itself on FakeTensors, which the interpreter cannot do, so ``opcheck`` fails
-with it under ``TRITON_INTERPRET=1``). Launches run with their tensors' CUDA device
+launcher would. The launchers are the CUDA implementation of the per-algorithm ops
+``fastanalog::{asgd,rl,rl2}_step`` (``fastanalog/ops/library.py``), the ops that
+``torch.compile`` traces; they are no ops of their own. Launches run with their tensors' CUDA device
 current. On CPU tensors the kernels run only under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported); their home is CUDA tensors.
 """

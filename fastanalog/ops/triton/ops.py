@@ -1,6 +1,9 @@
-"""The public Triton launchers and the ``torch.library`` ops behind them, thin layers over ``step.launch``.
+"""The public Triton launchers, thin layers over ``step.launch``.
 
-Every op takes the same kinds of arguments, so one launch path serves all six:
+They are the CUDA implementation of the per-algorithm ops ``fastanalog::{asgd,rl,rl2}_step``
+(``fastanalog/ops/library.py``), which ``torch.compile`` and ``opcheck`` see; below them there
+is no op of their own. Every entry point takes the same kinds of arguments, so one launch path
+serves all six:
 
 * the arrays (tensors for a single-tensor op, lists for a multi-tensor one), the excess
   input ``A`` (None / empty: none), the pulse outputs (int32 per element, or 0-d int64
@@ -62,78 +65,57 @@ def _launch(algorithm: str, W, g, A, pulses, pairs, tables, keys, offsets, var_k
     launch(algorithm, arrays, outputs, scalars=scalars, flags=flags, transfer=rl_args.get("transfer", True), **step_args)
 
 
-def _no_fake(*args, **kwargs) -> None:
-    """The ops' fake: they only mutate their arguments (``torch.library.triton_op`` would run the
-    launcher on FakeTensors, which the interpreter cannot do)."""
-    return None
-
-
-# ----- the ops (arguments by kind: arrays, pulse outputs, tables, per tensor, per step) --------
+# ----- the entry points (arguments by kind: arrays, pulse outputs, tables, per tensor, per step) --------
 Tensor = torch.Tensor
 Tensors = list[torch.Tensor]
-_MUTATES = {
-    "asgd": ("W", "pulses", "pairs"),
-    "rl": ("W", "P", "Wbar", "pulses_p", "pairs_p", "pulses_w"),
-    "rl2": ("W", "P", "H", "Wbar", "pulses_p", "pairs_p", "pulses_w"),
-}
 
 
-@torch.library.custom_op("fastanalog::asgd_step_triton_", mutates_args=_MUTATES["asgd"])
 def asgd_step_triton_(W: Tensor, g: Tensor, A: Tensor | None, pulses: Tensor, pairs: Tensor, tables: Tensors,
                       key: int, offset: int, var_keys: list[int], scalars: list[float], flags: list[bool], devices: list[float]) -> None:  # fmt: skip
-    """In-place Analog SGD step (the op behind :func:`asgd_step_triton`)."""
+    """In-place Analog SGD step (behind :func:`asgd_step_triton`)."""
     _launch("asgd", [W], [g], [A] if A is not None else [], [pulses], [pairs], tables, [key], [offset], var_keys, scalars, flags, devices)
 
 
-@torch.library.custom_op("fastanalog::asgd_multi_step_triton_", mutates_args=_MUTATES["asgd"])
 def asgd_multi_step_triton_(W: Tensors, g: Tensors, A: Tensors, pulses: Tensors, pairs: Tensors, tables: Tensors,
                             keys: list[int], offsets: list[int], var_keys: list[int], scalars: list[float], flags: list[bool],
                             devices: list[float]) -> None:  # fmt: skip
-    """In-place Analog SGD step of several tensors in one launch (the op behind :func:`asgd_multi_step_triton`)."""
+    """In-place Analog SGD step of several tensors in one launch (behind :func:`asgd_multi_step_triton`)."""
     _launch("asgd", W, g, A, pulses, pairs, tables, keys, offsets, var_keys, scalars, flags, devices)
 
 
-@torch.library.custom_op("fastanalog::rl_step_triton_", mutates_args=_MUTATES["rl"])
 def rl_step_triton_(W: Tensor, P: Tensor, Wbar: Tensor, g: Tensor, A: Tensor | None, pulses_p: Tensor, pairs_p: Tensor,
                     pulses_w: Tensor, tables: Tensors, key: int, offset: int, var_keys: list[int], transfer: bool,
                     scalars: list[float], flags: list[bool], devices: list[float]) -> None:  # fmt: skip
-    """In-place rl step (the op behind :func:`rl_step_triton`); an empty ``Wbar`` asks for no mixed weight,
+    """In-place rl step (behind :func:`rl_step_triton`); an empty ``Wbar`` asks for no mixed weight,
     ``pulses_w`` is written only when ``transfer``."""
     rl_args = dict(P=[P], Wbar=[Wbar], pulses_w=[pulses_w], transfer=transfer)
     _launch("rl", [W], [g], [A] if A is not None else [], [pulses_p], [pairs_p], tables, [key], [offset], var_keys, scalars, flags,
             devices, **rl_args)  # fmt: skip
 
 
-@torch.library.custom_op("fastanalog::rl_multi_step_triton_", mutates_args=_MUTATES["rl"])
 def rl_multi_step_triton_(W: Tensors, P: Tensors, Wbar: Tensors, g: Tensors, A: Tensors, pulses_p: Tensors, pairs_p: Tensors,
                           pulses_w: Tensors, tables: Tensors, keys: list[int], offsets: list[int], var_keys: list[int],
                           transfer: bool, scalars: list[float], flags: list[bool], devices: list[float]) -> None:  # fmt: skip
-    """In-place rl step of several tensors in one launch (the op behind :func:`rl_multi_step_triton`)."""
+    """In-place rl step of several tensors in one launch (behind :func:`rl_multi_step_triton`)."""
     rl_args = dict(P=P, Wbar=Wbar, pulses_w=pulses_w, transfer=transfer)
     _launch("rl", W, g, A, pulses_p, pairs_p, tables, keys, offsets, var_keys, scalars, flags, devices, **rl_args)
 
 
-@torch.library.custom_op("fastanalog::rl2_step_triton_", mutates_args=_MUTATES["rl2"])
 def rl2_step_triton_(W: Tensor, P: Tensor, H: Tensor, Wbar: Tensor, g: Tensor, A: Tensor | None, pulses_p: Tensor,
                      pairs_p: Tensor, pulses_w: Tensor, tables: Tensors, key: int, offset: int, var_keys: list[int],
                      scalars: list[float], flags: list[bool], devices: list[float]) -> None:  # fmt: skip
-    """In-place rl2 step (the op behind :func:`rl2_step_triton`); an empty ``Wbar`` asks for no mixed weight."""
+    """In-place rl2 step (behind :func:`rl2_step_triton`); an empty ``Wbar`` asks for no mixed weight."""
     rl_args = dict(P=[P], H=[H], Wbar=[Wbar], pulses_w=[pulses_w])
     _launch("rl2", [W], [g], [A] if A is not None else [], [pulses_p], [pairs_p], tables, [key], [offset], var_keys, scalars, flags,
             devices, **rl_args)  # fmt: skip
 
 
-@torch.library.custom_op("fastanalog::rl2_multi_step_triton_", mutates_args=_MUTATES["rl2"])
 def rl2_multi_step_triton_(W: Tensors, P: Tensors, H: Tensors, Wbar: Tensors, g: Tensors, A: Tensors, pulses_p: Tensors,
                            pairs_p: Tensors, pulses_w: Tensors, tables: Tensors, keys: list[int], offsets: list[int],
                            var_keys: list[int], scalars: list[float], flags: list[bool], devices: list[float]) -> None:  # fmt: skip
-    """In-place rl2 step of several tensors in one launch (the op behind :func:`rl2_multi_step_triton`)."""
+    """In-place rl2 step of several tensors in one launch (behind :func:`rl2_multi_step_triton`)."""
     _launch("rl2", W, g, A, pulses_p, pairs_p, tables, keys, offsets, var_keys, scalars, flags, devices, P=P, H=H, Wbar=Wbar,
             pulses_w=pulses_w)  # fmt: skip
-
-
-for _op in (asgd_step_triton_, asgd_multi_step_triton_, rl_step_triton_, rl_multi_step_triton_, rl2_step_triton_, rl2_multi_step_triton_):
-    _op.register_fake(_no_fake)
 
 
 # ----- argument preparation -----------------------------------------------------------------
@@ -252,7 +234,7 @@ def asgd_step_triton(W: torch.Tensor, g: torch.Tensor, *, lr: float, config: Ana
     """Analog SGD on flat tensors, in place: ``StepPulses(first=N_W, first_pairs=pairs with A, else None)``."""
     kw = dict(lr=lr, config=config, key=key, tensor_id=tensor_id, offset=offset, A=A, totals=totals)
     kwargs, pulses = prepare("asgd", {"W": W}, g, **kw)
-    torch.ops.fastanalog.asgd_step_triton_(**kwargs)
+    asgd_step_triton_(**kwargs)
     return pulses
 
 
@@ -266,7 +248,7 @@ def rl_step_triton(W: torch.Tensor, P: torch.Tensor, Wbar: torch.Tensor | None, 
     """
     kw = dict(lr=lr, config=config, key=key, tensor_id=tensor_id, offset=offset, A=A, totals=totals, transfer=transfer)
     kwargs, pulses = prepare("rl", {"W": W, "P": P, "Wbar": Wbar}, g, **kw)
-    torch.ops.fastanalog.rl_step_triton_(**kwargs)
+    rl_step_triton_(**kwargs)
     return pulses
 
 
@@ -279,7 +261,7 @@ def rl2_step_triton(W: torch.Tensor, P: torch.Tensor, H: torch.Tensor, Wbar: tor
     """
     kw = dict(lr=lr, config=config, key=key, tensor_id=tensor_id, offset=offset, A=A, totals=totals)
     kwargs, pulses = prepare("rl2", {"W": W, "P": P, "H": H, "Wbar": Wbar}, g, **kw)
-    torch.ops.fastanalog.rl2_step_triton_(**kwargs)
+    rl2_step_triton_(**kwargs)
     return pulses
 
 
@@ -289,7 +271,7 @@ def asgd_multi_step_triton(W: Sequence[torch.Tensor], g: Sequence[torch.Tensor],
     """Analog SGD on several tensors of one config in one launch; tensor ``i`` as ``asgd_step_triton`` updates it."""
     kw = dict(lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets, As=As, totals=totals)
     kwargs, pulses = prepare_multi("asgd", {"W": W}, g, **kw)
-    torch.ops.fastanalog.asgd_multi_step_triton_(**kwargs)
+    asgd_multi_step_triton_(**kwargs)
     return pulses
 
 
@@ -300,7 +282,7 @@ def rl_multi_step_triton(W: Sequence[torch.Tensor], P: Sequence[torch.Tensor], W
     """Residual Learning v1 on several tensors of one config in one launch; tensor ``i`` as ``rl_step_triton`` updates it."""
     kw = dict(lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets, As=As, totals=totals, transfer=transfer)
     kwargs, pulses = prepare_multi("rl", {"W": W, "P": P, "Wbar": Wbar}, g, **kw)
-    torch.ops.fastanalog.rl_multi_step_triton_(**kwargs)
+    rl_multi_step_triton_(**kwargs)
     return pulses
 
 
@@ -311,5 +293,5 @@ def rl2_multi_step_triton(W: Sequence[torch.Tensor], P: Sequence[torch.Tensor], 
     """Residual Learning v2 on several tensors of one config in one launch; tensor ``i`` as ``rl2_step_triton`` updates it."""
     kw = dict(lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets, As=As, totals=totals)
     kwargs, pulses = prepare_multi("rl2", {"W": W, "P": P, "H": H, "Wbar": Wbar}, g, **kw)
-    torch.ops.fastanalog.rl2_multi_step_triton_(**kwargs)
+    rl2_multi_step_triton_(**kwargs)
     return pulses
