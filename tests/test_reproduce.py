@@ -95,12 +95,12 @@ def test_quick_report(tmp_path):
     # Theorem 3: Analog SGD's gap does not shrink with the learning rate; rl and rl2 do, and end well below it.
     assert f["asgd_gap_flat"] and f["rl_converges"]
     assert f["zero_shift_helps"]
-    # Accuracy: Analog SGD behind digital, worst on the steep response, and rl2 ahead of it everywhere.
+    # Accuracy: on the steep response Analog SGD falls well behind digital and rl2 stays near it.
     steep = DeviceSpec("power", 0.1, 0.5).label
     gaps = f["digits-fcn_gaps"]
-    assert gaps[steep]["asgd"] < -3
-    assert f["digits-fcn_asgd_behind_everywhere"]
-    assert f["digits-fcn_rl2_beats_asgd_everywhere"]
-    assert gaps[steep]["rl2"] > gaps[steep]["asgd"] + 3
+    assert f["digits-fcn_asgd_worst_response"] == steep
+    assert gaps[steep]["asgd"] < -10
+    assert gaps[steep]["rl2"] > gaps[steep]["asgd"] + 10
+    assert gaps[steep]["rl2"] > -5
     assert summary["mode"] == "quick"
     assert len(quick_settings(2).tables) == 1

@@ -8,6 +8,7 @@ the ablations (which use the chosen learning rates of the first table); (3) the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import fastanalog as fa
 
 from . import theory
 from .common import HAS_UPDATE_MODE
-from .training import DeviceSpec, Job, mean_std, run_jobs
+from .training import DeviceSpec, Job, mean_std, run_jobs, worker_pool
 
 # Accuracy-table rows: label -> (algorithm, mixing gamma, update mode). "tiki-taka" is rl with gamma 0.
 ROWS: dict[str, tuple[str, float, str | None]] = {
@@ -138,7 +139,7 @@ def quick_settings(workers: int) -> Settings:
         TableSpec("digits-fcn", "fcn", "digits", responses, (0.1,), 1, 6, 16, None, 300, QUICK_LRS, ("tiki-taka (rl, gamma 0)",)),
     )
     return Settings(
-        "quick", workers, 64, (0.0, 0.5, 1.0), (0.5, 1.0), 400,
+        "quick", workers, 64, (0.0, 0.5, 1.0), (0.5, 1.0), 1000,
         (0.02, 0.1), 20.0, 1000, (0.0, 0.1), 600,
         tables, (0.1, 1.2), (0.0, 0.05), 1,
         "digits", 100, (0.1, 1.0), ("digital", "rl2"), ("rl2",),
@@ -289,6 +290,7 @@ def run_all(s: Settings, say: Callable[[str], None], parts: tuple[str, ...] = ("
     res: dict[str, Any] = {"settings": s, "timings": {}}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    stack = contextlib.ExitStack()
     try:
         phase1: list[Job] = []
         if "tables" in parts or "ablations" in parts:
@@ -297,13 +299,19 @@ def run_all(s: Settings, say: Callable[[str], None], parts: tuple[str, ...] = ("
         if "defaults" in parts:
             phase1 += defaults_jobs(s)
         phase1.sort(key=_cost, reverse=True)
+        pool = stack.enter_context(worker_pool(s.workers)) if s.workers > 1 else None
+        theory_future = None
         if "theory" in parts:
-            t = time.perf_counter()
-            res["theory"] = run_theory(s, say)
-            res["timings"]["theory"] = time.perf_counter() - t
+            if pool is not None:  # in a worker, beside the first training runs
+                theory_future = pool.submit(_timed_theory, s)
+            else:
+                res["theory"], res["timings"]["theory"] = _timed_theory(s, say)
         t = time.perf_counter()
         say(f"phase 1: {len(phase1)} training runs in {s.workers} worker(s)")
-        runs = run_jobs(phase1, s.workers, say)
+        cache: dict = {}
+        runs = run_jobs(phase1, s.workers, say, cache, pool)
+        if theory_future is not None:
+            res["theory"], res["timings"]["theory"] = theory_future.result()
         chosen = {spec.name: choose_lrs(spec, runs) for spec in s.tables}
         phase2: list[Job] = []
         if "tables" in parts:
@@ -313,9 +321,10 @@ def run_all(s: Settings, say: Callable[[str], None], parts: tuple[str, ...] = ("
             phase2 += ablation_jobs(s, chosen[s.tables[0].name])
         phase2.sort(key=_cost, reverse=True)
         say(f"phase 2: {len(phase2)} training runs in {s.workers} worker(s)")
-        runs += run_jobs(phase2, s.workers, say)
+        runs += run_jobs(phase2, s.workers, say, cache, pool)
         res["timings"]["training"] = time.perf_counter() - t
     finally:
+        stack.close()
         torch.set_num_threads(threads)
     res["runs"] = runs
     res["chosen_lr"] = chosen
@@ -323,6 +332,15 @@ def run_all(s: Settings, say: Callable[[str], None], parts: tuple[str, ...] = ("
         res["tables"] = {spec.name: table_rows(spec, runs, chosen[spec.name]) for spec in s.tables}
     res["timings"]["total"] = time.perf_counter() - t0
     return res
+
+
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _timed_theory(s: Settings, say: Callable[[str], None] = _print) -> tuple[dict[str, Any], float]:
+    t = time.perf_counter()
+    return run_theory(s, say), time.perf_counter() - t
 
 
 def _cost(job: Job) -> float:

@@ -14,7 +14,7 @@ import multiprocessing as mp
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -155,6 +155,7 @@ def train_job(job: Job) -> dict[str, Any]:
     steps = 0
     diverged = False
     t0 = time.perf_counter()
+    c0 = time.process_time()
     last_loss = float("nan")
     for _ in range(job.epochs):
         order = torch.randperm(len(y), generator=gen)
@@ -178,6 +179,7 @@ def train_job(job: Job) -> dict[str, Any]:
         if diverged or (job.max_steps is not None and steps >= job.max_steps):
             break
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
     row = job_row(job)
     row.update(
         steps=steps,
@@ -186,6 +188,7 @@ def train_job(job: Job) -> dict[str, Any]:
         test_acc=0.1 if diverged else accuracy(model, xt, yt),
         diverged=diverged,
         wall_s=round(wall, 2),
+        cpu_s=round(cpu, 2),
     )
     return row
 
@@ -207,26 +210,45 @@ def _worker_init(threads: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
-def run_jobs(jobs: Sequence[Job], workers: int, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Run ``jobs`` (in ``workers`` processes of one torch thread each; 1: in this process) and return their rows in order."""
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` fresh processes (spawned: no inherited thread state) of one torch thread each."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(1,))
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    workers: int,
+    progress: Callable[[str], None] | None = None,
+    cache: dict[Job, dict[str, Any]] | None = None,
+    pool: ProcessPoolExecutor | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``jobs`` (in ``workers`` processes of one torch thread each; 1: in this process) and return their rows in order.
+
+    Jobs that differ in their tags only run once; ``cache`` (Job without tags -> row) carries
+    results between calls, so a run already made is not made again.
+    """
     if not jobs:
         return []
     say = progress or (lambda s: None)
-    # Jobs that differ in their tags only are one run.
-    unique: dict[Job, int] = {}
+    cache = {} if cache is None else cache
+    todo: dict[Job, Job] = {}
     for job in jobs:
-        unique.setdefault(replace(job, tags=()), len(unique))
-    firsts = [next(j for j in jobs if replace(j, tags=()) == key) for key in unique]
-    rows = _run_unique(firsts, workers, say)
+        key = replace(job, tags=())
+        if key not in cache and key not in todo:
+            todo[key] = job
+    for key, row in zip(todo, _run_unique(list(todo.values()), workers, say, pool)):
+        cache[key] = row
     out = []
     for job in jobs:
-        row = dict(rows[unique[replace(job, tags=())]])
+        row = dict(cache[replace(job, tags=())])
+        for k in ("table", "row", "ablation", "level", "defaults"):
+            row.pop(k, None)
         row.update(dict(job.tags))
         out.append(row)
     return out
 
 
-def _run_unique(jobs: Sequence[Job], workers: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
+def _run_unique(jobs: Sequence[Job], workers: int, say: Callable[[str], None], pool: ProcessPoolExecutor | None) -> list[dict[str, Any]]:
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     if workers <= 1:
         threads = torch.get_num_threads()
@@ -238,17 +260,17 @@ def _run_unique(jobs: Sequence[Job], workers: int, say: Callable[[str], None]) -
         finally:
             torch.set_num_threads(threads)
     else:
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(1,)) as pool:
+        own = pool is None
+        pool = worker_pool(workers) if own else pool
+        try:
             futures = {pool.submit(train_job, job): i for i, job in enumerate(jobs)}
-            from concurrent.futures import as_completed
-
-            done = 0
-            for fut in as_completed(futures):
+            for done, fut in enumerate(as_completed(futures)):
                 i = futures[fut]
                 results[i] = fut.result()
-                done += 1
-                say(_describe(done - 1, len(jobs), results[i]))
+                say(_describe(done, len(jobs), results[i]))
+        finally:
+            if own:
+                pool.shutdown()
     return [r for r in results if r is not None]
 
 
