@@ -121,9 +121,9 @@ def full_settings(workers: int) -> Settings:
         DeviceSpec("exp", 0.6, 3.0),
     )
     tables = (
-        TableSpec("fmnist-fcn", "fcn", "fashion-mnist", fm_responses, FULL_GRID, 3, 10, 32, 10000, 2000),
-        TableSpec("fmnist-cnn", "cnn", "fashion-mnist", (fm_responses[0], fm_responses[2]), FULL_GRID, 3, 8, 32, 10000, 2000),
-        TableSpec("digits-fcn", "fcn", "digits", fm_responses, FULL_GRID, 3, 30, 16, None, 300),
+        TableSpec("fmnist-fcn", "fcn", "fashion-mnist", fm_responses, FULL_GRID, 3, 8, 32, 10000, 2000),
+        TableSpec("fmnist-cnn", "cnn", "fashion-mnist", (fm_responses[0], fm_responses[2]), FULL_GRID, 3, 5, 32, 8000, 2000),
+        TableSpec("digits-fcn", "fcn", "digits", fm_responses, FULL_GRID, 3, 20, 16, None, 300),
     )
     return Settings(
         "full", workers, 512, (0.0, 0.1, 0.2, 0.5, 1.0), (0.3, 0.6, 1.0), 2000,
@@ -136,13 +136,13 @@ def full_settings(workers: int) -> Settings:
 def quick_settings(workers: int) -> Settings:
     responses = (DeviceSpec("power", 0.6, 0.5), DeviceSpec("power", 0.1, 0.5))
     tables = (
-        TableSpec("digits-fcn", "fcn", "digits", responses, (0.1,), 1, 6, 16, None, 300, QUICK_LRS, ("tiki-taka (rl, gamma 0)",)),
+        TableSpec("digits-fcn", "fcn", "digits", responses, (0.1,), 1, 5, 16, None, 300, QUICK_LRS, ("tiki-taka (rl, gamma 0)",)),
     )
     return Settings(
         "quick", workers, 64, (0.0, 0.5, 1.0), (0.5, 1.0), 1000,
         (0.02, 0.1), 20.0, 1000, (0.0, 0.1), 600,
-        tables, (0.1, 1.2), (0.0, 0.05), 1,
-        "digits", 100, (0.1, 1.0), ("digital", "rl2"), ("rl2",),
+        tables, (1.2,), (0.0, 0.05), 1,
+        "digits", 100, (0.1, 1.0), ("rl2",), ("rl2",),
     )  # fmt: skip
 
 

@@ -411,8 +411,7 @@ def write_report(res: dict[str, Any], out: Path, command: str) -> Path:
             "",
             f"`fastanalog train`'s default run shape: cnn on {s.defaults_dataset}, batch 128, lr {DEFAULTS_LR}, {s.defaults_steps} steps, "
             f"{REFERENCE.label}, gamma 0.1, all training samples, seed 0; test accuracy (%) per transfer_lr. "
-            + ", ".join(f"{'Digital' if k == 'digital' else 'Analog SGD'} (same lr): {v:.2f}" for k, v in ref.items())
-            + ".",
+            + "".join(f"{'Digital' if k == 'digital' else 'Analog SGD'} at the same lr: {v:.2f}. " for k, v in ref.items()),
             "",
             md_table(["transfer_lr", *series], [[b, *(f"{dict(v).get(b, float('nan')):.2f}" for v in series.values())] for b in s.defaults_transfer_lrs]),
             "",
