@@ -416,7 +416,13 @@ def write_report(res: dict[str, Any], out: Path, command: str) -> Path:
             md_table(["transfer_lr", *series], [[b, *(f"{dict(v).get(b, float('nan')):.2f}" for v in series.values())] for b in s.defaults_transfer_lrs]),
             "",
             "Best: " + ", ".join(f"{a} at transfer_lr {v['transfer_lr']:g} ({v['test_acc']:.2f}%)" for a, v in f.get("defaults_best", {}).items())
-            + ". ![transfer_lr](defaults_transfer_lr.png)",
+            + ". ![transfer_lr](defaults_transfer_lr.png)"
+            + (
+                ""
+                if s.defaults_dataset == "fashion-mnist"
+                else f" ({s.name} mode: {s.defaults_dataset} stands in for Fashion-MNIST, a different problem whose best transfer_lr "
+                "need not be the default's; the evidence for the defaults is the full report's Fashion-MNIST run.)"
+            ),
             "",
         ]
     md += [
