@@ -109,8 +109,9 @@ class Settings:
 REFERENCE = DeviceSpec("power", 0.6, 0.5)
 # The learning-rate grid of the full tables (every row).
 FULL_GRID = (0.05, 0.1, 0.2, 0.5)
-# --quick has no grid: one learning rate per row, the best of FULL_GRID for that row on digits (its full table).
-QUICK_LRS = {"digital": (0.5,), "asgd": (0.2,), "asgd (batch mode)": (0.2,), "rl": (0.1,), "rl2": (0.1,)}
+# --quick has no grid: one learning rate per row, picked from short runs of this table's setting by
+# validation accuracy (digital at 0.5 is unstable over 5 epochs: 47% and 12% on two seeds, 0.3 gives 95%).
+QUICK_LRS = {"digital": (0.3,), "asgd": (0.2,), "asgd (batch mode)": (0.2,), "rl": (0.1,), "rl2": (0.1,)}
 
 
 def full_settings(workers: int) -> Settings:
