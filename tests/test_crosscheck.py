@@ -26,7 +26,7 @@ def test_every_pairing_builds(ak):
         assert fastanalog_config(p, tau=0.6, transfer_lr=0.1).algorithm == p.algorithm
 
 
-@pytest.mark.parametrize("name", ["SoftBounds | asgd linear", "PowStep | asgd power 0.5"])
+@pytest.mark.parametrize("name", ["SoftBounds -> asgd linear", "PowStep -> asgd power 0.5"])
 def test_constant_gradient_trajectories_agree(ak, name):
     """Soft bounds and power step: the same mean trajectory toward the bound (dw_min mapped with 2**gamma for PowStep)."""
     p = next(x for x in DEVICE_PAIRINGS if x.name == name)

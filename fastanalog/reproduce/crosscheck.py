@@ -78,17 +78,17 @@ class Pairing:
 
 
 DEVICE_PAIRINGS = (
-    Pairing("SoftBounds | asgd linear", "asgd", "linear"),
-    Pairing("PowStep | asgd power 0.5", "asgd", "power"),
-    Pairing("TransferCompound gamma 0 | rl gamma 0 (Tiki-Taka)", "rl", "linear", 0.0),
-    Pairing("TransferCompound gamma 0.1 | rl gamma 0.1", "rl", "linear", 0.1),
-    Pairing("BufferedTransferCompound gamma 0.1 | rl2 gamma 0.1", "rl2", "linear", 0.1),
+    Pairing("SoftBounds -> asgd linear", "asgd", "linear"),
+    Pairing("PowStep -> asgd power 0.5", "asgd", "power"),
+    Pairing("TransferCompound gamma 0 -> rl gamma 0 (Tiki-Taka)", "rl", "linear", 0.0),
+    Pairing("TransferCompound gamma 0.1 -> rl gamma 0.1", "rl", "linear", 0.1),
+    Pairing("BufferedTransferCompound gamma 0.1 -> rl2 gamma 0.1", "rl2", "linear", 0.1),
 )
 MLP_PAIRINGS = (
-    Pairing("SoftBounds | asgd", "asgd", "linear"),
-    Pairing("TransferCompound gamma 0 | rl gamma 0", "rl", "linear", 0.0),
-    Pairing("TransferCompound gamma 0.1 | rl gamma 0.1", "rl", "linear", 0.1),
-    Pairing("BufferedTransferCompound gamma 0.1 | rl2 gamma 0.1", "rl2", "linear", 0.1),
+    Pairing("SoftBounds -> asgd", "asgd", "linear"),
+    Pairing("TransferCompound gamma 0 -> rl gamma 0", "rl", "linear", 0.0),
+    Pairing("TransferCompound gamma 0.1 -> rl gamma 0.1", "rl", "linear", 0.1),
+    Pairing("BufferedTransferCompound gamma 0.1 -> rl2 gamma 0.1", "rl2", "linear", 0.1),
 )
 
 
@@ -343,7 +343,7 @@ def write_crosscheck(out: Path, device_rows: list[dict], device_extra: dict, mlp
             ax = axes[i][j]
             for k, (sim, ys) in enumerate(tr[kind].items()):
                 ax.plot([10 * t for t in range(len(ys))], ys, color=f"C{k}", label=sim, lw=1)
-            ax.set_title(f"{name.split('|')[0].strip()}\n{kind} gradient", fontsize=7)
+            ax.set_title(f"{name.split('->')[0].strip()}\n{kind} gradient", fontsize=7)
             ax.tick_params(labelsize=6)
             if j == 0:
                 ax.set_ylabel("mean weight", fontsize=7)
