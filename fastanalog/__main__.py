@@ -3,6 +3,7 @@
 Commands:
     train   train a model with analog weights and report its test accuracy (``fastanalog train --help``).
     bench   whole-model benchmarks: step, train, aihwkit, kernels (``fastanalog bench --help``).
+    reproduce  the paper's experiments, written up as REPORT.md (``fastanalog reproduce --help``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.cli import add_parser as add_bench_parser
 
     add_bench_parser(commands)
+
+    from .reproduce.cli import add_parser as add_reproduce_parser
+
+    add_reproduce_parser(commands)
     return parser
 
 

@@ -5,6 +5,7 @@ Benchmarks::
     fastanalog bench step      # AnalogSGD.step / SGD(foreach).step on whole timm models, and launches per step
     fastanalog bench train     # training step and peak memory, analog / digital (Linear, ResNet-18, small ViT)
     fastanalog bench aihwkit   # training step of one layer beside IBM's aihwkit (when installed)
+    fastanalog bench aihwkit --crosscheck  # the same devices and algorithms in both: element level, digits MLP, speed
     fastanalog bench kernels   # runs benchmarks/bench_kernels_cpu.py and benchmarks/bench_kernels_triton.py
     fastanalog bench gpu-compile  # the Triton kernels compiled for an NVIDIA GPU (no GPU needed): registers, spills, bytes
 
@@ -136,6 +137,16 @@ def _add_benchmarks(sub: argparse._SubParsersAction) -> None:
         choices=("both", "shipped", "ideal"),
         help="aihwkit's forward, backward and transfer reads: as aihwkit ships them (noise, bound management, "
         "quantisation), made ideal (is_perfect, as fastanalog's reads), or both, one row each (default: both)",
+    )
+    p.add_argument(
+        "--crosscheck",
+        action="store_true",
+        help="compare the numbers, not only the time: single elements under constant and noisy gradients, the digits MLP "
+        "table (aihwkit | fastanalog per configuration and seed), and the step time on one thread; writes CROSSCHECK.md "
+        "into --out (--tiny: fewer steps, one seed, fewer epochs). Exit 1 when aihwkit is not installed",
+    )
+    p.add_argument(
+        "--seeds", type=_int_at_least(1, "--seeds"), default=3, metavar="N", help="--crosscheck: seeds of the digits MLP table (default: 3)"
     )
     p = sub.add_parser(
         "kernels",
@@ -347,7 +358,9 @@ def _run(args: argparse.Namespace) -> int:
         ak = load_aihwkit()
         if ak is None:
             print(INSTALL_HINT)
-            return 0
+            return 1 if args.crosscheck else 0
+        if args.crosscheck:
+            return _crosscheck(args, ak, common)
         if args.device_obj.type == "cuda" and not aihwkit_has_cuda():
             print("the installed aihwkit was built without CUDA, so the comparison runs on the CPU")
             common["device"] = torch.device("cpu")
@@ -364,6 +377,34 @@ def _run(args: argparse.Namespace) -> int:
         env = environment(args.device_obj)
         report = run_train(models=args.models_list, threads=args.threads, **common)
     write_report(args.out, report, env)
+    return 0
+
+
+def _crosscheck(args: argparse.Namespace, ak, common: dict) -> int:
+    """``fastanalog bench aihwkit --crosscheck``: numbers side by side, then the single-thread step time."""
+    import time
+
+    from ..reproduce.crosscheck import device_level, mlp_table, write_crosscheck
+    from .aihwkit_cmp import run_aihwkit
+
+    t0 = time.perf_counter()
+    threads = args.threads or 1
+    torch.set_num_threads(threads)
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    say(f"crosscheck against aihwkit {ak.version} ({threads} thread(s)): device level")
+    device_rows, extra = device_level(ak, quick=args.tiny, say=say)
+    say("crosscheck: digits MLP")
+    mlp_rows = mlp_table(ak, seeds=1 if args.tiny else args.seeds, epochs=3 if args.tiny else 30, say=say)
+    say("crosscheck: step time, one thread, ideal reads")
+    cpu = dict(common, device=torch.device("cpu"))
+    report = run_aihwkit(ak, reads=("ideal",), **cpu)
+    written = write_report(args.out, report, environment(torch.device("cpu")))
+    speed_md = Path(written["md"]).read_text() if "md" in written else None
+    path = write_crosscheck(Path(args.out), device_rows, extra, mlp_rows, speed_md, ak.version, (time.perf_counter() - t0) / 60)
+    say(f"wrote {path}")
     return 0
 
 
