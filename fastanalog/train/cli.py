@@ -115,7 +115,7 @@ DEFAULTS: dict[str, Any] = {
     "c2c_std": 0.0,
     "variation_seed": 0,
     "gamma": 0.1,
-    "transfer_lr": 1.0,
+    "transfer_lr": 0.1,
     "read_noise": 0.0,
     "weight_scaling": "fit",
     "weight_scaling_omega": 0.95,
