@@ -54,9 +54,11 @@ def check_stats(row: dict[str, str], prefix: str) -> float:
 
 # ----- step and train ---------------------------------------------------------------------
 def test_step_tiny_writes_one_row_per_model_and_algorithm(tmp_path, capsys):
+    """One row per model and algorithm, and one more per analog algorithm in batch mode."""
     assert cli.main(["step", *TINY, "--out", str(tmp_path)]) == 0
-    rows = check_outputs(tmp_path, "step", ["model", "algorithm", "ratio_median", "ratio_min", "ratio_max", "analog_launches"], 8)
-    assert {(r["model"], r["algorithm"]) for r in rows} == {(m, a) for m in ("test_resnet-tiny", "test_vit-tiny") for a in ALGORITHMS}
+    rows = check_outputs(tmp_path, "step", ["model", "algorithm", "ratio_median", "ratio_min", "ratio_max", "analog_launches"], 14)
+    labels = [a for a in ALGORITHMS] + [f"{a} (batch)" for a in ALGORITHMS if a != "digital"]
+    assert {(r["model"], r["algorithm"]) for r in rows} == {(m, a) for m in ("test_resnet-tiny", "test_vit-tiny") for a in labels}
     for r in rows:
         check_stats(r, "analog_ms")
         check_stats(r, "sgd_ms")

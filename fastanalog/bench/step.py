@@ -4,7 +4,11 @@ For each model and algorithm: one backward pass leaves gradients in an analog co
 and in a plain copy of the same model; then ``AnalogSGD.step`` and
 ``torch.optim.SGD(foreach=True).step`` are timed interleaved, again and again on the
 same gradients (the steps move the weights, which does not matter for timing). The
-figure is the analog step time over the SGD step time, per algorithm.
+figure is the analog step time over the SGD step time, per algorithm. Each analog
+algorithm is timed twice: writing per sample (the default ``AnalogConfig.update``: the
+backward pass leaves A, and the first write carries its opposite-pulse pairs) and in
+batch mode (row ``<algorithm> (batch)``: one write of the mini-batch gradient, the bytes
+of SGD plus the analog arrays).
 
 A second figure is the launch count of one step, read from ``torch.profiler``: on
 CUDA the GPU kernels; on CPU the calls of ``fastanalog::*`` custom ops when a
@@ -16,6 +20,7 @@ torch ops issued at the top level of the step. The CSV says which in
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -132,8 +137,8 @@ def bench_model(
     sgd_launches, sgd_kind = count_launches(sgd.step, device, custom_ops=False)
 
     rows = []
-    for algorithm in algorithms:
-        model = fa.convert_to_analog(copy.deepcopy(base), analog_config(algorithm, tau))
+    for _, label, config in _configs(algorithms, tau):
+        model = fa.convert_to_analog(copy.deepcopy(base), config)
         opt = fa.AnalogSGD(model.parameters(), lr=LR, seed=seed)
         _backward(model, x, y)
         times = measure_interleaved({"analog": opt.step, "sgd": sgd.step}, warmup=warmup, repeats=repeats, sync=sync)
@@ -146,7 +151,7 @@ def bench_model(
                 "model": spec.label,
                 "params": count_params(base),
                 "analog_layers": sum(1 for _ in fa.analog_layers(model)),
-                "algorithm": algorithm,
+                "algorithm": label,
                 "tau": tau,
                 **stats_columns("analog_ms", analog_ms),
                 **stats_columns("sgd_ms", sgd_ms),
@@ -160,12 +165,28 @@ def bench_model(
             }
         )
         print(
-            f"  {spec.label} / {algorithm}: AnalogSGD.step {analog_ms.median:.3g} ms, SGD.step {sgd_ms.median:.3g} ms, "
+            f"  {spec.label} / {label}: AnalogSGD.step {analog_ms.median:.3g} ms, SGD.step {sgd_ms.median:.3g} ms, "
             f"ratio {ratio.median:.3g}, {launches} {kind}",
             flush=True,
         )
         del model, opt
     return rows
+
+
+def _configs(algorithms: Sequence[str], tau: float) -> list[tuple[str, str, Any]]:
+    """(algorithm, row label, config): each analog algorithm per sample (the default) and in batch mode."""
+    out = []
+    for algorithm in algorithms:
+        config = analog_config(algorithm, tau)
+        out.append((algorithm, algorithm, config))
+        if config.is_analog:
+            out.append((algorithm, f"{algorithm} (batch)", dataclasses.replace(config, update="batch")))
+    return out
+
+
+def row_labels(algorithms: Sequence[str]) -> list[str]:
+    """The rows' algorithm labels, in order: each analog algorithm and its batch-mode twin."""
+    return [label for _, label, _ in _configs(algorithms, 1.0)]
 
 
 def _stats(row: dict[str, Any], prefix: str) -> Stats:
@@ -190,6 +211,7 @@ def run_step(
         rows += bench_model(spec, algorithms, device, warmup=warmup, repeats=repeats)
 
     groups = [s.label for s in specs]
+    algorithms = row_labels(algorithms)
 
     def bars(key: Callable[[dict[str, Any]], Stats | None], algorithm: str) -> list[Stats | None]:
         by_model = {r["model"]: r for r in rows if r["algorithm"] == algorithm}
