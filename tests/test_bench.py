@@ -125,7 +125,7 @@ def test_aihwkit_exits_0_as_installed(tmp_path, capsys):
         assert "make bench-aihwkit" in out
         assert not (tmp_path / "aihwkit.csv").exists()
     else:
-        assert "aihwkit simulates per-sample pulse trains; fastanalog uses the paper's aggregated pulse model" in out
+        assert "aihwkit simulates per-sample pulse trains; fastanalog writes per sample too" in out
         check_outputs(tmp_path, "aihwkit", ["aihwkit_config", "aihwkit_reads", "status", "aihwkit_over_fastanalog_median"], 10)
 
 
@@ -231,7 +231,7 @@ def test_aihwkit_comparison_with_a_stand_in(tmp_path, capsys, monkeypatch):
     assert tiki.device.gamma == 0 and tiki.device.transfer_forward.is_perfect and len(tiki.device.unit_cell_devices) == 2
     assert ttv2.device.transfer_forward.is_perfect
     out = capsys.readouterr().out
-    assert "aihwkit simulates per-sample pulse trains; fastanalog uses the paper's aggregated pulse model" in out
+    assert "aihwkit simulates per-sample pulse trains; fastanalog writes per sample too" in out
     assert "skipped ChoppedTTv2ReRamSBPreset" in out
 
 

@@ -51,7 +51,10 @@ from .common import (
     synchronizer,
 )
 
-PULSE_NOTE = "aihwkit simulates per-sample pulse trains; fastanalog uses the paper's aggregated pulse model"
+PULSE_NOTE = (
+    "aihwkit simulates per-sample pulse trains; fastanalog writes per sample too (its default: the opposite-pulse "
+    "pairs of SPEC section 2a), with AnalogConfig(update='batch') as the paper's aggregated model"
+)
 INSTALL_HINT = (
     "aihwkit is not installed in this Python, so there is nothing to compare against.\n"
     "Get it with `make bench-aihwkit` (installs cmake, OpenBLAS and pybind11, builds aihwkit from source into .venv "
