@@ -2368,9 +2368,69 @@ static __attribute__((noinline)) void asgd_power_fused(const StepArgs& a, int64_
   }
 }
 
+// pair_counts on eight lanes: N_up and N_down of a write with an excess (av: A widened).
+// std::max(v, 0) is vmaxps(0, v) and std::min(v, cap) vminps(cap, v), NaNs included.
+static FA_INLINE void pair_counts8(__m256 gv, __m256 av, __m256 u0, __m256 u1, __m256 lr, __m256 neg_lr, __m256 dw, __m256 cap,
+                                   __m256& up, __m256& down) {
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  const __m256 nv = _mm256_div_ps(_mm256_mul_ps(neg_lr, gv), dw);
+  const __m256 fl = _mm256_floor_ps(nv);
+  const __m256 net = _mm256_add_ps(fl, _mm256_and_ps(_mm256_cmp_ps(u0, _mm256_sub_ps(nv, fl), _CMP_LT_OQ), one));
+  const __m256 excess = _mm256_max_ps(zero, _mm256_sub_ps(av, _mm256_andnot_ps(sign, gv)));
+  const __m256 m = _mm256_div_ps(_mm256_mul_ps(_mm256_mul_ps(lr, excess), _mm256_set1_ps(0.5f)), dw);
+  const __m256 flm = _mm256_floor_ps(m);
+  const __m256 pairs = _mm256_add_ps(flm, _mm256_and_ps(_mm256_cmp_ps(u1, _mm256_sub_ps(m, flm), _CMP_LT_OQ), one));
+  up = _mm256_min_ps(cap, _mm256_add_ps(pairs, _mm256_max_ps(zero, net)));
+  down = _mm256_min_ps(cap, _mm256_add_ps(pairs, _mm256_max_ps(zero, _mm256_xor_ps(net, sign))));
+}
+
+// apply_pairs (no c2c) of a power write on eight lanes, each direction's power evaluated
+// only for the vectors where a lane sends pulses that way.
+static FA_INLINE __m256 power_pairs_write8(__m256 x, __m256 up, __m256 down, const Power8& e) {
+  const __m256 zero = _mm256_setzero_ps(), two = _mm256_set1_ps(2.0f);
+  const __m256 w = _mm256_add_ps(x, e.shift);
+  const __m256 has_up = _mm256_cmp_ps(up, zero, _CMP_GT_OQ);
+  const __m256 has_down = _mm256_cmp_ps(down, zero, _CMP_GT_OQ);
+  __m256 vu = zero, vd = zero;
+  if (_mm256_movemask_ps(has_up) != 0) {
+    const __m256 u = clamp8(_mm256_div_ps(_mm256_sub_ps(e.tmax, w), e.half), zero, two);
+    const __m256 q = _mm256_mul_ps(Sleef_powf8_u10(u, e.gamma), e.up);
+    vu = _mm256_and_ps(has_up, _mm256_mul_ps(_mm256_mul_ps(up, e.dw), q));
+  }
+  if (_mm256_movemask_ps(has_down) != 0) {
+    const __m256 u = clamp8(_mm256_div_ps(_mm256_sub_ps(w, e.tmin), e.half), zero, two);
+    const __m256 q = _mm256_mul_ps(Sleef_powf8_u10(u, e.gamma), e.down);
+    vd = _mm256_and_ps(has_down, _mm256_mul_ps(_mm256_mul_ps(down, e.dw), q));
+  }
+  return clamp8(_mm256_add_ps(x, _mm256_sub_ps(vu, vd)), e.lo, e.hi);
+}
+
+// asgd_power_fused for a write with an excess (A widened into s.a32, pair uniforms drawn):
+// N_up and N_down into s.first.up / s.first.down for the pulse report.
+static __attribute__((noinline)) void asgd_power_pairs_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew) {
+  const float* g = static_cast<const float*>(a.g) + b;
+  float* W = static_cast<float*>(a.W) + b;
+  const __m256 neg_lr = _mm256_set1_ps(a.neg_lr), lr = _mm256_set1_ps(a.lr), cap = _mm256_set1_ps(a.max_pulses);
+  const Power8 e = power8(ew, a.dev_w.gamma);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int j = 0; j < n; j += 8) {
+    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lane);
+    const bool whole = n - j >= 8;
+    const __m256 x = load8(W + j, whole, valid);
+    __m256 up, down;
+    pair_counts8(load8(g + j, whole, valid), _mm256_loadu_ps(s.a32 + j), _mm256_loadu_ps(s.u0 + j), _mm256_loadu_ps(s.u_pair + j),
+                 lr, neg_lr, e.dw, cap, up, down);
+    _mm256_store_ps(s.first.up + j, up);
+    _mm256_store_ps(s.first.down + j, down);
+    store8(W + j, whole, valid, power_pairs_write8(x, up, down, e));
+  }
+}
+
 // rl2 with power devices for P and W (float32, nominal, no c2c): rl2_elements with
 // power_write8 in place of linear_write.
-template <bool READ, bool EMA>
+// With PAIRS (an excess: A widened into s.a32, pair uniforms drawn) P's write sends N_up and
+// N_down (pair_counts8, power_pairs_write8), reported through s.first.up / s.first.down.
+template <bool READ, bool EMA, bool PAIRS = false>
 static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem ep) {
   const float* g = static_cast<const float*>(a.g) + b;
   float* W = static_cast<float*>(a.W) + b;
@@ -2386,9 +2446,19 @@ static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t
   for (int j = 0; j < n; j += 8) {
     const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lane);
     const bool whole = n - j >= 8;
-    const __m256 np = _mm256_div_ps(_mm256_mul_ps(neg_lr, load8(g + j, whole, valid)), e_p.dw);
-    const __m256 cp = stochastic_count8(np, _mm256_loadu_ps(s.u0 + j), neg_cap, cap);
-    const __m256 p32 = power_write8(load8(P + j, whole, valid), cp, e_p);
+    __m256 cp = zero, p32;
+    if constexpr (PAIRS) {
+      __m256 up, down;
+      pair_counts8(load8(g + j, whole, valid), _mm256_loadu_ps(s.a32 + j), _mm256_loadu_ps(s.u0 + j),
+                   _mm256_loadu_ps(s.u_pair + j), _mm256_set1_ps(a.lr), neg_lr, e_p.dw, cap, up, down);
+      _mm256_store_ps(s.first.up + j, up);
+      _mm256_store_ps(s.first.down + j, down);
+      p32 = power_pairs_write8(load8(P + j, whole, valid), up, down, e_p);
+    } else {
+      const __m256 np = _mm256_div_ps(_mm256_mul_ps(neg_lr, load8(g + j, whole, valid)), e_p.dw);
+      cp = stochastic_count8(np, _mm256_loadu_ps(s.u0 + j), neg_cap, cap);
+      p32 = power_write8(load8(P + j, whole, valid), cp, e_p);
+    }
     store8(P + j, whole, valid, p32);
     __m256 p_hat = p32;
     if constexpr (READ) p_hat = _mm256_add_ps(p32, _mm256_mul_ps(rn, _mm256_loadu_ps(s.n_read + j)));
@@ -2408,7 +2478,7 @@ static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t
     if constexpr (!EMA) h = _mm256_sub_ps(h, _mm256_mul_ps(cw, e_w.dw));
     store8(H + j, whole, valid, h);
     if (Wbar) store8(Wbar + j, whole, valid, _mm256_add_ps(ws, _mm256_mul_ps(gm, p32)));
-    _mm256_store_ps(s.first.count + j, cp);
+    if constexpr (!PAIRS) _mm256_store_ps(s.first.count + j, cp);
     _mm256_store_ps(s.second.count + j, cw);
   }
 }
@@ -2557,12 +2627,14 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end, void* scra
   const SegFn last = FA_PICK_NP(pick_asgd_last, nom, plan.pairs, dw.c2c());
   bool fused = !plan.pairs && fusable(dw);
   FusedFn fused_fn = &asgd_fused<S, G>;
+  [[maybe_unused]] bool fused_pairs = false;
 #if FA_ISA_AVX2
   if constexpr (std::is_same_v<S, StoreF32> && std::is_same_v<G, StoreF32>) {
     if (!plan.pairs && power_fusable(dw)) {
       fused = true;
       fused_fn = &asgd_power_fused;
     }
+    fused_pairs = plan.pairs && power_fusable(dw);
   }
 #endif
   const Elem ew = nominal_elem(dw);
@@ -2577,6 +2649,13 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end, void* scra
       continue;
     }
     if (plan.pairs) widen_excess(a, b, n, s.a32);
+#if FA_ISA_AVX2
+    if (fused_pairs) {
+      asgd_power_pairs_fused(a, b, n, s, ew);
+      write_pulses_pairs(a.pulses_first, a.pairs_first, a.total_first != nullptr, acc_first, b, n, s.first.up, s.first.down);
+      continue;
+    }
+#endif
     first_fn(a, b, n, s, nullptr);
     const float* shape = first_responses(dw, s.pw, plan, nv, s);
     last(a, b, n, s, shape);
@@ -2658,6 +2737,7 @@ static void rl2_range(const StepArgs& a, int64_t begin, int64_t end, void* scrat
   const SegFn last = nom ? pick_rl2_last<S, true>(dw.c2c(), a.ema) : pick_rl2_last<S, false>(dw.c2c(), a.ema);
   bool fused = !plan.pairs && fusable(dp) && fusable(dw);
   FusedFn fused_fn = pick_rl2_fused<S, G>(plan.read, a.ema);
+  [[maybe_unused]] FusedFn fused_pairs = nullptr;
 #if FA_ISA_AVX2
   if constexpr (std::is_same_v<S, StoreF32> && std::is_same_v<G, StoreF32>) {
     if (!plan.pairs && power_fusable(dp) && power_fusable(dw)) {
@@ -2666,6 +2746,12 @@ static void rl2_range(const StepArgs& a, int64_t begin, int64_t end, void* scrat
         fused_fn = plan.read ? &rl2_power_fused<true, true> : &rl2_power_fused<false, true>;
       else
         fused_fn = plan.read ? &rl2_power_fused<true, false> : &rl2_power_fused<false, false>;
+    }
+    if (plan.pairs && power_fusable(dp) && power_fusable(dw)) {
+      if (a.ema)
+        fused_pairs = plan.read ? &rl2_power_fused<true, true, true> : &rl2_power_fused<false, true, true>;
+      else
+        fused_pairs = plan.read ? &rl2_power_fused<true, false, true> : &rl2_power_fused<false, false, true>;
     }
   }
 #endif
@@ -2682,6 +2768,12 @@ static void rl2_range(const StepArgs& a, int64_t begin, int64_t end, void* scrat
       continue;
     }
     if (plan.pairs) widen_excess(a, b, n, s.a32);
+    if (fused_pairs != nullptr) {
+      fused_pairs(a, b, n, s, ew, ep);
+      write_pulses_pairs(a.pulses_first, a.pairs_first, a.total_first != nullptr, acc_first, b, n, s.first.up, s.first.down);
+      write_pulses(a.pulses_main, a.total_main != nullptr, acc_main, b, n, s.second.count);
+      continue;
+    }
     first_fn(a, b, n, s, nullptr);
     const float* shape_p = first_responses(dp, s.pp, plan, nv, s);
     mid(a, b, n, s, shape_p);

@@ -64,6 +64,14 @@ def test_excess(backend, kind):
     assert pairs > 0 if kind in ("above", "mixed") else pairs == 0
 
 
+@pytest.mark.parametrize("kind", ["above", "mixed", "zeros"])
+def test_excess_on_a_nominal_device(backend, kind):
+    """No variation, no c2c: the C++ kernels' one-pass path of a power write with pairs (tails of 8-lane vectors too)."""
+    results = compare(backend, config(asymmetry=0.1), 1031, steps=2, excess=kind)
+    pairs = total_pairs(results)
+    assert pairs > 0 if kind != "zeros" else pairs == 0
+
+
 @pytest.mark.parametrize("a_dtype,kind", [(torch.bfloat16, "equal"), (torch.float16, "above")])
 def test_excess_in_reduced_precision(backend, a_dtype, kind):
     # A in a narrower dtype than g: "equal" is |g| rounded, on either side of |g| (a tiny excess or none).

@@ -122,6 +122,13 @@ def test_excess(backend, kind):
     assert pairs > 0 if kind in ("above", "mixed") else pairs == 0
 
 
+@pytest.mark.parametrize("options", [{}, {"read_noise": 0.02}, {"buffer": "ema", "transfer_lr": 0.5}, {"zero_shift": False}])
+def test_excess_on_nominal_devices(backend, options):
+    """No variation, no c2c: the C++ kernels' one-pass path of power writes with pairs, every buffer and read option."""
+    results = compare(backend, config(asymmetry=0.1, **options), 1031, steps=2, excess="mixed")
+    assert total_pairs(results) > 0
+
+
 @pytest.mark.parametrize("a_dtype,kind", [(torch.bfloat16, "equal"), (torch.float16, "above")])
 def test_excess_in_reduced_precision(backend, a_dtype, kind):
     results = compare(backend, config(c2c_std=0.2), 331, steps=1, excess=kind, excess_dtype=a_dtype)
