@@ -212,3 +212,106 @@ def gamma_sweep(
             mean = float(res["mean"][0])
             rows.append({"algorithm": algorithm, "gamma": gamma, "bias": mean - problem.w_star, "mse": float(res["mse"][0])})
     return rows
+
+
+# ----- Figure 2: least squares on an asymmetric linear device --------------------------------------
+@dataclass(frozen=True)
+class LeastSquares:
+    """``f(W) = 1/2 ||A W - b||^2`` with ``A`` (``rows x cols``) Gaussian of std ``a_std``, ``W*`` Gaussian of std ``w_std``, ``b = A W*``.
+
+    Replicas share ``A`` and have their own ``W*`` (drawn from ``seed``).
+    """
+
+    rows: int = 100
+    cols: int = 50
+    a_std: float = 1.0
+    w_std: float = 0.5
+    seed: int = 0
+
+    def make(self, replicas: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A, W*, B)``: ``A`` (rows, cols), ``W*`` (replicas, cols), ``B = A W*^T`` (rows, replicas)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        a = self.a_std * torch.randn(self.rows, self.cols, generator=gen)
+        w_star = self.w_std * torch.randn(replicas, self.cols, generator=gen)
+        return a, w_star, a @ w_star.T
+
+
+@dataclass(frozen=True)
+class LsAlgorithm:
+    """One curve of the least-squares experiment: an algorithm with its learning rate (and for rl, gamma and zero-shift)."""
+
+    name: str
+    algorithm: str  # asgd | rl
+    lr: float
+    gamma: float = 0.0
+    zero_shift: bool = True
+
+
+def least_squares_runs(
+    c_lins: list[float],
+    algorithms: tuple[LsAlgorithm, ...],
+    *,
+    problem: LeastSquares,
+    tau: float,
+    dw_min: float,
+    steps: int,
+    replicas: int,
+    transfer_lr: float,
+    update: str = "per-sample",
+    record_every: int = 10,
+    seed: int = 0,
+) -> list[dict]:
+    """The paper's Figure 2: ``f`` of the forward weight over ``steps`` gradient computations per asymmetry ``cLin``.
+
+    The device is ``LinearResponse(tau, dw_min, asymmetry=cLin)`` for W and P alike. Every
+    gradient computation is one optimizer step on the whole problem: the layer
+    ``AnalogLinear(cols, replicas, bias=False)`` reads all ``rows`` rows of A as one batch
+    (replica r is output r), the loss is ``f`` summed over the replicas, and the write is per
+    sample (``update="per-sample"``: the rows' pulses are all sent, as a crossbar writes) or one
+    write of the summed gradient (``"batch"``). W starts at 0. Returns one row per
+    (cLin, algorithm) with ``trace`` (the replica mean of ``f`` every ``record_every`` steps,
+    first point at step 0), ``final`` (the replica mean at the last step) and ``f0``.
+    """
+    a, _, b = problem.make(replicas)
+    out = []
+    for c in c_lins:
+        device = fa.LinearResponse(tau=tau, dw_min=dw_min, asymmetry=c)
+        for alg in algorithms:
+            if alg.algorithm == "asgd":
+                cfg = analog_config("asgd", device, update=update)
+            else:
+                cfg = replace(analog_config(alg.algorithm, device, update=update, gamma=alg.gamma, transfer_lr=transfer_lr), zero_shift=alg.zero_shift)
+            layer = fa.AnalogLinear(problem.cols, replicas, bias=False, config=cfg)
+            layer.set_digital_weight(torch.zeros(replicas, problem.cols))
+            opt = fa.AnalogSGD(layer.parameters(), lr=alg.lr, seed=seed)
+            trace = []
+            f = torch.zeros(replicas)
+            for k in range(steps + 1):
+                res = layer(a) - b
+                f = 0.5 * res.detach().pow(2).sum(0)
+                if k % record_every == 0 or k == steps:
+                    trace.append(float(f.mean()))
+                if k == steps:
+                    break
+                opt.zero_grad(set_to_none=True)
+                (0.5 * res.pow(2).sum()).backward()
+                opt.step()
+            out.append(
+                {
+                    "update": update,
+                    "c_lin": c,
+                    "symmetric_point": c * tau,
+                    "name": alg.name,
+                    "algorithm": alg.algorithm,
+                    "lr": alg.lr,
+                    "gamma": alg.gamma if alg.algorithm != "asgd" else "",
+                    "zero_shift": alg.zero_shift if alg.algorithm != "asgd" else "",
+                    "transfer_lr": transfer_lr if alg.algorithm != "asgd" else "",
+                    "steps": steps,
+                    "f0": trace[0],
+                    "final": float(f.mean()),
+                    "final_median": float(f.median()),
+                    "trace": trace,
+                }
+            )
+    return out
