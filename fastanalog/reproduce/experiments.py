@@ -1,9 +1,17 @@
 """What ``fastanalog reproduce`` runs, in its full and ``--quick`` sizes, and the runner.
 
-Three phases keep both worker processes busy: (1) the theory runs (in this process) and the
-learning-rate grid of every accuracy table (seed 0, scored on the validation split) with
-the default-setting sweep; (2) the remaining seeds at each cell's chosen learning rate with
-the ablations (which use the chosen learning rates of the first table); (3) the report.
+Three phases keep both worker processes busy: (1) the theory runs (in a worker, beside the
+training runs) and the learning-rate grid of every accuracy table (seed 0, scored on the
+validation split) with the default-setting sweep; (2) the remaining seeds at each cell's
+chosen learning rate with the ablations (which use the chosen learning rates of the first
+table); (3) the report.
+
+Run time: :func:`total_cost` sums :func:`_cost` over the distinct training runs of a setting.
+The full setting before the paper's Table 6 cells, Table 5 levels and Figure 2 were added
+summed to ``OLD_FULL_COST`` (2.70M) and was estimated at about 55 minutes on 2 idle cores; the
+current full setting sums to 3.34M, 1.24 times that, so an estimated 68 minutes (the Figure 2
+runs, about a minute, run in a worker beside the training runs). Estimated by that ratio, not
+measured: the report states the time it took.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import torch
 
 import fastanalog as fa
 
-from . import theory
+from . import paper, theory
 from .common import HAS_UPDATE_MODE
 from .training import DeviceSpec, Job, mean_std, run_jobs, worker_pool
 
@@ -53,8 +61,6 @@ class TableSpec:
     row_grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
     # Rows to leave out (e.g. ``--quick`` has no room for some).
     skip_rows: tuple[str, ...] = ()
-    # Paper values where the paper has one, keyed (row label, response label): quoted, never tuned to.
-    paper: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def grid(self, row: str) -> tuple[float, ...]:
         return self.row_grids.get(row, self.lr_grid)
@@ -104,9 +110,18 @@ class Settings:
     defaults_transfer_lrs: tuple[float, ...]
     defaults_algorithms: tuple[str, ...] = ("digital", "asgd", "rl", "rl2")
     c2c_rows: tuple[str, ...] = ("asgd", "rl2")
+    c2c_seeds: int = 1
+    # the paper's Figure 2 (least squares, asymmetric linear device): gradient computations,
+    # replicas (own W*, shared A), write modes and curves (names in LS_ALGORITHMS)
+    ls_steps: int = 1000
+    ls_replicas: int = 8
+    ls_updates: tuple[str, ...] = ("per-sample", "batch")
+    ls_algorithms: tuple[str, ...] = ()
 
 
 REFERENCE = DeviceSpec("power", 0.6, 0.5)
+# The paper's cycle-to-cycle levels (Table 5) and 0, the tables' own runs (the same jobs, so not run twice).
+C2C_LEVELS = (0.0, 0.1, 0.3, 0.6, 0.9, 1.2)
 # The learning-rate grid of the full tables (every row).
 FULL_GRID = (0.05, 0.1, 0.2, 0.5)
 # --quick has no grid: one learning rate per row, picked from short runs of this table's setting by
@@ -115,35 +130,45 @@ QUICK_LRS = {"digital": (0.3,), "asgd": (0.2,), "asgd (batch mode)": (0.2,), "rl
 
 
 def full_settings(workers: int) -> Settings:
-    fm_responses = (
+    # Table 6 cells: a range of tau at power gamma_res 0.5 (where the paper's Analog SGD works),
+    # steep power and exponential ones (where it fails, <15%), and exponential gamma_res 0.5.
+    fcn_responses = (
         DeviceSpec("power", 0.6, 0.5),
-        DeviceSpec("power", 0.3, 0.5),
-        DeviceSpec("power", 0.1, 0.5),
-        DeviceSpec("exp", 0.6, 3.0),
+        DeviceSpec("power", 0.8, 0.5),
+        DeviceSpec("power", 0.6, 2.0),
+        DeviceSpec("exp", 0.6, 0.5),
+        DeviceSpec("exp", 0.6, 2.0),
     )
+    cnn_responses = (DeviceSpec("power", 0.6, 0.5), DeviceSpec("power", 0.6, 2.0))
     tables = (
-        TableSpec("fmnist-fcn", "fcn", "fashion-mnist", fm_responses, FULL_GRID, 3, 8, 32, 10000, 2000),
-        TableSpec("fmnist-cnn", "cnn", "fashion-mnist", (fm_responses[0], fm_responses[2]), FULL_GRID, 3, 5, 32, 8000, 2000),
-        TableSpec("digits-fcn", "fcn", "digits", fm_responses, FULL_GRID, 3, 20, 16, None, 300),
+        TableSpec("fmnist-fcn", "fcn", "fashion-mnist", fcn_responses, FULL_GRID, 3, 8, 32, 10000, 2000),
+        TableSpec("fmnist-cnn", "cnn", "fashion-mnist", cnn_responses, FULL_GRID, 3, 5, 32, 8000, 2000),
+        TableSpec("digits-fcn", "fcn", "digits", fcn_responses, FULL_GRID, 3, 20, 16, None, 300),
     )
     return Settings(
         "full", workers, 512, (0.0, 0.1, 0.2, 0.5, 1.0), (0.3, 0.6, 1.0), 2000,
         (0.005, 0.01, 0.02, 0.05, 0.1), 100.0, 20000, (0.0, 0.05, 0.1, 0.2, 0.3, 0.5), 4000,
-        tables, (0.1, 0.3, 0.6, 1.2), (0.0, 0.002, 0.01, 0.05), 1,
+        tables, C2C_LEVELS, (0.0, 0.002, 0.01, 0.05), 1,
         "fashion-mnist", 150, (0.03, 0.1, 0.3, 1.0),
+        c2c_rows=("asgd", "tiki-taka (rl, gamma 0)", "rl2"), c2c_seeds=3,
+        ls_steps=1000, ls_replicas=8, ls_updates=("per-sample", "batch"), ls_algorithms=tuple(LS_ALGORITHMS),
     )  # fmt: skip
 
 
 def quick_settings(workers: int) -> Settings:
-    responses = (DeviceSpec("power", 0.6, 0.5), DeviceSpec("power", 0.1, 0.5))
+    # Both responses are Table 6 cells: power gamma_res 0.5 / tau 0.6 (the paper's Analog SGD works)
+    # and power gamma_res 2 / tau 0.6 (it fails).
+    responses = (DeviceSpec("power", 0.6, 0.5), DeviceSpec("power", 0.6, 2.0))
     tables = (
         TableSpec("digits-fcn", "fcn", "digits", responses, (0.1,), 1, 5, 16, None, 300, QUICK_LRS, ("tiki-taka (rl, gamma 0)",)),
     )
     return Settings(
         "quick", workers, 64, (0.0, 0.5, 1.0), (0.5, 1.0), 1000,
         (0.02, 0.1), 20.0, 1000, (0.0, 0.1), 600,
-        tables, (1.2,), (0.0, 0.05), 1,
-        "digits", 100, (0.1, 1.0), ("rl2",), ("rl2",),
+        tables, (0.0, 1.2), (0.0, 0.05), 1,
+        "digits", 100, (0.1, 1.0), ("rl2",), ("asgd", "rl2"), 1,
+        ls_steps=600, ls_replicas=4, ls_updates=("per-sample",),
+        ls_algorithms=("asgd", "tiki-taka (gamma 0, no zero-shift)", "residual learning (gamma 0.1, zero-shift)"),
     )  # fmt: skip
 
 
@@ -151,6 +176,23 @@ def quick_settings(workers: int) -> Settings:
 THEORY_PROBLEM = theory.ScalarProblem(w_star=0.3, sigma=0.5)
 THEORY_DEVICE = dict(tau=0.6)
 OFF_CENTRE = dict(tau_min=-0.3, tau_max=0.9)  # a residual device whose symmetric point is 0.3
+
+# Figure 2: the paper's least-squares problem and device; the curves with their learning rates, picked so that
+# each converges at cLin = 0 (per-sample writes, 1000 gradient computations): Analog SGD at 0.005 (the full
+# gradient's step limit is about 2 / 290), Tiki-Taka and Residual Learning at 0.02 with transfer_lr 0.1.
+LS_PROBLEM = theory.LeastSquares(rows=100, cols=50, a_std=1.0, w_std=0.5, seed=0)
+LS_TRANSFER_LR = 0.1
+LS_ALGORITHMS = {
+    a.name: a
+    for a in (
+        theory.LsAlgorithm("asgd", "asgd", 0.005),
+        theory.LsAlgorithm("tiki-taka (gamma 0, no zero-shift)", "rl", 0.02, gamma=0.0, zero_shift=False),
+        theory.LsAlgorithm("tiki-taka + zero-shift (gamma 0)", "rl", 0.02, gamma=0.0, zero_shift=True),
+        theory.LsAlgorithm("residual learning (gamma 0.1, zero-shift)", "rl", 0.02, gamma=0.1, zero_shift=True),
+    )
+}
+LS_TT = "tiki-taka (gamma 0, no zero-shift)"
+LS_RL = "residual learning (gamma 0.1, zero-shift)"
 
 
 def run_theory(s: Settings, say: Callable[[str], None]) -> dict[str, Any]:
@@ -182,6 +224,19 @@ def run_theory(s: Settings, say: Callable[[str], None]) -> dict[str, Any]:
             rows.append({"sigma": sigma, **r})
     out["gamma"] = rows
     say(f"theory: mixing weight gamma ({time.perf_counter() - t:.0f} s)")
+    if s.ls_algorithms:
+        t = time.perf_counter()
+        algs = tuple(LS_ALGORITHMS[name] for name in s.ls_algorithms)
+        ls = []
+        for update in s.ls_updates:
+            if update == "batch" and not HAS_UPDATE_MODE:
+                continue
+            ls += theory.least_squares_runs(
+                list(paper.FIGURE2["c_lins"]), algs, problem=LS_PROBLEM, tau=paper.FIGURE2_TAU, dw_min=paper.FIGURE2_DW_MIN,
+                steps=s.ls_steps, replicas=s.ls_replicas, transfer_lr=LS_TRANSFER_LR, update=update,
+            )  # fmt: skip
+        out["least_squares"] = ls
+        say(f"theory: Figure 2 least squares ({time.perf_counter() - t:.0f} s)")
     return out
 
 
@@ -240,7 +295,7 @@ def table_rows(spec: TableSpec, runs: list[dict], chosen: dict[tuple[str, str], 
                 "seeds": len(final),
                 "diverged": sum(bool(r["diverged"]) for r in final),
                 "val_acc_by_lr": "; ".join(f"{k:g}: {100 * v:.1f}" for k, v in sorted(grid.items())),
-                "paper": spec.paper.get((row, resp), "not quoted"),
+                "paper": paper.table_paper_value(row, spec.model, dev),
             }
         )
     return out
@@ -250,12 +305,13 @@ def table_rows(spec: TableSpec, runs: list[dict], chosen: dict[tuple[str, str], 
 def ablation_jobs(s: Settings, chosen: dict[tuple[str, str], float]) -> list[Job]:
     spec = s.tables[0]
     jobs = []
-    for seed in range(s.ablation_seeds):
+    for seed in range(s.c2c_seeds):
         for c2c in s.c2c_levels:
             dev = replace(REFERENCE, c2c_std=c2c)
             for row in s.c2c_rows:
                 lr = chosen.get((row, REFERENCE.label), spec.grid(row)[0])
                 jobs.append(replace(spec.job(row, dev, lr, seed), tags=(("ablation", "c2c"), ("row", row), ("level", c2c))))
+    for seed in range(s.ablation_seeds):
         for noise in s.read_noise_levels:
             for row in ("rl", "rl2"):
                 lr = chosen.get((row, REFERENCE.label), spec.grid(row)[0])
@@ -342,6 +398,24 @@ def _print(msg: str) -> None:
 def _timed_theory(s: Settings, say: Callable[[str], None] = _print) -> tuple[dict[str, Any], float]:
     t = time.perf_counter()
     return run_theory(s, say), time.perf_counter() - t
+
+
+OLD_FULL_COST = 2_703_400.0  # total_cost of the full setting before the paper's cells were added (about 55 min, estimated)
+
+
+def total_cost(s: Settings) -> float:
+    """The summed :func:`_cost` of the distinct training runs of ``s`` (learning rates do not change it)."""
+    jobs: list[Job] = []
+    for spec in s.tables:
+        jobs += grid_jobs(spec)
+    jobs += defaults_jobs(s)
+    for spec in s.tables:
+        first = {(row, "-" if dev is None else dev.label): spec.grid(row)[0] for row, dev in spec.cells()}
+        jobs += seed_jobs(spec, first)
+    if s.tables:
+        jobs += ablation_jobs(s, {(row, "-" if dev is None else dev.label): s.tables[0].grid(row)[0] for row, dev in s.tables[0].cells()})
+    unique = {replace(j, tags=()) for j in jobs}
+    return sum(_cost(j) for j in unique)
 
 
 def _cost(job: Job) -> float:
