@@ -52,6 +52,7 @@
 
 #include <ATen/Config.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <torch/library.h>
@@ -93,6 +94,11 @@ void vmsSin(long long n, const float* a, float* r, long long mode);
 void vmdLn(long long n, const double* a, double* r, long long mode);
 void vmdSqrt(long long n, const double* a, double* r, long long mode);
 void vmdExp(long long n, const double* a, double* r, long long mode);
+// C = alpha op(A) op(B) + beta C with bfloat16 A and B, float32 accumulation and C (MKL's
+// cblas_gemm_bf16bf16f32; MKL_INT and the enums passed as 64 bit, as above).
+void cblas_gemm_bf16bf16f32(long long layout, long long transa, long long transb, long long m, long long n, long long k,
+                            float alpha, const uint16_t* a, long long lda, const uint16_t* b, long long ldb, float beta,
+                            float* c, long long ldc);
 }
 #else
 #define FA_HAVE_MKL 0
@@ -133,6 +139,9 @@ struct Device {
   const double* table64 = nullptr; // the same samples in float64 (bisection)
   bool d2d() const { return d2d_std > 0.f; }
   bool c2c() const { return c2c_std > 0.f; }
+  // A power response of one exponent 0.5 for the whole array: u^0.5 is sqrt(u), as the
+  // reference (PowerResponse._shape) computes it; with d2d every element has its own exponent.
+  bool root() const { return family == kPower && !d2d() && gamma == 0.5f; }
 };
 
 // Everything one call needs; pointers are to the first element of each flat tensor.
@@ -772,6 +781,66 @@ bool all_finite_cpu(at::TensorList tensors) {
   return finite != 0;
 }
 
+// |t| rounded to bfloat16 (to nearest even, as Tensor.to does), t float32, bfloat16 or
+// float16 of n contiguous elements.
+static void abs_bf16(const at::Tensor& t, uint16_t* out, int64_t n) {
+  at::parallel_for(0, n, 1 << 14, [&](int64_t lo, int64_t hi) {
+    switch (t.scalar_type()) {
+      case at::kFloat: {
+        const float* x = t.data_ptr<float>();
+        for (int64_t i = lo; i < hi; ++i) out[i] = c10::BFloat16(std::fabs(x[i])).x;
+        break;
+      }
+      case at::kBFloat16: {
+        const uint16_t* x = reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+        for (int64_t i = lo; i < hi; ++i) out[i] = static_cast<uint16_t>(x[i] & 0x7FFFu);
+        break;
+      }
+      default: {
+        const at::Half* x = t.data_ptr<at::Half>();
+        for (int64_t i = lo; i < hi; ++i) out[i] = c10::BFloat16(std::fabs(static_cast<float>(x[i]))).x;
+        break;
+      }
+    }
+  });
+}
+
+// A = |d|^T |x| (d: rows x O, x: rows x I) in float32 from the bfloat16 roundings of |d| and
+// |x|, accumulated in float32 (MKL's mixed-precision product, which uses AMX or AVX512-BF16
+// where the CPU has them). Every product of two bfloat16 numbers is exact in float32, so A
+// differs from the float32 product of the rounded factors only in the order of its sums,
+// and a sum over DDP ranks from one rank's A as the float32 product does.
+at::Tensor abs_outer_bf16(const at::Tensor& d, const at::Tensor& x) {
+  TORCH_CHECK(d.dim() == 2 && x.dim() == 2, "abs_outer_bf16: d and x must be matrices, got ", d.dim(), "-d and ", x.dim(), "-d");
+  TORCH_CHECK(d.size(0) == x.size(0), "abs_outer_bf16: d and x must have the same rows, got ", d.size(0), " and ", x.size(0));
+  TORCH_CHECK(d.device().is_cpu() && x.device().is_cpu(), "abs_outer_bf16: d and x must be on the CPU");
+  for (const at::Tensor* t : {&d, &x})
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf,
+                "abs_outer_bf16: d and x must be float32, bfloat16 or float16, got ", t->scalar_type());
+  const int64_t rows = d.size(0), O = d.size(1), I = x.size(1);
+  at::Tensor out = at::empty({O, I}, d.options().dtype(at::kFloat));
+  if (O == 0 || I == 0) return out;
+  if (rows == 0) return out.zero_();
+#if FA_HAVE_MKL
+  const int64_t most = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(rows * O <= most && rows * I <= most && O * I <= most,
+              "abs_outer_bf16: too large for one product (", rows, " x ", O, " and ", rows, " x ", I, ")");
+  const at::Tensor dc = d.contiguous(), xc = x.contiguous();
+  std::unique_ptr<uint16_t[]> da(new uint16_t[rows * O]), xa(new uint16_t[rows * I]);
+  abs_bf16(dc, da.get(), rows * O);
+  abs_bf16(xc, xa.get(), rows * I);
+  // Row-major: out (O x I) = da^T (O x rows) xa (rows x I).
+  cblas_gemm_bf16bf16f32(101 /* CblasRowMajor */, 112 /* CblasTrans */, 111 /* CblasNoTrans */, O, I, rows, 1.0f, da.get(), O,
+                         xa.get(), I, 0.0f, out.data_ptr<float>(), I);
+  return out;
+#else
+  TORCH_CHECK(false, "abs_outer_bf16: this torch has no MKL (bf16_gemm_cpp() is false)");
+#endif
+}
+
+// Whether abs_outer_bf16 can run here (torch built with MKL).
+bool bf16_gemm() { return FA_HAVE_MKL != 0; }
+
 // Which code path the CPU kernels take in this process ("avx2" or "generic").
 std::string cpu_variant() { return use_avx512_variant() ? "avx512" : use_avx2_variant() ? "avx2" : "generic"; }
 
@@ -788,6 +857,8 @@ TORCH_LIBRARY_FRAGMENT(fastanalog, m) {
   m.def("mix_cpp_(Tensor(a!) out, Tensor W, Tensor P, float gamma) -> ()");
   m.def("all_finite_cpp(Tensor[] tensors) -> bool");
   m.def("cpu_variant_cpp() -> str", &fastanalog::cpu::cpu_variant);
+  m.def("abs_outer_bf16_cpp(Tensor d, Tensor x) -> Tensor");
+  m.def("bf16_gemm_cpp() -> bool", &fastanalog::cpu::bf16_gemm);
 }
 
 TORCH_LIBRARY_IMPL(fastanalog, CPU, m) {
@@ -795,6 +866,7 @@ TORCH_LIBRARY_IMPL(fastanalog, CPU, m) {
   m.impl("triad_cpp_", &fastanalog::cpu::triad_cpu);
   m.impl("mix_cpp_", &fastanalog::cpu::mix_cpu);
   m.impl("all_finite_cpp", &fastanalog::cpu::all_finite_cpu);
+  m.impl("abs_outer_bf16_cpp", &fastanalog::cpu::abs_outer_bf16);
 }
 
 #else  // FA_ISA_BODY ====================================================================
@@ -863,6 +935,16 @@ static void vm_pow(const float* a, const float* b, float* y, int n) {
   for (int j = 0; j < n; j += 8) _mm256_store_ps(y + j, Sleef_powf8_u10(_mm256_load_ps(a + j), _mm256_load_ps(b + j)));
 #else
   for (int j = 0; j < n; ++j) y[j] = std::pow(a[j], b[j]);
+#endif
+}
+
+// y = sqrt(a), correctly rounded (IEEE; PowerResponse._shape's value, which torch.sqrt of
+// float32, through MKL, is not always).
+static void vm_sqrt_exact(const float* a, float* y, int n) {
+#if FA_ISA_AVX2
+  for (int j = 0; j < n; j += 8) _mm256_store_ps(y + j, _mm256_sqrt_ps(_mm256_load_ps(a + j)));
+#else
+  for (int j = 0; j < n; ++j) y[j] = std::sqrt(a[j]);
 #endif
 }
 
@@ -1243,7 +1325,8 @@ struct alignas(64) Scratch {
   const float* n_c2c;   // normals: c2c noise of the first array
   const float* n_read;  // normals: read noise of P
   const float* z_w;     // normals: c2c noise of W
-  alignas(64) float a32[kBlock];        // A widened to float32 (with an excess)
+  const float* av;                      // A of the block as float32: A itself, or a32 (with an excess)
+  alignas(64) float a32[kBlock];        // A widened to float32 (with an excess, unless float32)
   alignas(64) float p32[kBlock];        // P after its write, as stored, widened
   alignas(64) float h[kBlock];          // rl2 buffer after the read of P
   alignas(64) float t[kTemps][kBlock];  // temporaries
@@ -1619,7 +1702,7 @@ static FA_INLINE void pair_counts(float gv, float av, float u0, float u1, float 
   const float n = (neg_lr * gv) / dw;
   const float fl = std::floor(n);
   const float net = fl + (u0 < n - fl ? 1.0f : 0.0f);
-  const float m = ((lr * std::max(av - std::fabs(gv), 0.0f)) * 0.5f) / dw;
+  const float m = ((lr * std::max(0.0f, av - std::fabs(gv))) * 0.5f) / dw;  // a NaN A: no pairs (fmax)
   const float flm = std::floor(m);
   const float pairs = flm + (u1 < m - flm ? 1.0f : 0.0f);
   up = std::min(pairs + std::max(net, 0.0f), cap);
@@ -1701,12 +1784,16 @@ static void unpack(const Packed& pk, int n, float* __restrict__ shape) {
 
 // shape[j] = f(u[j], gamma[j], denom[j]) for the power or exp family on lanes j < n:
 // densely when at least 7/8 of the lanes pulse, else on the packed pulsing lanes.
+// root: the power is the square root (Device::root).
 template <int F>
 static void transcendental_shape(const float* __restrict__ u, const float* __restrict__ gamma, const float* __restrict__ denom,
-                                 const float* __restrict__ count, float* __restrict__ shape, int n, Scratch& s) {
-  auto eval = [](const float* uu, const float* gg, const float* dd, float* out, float* tmp, int m) {
+                                 const float* __restrict__ count, float* __restrict__ shape, int n, Scratch& s, bool root = false) {
+  auto eval = [root](const float* uu, const float* gg, const float* dd, float* out, float* tmp, int m) {
     if constexpr (F == kPower) {
-      vm_pow(uu, gg, out, m);
+      if (root)
+        vm_sqrt_exact(uu, out, m);
+      else
+        vm_pow(uu, gg, out, m);
     } else {
       for (int j = 0; j < m; ++j) tmp[j] = gg[j] * uu[j];
       vm_expm1(tmp, out, m);
@@ -1773,7 +1860,7 @@ static const float* response_shape(const Device& dev, const ParamBlock& p, const
                                    float* out, int dir, int n, Scratch& s) {
   switch (dev.family) {
     case kPower:
-      transcendental_shape<kPower>(u, p.gamma, p.denom, count, out, n, s);
+      transcendental_shape<kPower>(u, p.gamma, p.denom, count, out, n, s, dev.root());
       return out;
     case kExp:
       transcendental_shape<kExp>(u, p.gamma, p.denom, count, out, n, s);
@@ -1866,6 +1953,9 @@ static void write_pulses_pairs(int32_t* dst, int32_t* dst_pairs, bool total, int
 }
 
 // A of elements b .. b+n-1 widened to float32 (exact) into out.
+// A of elements b .. b+n-1 as float32: A itself when it is float32, else widened into out.
+static const float* excess_f32(const StepArgs& a, int64_t b, int n, float* __restrict__ out);
+
 static void widen_excess(const StepArgs& a, int64_t b, int n, float* __restrict__ out) {
   switch (a.a_storage) {
     case kBF16: {
@@ -1886,6 +1976,12 @@ static void widen_excess(const StepArgs& a, int64_t b, int n, float* __restrict_
   }
 }
 
+static const float* excess_f32(const StepArgs& a, int64_t b, int n, float* __restrict__ out) {
+  if (a.a_storage == kF32) return static_cast<const float*>(a.A) + b;
+  widen_excess(a, b, n, out);
+  return out;
+}
+
 // Adds a thread's pulse total to the shared one (integer addition: any order gives the same).
 static void add_total(int64_t* total, int64_t acc) {
   if (total != nullptr) __atomic_fetch_add(total, acc, __ATOMIC_RELAXED);
@@ -1902,7 +1998,7 @@ using SegFn = void (*)(const StepArgs&, int64_t, int, Scratch&, const float*);
 //
 // First write (W for asgd, P for rl/rl2): without pairs N = round_stochastic(-lr * g /
 // dw_min) with u0 (capped) and the response argument the sign selects; with pairs (an
-// excess A, widened into s.a32) N_up, N_down (pair_counts) and both arguments.
+// excess A, as float32 at s.av) N_up, N_down (pair_counts) and both arguments.
 template <class S, class G, bool RESIDUAL, bool NOM, bool PAIRS>
 static void seg_first(const StepArgs& a, int64_t b, int n, Scratch& s, const float*) {
   using ST = typename S::T;
@@ -1933,7 +2029,7 @@ static void seg_first(const StepArgs& a, int64_t b, int n, Scratch& s, const flo
     }
   } else {
     const float* __restrict__ u1 = s.u_pair;
-    const float* __restrict__ av = s.a32;
+    const float* __restrict__ av = s.av;
     float* __restrict__ upo = f.up;
     float* __restrict__ dno = f.down;
     float* __restrict__ udo = f.u_down;
@@ -2311,12 +2407,18 @@ static FA_INLINE __m256 clamp8(__m256 v, __m256 lo, __m256 hi) { return _mm256_m
 // The constants of a power write, broadcast.
 struct Power8 {
   __m256 dw, tmax, tmin, half, shift, up, down, lo, hi, gamma;
+  bool root;  // the power is the square root (Device::root)
 };
 
-static FA_INLINE Power8 power8(const Elem& e, float gamma) {
+static FA_INLINE Power8 power8(const Elem& e, const Device& dev) {
   return Power8{_mm256_set1_ps(e.dw),    _mm256_set1_ps(e.tau_max), _mm256_set1_ps(e.tau_min), _mm256_set1_ps(e.half),
                 _mm256_set1_ps(e.shift), _mm256_set1_ps(e.up),      _mm256_set1_ps(e.down),    _mm256_set1_ps(e.lo),
-                _mm256_set1_ps(e.hi),    _mm256_set1_ps(gamma)};
+                _mm256_set1_ps(e.hi),    _mm256_set1_ps(dev.gamma), dev.root()};
+}
+
+// u^gamma on eight lanes: vm_pow's Sleef power, or the square root (vm_sqrt_exact's).
+static FA_INLINE __m256 power_shape8(__m256 u, const Power8& e) {
+  return e.root ? _mm256_sqrt_ps(u) : Sleef_powf8_u10(u, e.gamma);
 }
 
 // stochastic_count on eight lanes.
@@ -2334,7 +2436,7 @@ static FA_INLINE __m256 power_write8(__m256 x, __m256 cnt, const Power8& e) {
   const __m256 num = _mm256_blendv_ps(_mm256_sub_ps(w, e.tmin), _mm256_sub_ps(e.tmax, w), pos);
   const __m256 u = clamp8(_mm256_div_ps(num, e.half), zero, _mm256_set1_ps(2.0f));
   const bool pulses = _mm256_movemask_ps(_mm256_cmp_ps(cnt, zero, _CMP_NEQ_OQ)) != 0;
-  const __m256 shape = pulses ? Sleef_powf8_u10(u, e.gamma) : zero;
+  const __m256 shape = pulses ? power_shape8(u, e) : zero;
   const __m256 q = _mm256_mul_ps(shape, _mm256_blendv_ps(e.down, e.up, pos));
   const __m256 step = _mm256_mul_ps(cnt, e.dw);
   return clamp8(_mm256_add_ps(x, _mm256_mul_ps(step, q)), e.lo, e.hi);
@@ -2355,7 +2457,7 @@ static __attribute__((noinline)) void asgd_power_fused(const StepArgs& a, int64_
   const float* g = static_cast<const float*>(a.g) + b;
   float* W = static_cast<float*>(a.W) + b;
   const __m256 neg_lr = _mm256_set1_ps(a.neg_lr), cap = _mm256_set1_ps(a.max_pulses), neg_cap = _mm256_set1_ps(-a.max_pulses);
-  const Power8 e = power8(ew, a.dev_w.gamma);
+  const Power8 e = power8(ew, a.dev_w);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int j = 0; j < n; j += 8) {
     const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lane);
@@ -2376,7 +2478,7 @@ static FA_INLINE void pair_counts8(__m256 gv, __m256 av, __m256 u0, __m256 u1, _
   const __m256 nv = _mm256_div_ps(_mm256_mul_ps(neg_lr, gv), dw);
   const __m256 fl = _mm256_floor_ps(nv);
   const __m256 net = _mm256_add_ps(fl, _mm256_and_ps(_mm256_cmp_ps(u0, _mm256_sub_ps(nv, fl), _CMP_LT_OQ), one));
-  const __m256 excess = _mm256_max_ps(zero, _mm256_sub_ps(av, _mm256_andnot_ps(sign, gv)));
+  const __m256 excess = _mm256_max_ps(_mm256_sub_ps(av, _mm256_andnot_ps(sign, gv)), zero);  // NaN: 0 (fmax)
   const __m256 m = _mm256_div_ps(_mm256_mul_ps(_mm256_mul_ps(lr, excess), _mm256_set1_ps(0.5f)), dw);
   const __m256 flm = _mm256_floor_ps(m);
   const __m256 pairs = _mm256_add_ps(flm, _mm256_and_ps(_mm256_cmp_ps(u1, _mm256_sub_ps(m, flm), _CMP_LT_OQ), one));
@@ -2394,31 +2496,31 @@ static FA_INLINE __m256 power_pairs_write8(__m256 x, __m256 up, __m256 down, con
   __m256 vu = zero, vd = zero;
   if (_mm256_movemask_ps(has_up) != 0) {
     const __m256 u = clamp8(_mm256_div_ps(_mm256_sub_ps(e.tmax, w), e.half), zero, two);
-    const __m256 q = _mm256_mul_ps(Sleef_powf8_u10(u, e.gamma), e.up);
+    const __m256 q = _mm256_mul_ps(power_shape8(u, e), e.up);
     vu = _mm256_and_ps(has_up, _mm256_mul_ps(_mm256_mul_ps(up, e.dw), q));
   }
   if (_mm256_movemask_ps(has_down) != 0) {
     const __m256 u = clamp8(_mm256_div_ps(_mm256_sub_ps(w, e.tmin), e.half), zero, two);
-    const __m256 q = _mm256_mul_ps(Sleef_powf8_u10(u, e.gamma), e.down);
+    const __m256 q = _mm256_mul_ps(power_shape8(u, e), e.down);
     vd = _mm256_and_ps(has_down, _mm256_mul_ps(_mm256_mul_ps(down, e.dw), q));
   }
   return clamp8(_mm256_add_ps(x, _mm256_sub_ps(vu, vd)), e.lo, e.hi);
 }
 
-// asgd_power_fused for a write with an excess (A widened into s.a32, pair uniforms drawn):
+// asgd_power_fused for a write with an excess (A as float32 at s.av, pair uniforms drawn):
 // N_up and N_down into s.first.up / s.first.down for the pulse report.
 static __attribute__((noinline)) void asgd_power_pairs_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew) {
   const float* g = static_cast<const float*>(a.g) + b;
   float* W = static_cast<float*>(a.W) + b;
   const __m256 neg_lr = _mm256_set1_ps(a.neg_lr), lr = _mm256_set1_ps(a.lr), cap = _mm256_set1_ps(a.max_pulses);
-  const Power8 e = power8(ew, a.dev_w.gamma);
+  const Power8 e = power8(ew, a.dev_w);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int j = 0; j < n; j += 8) {
     const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lane);
     const bool whole = n - j >= 8;
     const __m256 x = load8(W + j, whole, valid);
     __m256 up, down;
-    pair_counts8(load8(g + j, whole, valid), _mm256_loadu_ps(s.a32 + j), _mm256_loadu_ps(s.u0 + j), _mm256_loadu_ps(s.u_pair + j),
+    pair_counts8(load8(g + j, whole, valid), load8(s.av + j, whole, valid), _mm256_loadu_ps(s.u0 + j), _mm256_loadu_ps(s.u_pair + j),
                  lr, neg_lr, e.dw, cap, up, down);
     _mm256_store_ps(s.first.up + j, up);
     _mm256_store_ps(s.first.down + j, down);
@@ -2428,7 +2530,7 @@ static __attribute__((noinline)) void asgd_power_pairs_fused(const StepArgs& a, 
 
 // rl2 with power devices for P and W (float32, nominal, no c2c): rl2_elements with
 // power_write8 in place of linear_write.
-// With PAIRS (an excess: A widened into s.a32, pair uniforms drawn) P's write sends N_up and
+// With PAIRS (an excess: A as float32 at s.av, pair uniforms drawn) P's write sends N_up and
 // N_down (pair_counts8, power_pairs_write8), reported through s.first.up / s.first.down.
 template <bool READ, bool EMA, bool PAIRS = false>
 static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem ep) {
@@ -2441,7 +2543,7 @@ static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t
   const __m256 rn = _mm256_set1_ps(a.read_noise), tlr = _mm256_set1_ps(a.tlr), omt = _mm256_set1_ps(a.one_minus_tlr);
   const __m256 gm = _mm256_set1_ps(a.gamma_mix), thr_dw = _mm256_set1_ps(a.threshold * ew.dw);
   const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
-  const Power8 e_w = power8(ew, a.dev_w.gamma), e_p = power8(ep, a.dev_p.gamma);
+  const Power8 e_w = power8(ew, a.dev_w), e_p = power8(ep, a.dev_p);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int j = 0; j < n; j += 8) {
     const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lane);
@@ -2449,7 +2551,7 @@ static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t
     __m256 cp = zero, p32;
     if constexpr (PAIRS) {
       __m256 up, down;
-      pair_counts8(load8(g + j, whole, valid), _mm256_loadu_ps(s.a32 + j), _mm256_loadu_ps(s.u0 + j),
+      pair_counts8(load8(g + j, whole, valid), load8(s.av + j, whole, valid), _mm256_loadu_ps(s.u0 + j),
                    _mm256_loadu_ps(s.u_pair + j), _mm256_set1_ps(a.lr), neg_lr, e_p.dw, cap, up, down);
       _mm256_store_ps(s.first.up + j, up);
       _mm256_store_ps(s.first.down + j, down);
@@ -2648,7 +2750,7 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end, void* scra
       write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
       continue;
     }
-    if (plan.pairs) widen_excess(a, b, n, s.a32);
+    if (plan.pairs) s.av = excess_f32(a, b, n, s.a32);
 #if FA_ISA_AVX2
     if (fused_pairs) {
       asgd_power_pairs_fused(a, b, n, s, ew);
@@ -2700,7 +2802,7 @@ static void rl_range(const StepArgs& a, int64_t begin, int64_t end, void* scratc
       if (a.transfer) write_pulses(a.pulses_main, a.total_main != nullptr, acc_main, b, n, s.second.count);
       continue;
     }
-    if (plan.pairs) widen_excess(a, b, n, s.a32);
+    if (plan.pairs) s.av = excess_f32(a, b, n, s.a32);
     first_fn(a, b, n, s, nullptr);
     const float* shape_p = first_responses(dp, s.pp, plan, nv, s);
     mid(a, b, n, s, shape_p);
@@ -2767,7 +2869,7 @@ static void rl2_range(const StepArgs& a, int64_t begin, int64_t end, void* scrat
       write_pulses(a.pulses_main, a.total_main != nullptr, acc_main, b, n, s.second.count);
       continue;
     }
-    if (plan.pairs) widen_excess(a, b, n, s.a32);
+    if (plan.pairs) s.av = excess_f32(a, b, n, s.a32);
     if (fused_pairs != nullptr) {
       fused_pairs(a, b, n, s, ew, ep);
       write_pulses_pairs(a.pulses_first, a.pairs_first, a.total_first != nullptr, acc_first, b, n, s.first.up, s.first.down);

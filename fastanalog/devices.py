@@ -279,6 +279,15 @@ class PowerResponse(ResponseDevice):
             raise ValueError(f"PowerResponse gamma must be in (0, 20], got {self.gamma}")
 
     def _shape(self, u, gamma):
+        # One exponent of 0.5 for the whole array (no device-to-device variation: gamma is a
+        # number or a 0-dim tensor) is the square root, correctly rounded (IEEE sqrt), as every
+        # backend computes it. torch.sqrt of float32 on CPU is not always correctly rounded
+        # (MKL), so it is taken in float64 and rounded once: sqrt of a float32 is never close
+        # enough to a float32 midpoint for float64's error to move the rounding.
+        if self.gamma_value == 0.5 and (not isinstance(gamma, torch.Tensor) or gamma.dim() == 0):
+            if u.dtype == torch.float32:
+                return torch.sqrt(u.to(torch.float64)).to(torch.float32)
+            return torch.sqrt(u)
         return torch.pow(u, gamma)
 
     def symmetric_point(self, params=None, like=None):

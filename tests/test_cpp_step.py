@@ -44,6 +44,8 @@ def _device(family: str, **opts) -> fa.ResponseDevice:
         return fa.LinearResponse(tau_min=-0.5, tau_max=0.7, dw_min=0.002, **opts)
     if family == "power":
         return fa.PowerResponse(tau=0.6, gamma=0.6, dw_min=0.001, **opts)
+    if family == "sqrt":  # gamma 0.5 (the default): the square root where the exponent is one number
+        return fa.PowerResponse(tau=0.6, gamma=0.5, dw_min=0.001, **opts)
     if family == "exp":
         return fa.ExpResponse(tau=0.8, gamma=1.5, dw_min=0.001, **opts)
     if family == "exp_neg":
@@ -55,7 +57,7 @@ def _device(family: str, **opts) -> fa.ResponseDevice:
     raise ValueError(family)
 
 
-FAMILIES = ("linear", "power", "exp", "table")
+FAMILIES = ("linear", "power", "sqrt", "exp", "table")
 
 # Device options and config options of each option set.
 OPTION_SETS = {
@@ -251,7 +253,7 @@ def test_excess_in_reduced_precision(alg, a_dtype):
 # on the packed pulsing elements, and on every element (three code paths).
 @pytest.mark.parametrize("excess", [False, True])
 @pytest.mark.parametrize("g_scale", [0.003, 0.04, 1.5])
-@pytest.mark.parametrize("family", ["power", "exp"])
+@pytest.mark.parametrize("family", ["power", "sqrt", "exp"])
 @pytest.mark.parametrize("alg", ["asgd", "rl_transfer", "rl2_acc_thr1", "rl2_ema"])
 def test_pulse_density(alg, family, g_scale, excess):
     config, transfer = _config(alg, _device(family))
@@ -742,3 +744,23 @@ def test_all_finite(dtype, bad):
     z[3] = complex(0.0, bad)
     assert cpp.all_finite_cpp([z]) is False
     assert cpp.all_finite_cpp([big, torch.zeros(3).to(torch.float8_e4m3fn)]) is None  # left to the generic check
+
+
+@pytest.mark.parametrize("excess", [False, True])
+@pytest.mark.parametrize("alg", ["asgd", "rl_transfer", "rl2_acc_thr1"])
+def test_square_root_response_is_bit_exact(alg, excess):
+    # gamma 0.5 without device-to-device variation: every backend takes the correctly rounded
+    # square root (PowerResponse._shape), so the kernels equal the reference bit for bit, on
+    # the one-pass and the general paths (c2c noise takes the general one).
+    for opts in ({}, {"c2c_std": 0.2}):
+        config, transfer = _config(alg, _device("sqrt", **opts))
+        n = 4099
+        arrays = _initial(config, n, torch.float32)
+        g = _gradients(n, 1, torch.float32, scale=1.5)[0]
+        A = _excess(g) if excess else None
+        ref = [t.clone() for t in arrays]
+        got = [t.clone() for t in arrays]
+        _step("ref", alg, ref, g, config, transfer, key=77, offset=0, A=A)
+        _step("cpp", alg, got, g, config, transfer, key=77, offset=0, A=A)
+        for r, c in zip(ref, got):
+            assert torch.equal(r, c)

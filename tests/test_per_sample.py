@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastanalog as fa
+from fastanalog.nn import layers as layers_mod
 from fastanalog.nn.layers import sample_abs_dtype, sample_abs_sums
 
 
@@ -312,7 +313,9 @@ def test_sample_dtype_choice(monkeypatch):
     monkeypatch.delenv("FASTANALOG_SAMPLE_DTYPE")
     cpu = torch.device("cpu")
     assert sample_abs_dtype(cpu, torch.bfloat16) == torch.bfloat16
-    assert sample_abs_dtype(cpu, torch.float32) == torch.float32
+    assert sample_abs_dtype(cpu, torch.float32, conv=True) == torch.float32
+    fast = layers_mod._cpu_bf16_gemm()
+    assert sample_abs_dtype(cpu, torch.float32) == (torch.bfloat16 if fast else torch.float32)
     monkeypatch.setenv("FASTANALOG_SAMPLE_DTYPE", "float16")
     with pytest.raises(ValueError, match="FASTANALOG_SAMPLE_DTYPE"):
         sample_abs_dtype(cpu, torch.float32)
@@ -379,3 +382,55 @@ def test_compiled_step_equals_eager_in_per_sample_mode():
     for k, v in eager_m.state_dict().items():
         assert torch.allclose(comp_m.state_dict()[k], v, rtol=0, atol=1e-6), k
     assert torch.equal(comp_m[0].analog_pulses, eager_m[0].analog_pulses)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference", "triton"])
+@pytest.mark.parametrize("algorithm", ["asgd", "rl2"])
+def test_non_finite_sums_with_a_finite_gradient(backend, algorithm, monkeypatch):
+    """A is not part of the gradient check: a NaN A (set by hand) sends no pairs, an infinite one
+    the capped pairs, on every backend alike, and the step goes through with finite arrays."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    if backend == "cpp" and not fa.ops.cpp.cpp_available():
+        pytest.skip("C++ kernels not built")
+    monkeypatch.setenv("FASTANALOG_BACKEND", backend)
+    torch.manual_seed(3)
+    g = torch.randn(6, 8) * 0.05
+    A = g.abs() * 3
+    A[0, :3] = float("nan")
+    A[1, :3] = float("inf")
+    out = {}
+    same = torch.where(A.isnan(), g.abs(), torch.where(A.isinf(), torch.full_like(A, 1e30), A))
+    for name, sums in (("given", A), ("no excess for NaN, a huge one for inf", same)):
+        torch.manual_seed(4)
+        dev = fa.PowerResponse(tau=0.6, gamma=0.5, dw_min=0.01)
+        layer = fa.AnalogLinear(8, 6, bias=False, config=fa.AnalogConfig(algorithm=algorithm, device=dev, gamma=0.1, max_pulses=5))
+        opt = fa.AnalogSGD(layer.parameters(), lr=0.5, seed=1)
+        layer.weight.grad = g.clone()
+        layer.analog_abs.grad = sums.clone()
+        opt.step()
+        out[name] = layer.analog_state()
+    for key, value in out["given"].items():
+        if value is None:
+            continue
+        assert torch.isfinite(value).all(), key
+        assert torch.equal(value, out["no excess for NaN, a huge one for inf"][key]), key
+
+
+def test_mixed_precision_sums_of_a_linear_layer():
+    """bfloat16 factors with float32 sums (the CPU's bf16 product): A equals the float32 product of
+    the rounded factors within float32 rounding, and the layer uses it when asked for bfloat16."""
+    if not fa.ops.cpp.bf16_gemm_available():
+        pytest.skip("no mixed-precision product in this build")
+    torch.manual_seed(8)
+    d, x = torch.randn(37, 5), torch.randn(37, 11)
+    got = fa.ops.cpp.abs_outer_bf16(d, x)
+    want = d.abs().bfloat16().float().t() @ x.abs().bfloat16().float()
+    assert got.dtype == torch.float32 and got.shape == (5, 11)
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
+    assert torch.equal(fa.ops.cpp.abs_outer_bf16(d[:0], x[:0]), torch.zeros(5, 11))
+    assert torch.equal(sample_abs_sums(d, x, (5, 11), None, torch.bfloat16), got)
+    with pytest.raises(RuntimeError, match="same rows"):
+        fa.ops.cpp.abs_outer_bf16(d, x[:3])

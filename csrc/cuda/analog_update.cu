@@ -258,7 +258,7 @@ __device__ __forceinline__ float stochastic_round(float n, float u) {
 }
 
 // max(v, 0) as torch.clamp(v, min=0) (NaN stays NaN).
-__device__ __forceinline__ float clamp_min0(float v) { return v < 0.0f ? 0.0f : v; }
+__device__ __forceinline__ float clamp_min0(float v) { return v > 0.0f ? v : 0.0f; }  // NaN: 0 (fmax)
 
 // Pulses per direction of a write: net N and M pairs give N_up = M + max(N, 0) and
 // N_down = M + max(-N, 0), each capped at max_pulses (infinity when there is no cap).
@@ -291,7 +291,7 @@ __device__ float shape(const Device& dev, const Params& p, float w, bool up) {
   const float u = clampf(dvd(up ? sub(p.tau_max, w) : sub(w, p.tau_min), half), 0.0f, 2.0f);
   switch (dev.family) {
     case kPower:
-      return powf(u, p.gamma);
+      return p.gamma == 0.5f ? sqrtf(u) : powf(u, p.gamma);  // the square root, correctly rounded (PowerResponse._shape)
     case kExp:
       return dvd(expm1f(mul(p.gamma, u)), p.denom);
     default:

@@ -108,6 +108,19 @@ COLUMNS = [
 ]
 
 
+def sample_dtype_note(device: torch.device) -> str:
+    """How the layers compute A on ``device`` for float32 models (linear layers; convolutions), e.g.
+    ``linear bfloat16 factors with float32 sums; conv float32``."""
+
+    def one(conv: bool) -> str:
+        dtype = sample_abs_dtype(device, torch.float32, conv=conv)
+        if dtype == torch.bfloat16 and device.type == "cpu" and not conv:
+            return "bfloat16 factors with float32 sums"
+        return str(dtype).removeprefix("torch.")
+
+    return f"linear {one(False)}; conv {one(True)}"
+
+
 # ----- models and steps --------------------------------------------------------------------
 def build_pair(
     spec: ModelSpec, algorithm: str, device: torch.device, seed: int = 0, update: str | None = None
@@ -369,7 +382,7 @@ def time_model(spec: ModelSpec, algorithms: Sequence[str], device: torch.device,
                 **stats_columns("ratio", ratio_stats(t["analog"], t["digital"])),
                 **stats_columns("batch_mode_ms", batch_ms),
                 **stats_columns("sample_ratio", ratio_stats(t["analog"], t["batch"])),
-                "sample_dtype": str(sample_abs_dtype(device, torch.float32)).removeprefix("torch."),
+                "sample_dtype": sample_dtype_note(device),
                 "warmup": warmup,
                 "repeats": repeats,
             }
@@ -459,7 +472,7 @@ def run_train(
         "writes per sample (the default); 'per-sample / batch' is its step time over the same model's in batch mode "
         "(update='batch'), timed in the same interleaving. "
         + (
-            f"The per-sample sums A are computed in {rows[0]['sample_dtype']} on this machine."
+            f"The per-sample sums A are computed here as: {rows[0]['sample_dtype']}."
             if rows
             else ""
         ),

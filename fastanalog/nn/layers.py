@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AnalogConfig
-from ..ops import dispatch
+from ..ops import cpp, dispatch
 
 
 class _Mix(torch.autograd.Function):
@@ -89,14 +89,15 @@ class _StoredMix(torch.autograd.Function):
         return grad, None
 
 
-def sample_abs_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the per-sample sums ``A`` are computed in.
+def sample_abs_dtype(device: torch.device, dtype: torch.dtype, conv: bool = False) -> torch.dtype:
+    """The dtype of the factors ``|d|`` and ``|x|`` of the per-sample sums ``A`` (``conv``: of a convolution).
 
     Half-precision activations (autocast, a bf16 model) are used as they are. Otherwise
-    bfloat16 on CUDA devices that support it (tensor cores), float32 elsewhere: on CPUs,
-    even those with AVX512-BF16 or AMX, the two casts cost what the faster product saves at
-    the sizes of a training step (``fastanalog bench train`` shows the choice), and float32
-    keeps DDP ranks within float rounding of one rank with the whole batch.
+    bfloat16 on CUDA devices that support it (tensor cores), and for linear layers on CPUs
+    with AMX or AVX512-BF16, where A is then the float32 sum of the exact products of the
+    bfloat16 factors (MKL's mixed-precision product, :func:`fastanalog.ops.cpp.abs_outer_bf16`);
+    float32 elsewhere (a CPU convolution would round A itself to bfloat16, and then DDP
+    ranks would no longer add up to one rank with the whole batch within float rounding).
     ``FASTANALOG_SAMPLE_DTYPE=float32|bfloat16`` overrides the choice. A only sets the
     opposite-pulse pairs ``e`` (relative error 2**-8 in bfloat16), never the net update.
     """
@@ -109,6 +110,8 @@ def sample_abs_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
         return dtype
     if device.type == "cuda" and _cuda_bf16():
         return torch.bfloat16
+    if device.type == "cpu" and not conv and _cpu_bf16_gemm():
+        return torch.bfloat16
     return torch.float32
 
 
@@ -117,10 +120,34 @@ def _cuda_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
+@torch.compiler.assume_constant_result
+def _cpu_bf16_gemm() -> bool:
+    """Whether this CPU multiplies bfloat16 fast (AMX or AVX512-BF16) and the mixed-precision product is built."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    if "amx_bf16" not in flags and "avx512_bf16" not in flags:
+        return False
+    return cpp.bf16_gemm_available()
+
+
 def _abs_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``|t|`` in ``dtype`` (one new tensor)."""
     cast = t.to(dtype)
     return cast.abs_() if cast is not t else t.abs()
+
+
+def _mixed_fits(d: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether :func:`fastanalog.ops.cpp.abs_outer_bf16` takes these factors (built here, 32-bit sizes)."""
+    most = cpp.ABS_OUTER_MAX
+    return d.numel() <= most and x.numel() <= most and d.shape[1] * x.shape[1] <= most and _bf16_gemm_built()
+
+
+@torch.compiler.assume_constant_result
+def _bf16_gemm_built() -> bool:
+    return cpp.bf16_gemm_available()
 
 
 def sample_abs_sums(d: torch.Tensor, x: torch.Tensor, weight_shape, geometry, dtype: torch.dtype) -> torch.Tensor:
@@ -134,10 +161,11 @@ def sample_abs_sums(d: torch.Tensor, x: torch.Tensor, weight_shape, geometry, dt
     than zeros (None otherwise).
     """
     if geometry is None:
-        rows = d.shape[-1] if d.dim() else 1
-        da = _abs_in(d.reshape(-1, rows), dtype)
-        xa = _abs_in(x.reshape(-1, x.shape[-1] if x.dim() else 1), dtype)
-        return da.t().mm(xa)
+        d2 = d.reshape(-1, d.shape[-1] if d.dim() else 1)
+        x2 = x.reshape(-1, x.shape[-1] if x.dim() else 1)
+        if dtype == torch.bfloat16 and d.device.type == "cpu" and _mixed_fits(d2, x2):
+            return cpp.abs_outer_bf16(d2, x2)  # float32 sums of the bfloat16 factors
+        return _abs_in(d2, dtype).t().mm(_abs_in(x2, dtype))
     stride, padding, dilation, groups, pad, mode = geometry
     spatial = len(stride)
     if x.dim() == spatial + 1:  # an unbatched input
@@ -168,7 +196,8 @@ class _SampleAbs(torch.autograd.Function):
         A = None
         if ctx.needs_input_grad[2]:
             (x,) = ctx.saved_tensors
-            A = sample_abs_sums(d, x, ctx.weight_shape, ctx.geometry, sample_abs_dtype(d.device, d.dtype))
+            dtype = sample_abs_dtype(d.device, d.dtype, conv=ctx.geometry is not None)
+            A = sample_abs_sums(d, x, ctx.weight_shape, ctx.geometry, dtype)
         return d, None, A, None
 
 

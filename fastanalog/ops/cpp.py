@@ -52,6 +52,8 @@ __all__ = [
     "rl_step_cpp",
     "triad_cpp",
     "all_finite_cpp",
+    "abs_outer_bf16",
+    "bf16_gemm_available",
 ]
 
 _PKG_DIR = Path(__file__).resolve().parents[1]
@@ -175,7 +177,11 @@ def _register_fakes() -> None:
     def mix_fake(out, W, P, gamma):
         return None
 
-    for name, fn in (("triad_cpp_", triad_fake), ("mix_cpp_", mix_fake)):
+    def abs_outer_fake(d, x):
+        torch._check(d.dim() == 2 and x.dim() == 2 and d.shape[0] == x.shape[0], lambda: "abs_outer_bf16: d and x must be matrices of equal rows")
+        return d.new_empty((d.shape[1], x.shape[1]), dtype=torch.float32)
+
+    for name, fn in (("triad_cpp_", triad_fake), ("mix_cpp_", mix_fake), ("abs_outer_bf16_cpp", abs_outer_fake)):
         if not hasattr(torch.ops.fastanalog, name):  # kernels built before the op existed
             continue
         try:
@@ -468,6 +474,21 @@ def triad_cpp(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, s: float) -> No
 
 
 _FINITE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# The largest element count of either factor or the result of abs_outer_bf16 (MKL's 32-bit sizes).
+ABS_OUTER_MAX = 2**31 - 1
+
+
+def bf16_gemm_available() -> bool:
+    """Whether :func:`abs_outer_bf16` runs here (the C++ kernels loaded, torch built with MKL)."""
+    return cpp_available() and hasattr(torch.ops.fastanalog, "bf16_gemm_cpp") and bool(torch.ops.fastanalog.bf16_gemm_cpp())
+
+
+def abs_outer_bf16(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``|d|^T |x|`` (``d``: rows x O, ``x``: rows x I, CPU) in float32 from the bfloat16 roundings of
+    ``|d|`` and ``|x|`` with float32 accumulation (MKL's mixed-precision product: AMX or AVX512-BF16
+    where the CPU has them). Each product of two bfloat16 numbers is exact in float32."""
+    _require_cpp()
+    return torch.ops.fastanalog.abs_outer_bf16_cpp(d, x)
 
 
 def all_finite_cpp(tensors: list[torch.Tensor]) -> bool | None:

@@ -704,10 +704,11 @@ def _shape(u, gamma, FAMILY: tl.constexpr):
     """Response of the analytic family at normalised distance ``u`` in [0, 2], before asymmetry."""
     if FAMILY == POWER:
         # u ** gamma, evaluated as exp(gamma * log(u)) in float64 and rounded once.
+        # An exponent of 0.5 is the square root, correctly rounded (PowerResponse._shape).
         u64 = u.to(tl.float64)
         pos = u64 > 0.0
         r = tl.exp(gamma.to(tl.float64) * tl.log(tl.where(pos, u64, 1.0)))
-        return tl.where(pos, r, 0.0).to(tl.float32)
+        return tl.where(gamma == 0.5, tl.sqrt_rn(u), tl.where(pos, r, 0.0).to(tl.float32))
     elif FAMILY == EXP:
         # expm1(gamma * u) / expm1(gamma): each expm1 rounded to float32 as torch.expm1 returns it.
         num = expm1_f64((gamma * u).to(tl.float64)).to(tl.float32)
@@ -959,7 +960,8 @@ def first_write(X_ptr, blk, key, g, a, lr, cap, dev, var_keys, table_ptr, SPEC: 
     d = (-lr32) * g
     net = stochastic_round(tl.div_rn(d, e_dw), stream_uniform(key, call0, SALT_ROUND_FIRST, BLOCK))
     if HAS_A:
-        e = (lr32 * tl.maximum(a - tl.abs(g), 0.0)) * 0.5
+        excess = a - tl.abs(g)
+        e = (lr32 * tl.where(excess > 0.0, excess, 0.0)) * 0.5  # a NaN A: no pairs (fmax)
         pairs = stochastic_round(tl.div_rn(e, e_dw), stream_uniform(key, call0, SALT_PAIRS_FIRST, BLOCK))
     else:
         pairs = net
