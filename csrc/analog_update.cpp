@@ -52,6 +52,7 @@
 
 #include <ATen/Config.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -781,35 +782,29 @@ bool all_finite_cpu(at::TensorList tensors) {
   return finite != 0;
 }
 
-// |t| rounded to bfloat16 (to nearest even, as Tensor.to does), t float32, bfloat16 or
-// float16 of n contiguous elements.
-static void abs_bf16(const at::Tensor& t, uint16_t* out, int64_t n) {
-  at::parallel_for(0, n, 1 << 14, [&](int64_t lo, int64_t hi) {
-    switch (t.scalar_type()) {
-      case at::kFloat: {
-        const float* x = t.data_ptr<float>();
-        for (int64_t i = lo; i < hi; ++i) out[i] = c10::BFloat16(std::fabs(x[i])).x;
-        break;
-      }
-      case at::kBFloat16: {
-        const uint16_t* x = reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
-        for (int64_t i = lo; i < hi; ++i) out[i] = static_cast<uint16_t>(x[i] & 0x7FFFu);
-        break;
-      }
-      default: {
-        const at::Half* x = t.data_ptr<at::Half>();
-        for (int64_t i = lo; i < hi; ++i) out[i] = c10::BFloat16(std::fabs(static_cast<float>(x[i]))).x;
-        break;
-      }
-    }
-  });
+// bfloat16 bits of |v| (rounded to nearest even, as Tensor.to does).
+static inline uint16_t abs_bf16_bits(float v) { return c10::BFloat16(std::fabs(v)).x; }
+
+// Element i of a float32, bfloat16 or float16 tensor's contiguous data, as float.
+static inline float elem_f32(const void* p, at::ScalarType st, int64_t i) {
+  switch (st) {
+    case at::kFloat: return static_cast<const float*>(p)[i];
+    case at::kBFloat16: return static_cast<float>(static_cast<const at::BFloat16*>(p)[i]);
+    default: return static_cast<float>(static_cast<const at::Half*>(p)[i]);
+  }
 }
 
+// Columns of B per packed tile of the AMX product (oneDNN's packed B holds 16, 32, 48 or 64).
+constexpr int64_t kOuterN = 64;
+// Rows of A per tile (one brgemm call per M x N tile).
+constexpr int64_t kOuterM = 128;
+
 // A = |d|^T |x| (d: rows x O, x: rows x I) in float32 from the bfloat16 roundings of |d| and
-// |x|, accumulated in float32 (MKL's mixed-precision product, which uses AMX or AVX512-BF16
-// where the CPU has them). Every product of two bfloat16 numbers is exact in float32, so A
-// differs from the float32 product of the rounded factors only in the order of its sums,
-// and a sum over DDP ranks from one rank's A as the float32 product does.
+// |x|, accumulated in float32: oneDNN's AMX/AVX512-BF16 micro-kernel (torch's cpublas::brgemm,
+// B packed in VNNI pairs of rows) where it runs, else MKL's cblas_gemm_bf16bf16f32. Every
+// product of two bfloat16 numbers is exact in float32, so A differs from the float32 product
+// of the rounded factors only in the order of its sums, and a sum over DDP ranks from one
+// rank's A as the float32 product does.
 at::Tensor abs_outer_bf16(const at::Tensor& d, const at::Tensor& x) {
   TORCH_CHECK(d.dim() == 2 && x.dim() == 2, "abs_outer_bf16: d and x must be matrices, got ", d.dim(), "-d and ", x.dim(), "-d");
   TORCH_CHECK(d.size(0) == x.size(0), "abs_outer_bf16: d and x must have the same rows, got ", d.size(0), " and ", x.size(0));
@@ -821,25 +816,95 @@ at::Tensor abs_outer_bf16(const at::Tensor& d, const at::Tensor& x) {
   at::Tensor out = at::empty({O, I}, d.options().dtype(at::kFloat));
   if (O == 0 || I == 0) return out;
   if (rows == 0) return out.zero_();
-#if FA_HAVE_MKL
   const int64_t most = std::numeric_limits<int32_t>::max();
   TORCH_CHECK(rows * O <= most && rows * I <= most && O * I <= most,
               "abs_outer_bf16: too large for one product (", rows, " x ", O, " and ", rows, " x ", I, ")");
   const at::Tensor dc = d.contiguous(), xc = x.contiguous();
+  const void* dp = dc.data_ptr();
+  const void* xp = xc.data_ptr();
+  const at::ScalarType dt = dc.scalar_type(), xt = xc.scalar_type();
+  float* C = out.data_ptr<float>();
+  if (at::native::cpublas::could_pack(at::kBFloat16)) {
+    // A operand: |d|^T, O x K row-major; B: |x|, K x I, packed per tile of kOuterN columns.
+    // K = rows rounded up to even (VNNI pairs), the extra row zero.
+    const int64_t K = (rows + 1) / 2 * 2;
+    const int64_t tiles_n = (I + kOuterN - 1) / kOuterN, tiles_m = (O + kOuterM - 1) / kOuterM;
+    std::unique_ptr<uint16_t[]> at_(new uint16_t[O * K]), xa(new uint16_t[K * I]), xpk(new uint16_t[tiles_n * K * kOuterN]);
+    // |d| transposed in blocks of 16 x 16 (both sides touch whole cache lines).
+    constexpr int64_t kT = 16;
+    at::parallel_for(0, (O + kT - 1) / kT, 4, [&](int64_t lo, int64_t hi) {
+      float buf[kT];
+      for (int64_t ob = lo; ob < hi; ++ob) {
+        const int64_t o0 = ob * kT, o1 = std::min(O, o0 + kT);
+        for (int64_t r = 0; r < rows; ++r) {
+          if (dt == at::kFloat) {
+            const float* src = static_cast<const float*>(dp) + r * O;
+            for (int64_t o = o0; o < o1; ++o) buf[o - o0] = src[o];
+          } else {
+            for (int64_t o = o0; o < o1; ++o) buf[o - o0] = elem_f32(dp, dt, r * O + o);
+          }
+          for (int64_t o = o0; o < o1; ++o) at_[o * K + r] = abs_bf16_bits(buf[o - o0]);
+        }
+        if (K > rows)
+          for (int64_t o = o0; o < o1; ++o) at_[o * K + rows] = 0;
+      }
+    });
+    at::parallel_for(0, K, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t r = lo; r < hi; ++r) {
+        uint16_t* row = xa.get() + r * I;
+        if (r >= rows) {
+          std::memset(row, 0, sizeof(uint16_t) * I);
+        } else if (xt == at::kFloat) {
+          const float* src = static_cast<const float*>(xp) + r * I;
+          for (int64_t i = 0; i < I; ++i) row[i] = abs_bf16_bits(src[i]);
+        } else {
+          for (int64_t i = 0; i < I; ++i) row[i] = abs_bf16_bits(elem_f32(xp, xt, r * I + i));
+        }
+      }
+    });
+    at::parallel_for(0, tiles_n, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t n0 = t * kOuterN, nb = std::min(kOuterN, I - n0);
+        uint16_t* dst = xpk.get() + t * K * kOuterN;
+        if (nb < kOuterN) std::memset(dst, 0, sizeof(uint16_t) * K * kOuterN);
+        at::native::cpublas::pack(K, nb, I, kOuterN, at::kBFloat16, at::kBFloat16, xa.get() + n0, dst);
+      }
+    });
+    at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t tm = t / tiles_n, tn = t % tiles_n;
+        const int64_t m0 = tm * kOuterM, n0 = tn * kOuterN;
+        const int64_t mb = std::min(kOuterM, O - m0), nb = std::min(kOuterN, I - n0);
+        at::native::cpublas::brgemm(mb, nb, K, K, kOuterN, I, false,
+                                    reinterpret_cast<const at::BFloat16*>(at_.get() + m0 * K),
+                                    reinterpret_cast<const at::BFloat16*>(xpk.get() + tn * K * kOuterN), C + m0 * I + n0, true);
+      }
+      at::native::cpublas::brgemm_release(true);
+    });
+    return out;
+  }
+#if FA_HAVE_MKL
   std::unique_ptr<uint16_t[]> da(new uint16_t[rows * O]), xa(new uint16_t[rows * I]);
-  abs_bf16(dc, da.get(), rows * O);
-  abs_bf16(xc, xa.get(), rows * I);
+  at::parallel_for(0, rows * O, 1 << 14, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) da[i] = abs_bf16_bits(elem_f32(dp, dt, i));
+  });
+  at::parallel_for(0, rows * I, 1 << 14, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) xa[i] = abs_bf16_bits(elem_f32(xp, xt, i));
+  });
   // Row-major: out (O x I) = da^T (O x rows) xa (rows x I).
   cblas_gemm_bf16bf16f32(101 /* CblasRowMajor */, 112 /* CblasTrans */, 111 /* CblasNoTrans */, O, I, rows, 1.0f, da.get(), O,
-                         xa.get(), I, 0.0f, out.data_ptr<float>(), I);
+                         xa.get(), I, 0.0f, C, I);
   return out;
 #else
-  TORCH_CHECK(false, "abs_outer_bf16: this torch has no MKL (bf16_gemm_cpp() is false)");
+  TORCH_CHECK(false, "abs_outer_bf16: neither oneDNN's bfloat16 micro-kernel nor MKL is available (bf16_gemm_cpp() is false)");
 #endif
 }
 
-// Whether abs_outer_bf16 can run here (torch built with MKL).
-bool bf16_gemm() { return FA_HAVE_MKL != 0; }
+// Whether oneDNN's bfloat16 micro-kernel (AMX or AVX512-BF16) runs here.
+bool bf16_amx() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+// Whether abs_outer_bf16 can run here.
+bool bf16_gemm() { return bf16_amx() || FA_HAVE_MKL != 0; }
 
 // Which code path the CPU kernels take in this process ("avx2" or "generic").
 std::string cpu_variant() { return use_avx512_variant() ? "avx512" : use_avx2_variant() ? "avx2" : "generic"; }
@@ -859,6 +924,7 @@ TORCH_LIBRARY_FRAGMENT(fastanalog, m) {
   m.def("cpu_variant_cpp() -> str", &fastanalog::cpu::cpu_variant);
   m.def("abs_outer_bf16_cpp(Tensor d, Tensor x) -> Tensor");
   m.def("bf16_gemm_cpp() -> bool", &fastanalog::cpu::bf16_gemm);
+  m.def("bf16_amx_cpp() -> bool", &fastanalog::cpu::bf16_amx);
 }
 
 TORCH_LIBRARY_IMPL(fastanalog, CPU, m) {

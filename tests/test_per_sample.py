@@ -425,11 +425,16 @@ def test_mixed_precision_sums_of_a_linear_layer():
     if not fa.ops.cpp.bf16_gemm_available():
         pytest.skip("no mixed-precision product in this build")
     torch.manual_seed(8)
+    # one tile with an odd row count; several tiles of rows and columns with tails; bf16 inputs
+    for rows, O, I, dtype in ((37, 5, 11, torch.float32), (130, 70, 150, torch.float32), (64, 33, 65, torch.bfloat16)):
+        d, x = torch.randn(rows, O).to(dtype), torch.randn(rows, I).to(dtype)
+        got = fa.ops.cpp.abs_outer_bf16(d, x)
+        want = d.abs().bfloat16().double().t() @ x.abs().bfloat16().double()
+        assert got.dtype == torch.float32 and got.shape == (O, I)
+        assert torch.allclose(got.double(), want, rtol=rows * 2**-24, atol=0), (rows, O, I)
+        assert not torch.allclose(got.double(), d.double().abs().t() @ x.double().abs(), rtol=1e-6, atol=0) or dtype != torch.float32
     d, x = torch.randn(37, 5), torch.randn(37, 11)
     got = fa.ops.cpp.abs_outer_bf16(d, x)
-    want = d.abs().bfloat16().float().t() @ x.abs().bfloat16().float()
-    assert got.dtype == torch.float32 and got.shape == (5, 11)
-    assert torch.allclose(got, want, rtol=1e-6, atol=0)
     assert torch.equal(fa.ops.cpp.abs_outer_bf16(d[:0], x[:0]), torch.zeros(5, 11))
     assert torch.equal(sample_abs_sums(d, x, (5, 11), None, torch.bfloat16), got)
     with pytest.raises(RuntimeError, match="same rows"):

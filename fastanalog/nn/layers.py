@@ -95,7 +95,7 @@ def sample_abs_dtype(device: torch.device, dtype: torch.dtype, conv: bool = Fals
     Half-precision activations (autocast, a bf16 model) are used as they are. Otherwise
     bfloat16 on CUDA devices that support it (tensor cores), and for linear layers on CPUs
     with AMX or AVX512-BF16, where A is then the float32 sum of the exact products of the
-    bfloat16 factors (MKL's mixed-precision product, :func:`fastanalog.ops.cpp.abs_outer_bf16`);
+    bfloat16 factors (oneDNN's micro-kernel, :func:`fastanalog.ops.cpp.abs_outer_bf16`);
     float32 elsewhere (a CPU convolution would round A itself to bfloat16, and then DDP
     ranks would no longer add up to one rank with the whole batch within float rounding).
     ``FASTANALOG_SAMPLE_DTYPE=float32|bfloat16`` overrides the choice. A only sets the
@@ -122,15 +122,8 @@ def _cuda_bf16() -> bool:
 
 @torch.compiler.assume_constant_result
 def _cpu_bf16_gemm() -> bool:
-    """Whether this CPU multiplies bfloat16 fast (AMX or AVX512-BF16) and the mixed-precision product is built."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    if "amx_bf16" not in flags and "avx512_bf16" not in flags:
-        return False
-    return cpp.bf16_gemm_available()
+    """Whether this CPU multiplies bfloat16 fast (oneDNN's AMX or AVX512-BF16 micro-kernel, built here)."""
+    return cpp.bf16_amx_available()
 
 
 def _abs_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
