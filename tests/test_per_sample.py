@@ -426,12 +426,12 @@ def test_mixed_precision_sums_of_a_linear_layer():
         pytest.skip("no mixed-precision product in this build")
     torch.manual_seed(8)
     # one tile with an odd row count; several tiles of rows and columns with tails; bf16 inputs
-    for rows, O, I, dtype in ((37, 5, 11, torch.float32), (130, 70, 150, torch.float32), (64, 33, 65, torch.bfloat16)):
-        d, x = torch.randn(rows, O).to(dtype), torch.randn(rows, I).to(dtype)
+    for rows, n_out, n_in, dtype in ((37, 5, 11, torch.float32), (130, 70, 150, torch.float32), (64, 33, 65, torch.bfloat16)):
+        d, x = torch.randn(rows, n_out).to(dtype), torch.randn(rows, n_in).to(dtype)
         got = fa.ops.cpp.abs_outer_bf16(d, x)
         want = d.abs().bfloat16().double().t() @ x.abs().bfloat16().double()
-        assert got.dtype == torch.float32 and got.shape == (O, I)
-        assert torch.allclose(got.double(), want, rtol=rows * 2**-24, atol=0), (rows, O, I)
+        assert got.dtype == torch.float32 and got.shape == (n_out, n_in)
+        assert torch.allclose(got.double(), want, rtol=rows * 2**-24, atol=0), (rows, n_out, n_in)
         assert not torch.allclose(got.double(), d.double().abs().t() @ x.double().abs(), rtol=1e-6, atol=0) or dtype != torch.float32
     d, x = torch.randn(37, 5), torch.randn(37, 11)
     got = fa.ops.cpp.abs_outer_bf16(d, x)
