@@ -108,6 +108,8 @@ def sample_abs_dtype(device: torch.device, dtype: torch.dtype, conv: bool = Fals
         return getattr(torch, forced)
     if dtype in (torch.bfloat16, torch.float16):
         return dtype
+    if dtype != torch.float32:  # a float64 model: float32 sums, as on any machine
+        return torch.float32
     if device.type == "cuda" and _cuda_bf16():
         return torch.bfloat16
     if device.type == "cpu" and not conv and _cpu_bf16_gemm():
@@ -130,6 +132,10 @@ def _abs_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``|t|`` in ``dtype`` (one new tensor)."""
     cast = t.to(dtype)
     return cast.abs_() if cast is not t else t.abs()
+
+
+# Input dtypes of the mixed-precision product.
+_MIXED_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _mixed_fits(d: torch.Tensor, x: torch.Tensor) -> bool:
@@ -156,7 +162,7 @@ def sample_abs_sums(d: torch.Tensor, x: torch.Tensor, weight_shape, geometry, dt
     if geometry is None:
         d2 = d.reshape(-1, d.shape[-1] if d.dim() else 1)
         x2 = x.reshape(-1, x.shape[-1] if x.dim() else 1)
-        if dtype == torch.bfloat16 and d.device.type == "cpu" and _mixed_fits(d2, x2):
+        if dtype == torch.bfloat16 and d.device.type == "cpu" and x.dtype in _MIXED_INPUTS and d.dtype in _MIXED_INPUTS and _mixed_fits(d2, x2):
             return cpp.abs_outer_bf16(d2, x2)  # float32 sums of the bfloat16 factors
         return _abs_in(d2, dtype).t().mm(_abs_in(x2, dtype))
     stride, padding, dilation, groups, pad, mode = geometry
