@@ -16,14 +16,14 @@ from functools import lru_cache
 import torch
 
 from ..config import AnalogConfig
-from ..devices import MATH_DTYPE, DeviceParams, ResponseDevice
+from ..devices import DEVICE_FAMILIES, MATH_DTYPE, DeviceParams, ResponseDevice
 from . import philox
 
 # The one layout the compiled kernels share with Python (tests/test_layout.py checks it
 # against csrc/op_layout.h): family and algorithm ids, the order of the float[] device
 # description of one array (the ``DeviceField`` enum there, ``kTauMin`` <-> ``tau_min``) and
 # that of the float[] step scalars (``StepField``, ``kStepLr`` <-> ``lr``).
-FAMILY_IDS = {"linear": 0, "power": 1, "exp": 2, "table": 3}
+FAMILY_IDS = {name: cls.family_id for name, cls in DEVICE_FAMILIES.items()}  # each family's own id
 ALGORITHM_IDS = {"asgd": 0, "rl": 1, "rl2": 2}
 DEVICE_FIELDS = (
     "family", "tau_min", "tau_max", "gamma", "dw_min", "asym", "d2d_std", "c2c_std", "has_gamma", "zero_shift", "shift",
