@@ -51,7 +51,7 @@ bench: setup
 gpu-check: setup
 	$(PY) benchmarks/gpu_check.py
 
-# The paper's experiments: results/reproduce/REPORT.md (about an hour on 2 idle cores), or the
+# The paper's experiments: results/reproduce/REPORT.md (70-80 minutes on 2 cores), or the
 # few-minute version (results/reproduce-quick/REPORT.md).
 reproduce: setup data
 	$(PY) -m fastanalog reproduce --out results/reproduce

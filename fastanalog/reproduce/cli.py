@@ -2,7 +2,7 @@
 
 ::
 
-    fastanalog reproduce            # the full report (about an hour on 2 idle cores)
+    fastanalog reproduce            # the full report (about 70-80 minutes on 2 cores)
     fastanalog reproduce --quick    # a smaller version in a few minutes (what the tests run)
 
 Writes ``DIR/REPORT.md`` (``--out``, default ``results/reproduce`` or ``results/reproduce-quick``)
