@@ -16,6 +16,7 @@ import fastanalog as fa
 
 from . import paper
 from .common import BATCH_MODE_UNAVAILABLE, HAS_UPDATE_MODE, update_mode_name
+from .training import mean_std
 from .experiments import (
     DEFAULTS_LR,
     LS_ALGORITHMS,
@@ -294,7 +295,7 @@ def claims(res: dict[str, Any], f: dict[str, Any]) -> list[dict[str, str]]:
             spans[row] = max(means) - min(means)
             base = [100 * r["test_acc"] for r in abl if r["row"] == row and r["level"] == levels[0]]
             if len(base) > 1:
-                seed_sd[row] = _mean_std(base)[1]
+                seed_sd[row] = mean_std(base)[1]
         ok = all(v <= C2C_SPAN for v in spans.values())
         detail = (
             f"levels {', '.join(f'{x:g}' for x in levels)}, {s.c2c_seeds} seed(s) each; span of the level means "
@@ -762,7 +763,7 @@ def write_report(res: dict[str, Any], out: Path, command: str) -> Path:
             line: list[Any] = [lvl]
             for row, v in c2c_all.items():
                 accs = [a for x, a in v if x == lvl]
-                m, sd = _mean_std(accs)
+                m, sd = mean_std(accs)
                 line.append(f"{m:.2f} +- {sd:.2f}" if accs else "-")
                 if paper.table5_value(row, 1.2):
                     line.append(paper.table5_value(row, lvl) or ("none (no variation: the tables' run)" if lvl == 0 else NOT_QUOTED))
@@ -931,15 +932,6 @@ def _level_means(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     for lvl, acc in points:
         by.setdefault(lvl, []).append(acc)
     return [(lvl, sum(v) / len(v)) for lvl, v in by.items()]
-
-
-def _mean_std(vals: list[float]) -> tuple[float, float]:
-    if not vals:
-        return float("nan"), float("nan")
-    m = sum(vals) / len(vals)
-    if len(vals) == 1:
-        return m, 0.0
-    return m, math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
 
 def _grid_text(spec) -> str:
