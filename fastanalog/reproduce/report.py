@@ -16,7 +16,6 @@ import fastanalog as fa
 
 from . import paper
 from .common import BATCH_MODE_UNAVAILABLE, HAS_UPDATE_MODE, update_mode_name
-from .training import mean_std
 from .experiments import (
     DEFAULTS_LR,
     LS_ALGORITHMS,
@@ -31,6 +30,7 @@ from .experiments import (
     THEORY_PROBLEM,
     Settings,
 )
+from .training import mean_std
 
 NOT_QUOTED = "no paper value"
 # Verdicts of the findings lines.
