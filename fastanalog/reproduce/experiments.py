@@ -40,7 +40,11 @@ ROWS: dict[str, tuple[str, float, str | None]] = {
     "rl": ("rl", 0.1, None),
     "rl2": ("rl2", 0.1, None),
 }
-RL_TRANSFER_LR = 0.1  # the residual-learning transfer rate of the tables (the presets' value)
+RL_TRANSFER_LR = 0.1  # the residual-learning transfer rate of the scalar theory checks (the presets' value)
+# The tables' and ablations' transfer rate: the paper's beta (Appendix K). The presets' 0.1, picked on short cnn
+# runs, lets P's transfers swing W on long runs with mild power responses (rl at power 0.5, tau 0.6: 52.9%
+# test accuracy at 0.1 against 83.9% at 0.01, fmnist-fcn, lr 0.05, seed 0).
+TABLE_TRANSFER_LR = 0.01
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class TableSpec:
         algorithm, gamma, update = ROWS[row]
         return Job(
             self.model, self.dataset, algorithm, device, lr=lr, seed=seed, epochs=self.epochs, batch=self.batch,
-            n_train=self.n_train, n_val=self.n_val, update=update, gamma=gamma, transfer_lr=RL_TRANSFER_LR,
+            n_train=self.n_train, n_val=self.n_val, update=update, gamma=gamma, transfer_lr=TABLE_TRANSFER_LR,
             tags=(("table", self.name), ("row", row)),
         )  # fmt: skip
 

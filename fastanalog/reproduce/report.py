@@ -26,6 +26,7 @@ from .experiments import (
     OFF_CENTRE,
     REFERENCE,
     RL_TRANSFER_LR,
+    TABLE_TRANSFER_LR,
     THEORY_DEVICE,
     THEORY_PROBLEM,
     Settings,
@@ -719,7 +720,7 @@ def write_report(res: dict[str, Any], out: Path, command: str) -> Path:
             + f" Training samples: {n_train} of the training split after {spec.n_val} are held out for validation; "
             f"{spec.epochs} epochs at batch {spec.batch}; plain SGD, constant lr. Each row's learning rate is the best of "
             f"its grid ({_grid_text(spec)}) by validation accuracy (seed 0), then {spec.seeds} seed(s) at that lr; test accuracy on the full "
-            f"test split, mean +- std over the seeds. rl/rl2: gamma 0.1, transfer_lr {RL_TRANSFER_LR}; Tiki-Taka: rl with gamma 0. "
+            f"test split, mean +- std over the seeds. rl/rl2: gamma 0.1, transfer_lr {TABLE_TRANSFER_LR} (the paper's beta); Tiki-Taka: rl with gamma 0. "
             "Devices: dw_min 0.001 (the paper's), no variation; the residual device equals the main one, zero-shifted (a no-op "
             "here: these responses are symmetric about 0). Paper column: the Table 6 cell of the response (FCN on MNIST; "
             "its TT/RL column beside both Tiki-Taka and rl), where the paper has one.",
