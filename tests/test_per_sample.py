@@ -117,6 +117,48 @@ def test_conv_A_is_the_sum_over_samples_and_positions(kind, kw):
     assert torch.allclose(conv.sample_abs_grad(), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "kind,kw,size",
+    [
+        ("2d", dict(kernel_size=3, padding=1), 2),
+        ("2d", dict(kernel_size=3, stride=2, padding=1), 4),
+        ("2d", dict(kernel_size=1, stride=2), 3),
+        ("2d", dict(kernel_size=(2, 3), dilation=(1, 2), padding=(0, 2)), 2),
+        ("2d", dict(kernel_size=3, padding=1, padding_mode="reflect"), 2),
+        ("1d", dict(kernel_size=3, stride=2, padding=1), 7),
+        ("1d", dict(kernel_size=2, padding="same", padding_mode="replicate"), 3),
+    ],
+)
+def test_wide_conv_with_few_positions_takes_the_unfolded_product(kind, kw, size):
+    """Few output positions, many channels: A is one matrix product of the unfolded input, the same sums."""
+    torch.manual_seed(5)
+    cls = fa.AnalogConv2d if kind == "2d" else fa.AnalogConv1d
+    conv = cls(128, 130, config=_asgd(tau=2.0), **kw)
+    x = torch.randn((3, 128, size, size) if kind == "2d" else (3, 128, size))
+    y = conv(x)
+    assert layers_mod._unfold_wins(y, conv.weight.shape, conv.groups)
+    d = torch.randn_like(y)
+    (y * d).sum().backward()
+    want = _unfold_abs(x.double(), d.double(), conv).float()
+    assert torch.allclose(conv.sample_abs_grad(), want, rtol=1e-5, atol=1e-5)
+    # and the convolution's own weight gradient gives the same sums
+    geometry = conv._sample_geometry()
+    direct = torch.ops.aten.convolution_backward(
+        d.abs(), x.abs() if geometry[4] is None else F.pad(x.abs(), geometry[4], mode=conv.padding_mode if conv.padding_mode != "zeros" else "constant"),
+        conv.weight, None, list(conv.stride), [0] * len(conv.stride) if geometry[4] is not None else list(geometry[1]),
+        list(conv.dilation), False, [0] * len(conv.stride), 1, [False, True, False],
+    )[1]  # fmt: skip
+    assert torch.allclose(conv.sample_abs_grad(), direct, rtol=1e-5, atol=1e-5)
+
+
+def test_unfolded_product_only_where_it_wins():
+    w = (256, 256, 3, 3)
+    assert layers_mod._unfold_wins(torch.empty(32, 256, 2, 2), w, 1)
+    assert not layers_mod._unfold_wins(torch.empty(32, 256, 4, 4), w, 1)  # 16 positions: oneDNN is faster
+    assert not layers_mod._unfold_wins(torch.empty(32, 64, 1, 1), (64, 64, 3, 3), 1)  # narrow: oneDNN is faster
+    assert not layers_mod._unfold_wins(torch.empty(32, 256, 2, 2), (256, 128, 3, 3), 2)  # groups: the convolution
+
+
 def test_unbatched_conv_input():
     torch.manual_seed(3)
     conv = fa.AnalogConv2d(2, 3, 3, padding=1, config=_asgd())
