@@ -2473,13 +2473,16 @@ static FA_INLINE __m256 clamp8(__m256 v, __m256 lo, __m256 hi) { return _mm256_m
 // The constants of a power write, broadcast.
 struct Power8 {
   __m256 dw, tmax, tmin, half, shift, up, down, lo, hi, gamma;
-  bool root;  // the power is the square root (Device::root)
+  __m256 rcp_hi;  // pair_bound's factor: 1 / dw rounded, raised by 2^-20
+  bool root;      // the power is the square root (Device::root)
 };
 
 static FA_INLINE Power8 power8(const Elem& e, const Device& dev) {
+  // (1 / dw) (1 + 2^-20) in double, rounded once: above 1 / dw by more than 2^-21 relative.
+  const float rcp_hi = static_cast<float>((1.0 / static_cast<double>(e.dw)) * (1.0 + 0x1p-20));
   return Power8{_mm256_set1_ps(e.dw),    _mm256_set1_ps(e.tau_max), _mm256_set1_ps(e.tau_min), _mm256_set1_ps(e.half),
                 _mm256_set1_ps(e.shift), _mm256_set1_ps(e.up),      _mm256_set1_ps(e.down),    _mm256_set1_ps(e.lo),
-                _mm256_set1_ps(e.hi),    _mm256_set1_ps(dev.gamma), dev.root()};
+                _mm256_set1_ps(e.hi),    _mm256_set1_ps(dev.gamma), _mm256_set1_ps(rcp_hi),    dev.root()};
 }
 
 // u^gamma on eight lanes: vm_pow's Sleef power, or the square root (vm_sqrt_exact's).
@@ -2538,18 +2541,29 @@ static __attribute__((noinline)) void asgd_power_fused(const StepArgs& a, int64_
 
 // pair_counts on eight lanes: N_up and N_down of a write with an excess (av: A widened).
 // std::max(v, 0) is vmaxps(0, v) and std::min(v, cap) vminps(cap, v), NaNs included.
-static FA_INLINE void pair_counts8(__m256 gv, __m256 av, __m256 u0, __m256 u1, __m256 lr, __m256 neg_lr, __m256 dw, __m256 cap,
-                                   __m256& up, __m256& down) {
+// Returns whether some lane may get pairs; when none can, the pairs' mean m is not divided
+// out: m = RN(t / dw) with t = RN(lr * excess / 2) is at most t * rcp_hi (rounded), whose
+// factor exceeds 1 / dw by more than the three roundings can take away, so t * rcp_hi < u1
+// gives m < u1 < 1, and then pairs = floor(m) + (u1 < m - floor(m)) = 0 in every lane (a
+// product that underflows leaves m below any u1 > 0 too; u1 = 0 never passes the test).
+static FA_INLINE bool pair_counts8(__m256 gv, __m256 av, __m256 u0, __m256 u1, __m256 lr, __m256 neg_lr, __m256 dw, __m256 rcp_hi,
+                                   __m256 cap, __m256& up, __m256& down) {
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
   const __m256 nv = _mm256_div_ps(_mm256_mul_ps(neg_lr, gv), dw);
   const __m256 fl = _mm256_floor_ps(nv);
   const __m256 net = _mm256_add_ps(fl, _mm256_and_ps(_mm256_cmp_ps(u0, _mm256_sub_ps(nv, fl), _CMP_LT_OQ), one));
   const __m256 excess = _mm256_max_ps(_mm256_sub_ps(av, _mm256_andnot_ps(sign, gv)), zero);  // NaN: 0 (fmax)
-  const __m256 m = _mm256_div_ps(_mm256_mul_ps(_mm256_mul_ps(lr, excess), _mm256_set1_ps(0.5f)), dw);
-  const __m256 flm = _mm256_floor_ps(m);
-  const __m256 pairs = _mm256_add_ps(flm, _mm256_and_ps(_mm256_cmp_ps(u1, _mm256_sub_ps(m, flm), _CMP_LT_OQ), one));
+  const __m256 t = _mm256_mul_ps(_mm256_mul_ps(lr, excess), _mm256_set1_ps(0.5f));
+  __m256 pairs = zero;
+  const bool some = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(t, rcp_hi), u1, _CMP_LT_OQ)) != 0xFF;
+  if (some) {
+    const __m256 m = _mm256_div_ps(t, dw);
+    const __m256 flm = _mm256_floor_ps(m);
+    pairs = _mm256_add_ps(flm, _mm256_and_ps(_mm256_cmp_ps(u1, _mm256_sub_ps(m, flm), _CMP_LT_OQ), one));
+  }
   up = _mm256_min_ps(cap, _mm256_add_ps(pairs, _mm256_max_ps(zero, net)));
   down = _mm256_min_ps(cap, _mm256_add_ps(pairs, _mm256_max_ps(zero, _mm256_xor_ps(net, sign))));
+  return some;
 }
 
 // apply_pairs (no c2c) of a power write on eight lanes, each direction's power evaluated
@@ -2573,6 +2587,29 @@ static FA_INLINE __m256 power_pairs_write8(__m256 x, __m256 up, __m256 down, con
   return clamp8(_mm256_add_ps(x, _mm256_sub_ps(vu, vd)), e.lo, e.hi);
 }
 
+// power_pairs_write8 where no lane pulses both ways: one response per lane, the one its
+// pulses take (as power_write8), with power_pairs_write8's operations on each lane, so the
+// same numbers for half the divisions and powers.
+static FA_INLINE __m256 power_one_way_write8(__m256 x, __m256 up, __m256 down, const Power8& e) {
+  const __m256 zero = _mm256_setzero_ps(), two = _mm256_set1_ps(2.0f);
+  const __m256 w = _mm256_add_ps(x, e.shift);
+  const __m256 has_up = _mm256_cmp_ps(up, zero, _CMP_GT_OQ);
+  const __m256 has_down = _mm256_cmp_ps(down, zero, _CMP_GT_OQ);
+  if (_mm256_movemask_ps(_mm256_or_ps(has_up, has_down)) == 0) return clamp8(_mm256_add_ps(x, _mm256_sub_ps(zero, zero)), e.lo, e.hi);
+  const __m256 num = _mm256_blendv_ps(_mm256_sub_ps(w, e.tmin), _mm256_sub_ps(e.tmax, w), has_up);
+  const __m256 u = clamp8(_mm256_div_ps(num, e.half), zero, two);
+  const __m256 q = _mm256_mul_ps(power_shape8(u, e), _mm256_blendv_ps(e.down, e.up, has_up));
+  const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_blendv_ps(down, up, has_up), e.dw), q);
+  return clamp8(_mm256_add_ps(x, _mm256_sub_ps(_mm256_and_ps(has_up, v), _mm256_and_ps(has_down, v))), e.lo, e.hi);
+}
+
+// A write with an excess: N_up, N_down (into up, down) and the written value.
+static FA_INLINE __m256 power_excess_write8(__m256 x, __m256 gv, __m256 av, __m256 u0, __m256 u1, __m256 lr, __m256 neg_lr,
+                                            __m256 cap, const Power8& e, __m256& up, __m256& down) {
+  return pair_counts8(gv, av, u0, u1, lr, neg_lr, e.dw, e.rcp_hi, cap, up, down) ? power_pairs_write8(x, up, down, e)
+                                                                                  : power_one_way_write8(x, up, down, e);
+}
+
 // asgd_power_fused for a write with an excess (A as float32 at s.av, pair uniforms drawn):
 // N_up and N_down into s.first.up / s.first.down for the pulse report.
 static __attribute__((noinline)) void asgd_power_pairs_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew) {
@@ -2586,11 +2623,11 @@ static __attribute__((noinline)) void asgd_power_pairs_fused(const StepArgs& a, 
     const bool whole = n - j >= 8;
     const __m256 x = load8(W + j, whole, valid);
     __m256 up, down;
-    pair_counts8(load8(g + j, whole, valid), load8(s.av + j, whole, valid), _mm256_loadu_ps(s.u0 + j), _mm256_loadu_ps(s.u_pair + j),
-                 lr, neg_lr, e.dw, cap, up, down);
+    const __m256 w = power_excess_write8(x, load8(g + j, whole, valid), load8(s.av + j, whole, valid), _mm256_loadu_ps(s.u0 + j),
+                                         _mm256_loadu_ps(s.u_pair + j), lr, neg_lr, cap, e, up, down);
     _mm256_store_ps(s.first.up + j, up);
     _mm256_store_ps(s.first.down + j, down);
-    store8(W + j, whole, valid, power_pairs_write8(x, up, down, e));
+    store8(W + j, whole, valid, w);
   }
 }
 
@@ -2617,11 +2654,11 @@ static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t
     __m256 cp = zero, p32;
     if constexpr (PAIRS) {
       __m256 up, down;
-      pair_counts8(load8(g + j, whole, valid), load8(s.av + j, whole, valid), _mm256_loadu_ps(s.u0 + j),
-                   _mm256_loadu_ps(s.u_pair + j), _mm256_set1_ps(a.lr), neg_lr, e_p.dw, cap, up, down);
+      p32 = power_excess_write8(load8(P + j, whole, valid), load8(g + j, whole, valid), load8(s.av + j, whole, valid),
+                                _mm256_loadu_ps(s.u0 + j), _mm256_loadu_ps(s.u_pair + j), _mm256_set1_ps(a.lr), neg_lr, cap, e_p, up,
+                                down);
       _mm256_store_ps(s.first.up + j, up);
       _mm256_store_ps(s.first.down + j, down);
-      p32 = power_pairs_write8(load8(P + j, whole, valid), up, down, e_p);
     } else {
       const __m256 np = _mm256_div_ps(_mm256_mul_ps(neg_lr, load8(g + j, whole, valid)), e_p.dw);
       cp = stochastic_count8(np, _mm256_loadu_ps(s.u0 + j), neg_cap, cap);

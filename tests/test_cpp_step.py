@@ -746,6 +746,38 @@ def test_all_finite(dtype, bad):
     assert cpp.all_finite_cpp([big, torch.zeros(3).to(torch.float8_e4m3fn)]) is None  # left to the generic check
 
 
+def _sparse_excess(g: torch.Tensor, seed: int = 3) -> torch.Tensor:
+    """Per-sample sums as training has them: 90% of the elements A = |g|, 9% a tiny excess (pairs'
+    mean 1e-7 to 1e-3 pulses: almost never a pair), 1% up to a few pulses."""
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.rand(g.numel(), generator=gen)
+    tiny = 10.0 ** (-7 + 4 * torch.rand(g.numel(), generator=gen))
+    big = torch.rand(g.numel(), generator=gen) * 3.0
+    return g.abs() + torch.where(r < 0.9, 0.0, torch.where(r < 0.99, tiny, big))
+
+
+@pytest.mark.parametrize("family", ["sqrt", "power"])
+@pytest.mark.parametrize("alg", ["asgd", "rl2_acc_thr1"])
+def test_one_pass_writes_with_sparse_pairs_are_bit_exact(alg, family):
+    # Training's per-sample sums: most 8-lane vectors of the one-pass power kernels have no
+    # pair in any lane, some have one lane with pairs beside lanes pulsing one way.
+    config, transfer = _config(alg, _device(family))
+    n = 4099
+    arrays = _initial(config, n, torch.float32)
+    g = _gradients(n, 1, torch.float32, scale=0.5)[0]
+    A = _sparse_excess(g)
+    ref = [t.clone() for t in arrays]
+    got = [t.clone() for t in arrays]
+    want = _step("ref", alg, ref, g, config, transfer, key=78, offset=0, A=A)
+    have = _step("cpp", alg, got, g, config, transfer, key=78, offset=0, A=A)
+    for r, c in zip(ref, got):
+        assert torch.equal(r, c)
+    assert torch.equal(want.first, have.first) and torch.equal(want.first_pairs, have.first_pairs)
+    assert 0 < int((want.first_pairs > 0).sum()) < n // 20  # some pairs, few
+    changed = (ref[1] if alg != "asgd" else ref[0]) != arrays[1 if alg != "asgd" else 0]
+    assert int(changed.sum()) > n // 4  # the writes happened
+
+
 @pytest.mark.parametrize("excess", [False, True])
 @pytest.mark.parametrize("alg", ["asgd", "rl_transfer", "rl2_acc_thr1"])
 def test_square_root_response_is_bit_exact(alg, excess):
