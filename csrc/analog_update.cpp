@@ -2687,6 +2687,56 @@ static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t
     _mm256_store_ps(s.second.count + j, cw);
   }
 }
+// rl with power devices (float32, nominal, no c2c): rl_elements (TRANSFER) or rl_hold_elements
+// with power_write8 in place of linear_write; with PAIRS P's write is rl2_power_fused's.
+template <bool TRANSFER, bool READ, bool PAIRS>
+static __attribute__((noinline)) void rl_power_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem ep) {
+  const float* g = static_cast<const float*>(a.g) + b;
+  float* W = static_cast<float*>(a.W) + b;
+  float* P = static_cast<float*>(a.P) + b;
+  float* Wbar = mixed_out<float>(a, b);
+  const __m256 neg_lr = _mm256_set1_ps(a.neg_lr), cap = _mm256_set1_ps(a.max_pulses), neg_cap = _mm256_set1_ps(-a.max_pulses);
+  const __m256 rn = _mm256_set1_ps(a.read_noise), tlr = _mm256_set1_ps(a.tlr), gm = _mm256_set1_ps(a.gamma_mix);
+  const __m256 zero = _mm256_setzero_ps();
+  const Power8 e_w = power8(ew, a.dev_w), e_p = power8(ep, a.dev_p);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int j = 0; j < n; j += 8) {
+    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lane);
+    const bool whole = n - j >= 8;
+    __m256 cp = zero, p32;
+    if constexpr (PAIRS) {
+      __m256 up, down;
+      p32 = power_excess_write8(load8(P + j, whole, valid), load8(g + j, whole, valid), load8(s.av + j, whole, valid),
+                                _mm256_loadu_ps(s.u0 + j), _mm256_loadu_ps(s.u_pair + j), _mm256_set1_ps(a.lr), neg_lr, cap, e_p, up,
+                                down);
+      _mm256_store_ps(s.first.up + j, up);
+      _mm256_store_ps(s.first.down + j, down);
+    } else {
+      const __m256 np = _mm256_div_ps(_mm256_mul_ps(neg_lr, load8(g + j, whole, valid)), e_p.dw);
+      cp = stochastic_count8(np, _mm256_loadu_ps(s.u0 + j), neg_cap, cap);
+      p32 = power_write8(load8(P + j, whole, valid), cp, e_p);
+      _mm256_store_ps(s.first.count + j, cp);
+    }
+    store8(P + j, whole, valid, p32);
+    if constexpr (TRANSFER) {
+      __m256 p_hat = p32;
+      if constexpr (READ) p_hat = _mm256_add_ps(p32, _mm256_mul_ps(rn, _mm256_loadu_ps(s.n_read + j)));
+      const __m256 cw = stochastic_count8(_mm256_div_ps(_mm256_mul_ps(tlr, p_hat), e_w.dw), _mm256_loadu_ps(s.u1 + j), neg_cap, cap);
+      const __m256 ws = power_write8(load8(W + j, whole, valid), cw, e_w);
+      store8(W + j, whole, valid, ws);
+      if (Wbar) store8(Wbar + j, whole, valid, _mm256_add_ps(ws, _mm256_mul_ps(gm, p32)));
+      _mm256_store_ps(s.second.count + j, cw);
+    } else {
+      if (Wbar) store8(Wbar + j, whole, valid, _mm256_add_ps(load8(W + j, whole, valid), _mm256_mul_ps(gm, p32)));
+    }
+  }
+}
+
+template <bool PAIRS>
+static FusedFn pick_rl_power_fused(bool transfer, bool read) {
+  if (!transfer) return &rl_power_fused<false, false, PAIRS>;
+  return read ? &rl_power_fused<true, true, PAIRS> : &rl_power_fused<true, false, PAIRS>;
+}
 #endif
 
 // Whether `dev`'s writes can take a fused path.
@@ -2891,8 +2941,21 @@ static void rl_range(const StepArgs& a, int64_t begin, int64_t end, void* scratc
   const SegFn mid = a.transfer ? FA_PICK_NP(pick_rl_mid, nom, plan.pairs, dp.c2c(), plan.read)
                                : FA_PICK_NP(pick_rl_hold, nom, plan.pairs, dp.c2c());
   const SegFn last = nom ? pick_rl_last<S, true>(plan.c2c_w) : pick_rl_last<S, false>(plan.c2c_w);
-  const bool fused = !plan.pairs && fusable(dp) && (!a.transfer || fusable(dw));
-  const FusedFn fused_fn = pick_rl_fused<S, G>(a.transfer, plan.read);
+  bool fused = !plan.pairs && fusable(dp) && (!a.transfer || fusable(dw));
+  FusedFn fused_fn = pick_rl_fused<S, G>(a.transfer, plan.read);
+  [[maybe_unused]] FusedFn fused_pairs = nullptr;
+#if FA_ISA_AVX2
+  if constexpr (std::is_same_v<S, StoreF32> && std::is_same_v<G, StoreF32>) {
+    if (power_fusable(dp) && (!a.transfer || power_fusable(dw))) {
+      if (plan.pairs) {
+        fused_pairs = pick_rl_power_fused<true>(a.transfer, plan.read);
+      } else {
+        fused = true;
+        fused_fn = pick_rl_power_fused<false>(a.transfer, plan.read);
+      }
+    }
+  }
+#endif
   const Elem ew = nominal_elem(dw), ep = nominal_elem(dp);
   int n = 0;
   for (int64_t b = begin; b < end; b += n) {
@@ -2906,6 +2969,12 @@ static void rl_range(const StepArgs& a, int64_t begin, int64_t end, void* scratc
       continue;
     }
     if (plan.pairs) s.av = excess_f32(a, b, n, s.a32);
+    if (fused_pairs != nullptr) {
+      fused_pairs(a, b, n, s, ew, ep);
+      write_pulses_pairs(a.pulses_first, a.pairs_first, a.total_first != nullptr, acc_first, b, n, s.first.up, s.first.down);
+      if (a.transfer) write_pulses(a.pulses_main, a.total_main != nullptr, acc_main, b, n, s.second.count);
+      continue;
+    }
     first_fn(a, b, n, s, nullptr);
     const float* shape_p = first_responses(dp, s.pp, plan, nv, s);
     mid(a, b, n, s, shape_p);
