@@ -2631,6 +2631,31 @@ static __attribute__((noinline)) void asgd_power_pairs_fused(const StepArgs& a, 
   }
 }
 
+// P's write of rl/rl2 on lanes j .. j+7 (power device, float32): with PAIRS N_up and N_down
+// (power_excess_write8) into s.first.up / s.first.down, else the count into s.first.count.
+// Stores and returns the new P.
+template <bool PAIRS>
+static FA_INLINE __m256 power_first_write8(const StepArgs& a, Scratch& s, int j, bool whole, __m256i valid, const float* g, float* P,
+                                           const Power8& e_p) {
+  const __m256 neg_lr = _mm256_set1_ps(a.neg_lr), cap = _mm256_set1_ps(a.max_pulses);
+  __m256 p32;
+  if constexpr (PAIRS) {
+    __m256 up, down;
+    p32 = power_excess_write8(load8(P + j, whole, valid), load8(g + j, whole, valid), load8(s.av + j, whole, valid),
+                              _mm256_loadu_ps(s.u0 + j), _mm256_loadu_ps(s.u_pair + j), _mm256_set1_ps(a.lr), neg_lr, cap, e_p, up,
+                              down);
+    _mm256_store_ps(s.first.up + j, up);
+    _mm256_store_ps(s.first.down + j, down);
+  } else {
+    const __m256 np = _mm256_div_ps(_mm256_mul_ps(neg_lr, load8(g + j, whole, valid)), e_p.dw);
+    const __m256 cp = stochastic_count8(np, _mm256_loadu_ps(s.u0 + j), _mm256_set1_ps(-a.max_pulses), cap);
+    p32 = power_write8(load8(P + j, whole, valid), cp, e_p);
+    _mm256_store_ps(s.first.count + j, cp);
+  }
+  store8(P + j, whole, valid, p32);
+  return p32;
+}
+
 // rl2 with power devices for P and W (float32, nominal, no c2c): rl2_elements with
 // power_write8 in place of linear_write.
 // With PAIRS (an excess: A as float32 at s.av, pair uniforms drawn) P's write sends N_up and
@@ -2642,7 +2667,7 @@ static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t
   float* P = static_cast<float*>(a.P) + b;
   float* H = static_cast<float*>(a.H) + b;
   float* Wbar = mixed_out<float>(a, b);
-  const __m256 neg_lr = _mm256_set1_ps(a.neg_lr), cap = _mm256_set1_ps(a.max_pulses), neg_cap = _mm256_set1_ps(-a.max_pulses);
+  const __m256 cap = _mm256_set1_ps(a.max_pulses), neg_cap = _mm256_set1_ps(-a.max_pulses);
   const __m256 rn = _mm256_set1_ps(a.read_noise), tlr = _mm256_set1_ps(a.tlr), omt = _mm256_set1_ps(a.one_minus_tlr);
   const __m256 gm = _mm256_set1_ps(a.gamma_mix), thr_dw = _mm256_set1_ps(a.threshold * ew.dw);
   const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
@@ -2651,20 +2676,7 @@ static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t
   for (int j = 0; j < n; j += 8) {
     const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lane);
     const bool whole = n - j >= 8;
-    __m256 cp = zero, p32;
-    if constexpr (PAIRS) {
-      __m256 up, down;
-      p32 = power_excess_write8(load8(P + j, whole, valid), load8(g + j, whole, valid), load8(s.av + j, whole, valid),
-                                _mm256_loadu_ps(s.u0 + j), _mm256_loadu_ps(s.u_pair + j), _mm256_set1_ps(a.lr), neg_lr, cap, e_p, up,
-                                down);
-      _mm256_store_ps(s.first.up + j, up);
-      _mm256_store_ps(s.first.down + j, down);
-    } else {
-      const __m256 np = _mm256_div_ps(_mm256_mul_ps(neg_lr, load8(g + j, whole, valid)), e_p.dw);
-      cp = stochastic_count8(np, _mm256_loadu_ps(s.u0 + j), neg_cap, cap);
-      p32 = power_write8(load8(P + j, whole, valid), cp, e_p);
-    }
-    store8(P + j, whole, valid, p32);
+    const __m256 p32 = power_first_write8<PAIRS>(a, s, j, whole, valid, g, P, e_p);
     __m256 p_hat = p32;
     if constexpr (READ) p_hat = _mm256_add_ps(p32, _mm256_mul_ps(rn, _mm256_loadu_ps(s.n_read + j)));
     const __m256 h0 = load8(H + j, whole, valid);
@@ -2683,7 +2695,6 @@ static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t
     if constexpr (!EMA) h = _mm256_sub_ps(h, _mm256_mul_ps(cw, e_w.dw));
     store8(H + j, whole, valid, h);
     if (Wbar) store8(Wbar + j, whole, valid, _mm256_add_ps(ws, _mm256_mul_ps(gm, p32)));
-    if constexpr (!PAIRS) _mm256_store_ps(s.first.count + j, cp);
     _mm256_store_ps(s.second.count + j, cw);
   }
 }
@@ -2695,29 +2706,14 @@ static __attribute__((noinline)) void rl_power_fused(const StepArgs& a, int64_t 
   float* W = static_cast<float*>(a.W) + b;
   float* P = static_cast<float*>(a.P) + b;
   float* Wbar = mixed_out<float>(a, b);
-  const __m256 neg_lr = _mm256_set1_ps(a.neg_lr), cap = _mm256_set1_ps(a.max_pulses), neg_cap = _mm256_set1_ps(-a.max_pulses);
+  const __m256 cap = _mm256_set1_ps(a.max_pulses), neg_cap = _mm256_set1_ps(-a.max_pulses);
   const __m256 rn = _mm256_set1_ps(a.read_noise), tlr = _mm256_set1_ps(a.tlr), gm = _mm256_set1_ps(a.gamma_mix);
-  const __m256 zero = _mm256_setzero_ps();
   const Power8 e_w = power8(ew, a.dev_w), e_p = power8(ep, a.dev_p);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int j = 0; j < n; j += 8) {
     const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lane);
     const bool whole = n - j >= 8;
-    __m256 cp = zero, p32;
-    if constexpr (PAIRS) {
-      __m256 up, down;
-      p32 = power_excess_write8(load8(P + j, whole, valid), load8(g + j, whole, valid), load8(s.av + j, whole, valid),
-                                _mm256_loadu_ps(s.u0 + j), _mm256_loadu_ps(s.u_pair + j), _mm256_set1_ps(a.lr), neg_lr, cap, e_p, up,
-                                down);
-      _mm256_store_ps(s.first.up + j, up);
-      _mm256_store_ps(s.first.down + j, down);
-    } else {
-      const __m256 np = _mm256_div_ps(_mm256_mul_ps(neg_lr, load8(g + j, whole, valid)), e_p.dw);
-      cp = stochastic_count8(np, _mm256_loadu_ps(s.u0 + j), neg_cap, cap);
-      p32 = power_write8(load8(P + j, whole, valid), cp, e_p);
-      _mm256_store_ps(s.first.count + j, cp);
-    }
-    store8(P + j, whole, valid, p32);
+    const __m256 p32 = power_first_write8<PAIRS>(a, s, j, whole, valid, g, P, e_p);
     if constexpr (TRANSFER) {
       __m256 p_hat = p32;
       if constexpr (READ) p_hat = _mm256_add_ps(p32, _mm256_mul_ps(rn, _mm256_loadu_ps(s.n_read + j)));
