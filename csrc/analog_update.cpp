@@ -2595,7 +2595,7 @@ static FA_INLINE __m256 power_one_way_write8(__m256 x, __m256 up, __m256 down, c
   const __m256 w = _mm256_add_ps(x, e.shift);
   const __m256 has_up = _mm256_cmp_ps(up, zero, _CMP_GT_OQ);
   const __m256 has_down = _mm256_cmp_ps(down, zero, _CMP_GT_OQ);
-  if (_mm256_movemask_ps(_mm256_or_ps(has_up, has_down)) == 0) return clamp8(_mm256_add_ps(x, _mm256_sub_ps(zero, zero)), e.lo, e.hi);
+  if (_mm256_movemask_ps(_mm256_or_ps(has_up, has_down)) == 0) return clamp8(_mm256_add_ps(x, zero), e.lo, e.hi);  // x + (0 - 0)
   const __m256 num = _mm256_blendv_ps(_mm256_sub_ps(w, e.tmin), _mm256_sub_ps(e.tmax, w), has_up);
   const __m256 u = clamp8(_mm256_div_ps(num, e.half), zero, two);
   const __m256 q = _mm256_mul_ps(power_shape8(u, e), _mm256_blendv_ps(e.down, e.up, has_up));
@@ -2698,6 +2698,7 @@ static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t
     _mm256_store_ps(s.second.count + j, cw);
   }
 }
+
 // rl with power devices (float32, nominal, no c2c): rl_elements (TRANSFER) or rl_hold_elements
 // with power_write8 in place of linear_write; with PAIRS P's write is rl2_power_fused's.
 template <bool TRANSFER, bool READ, bool PAIRS>
