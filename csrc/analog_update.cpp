@@ -782,8 +782,14 @@ bool all_finite_cpu(at::TensorList tensors) {
   return finite != 0;
 }
 
-// bfloat16 bits of |v| (rounded to nearest even, as Tensor.to does).
-static inline uint16_t abs_bf16_bits(float v) { return c10::BFloat16(std::fabs(v)).x; }
+// bfloat16 bits of |v|, rounded to nearest even as Tensor.to does (a NaN stays a NaN).
+static inline uint16_t abs_bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  u &= 0x7FFFFFFFu;
+  if (u > 0x7F800000u) return 0x7FC0;
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
 
 // Element i of a float32, bfloat16 or float16 tensor's contiguous data, as float.
 static inline float elem_f32(const void* p, at::ScalarType st, int64_t i) {
@@ -794,96 +800,214 @@ static inline float elem_f32(const void* p, at::ScalarType st, int64_t i) {
   }
 }
 
-// Columns of B per packed tile of the AMX product (oneDNN's packed B holds 16, 32, 48 or 64).
-constexpr int64_t kOuterN = 64;
-// Rows of A per tile (one brgemm call per M x N tile).
-constexpr int64_t kOuterM = 128;
+// ----- A of a layer: the weight gradient of |x| and |d| (fastanalog.nn.layers.sample_abs_sums) --
+// The geometry of a layer as a 2-d convolution: x is B x C x H x W, d is B x O x OH x OW, the
+// weight O x C x KH x KW. A linear layer is the 1 x 1 case (x: rows x I, d: rows x O), a 1-d
+// convolution the one of height 1. Every output position of every sample is one position
+// k = (b, oh, ow) of the sums, in that order.
+struct SumGeometry {
+  int64_t B, C, H, W, O, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw;
+  int64_t positions() const { return B * OH * OW; }
+  int64_t inputs() const { return C * KH * KW; }
+  bool pointwise() const { return KH == 1 && KW == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0 && H == OH && W == OW; }
+};
 
-// A = |d|^T |x| (d: rows x O, x: rows x I) in float32 from the bfloat16 roundings of |d| and
-// |x|, accumulated in float32: oneDNN's AMX/AVX512-BF16 micro-kernel (torch's cpublas::brgemm,
-// B packed in VNNI pairs of rows) where it runs, else MKL's cblas_gemm_bf16bf16f32. Every
-// product of two bfloat16 numbers is exact in float32, so A differs from the float32 product
-// of the rounded factors only in the order of its sums, and a sum over DDP ranks from one
-// rank's A as the float32 product does.
-at::Tensor abs_outer_bf16(const at::Tensor& d, const at::Tensor& x) {
-  TORCH_CHECK(d.dim() == 2 && x.dim() == 2, "abs_outer_bf16: d and x must be matrices, got ", d.dim(), "-d and ", x.dim(), "-d");
-  TORCH_CHECK(d.size(0) == x.size(0), "abs_outer_bf16: d and x must have the same rows, got ", d.size(0), " and ", x.size(0));
-  TORCH_CHECK(d.device().is_cpu() && x.device().is_cpu(), "abs_outer_bf16: d and x must be on the CPU");
-  for (const at::Tensor* t : {&d, &x})
-    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf,
-                "abs_outer_bf16: d and x must be float32, bfloat16 or float16, got ", t->scalar_type());
-  const int64_t rows = d.size(0), O = d.size(1), I = x.size(1);
-  at::Tensor out = at::empty({O, I}, d.options().dtype(at::kFloat));
-  if (O == 0 || I == 0) return out;
-  if (rows == 0) return out.zero_();
-  const int64_t most = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK(rows * O <= most && rows * I <= most && O * I <= most,
-              "abs_outer_bf16: too large for one product (", rows, " x ", O, " and ", rows, " x ", I, ")");
-  const at::Tensor dc = d.contiguous(), xc = x.contiguous();
-  const void* dp = dc.data_ptr();
-  const void* xp = xc.data_ptr();
-  const at::ScalarType dt = dc.scalar_type(), xt = xc.scalar_type();
-  float* C = out.data_ptr<float>();
-  if (at::native::cpublas::could_pack(at::kBFloat16)) {
-    // A operand: |d|^T, O x K row-major; B: |x|, K x I, packed per tile of kOuterN columns.
-    // K = rows rounded up to even (VNNI pairs), the extra row zero.
-    const int64_t K = (rows + 1) / 2 * 2;
-    const int64_t tiles_n = (I + kOuterN - 1) / kOuterN, tiles_m = (O + kOuterM - 1) / kOuterM;
-    std::unique_ptr<uint16_t[]> at_(new uint16_t[O * K]), xa(new uint16_t[K * I]), xpk(new uint16_t[tiles_n * K * kOuterN]);
-    // |d| transposed in blocks of 16 x 16 (both sides touch whole cache lines).
-    constexpr int64_t kT = 16;
-    at::parallel_for(0, (O + kT - 1) / kT, 4, [&](int64_t lo, int64_t hi) {
-      float buf[kT];
-      for (int64_t ob = lo; ob < hi; ++ob) {
-        const int64_t o0 = ob * kT, o1 = std::min(O, o0 + kT);
-        for (int64_t r = 0; r < rows; ++r) {
-          if (dt == at::kFloat) {
-            const float* src = static_cast<const float*>(dp) + r * O;
-            for (int64_t o = o0; o < o1; ++o) buf[o - o0] = src[o];
-          } else {
-            for (int64_t o = o0; o < o1; ++o) buf[o - o0] = elem_f32(dp, dt, r * O + o);
-          }
-          for (int64_t o = o0; o < o1; ++o) at_[o * K + r] = abs_bf16_bits(buf[o - o0]);
+// Columns of B per packed panel of the bfloat16 product (oneDNN's packed B holds 16, 32, 48 or 64).
+constexpr int64_t kOuterN = 64;
+// Rows of A per brgemm call, and rows of A that one fill item writes.
+constexpr int64_t kOuterM = 32;
+// Positions per chunk when the caller leaves it to us: the unfolded |x| of a chunk holds about
+// 2^20 bfloat16 numbers (2 MiB; twice that with A's operand and the tails).
+constexpr int64_t kSumChunkElems = int64_t{1} << 20;
+constexpr int64_t kSumChunkMax = 4096;
+
+// The factors of positions [k0, k0 + n) in bfloat16: At (O x Kp, row-major) holds |d|^T, Xb the
+// receptive fields (|x| in weight order (c, kh, kw), zero outside the image) in panels of kOuterN
+// columns, each Kp x kOuterN in VNNI pairs of rows (element (k, j) of panel p at
+// p Kp kOuterN + (k / 2) 2 kOuterN + 2 j + k % 2), as oneDNN's bfloat16 micro-kernel takes its
+// B. Kp is n rounded up to even; row n (if any) and the columns past I are zero. One work item
+// is one sample's run of positions in one panel of Xb, or in kOuterM rows of At; a panel's
+// run is written column by column (it stays in the L1 cache), each column reading rows of the
+// image in order.
+template <class T>
+static void fill_bf16(const T* x, const T* d, const SumGeometry& g, int64_t k0, int64_t n, int64_t Kp, uint16_t* At, uint16_t* Xb) {
+  const int64_t L = g.OH * g.OW, HW = g.H * g.W, KK = g.KH * g.KW, I = g.inputs(), O = g.O;
+  const int64_t panels = (I + kOuterN - 1) / kOuterN, blocks = (O + kOuterM - 1) / kOuterM, per = panels + blocks;
+  const bool pointwise = g.pointwise();
+  const int64_t b0 = k0 / L, samples = (k0 + n - 1) / L + 1 - b0;
+  at::parallel_for(0, samples * per, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t b = b0 + item / per, part = item % per;
+      const int64_t l_lo = std::max<int64_t>(0, k0 - b * L), l_hi = std::min<int64_t>(L, k0 + n - b * L);
+      const int64_t r0 = b * L + l_lo - k0, m = l_hi - l_lo;  // the run: positions [r0, r0 + m) of the chunk
+      if (part >= panels) {  // rows of At
+        const int64_t o1 = std::min(O, (part - panels + 1) * kOuterM);
+        for (int64_t o = (part - panels) * kOuterM; o < o1; ++o) {
+          const T* src = d + (b * O + o) * L + l_lo;
+          uint16_t* dst = At + o * Kp + r0;
+          for (int64_t j = 0; j < m; ++j) dst[j] = abs_bf16_bits(static_cast<float>(src[j]));
         }
-        if (K > rows)
-          for (int64_t o = o0; o < o1; ++o) at_[o * K + rows] = 0;
+        continue;
       }
-    });
-    at::parallel_for(0, K, 16, [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) {
-        uint16_t* row = xa.get() + r * I;
-        if (r >= rows) {
-          std::memset(row, 0, sizeof(uint16_t) * I);
-        } else if (xt == at::kFloat) {
-          const float* src = static_cast<const float*>(xp) + r * I;
-          for (int64_t i = 0; i < I; ++i) row[i] = abs_bf16_bits(src[i]);
+      uint16_t* out = Xb + part * Kp * kOuterN;
+      // Position r of the run lands at out[vnni(r0 + r)] + 2 j for column j.
+      auto at = [&](int64_t r) { return ((r0 + r) >> 1) * 2 * kOuterN + ((r0 + r) & 1); };
+      if (L == 1 && pointwise) {  // a linear layer: the run is one row of x
+        uint16_t* dst = out + at(0);
+        const T* src = x + b * g.C + part * kOuterN;
+        const int64_t w = std::min(kOuterN, I - part * kOuterN);
+        for (int64_t j = 0; j < w; ++j) dst[2 * j] = abs_bf16_bits(static_cast<float>(src[j]));
+        for (int64_t j = w; j < kOuterN; ++j) dst[2 * j] = 0;
+        continue;
+      }
+      const int64_t oh_lo = l_lo / g.OW, ow_lo = l_lo % g.OW;
+      int64_t i = part * kOuterN, c = i / KK, kh = (i % KK) / g.KW, kw = i % g.KW;
+      for (int64_t j = 0; j < kOuterN; ++j, ++i) {
+        uint16_t* col = out + 2 * j;
+        if (i >= I) {
+          for (int64_t r = 0; r < m; ++r) col[at(r)] = 0;
+          continue;
+        }
+        const T* plane = x + (b * g.C + c) * HW;
+        if (pointwise) {
+          for (int64_t r = 0; r < m; ++r) col[at(r)] = abs_bf16_bits(static_cast<float>(plane[l_lo + r]));
         } else {
-          for (int64_t i = 0; i < I; ++i) row[i] = abs_bf16_bits(elem_f32(xp, xt, r * I + i));
+          // One output row at a time, from (oh_lo, ow_lo), the first position of the run.
+          for (int64_t l = l_lo, oh = oh_lo, ow0 = ow_lo; l < l_hi; ++oh, ow0 = 0) {
+            const int64_t ow1 = std::min(g.OW, ow0 + (l_hi - l)), r = l - l_lo;
+            const int64_t ih = oh * g.sh - g.ph + kh * g.dh;
+            if (ih < 0 || ih >= g.H) {
+              for (int64_t ow = ow0; ow < ow1; ++ow) col[at(r + ow - ow0)] = 0;
+            } else {
+              const T* xr = plane + ih * g.W;
+              for (int64_t ow = ow0; ow < ow1; ++ow) {
+                const int64_t iw = ow * g.sw - g.pw + kw * g.dw;
+                col[at(r + ow - ow0)] = (iw >= 0 && iw < g.W) ? abs_bf16_bits(static_cast<float>(xr[iw])) : 0;
+              }
+            }
+            l += ow1 - ow0;
+          }
+        }
+        if (++kw == g.KW) {
+          kw = 0;
+          if (++kh == g.KH) kh = 0, ++c;
         }
       }
-    });
-    at::parallel_for(0, tiles_n, 1, [&](int64_t lo, int64_t hi) {
+    }
+  });
+  if (Kp > n) {  // the zero row that pairs the last one
+    for (int64_t o = 0; o < O; ++o) At[o * Kp + n] = 0;
+    for (int64_t p = 0; p < panels; ++p)
+      for (int64_t j = 0; j < kOuterN; ++j) Xb[p * Kp * kOuterN + (n >> 1) * 2 * kOuterN + 2 * j + 1] = 0;
+  }
+}
+
+// C (O x I, float32) = sum over the positions of |d| |x|^T from the bfloat16 roundings of the
+// factors, on oneDNN's micro-kernel: chunk by chunk of positions, each chunk's factors filled
+// (fill_bf16) and then one brgemm call per kOuterM x kOuterN tile of C, adding to what the
+// chunks before left there. Every tile is one thread's, and the chunks depend on the shapes
+// alone, so C does not depend on the threads. Filling the receptive fields in VNNI pairs costs
+// a few nanoseconds an element: this pays where every field meets many output channels and
+// the positions are few (the caller's choice, fastanalog.nn.layers._unfold_wins).
+template <class T>
+static void abs_sums_brgemm(const T* d, const T* x, const SumGeometry& g, float* C, int64_t chunk) {
+  const int64_t K = g.positions(), I = g.inputs(), O = g.O;
+  const int64_t panels = (I + kOuterN - 1) / kOuterN, tiles_m = (O + kOuterM - 1) / kOuterM;
+  int64_t kc = chunk > 0 ? chunk : std::clamp<int64_t>(kSumChunkElems / (panels * kOuterN), 16, kSumChunkMax);
+  kc = std::min(kc, K);
+  const int64_t kp_max = (kc + 1) / 2 * 2;
+  std::unique_ptr<uint16_t[]> At(new uint16_t[O * kp_max]), Xb(new uint16_t[panels * kp_max * kOuterN]);
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t n = std::min(K, k0 + kc) - k0, Kp = (n + 1) / 2 * 2;
+    fill_bf16(x, d, g, k0, n, Kp, At.get(), Xb.get());
+    at::parallel_for(0, tiles_m * panels, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
-        const int64_t n0 = t * kOuterN, nb = std::min(kOuterN, I - n0);
-        uint16_t* dst = xpk.get() + t * K * kOuterN;
-        if (nb < kOuterN) std::memset(dst, 0, sizeof(uint16_t) * K * kOuterN);
-        at::native::cpublas::pack(K, nb, I, kOuterN, at::kBFloat16, at::kBFloat16, xa.get() + n0, dst);
-      }
-    });
-    at::parallel_for(0, tiles_m * tiles_n, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) {
-        const int64_t tm = t / tiles_n, tn = t % tiles_n;
-        const int64_t m0 = tm * kOuterM, n0 = tn * kOuterN;
+        const int64_t tm = t / panels, tn = t % panels, m0 = tm * kOuterM, n0 = tn * kOuterN;
         const int64_t mb = std::min(kOuterM, O - m0), nb = std::min(kOuterN, I - n0);
-        at::native::cpublas::brgemm(mb, nb, K, K, kOuterN, I, false,
-                                    reinterpret_cast<const at::BFloat16*>(at_.get() + m0 * K),
-                                    reinterpret_cast<const at::BFloat16*>(xpk.get() + tn * K * kOuterN), C + m0 * I + n0, true);
+        at::native::cpublas::brgemm(mb, nb, Kp, Kp, kOuterN, I, k0 > 0, reinterpret_cast<const at::BFloat16*>(At.get() + m0 * Kp),
+                                    reinterpret_cast<const at::BFloat16*>(Xb.get() + tn * Kp * kOuterN), C + m0 * I + n0, true);
       }
       at::native::cpublas::brgemm_release(true);
     });
+  }
+}
+
+// The geometry of abs_sums_bf16's arguments, checked.
+static SumGeometry sum_geometry(const at::Tensor& d, const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t s = static_cast<int64_t>(kernel.size());
+  TORCH_CHECK(s <= 2, "abs_sums_bf16: 1-d or 2-d kernels only, got ", s, "-d");
+  TORCH_CHECK(stride.size() == kernel.size() && padding.size() == kernel.size() && dilation.size() == kernel.size(),
+              "abs_sums_bf16: kernel, stride, padding and dilation must have one length each");
+  const int64_t dims = s == 0 ? 2 : s + 2;
+  TORCH_CHECK(d.dim() == dims && x.dim() == dims, "abs_sums_bf16: d and x must be ", dims, "-d, got ", d.dim(), "-d and ", x.dim(), "-d");
+  TORCH_CHECK(d.size(0) == x.size(0), "abs_sums_bf16: d and x must have the same rows (samples), got ", d.size(0), " and ", x.size(0));
+  SumGeometry g{x.size(0), x.size(1), 1, 1, d.size(1), 1, 1, 1, 1, 1, 1, 0, 0, 1, 1};
+  for (int64_t i = 0; i < s; ++i) {
+    TORCH_CHECK(kernel[i] >= 1 && stride[i] >= 1 && dilation[i] >= 1 && padding[i] >= 0,
+                "abs_sums_bf16: kernel, stride and dilation must be >= 1 and padding >= 0");
+    const int64_t in = x.size(2 + i), out = d.size(2 + i);
+    const int64_t want = (in + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) / stride[i] + 1;
+    TORCH_CHECK(out == want, "abs_sums_bf16: d has ", out, " positions in spatial dimension ", i, ", the convolution gives ", want);
+  }
+  if (s > 0) {
+    const int64_t a = s - 1;  // the last (width) dimension
+    g.W = x.size(2 + a), g.OW = d.size(2 + a), g.KW = kernel[a], g.sw = stride[a], g.pw = padding[a], g.dw = dilation[a];
+    if (s == 2) g.H = x.size(2), g.OH = d.size(2), g.KH = kernel[0], g.sh = stride[0], g.ph = padding[0], g.dh = dilation[0];
+  }
+  const int64_t most = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(g.O * g.inputs() <= most, "abs_sums_bf16: too large for one product (", g.O, " x ", g.inputs(), ")");
+  return g;
+}
+
+// A = the sum over samples and output positions of |d| |x|^T in float32 from the bfloat16
+// roundings of |d| and |x|: the weight gradient of |x| and |d| of a linear layer (kernel empty;
+// d: rows x O, x: rows x I; A: O x I) or of a batched 1-d or 2-d convolution with groups 1
+// (kernel, stride, padding, dilation of its spatial dimensions; A: O x C x kernel). Every
+// product of two bfloat16 numbers is exact in float32, so A differs from the float32 product of
+// the rounded factors only in the order of its sums, and a sum over DDP ranks from one rank's A
+// as the float32 product does. oneDNN's AMX/AVX512-BF16 micro-kernel (torch's cpublas::brgemm)
+// where it runs; else, for a linear layer, MKL's cblas_gemm_bf16bf16f32. `chunk`: positions per
+// chunk of the micro-kernel's path (0: about 2 MiB of unfolded |x| each); A does not depend on it
+// beyond the order of the sums.
+at::Tensor abs_sums_bf16(const at::Tensor& d, const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t chunk) {
+  TORCH_CHECK(d.device().is_cpu() && x.device().is_cpu(), "abs_sums_bf16: d and x must be on the CPU");
+  for (const at::Tensor* t : {&d, &x})
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kHalf,
+                "abs_sums_bf16: d and x must be float32, bfloat16 or float16, got ", t->scalar_type());
+  TORCH_CHECK(d.scalar_type() == x.scalar_type() || kernel.empty(), "abs_sums_bf16: d and x must have one dtype, got ", d.scalar_type(),
+              " and ", x.scalar_type());
+  TORCH_CHECK(chunk >= 0, "abs_sums_bf16: chunk must be >= 0, got ", chunk);
+  const SumGeometry g = sum_geometry(d, x, kernel, stride, padding, dilation);
+  std::vector<int64_t> shape{g.O, g.C};
+  for (int64_t k : kernel) shape.push_back(k);
+  at::Tensor out = at::empty(shape, x.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  if (g.positions() == 0) return out.zero_();
+  at::Tensor dc = d.contiguous(), xc = x.contiguous();
+  float* C = out.data_ptr<float>();
+  if (at::native::cpublas::could_pack(at::kBFloat16)) {
+    if (dc.scalar_type() != xc.scalar_type()) dc = dc.to(at::kFloat), xc = xc.to(at::kFloat);  // a linear layer's mixed factors (exactly)
+    switch (xc.scalar_type()) {
+      case at::kFloat:
+        abs_sums_brgemm(dc.data_ptr<float>(), xc.data_ptr<float>(), g, C, chunk);
+        break;
+      case at::kBFloat16:
+        abs_sums_brgemm(dc.data_ptr<at::BFloat16>(), xc.data_ptr<at::BFloat16>(), g, C, chunk);
+        break;
+      default:
+        abs_sums_brgemm(dc.data_ptr<at::Half>(), xc.data_ptr<at::Half>(), g, C, chunk);
+        break;
+    }
     return out;
   }
 #if FA_HAVE_MKL
+  TORCH_CHECK(kernel.empty(), "abs_sums_bf16: a convolution needs oneDNN's bfloat16 micro-kernel, which does not run here");
+  const int64_t rows = g.B, O = g.O, I = g.C;
+  const void* dp = dc.data_ptr();
+  const void* xp = xc.data_ptr();
+  const at::ScalarType dt = dc.scalar_type(), xt = xc.scalar_type();
   std::unique_ptr<uint16_t[]> da(new uint16_t[rows * O]), xa(new uint16_t[rows * I]);
   at::parallel_for(0, rows * O, 1 << 14, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) da[i] = abs_bf16_bits(elem_f32(dp, dt, i));
@@ -896,8 +1020,15 @@ at::Tensor abs_outer_bf16(const at::Tensor& d, const at::Tensor& x) {
                          xa.get(), I, 0.0f, C, I);
   return out;
 #else
-  TORCH_CHECK(false, "abs_outer_bf16: neither oneDNN's bfloat16 micro-kernel nor MKL is available (bf16_gemm_cpp() is false)");
+  TORCH_CHECK(false, "abs_sums_bf16: neither oneDNN's bfloat16 micro-kernel nor MKL is available (bf16_gemm_cpp() is false)");
 #endif
+}
+
+// abs_sums_bf16 of a linear layer (d: rows x O, x: rows x I): |d|^T |x|.
+at::Tensor abs_outer_bf16(const at::Tensor& d, const at::Tensor& x) {
+  TORCH_CHECK(d.dim() == 2 && x.dim() == 2, "abs_outer_bf16: d and x must be matrices, got ", d.dim(), "-d and ", x.dim(), "-d");
+  TORCH_CHECK(d.size(0) == x.size(0), "abs_outer_bf16: d and x must have the same rows, got ", d.size(0), " and ", x.size(0));
+  return abs_sums_bf16(d, x, {}, {}, {}, {}, 0);
 }
 
 // Whether oneDNN's bfloat16 micro-kernel (AMX or AVX512-BF16) runs here.
@@ -923,6 +1054,7 @@ TORCH_LIBRARY_FRAGMENT(fastanalog, m) {
   m.def("all_finite_cpp(Tensor[] tensors) -> bool");
   m.def("cpu_variant_cpp() -> str", &fastanalog::cpu::cpu_variant);
   m.def("abs_outer_bf16_cpp(Tensor d, Tensor x) -> Tensor");
+  m.def("abs_sums_bf16_cpp(Tensor d, Tensor x, int[] kernel, int[] stride, int[] padding, int[] dilation, int chunk=0) -> Tensor");
   m.def("bf16_gemm_cpp() -> bool", &fastanalog::cpu::bf16_gemm);
   m.def("bf16_amx_cpp() -> bool", &fastanalog::cpu::bf16_amx);
 }
@@ -933,6 +1065,7 @@ TORCH_LIBRARY_IMPL(fastanalog, CPU, m) {
   m.impl("mix_cpp_", &fastanalog::cpu::mix_cpu);
   m.impl("all_finite_cpp", &fastanalog::cpu::all_finite_cpu);
   m.impl("abs_outer_bf16_cpp", &fastanalog::cpu::abs_outer_bf16);
+  m.impl("abs_sums_bf16_cpp", &fastanalog::cpu::abs_sums_bf16);
 }
 
 #else  // FA_ISA_BODY ====================================================================
@@ -3085,6 +3218,8 @@ static RangeFn range_fn(int algorithm, int storage, bool g_is_f32) {
       return range_for<StoreF32, StoreF32>(algorithm);
   }
 }
+
+
 
 #undef FA_INLINE
 #endif  // FA_ISA_BODY

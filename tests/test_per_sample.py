@@ -151,6 +151,117 @@ def test_wide_conv_with_few_positions_takes_the_unfolded_product(kind, kw, size)
     assert torch.allclose(conv.sample_abs_grad(), direct, rtol=1e-5, atol=1e-5)
 
 
+def _bf16_oracle(d, x, kernel, stride, padding, dilation, rounded=True):
+    """The weight gradient of the bfloat16 roundings of |x| and |d| (``rounded``; else of |x| and |d|), in float64."""
+    db, xb = (d.abs().bfloat16().double(), x.abs().bfloat16().double()) if rounded else (d.abs().double(), x.abs().double())
+    if not kernel:
+        return db.t() @ xb
+    w = torch.zeros(d.shape[1], x.shape[1], *kernel, dtype=torch.float64)
+    n = len(kernel)
+    return torch.ops.aten.convolution_backward(
+        db, xb, w, None, list(stride), list(padding), list(dilation), False, [0] * n, 1, [False, True, False]
+    )[1]
+
+
+_needs_bf16 = pytest.mark.skipif(
+    not (fa.ops.cpp.cpp_available() and fa.ops.cpp.bf16_amx_available()), reason="no bfloat16 micro-kernel on this CPU"
+)
+
+
+@_needs_bf16
+@pytest.mark.parametrize(
+    "x_shape,out,kernel,stride,padding,dilation",
+    [
+        ((3, 5, 7, 9), 6, (3, 3), (1, 1), (1, 1), (1, 1)),
+        ((2, 7, 11, 6), 9, (3, 2), (2, 1), (0, 2), (2, 1)),
+        ((4, 3, 9, 9), 5, (1, 1), (1, 1), (0, 0), (1, 1)),  # pointwise
+        ((5, 70, 6, 5), 37, (3, 3), (1, 1), (1, 1), (1, 1)),  # two panels of inputs, two tiles of outputs, odd positions
+        ((2, 3, 16, 16), 64, (7, 7), (2, 2), (3, 3), (1, 1)),
+        ((3, 4, 20), 6, (5,), (2,), (3,), (2,)),  # 1-d
+        ((37, 29), 13, (), (), (), ()),  # linear: 37 rows
+    ],
+)
+def test_mixed_product_is_the_weight_gradient_of_the_rounded_factors(x_shape, out, kernel, stride, padding, dilation):
+    """abs_sums_bf16: float32 sums of the exact products of the bfloat16 factors, whatever the chunks and threads."""
+    torch.manual_seed(12)
+    x = torch.randn(x_shape)
+    if kernel:
+        conv = F.conv2d if len(kernel) == 2 else F.conv1d
+        d = torch.randn_like(conv(x, torch.zeros(out, x_shape[1], *kernel), stride=stride, padding=padding, dilation=dilation))
+    else:
+        d = torch.randn(x_shape[0], out)
+    want = _bf16_oracle(d, x, kernel, stride, padding, dilation)
+    positions = d.numel() // out
+    first = fa.ops.cpp.abs_sums_bf16(d, x, kernel, stride, padding, dilation)
+    assert first.dtype == torch.float32 and first.shape == want.shape
+    for chunk in (0, 1, 2, 5, 7):
+        got = fa.ops.cpp.abs_sums_bf16(d, x, kernel, stride, padding, dilation, chunk)
+        assert torch.allclose(got.double(), want, rtol=positions * 2**-23, atol=0), chunk
+    # not the float32 product: the factors are rounded
+    assert not torch.allclose(first.double(), _bf16_oracle(d, x, kernel, stride, padding, dilation, rounded=False), rtol=1e-5, atol=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fa.ops.cpp.abs_sums_bf16(d, x, kernel, stride, padding, dilation)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, first)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = fa.ops.cpp.abs_sums_bf16(d.to(dtype), x.to(dtype), kernel, stride, padding, dilation)
+        ref = _bf16_oracle(d.to(dtype).float(), x.to(dtype).float(), kernel, stride, padding, dilation)
+        assert torch.allclose(got.double(), ref, rtol=positions * 2**-23, atol=0), dtype
+
+
+@_needs_bf16
+def test_mixed_product_checks_its_arguments():
+    x, d = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8)
+    sums = fa.ops.cpp.abs_sums_bf16
+    with pytest.raises(RuntimeError, match="positions in spatial dimension 0"):
+        sums(d, x, (3, 3), (1, 1), (0, 0), (1, 1))
+    with pytest.raises(RuntimeError, match="same rows"):
+        sums(d[:1], x, (3, 3), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(RuntimeError, match="one dtype"):
+        sums(d.bfloat16(), x, (3, 3), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(RuntimeError, match="one length each"):
+        sums(d, x, (3, 3), (1,), (1, 1), (1, 1))
+    with pytest.raises(RuntimeError, match="chunk"):
+        sums(d, x, (3, 3), (1, 1), (1, 1), (1, 1), -1)
+    with pytest.raises(RuntimeError, match="4-d"):
+        sums(d[0], x[0], (3, 3), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        sums(d.double(), x.double(), (3, 3), (1, 1), (1, 1), (1, 1))
+    assert torch.equal(sums(d[:0], x[:0], (3, 3), (1, 1), (1, 1), (1, 1)), torch.zeros(4, 3, 3, 3))
+    nan = x.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    assert sums(d, nan, (3, 3), (1, 1), (1, 1), (1, 1)).isnan().any()
+
+
+@_needs_bf16
+@pytest.mark.parametrize(
+    "kind,kw,size",
+    [
+        ("2d", dict(kernel_size=3, padding=1), 2),
+        ("2d", dict(kernel_size=3, stride=2, padding=1), 4),
+        ("2d", dict(kernel_size=3, padding=1, padding_mode="reflect"), 2),
+        ("1d", dict(kernel_size=2, padding="same", padding_mode="replicate"), 3),
+    ],
+)
+def test_wide_conv_with_few_positions_takes_the_mixed_product(kind, kw, size, monkeypatch):
+    """The machine's choice on a CPU with a bfloat16 micro-kernel: the mixed-precision product, padding modes included."""
+    monkeypatch.delenv("FASTANALOG_SAMPLE_DTYPE")
+    torch.manual_seed(5)
+    cls = fa.AnalogConv2d if kind == "2d" else fa.AnalogConv1d
+    conv = cls(128, 130, config=_asgd(tau=2.0), **kw)
+    x = torch.randn((3, 128, size, size) if kind == "2d" else (3, 128, size))
+    y = conv(x)
+    d = torch.randn_like(y)
+    (y * d).sum().backward()
+    got = conv.sample_abs_grad().double()
+    rounded = _unfold_abs(x.bfloat16().double(), d.bfloat16().double(), conv)
+    assert torch.allclose(got, rounded, rtol=1e-5, atol=0)
+    assert not torch.allclose(got, _unfold_abs(x.double(), d.double(), conv), rtol=1e-5, atol=0)
+
+
 def test_unfolded_product_only_where_it_wins():
     w = (256, 256, 3, 3)
     assert layers_mod._unfold_wins(torch.empty(32, 256, 2, 2), w, 1)

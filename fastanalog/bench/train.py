@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import fastanalog as fa
-from fastanalog.nn.layers import sample_abs_dtype
+from fastanalog.nn.layers import _UNFOLD_MAX_POSITIONS, _UNFOLD_MIN_CHANNELS, _conv_bf16_product, sample_abs_dtype
 
 from .common import (
     MS,
@@ -110,15 +110,19 @@ COLUMNS = [
 
 def sample_dtype_note(device: torch.device) -> str:
     """How the layers compute A on ``device`` for float32 models (linear layers; convolutions), e.g.
-    ``linear bfloat16 factors with float32 sums; conv float32``."""
+    ``linear bfloat16 factors with float32 sums; conv float32 (...)``."""
+    mixed = "bfloat16 factors with float32 sums"
 
     def one(conv: bool) -> str:
         dtype = sample_abs_dtype(device, torch.float32, conv=conv)
         if dtype == torch.bfloat16 and device.type == "cpu" and not conv:
-            return "bfloat16 factors with float32 sums"
+            return mixed
         return str(dtype).removeprefix("torch.")
 
-    return f"linear {one(False)}; conv {one(True)}"
+    conv = one(True)
+    if device.type == "cpu" and conv == "float32" and _conv_bf16_product():
+        conv += f" ({mixed} where a sample has at most {_UNFOLD_MAX_POSITIONS} output positions and the layer {_UNFOLD_MIN_CHANNELS}+ channels)"
+    return f"linear {one(False)}; conv {conv}"
 
 
 # ----- models and steps --------------------------------------------------------------------

@@ -97,15 +97,16 @@ def sample_abs_dtype(device: torch.device, dtype: torch.dtype, conv: bool = Fals
     with AMX or AVX512-BF16, where A is then the float32 sum of the exact products of the
     bfloat16 factors (oneDNN's micro-kernel, :func:`fastanalog.ops.cpp.abs_outer_bf16`);
     float32 elsewhere (a CPU convolution would round A itself to bfloat16, and then DDP
-    ranks would no longer add up to one rank with the whole batch within float rounding).
-    ``FASTANALOG_SAMPLE_DTYPE=float32|bfloat16`` overrides the choice. A only sets the
-    opposite-pulse pairs ``e`` (relative error 2**-8 in bfloat16), never the net update.
+    ranks would no longer add up to one rank with the whole batch within float rounding;
+    the convolutions of few output positions that :func:`_unfold_wins` picks are the
+    exception: on such CPUs their A is the same mixed-precision product as a linear
+    layer's, see :func:`sample_abs_sums`). ``FASTANALOG_SAMPLE_DTYPE=float32|bfloat16``
+    overrides the choice. A only sets the opposite-pulse pairs ``e`` (relative error 2**-8
+    in bfloat16), never the net update.
     """
-    forced = os.environ.get("FASTANALOG_SAMPLE_DTYPE", "").strip().lower()
-    if forced:
-        if forced not in ("float32", "bfloat16"):
-            raise ValueError(f"FASTANALOG_SAMPLE_DTYPE={forced!r}: choose float32 or bfloat16")
-        return getattr(torch, forced)
+    forced = _forced_sample_dtype()
+    if forced is not None:
+        return forced
     if dtype in (torch.bfloat16, torch.float16):
         return dtype
     if dtype != torch.float32:  # a float64 model: float32 sums, as on any machine
@@ -115,6 +116,16 @@ def sample_abs_dtype(device: torch.device, dtype: torch.dtype, conv: bool = Fals
     if device.type == "cpu" and not conv and _cpu_bf16_gemm():
         return torch.bfloat16
     return torch.float32
+
+
+def _forced_sample_dtype() -> torch.dtype | None:
+    """The dtype ``FASTANALOG_SAMPLE_DTYPE`` asks for, or None."""
+    forced = os.environ.get("FASTANALOG_SAMPLE_DTYPE", "").strip().lower()
+    if not forced:
+        return None
+    if forced not in ("float32", "bfloat16"):
+        raise ValueError(f"FASTANALOG_SAMPLE_DTYPE={forced!r}: choose float32 or bfloat16")
+    return getattr(torch, forced)
 
 
 @torch.compiler.assume_constant_result
@@ -169,11 +180,15 @@ def sample_abs_sums(d: torch.Tensor, x: torch.Tensor, weight_shape, geometry, dt
     spatial = len(stride)
     if x.dim() == spatial + 1:  # an unbatched input
         x, d = x.unsqueeze(0), d.unsqueeze(0)
-    xa, da = _abs_in(x, dtype), _abs_in(d, dtype)
     if pad is not None:
-        xa = F.pad(xa, pad, mode="constant" if mode == "zeros" else mode)
+        x = F.pad(x, pad, mode="constant" if mode == "zeros" else mode)
         padding = (0,) * spatial
-    if _unfold_wins(da, weight_shape, groups):
+    unfold = _unfold_wins(d, weight_shape, groups)
+    if unfold and dtype != torch.float64 and x.dtype == d.dtype and x.dtype in _MIXED_INPUTS and _conv_bf16_product():
+        # float32 sums of the bfloat16 factors, as a linear layer's
+        return cpp.abs_sums_bf16(d, x, weight_shape[2:], stride, padding, dilation)
+    xa, da = _abs_in(x, dtype), _abs_in(d, dtype)
+    if unfold:
         return _unfolded_sums(da, xa, weight_shape, stride, padding, dilation)
     shape_only = xa.new_zeros(()).expand(weight_shape)
     return torch.ops.aten.convolution_backward(
@@ -188,13 +203,15 @@ _UNFOLD_MIN_CHANNELS = 128
 
 
 def _unfold_wins(d: torch.Tensor, weight_shape, groups: int) -> bool:
-    """Whether :func:`_unfolded_sums` beats the CPU convolution's weight gradient for these shapes.
+    """Whether one product over (sample, position) beats the CPU convolution's weight gradient for these shapes.
 
     oneDNN's weight gradient is slow where a sample has few output positions and the layer many
     channels (the last stages of a ResNet on 32x32 images: 4x slower at 512 channels and 1x1
     outputs); there one matrix product of ``|d|`` and the unfolded ``|x|`` is faster, elsewhere
-    slower. The choice depends on the shapes alone, never on timings, so that A is the same in
-    every run of a model (resume and DDP ranks take the same summation order).
+    slower: the mixed-precision product (:func:`fastanalog.ops.cpp.abs_sums_bf16`, which unfolds
+    as it goes) where the CPU multiplies bfloat16 fast, else :func:`_unfolded_sums`. The choice
+    depends on the shapes alone, never on timings, so that A is the same in every run of a model
+    (resume and DDP ranks take the same summation order).
     """
     positions = 1
     for n in d.shape[2:]:
@@ -206,6 +223,13 @@ def _unfold_wins(d: torch.Tensor, weight_shape, groups: int) -> bool:
         and positions <= _UNFOLD_MAX_POSITIONS
         and min(weight_shape[0], weight_shape[1]) >= _UNFOLD_MIN_CHANNELS
     )
+
+
+def _conv_bf16_product() -> bool:
+    """Whether the convolutions :func:`_unfold_wins` picks take the mixed-precision product here
+    (:func:`fastanalog.ops.cpp.abs_sums_bf16`: a CPU with AMX or AVX512-BF16, unless
+    ``FASTANALOG_SAMPLE_DTYPE=float32``); else the unfolded float32 product."""
+    return _forced_sample_dtype() != torch.float32 and _cpu_bf16_gemm()
 
 
 def _unfolded_sums(da: torch.Tensor, xa: torch.Tensor, weight_shape, stride, padding, dilation) -> torch.Tensor:

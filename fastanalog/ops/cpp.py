@@ -53,6 +53,7 @@ __all__ = [
     "triad_cpp",
     "all_finite_cpp",
     "abs_outer_bf16",
+    "abs_sums_bf16",
     "bf16_gemm_available",
     "bf16_amx_available",
 ]
@@ -182,7 +183,12 @@ def _register_fakes() -> None:
         torch._check(d.dim() == 2 and x.dim() == 2 and d.shape[0] == x.shape[0], lambda: "abs_outer_bf16: d and x must be matrices of equal rows")
         return d.new_empty((d.shape[1], x.shape[1]), dtype=torch.float32)
 
-    for name, fn in (("triad_cpp_", triad_fake), ("mix_cpp_", mix_fake), ("abs_outer_bf16_cpp", abs_outer_fake)):
+    def abs_sums_fake(d, x, kernel, stride, padding, dilation, chunk=0):
+        torch._check(d.dim() == x.dim() and d.shape[0] == x.shape[0], lambda: "abs_sums_bf16: d and x must have one rank and the same samples")
+        return d.new_empty((d.shape[1], x.shape[1], *kernel), dtype=torch.float32)
+
+    fakes = (("triad_cpp_", triad_fake), ("mix_cpp_", mix_fake), ("abs_outer_bf16_cpp", abs_outer_fake), ("abs_sums_bf16_cpp", abs_sums_fake))
+    for name, fn in fakes:
         if not hasattr(torch.ops.fastanalog, name):  # kernels built before the op existed
             continue
         try:
@@ -488,6 +494,27 @@ def bf16_amx_available() -> bool:
     """Whether :func:`abs_outer_bf16` runs on oneDNN's bfloat16 micro-kernel here (a CPU with AMX or
     AVX512-BF16), where it is several times faster than the float32 product."""
     return cpp_available() and hasattr(torch.ops.fastanalog, "bf16_amx_cpp") and bool(torch.ops.fastanalog.bf16_amx_cpp())
+
+
+def abs_sums_bf16(
+    d: torch.Tensor,
+    x: torch.Tensor,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    chunk: int = 0,
+) -> torch.Tensor:
+    """The weight gradient of ``|x|`` and ``|d|`` of a batched 1-d or 2-d convolution with groups 1
+    (``x``: B x C x spatial, ``d``: B x O x output spatial, one dtype of float32, bfloat16 or
+    float16, CPU; ``kernel``, ``stride``, ``padding``, ``dilation``: one entry per spatial
+    dimension, zero padding), in float32 from the bfloat16 roundings of ``|d|`` and ``|x|`` with
+    float32 accumulation, on oneDNN's AMX/AVX512-BF16 micro-kernel (:func:`bf16_amx_available`).
+    Empty ``kernel`` etc. is a linear layer (``d``: rows x O, ``x``: rows x I), as
+    :func:`abs_outer_bf16`. ``chunk``: output positions per chunk of the product (0: chosen from
+    the shapes); A does not depend on it nor on the threads beyond the order of its float32 sums."""
+    _require_cpp()
+    return torch.ops.fastanalog.abs_sums_bf16_cpp(d, x, list(kernel), list(stride), list(padding), list(dilation), int(chunk))
 
 
 def abs_outer_bf16(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
