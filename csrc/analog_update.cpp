@@ -787,8 +787,8 @@ static inline uint16_t abs_bf16_bits(float v) {
   uint32_t u;
   std::memcpy(&u, &v, sizeof(u));
   u &= 0x7FFFFFFFu;
-  if (u > 0x7F800000u) return 0x7FC0;
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(u > 0x7F800000u ? 0x7FC0u : r);  // a select, so that loops of it vectorise
 }
 
 // Element i of a float32, bfloat16 or float16 tensor's contiguous data, as float.
@@ -852,14 +852,6 @@ static void fill_bf16(const T* x, const T* d, const SumGeometry& g, int64_t k0, 
       uint16_t* out = Xb + part * Kp * kOuterN;
       // Position r of the run lands at out[vnni(r0 + r)] + 2 j for column j.
       auto at = [&](int64_t r) { return ((r0 + r) >> 1) * 2 * kOuterN + ((r0 + r) & 1); };
-      if (L == 1 && pointwise) {  // a linear layer: the run is one row of x
-        uint16_t* dst = out + at(0);
-        const T* src = x + b * g.C + part * kOuterN;
-        const int64_t w = std::min(kOuterN, I - part * kOuterN);
-        for (int64_t j = 0; j < w; ++j) dst[2 * j] = abs_bf16_bits(static_cast<float>(src[j]));
-        for (int64_t j = w; j < kOuterN; ++j) dst[2 * j] = 0;
-        continue;
-      }
       const int64_t oh_lo = l_lo / g.OW, ow_lo = l_lo % g.OW;
       int64_t i = part * kOuterN, c = i / KK, kh = (i % KK) / g.KW, kw = i % g.KW;
       for (int64_t j = 0; j < kOuterN; ++j, ++i) {
@@ -902,6 +894,45 @@ static void fill_bf16(const T* x, const T* d, const SumGeometry& g, int64_t k0, 
   }
 }
 
+// fill_bf16 for a linear layer (positions are the rows of d and x): Xb two rows at a time,
+// each VNNI pair of a column one 32-bit word; At as a transposition in blocks of 16 x 16.
+template <class T>
+static void fill_bf16_rows(const T* x, const T* d, const SumGeometry& g, int64_t k0, int64_t n, int64_t Kp, uint16_t* At, uint16_t* Xb) {
+  const int64_t I = g.C, O = g.O, panels = (I + kOuterN - 1) / kOuterN, pairs = Kp / 2;
+  constexpr int64_t kT = 16;
+  const int64_t blocks_o = (O + kT - 1) / kT, blocks_k = (n + kT - 1) / kT, xitems = pairs * panels;
+  at::parallel_for(0, xitems + blocks_o * blocks_k, 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t item = lo; item < hi; ++item) {
+      if (item < xitems) {
+        const int64_t kp = item / panels, p = item % panels, w = std::min(kOuterN, I - p * kOuterN);
+        const int64_t k = k0 + 2 * kp;
+        uint32_t* dst = reinterpret_cast<uint32_t*>(Xb + (p * Kp + 2 * kp) * kOuterN);
+        const T* x0 = x + k * I + p * kOuterN;
+        if (2 * kp + 1 < n) {
+          const T* x1 = x0 + I;
+          for (int64_t j = 0; j < w; ++j)
+            dst[j] = static_cast<uint32_t>(abs_bf16_bits(static_cast<float>(x0[j]))) |
+                     (static_cast<uint32_t>(abs_bf16_bits(static_cast<float>(x1[j]))) << 16);
+        } else {  // the last row of an odd chunk, paired with zero
+          for (int64_t j = 0; j < w; ++j) dst[j] = abs_bf16_bits(static_cast<float>(x0[j]));
+        }
+        for (int64_t j = w; j < kOuterN; ++j) dst[j] = 0;
+        continue;
+      }
+      const int64_t t = item - xitems, o0 = (t / blocks_k) * kT, r0 = (t % blocks_k) * kT;
+      const int64_t o1 = std::min(O, o0 + kT), r1 = std::min(n, r0 + kT);
+      uint16_t block[kT][kT];
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* src = d + (k0 + r) * O;
+        for (int64_t o = o0; o < o1; ++o) block[o - o0][r - r0] = abs_bf16_bits(static_cast<float>(src[o]));
+      }
+      for (int64_t o = o0; o < o1; ++o) std::memcpy(At + o * Kp + r0, block[o - o0], sizeof(uint16_t) * (r1 - r0));
+    }
+  });
+  if (Kp > n)
+    for (int64_t o = 0; o < O; ++o) At[o * Kp + n] = 0;
+}
+
 // C (O x I, float32) = sum over the positions of |d| |x|^T from the bfloat16 roundings of the
 // factors, on oneDNN's micro-kernel: chunk by chunk of positions, each chunk's factors filled
 // (fill_bf16) and then one brgemm call per kOuterM x kOuterN tile of C, adding to what the
@@ -919,7 +950,10 @@ static void abs_sums_brgemm(const T* d, const T* x, const SumGeometry& g, float*
   std::unique_ptr<uint16_t[]> At(new uint16_t[O * kp_max]), Xb(new uint16_t[panels * kp_max * kOuterN]);
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t n = std::min(K, k0 + kc) - k0, Kp = (n + 1) / 2 * 2;
-    fill_bf16(x, d, g, k0, n, Kp, At.get(), Xb.get());
+    if (g.positions() == g.B && g.pointwise())  // a linear layer
+      fill_bf16_rows(x, d, g, k0, n, Kp, At.get(), Xb.get());
+    else
+      fill_bf16(x, d, g, k0, n, Kp, At.get(), Xb.get());
     at::parallel_for(0, tiles_m * panels, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) {
         const int64_t tm = t / panels, tn = t % panels, m0 = tm * kOuterM, n0 = tn * kOuterN;
