@@ -245,6 +245,9 @@ def test_mixed_product_checks_its_arguments():
         ("2d", dict(kernel_size=3, stride=2, padding=1), 4),
         ("2d", dict(kernel_size=3, padding=1, padding_mode="reflect"), 2),
         ("1d", dict(kernel_size=2, padding="same", padding_mode="replicate"), 3),
+        ("2d", dict(kernel_size=1), 6),  # 1x1 kernels, any number of positions
+        ("2d", dict(kernel_size=1, stride=2), 7),
+        ("1d", dict(kernel_size=1), 9),
     ],
 )
 def test_wide_conv_with_few_positions_takes_the_mixed_product(kind, kw, size, monkeypatch):
@@ -255,12 +258,20 @@ def test_wide_conv_with_few_positions_takes_the_mixed_product(kind, kw, size, mo
     conv = cls(128, 130, config=_asgd(tau=2.0), **kw)
     x = torch.randn((3, 128, size, size) if kind == "2d" else (3, 128, size))
     y = conv(x)
+    assert layers_mod._mixed_conv_wins(y, conv.weight.shape, conv.groups)
     d = torch.randn_like(y)
     (y * d).sum().backward()
     got = conv.sample_abs_grad().double()
     rounded = _unfold_abs(x.bfloat16().double(), d.bfloat16().double(), conv)
     assert torch.allclose(got, rounded, rtol=1e-5, atol=0)
     assert not torch.allclose(got, _unfold_abs(x.double(), d.double(), conv), rtol=1e-5, atol=0)
+
+
+def test_mixed_product_only_where_it_wins():
+    assert layers_mod._mixed_conv_wins(torch.empty(32, 256, 2, 2), (256, 256, 3, 3), 1)  # few positions
+    assert layers_mod._mixed_conv_wins(torch.empty(8, 64, 56, 56), (64, 256, 1, 1), 1)  # 1x1
+    assert not layers_mod._mixed_conv_wins(torch.empty(32, 64, 8, 8), (64, 64, 3, 3), 1)  # 3x3, 64 positions: oneDNN
+    assert not layers_mod._mixed_conv_wins(torch.empty(8, 64, 56, 56), (64, 32, 1, 1), 2)  # groups: the convolution
 
 
 def test_unfolded_product_only_where_it_wins():

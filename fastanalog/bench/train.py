@@ -121,7 +121,10 @@ def sample_dtype_note(device: torch.device) -> str:
 
     conv = one(True)
     if device.type == "cpu" and conv == "float32" and _conv_bf16_product():
-        conv += f" ({mixed} where a sample has at most {_UNFOLD_MAX_POSITIONS} output positions and the layer {_UNFOLD_MIN_CHANNELS}+ channels)"
+        conv += (
+            f" ({mixed} for 1x1 kernels and where a sample has at most {_UNFOLD_MAX_POSITIONS} output positions"
+            f" and the layer {_UNFOLD_MIN_CHANNELS}+ channels)"
+        )
     return f"linear {one(False)}; conv {conv}"
 
 

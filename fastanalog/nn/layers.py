@@ -98,9 +98,9 @@ def sample_abs_dtype(device: torch.device, dtype: torch.dtype, conv: bool = Fals
     bfloat16 factors (oneDNN's micro-kernel, :func:`fastanalog.ops.cpp.abs_outer_bf16`);
     float32 elsewhere (a CPU convolution would round A itself to bfloat16, and then DDP
     ranks would no longer add up to one rank with the whole batch within float rounding;
-    the convolutions of few output positions that :func:`_unfold_wins` picks are the
-    exception: on such CPUs their A is the same mixed-precision product as a linear
-    layer's, see :func:`sample_abs_sums`). ``FASTANALOG_SAMPLE_DTYPE=float32|bfloat16``
+    the convolutions that :func:`_mixed_conv_wins` picks, 1x1 kernels and few output
+    positions, are the exception: on such CPUs their A is the same mixed-precision product
+    as a linear layer's, see :func:`sample_abs_sums`). ``FASTANALOG_SAMPLE_DTYPE=float32|bfloat16``
     overrides the choice. A only sets the opposite-pulse pairs ``e`` (relative error 2**-8
     in bfloat16), never the net update.
     """
@@ -183,12 +183,11 @@ def sample_abs_sums(d: torch.Tensor, x: torch.Tensor, weight_shape, geometry, dt
     if pad is not None:
         x = F.pad(x, pad, mode="constant" if mode == "zeros" else mode)
         padding = (0,) * spatial
-    unfold = _unfold_wins(d, weight_shape, groups)
-    if unfold and dtype != torch.float64 and x.dtype == d.dtype and x.dtype in _MIXED_INPUTS and _conv_bf16_product():
-        # float32 sums of the bfloat16 factors, as a linear layer's
-        return cpp.abs_sums_bf16(d, x, weight_shape[2:], stride, padding, dilation)
+    if _mixed_conv_wins(d, weight_shape, groups) and dtype != torch.float64 and x.dtype == d.dtype and x.dtype in _MIXED_INPUTS:
+        if _conv_bf16_product():  # float32 sums of the bfloat16 factors, as a linear layer's
+            return cpp.abs_sums_bf16(d, x, weight_shape[2:], stride, padding, dilation)
     xa, da = _abs_in(x, dtype), _abs_in(d, dtype)
-    if unfold:
+    if _unfold_wins(d, weight_shape, groups):
         return _unfolded_sums(da, xa, weight_shape, stride, padding, dilation)
     shape_only = xa.new_zeros(()).expand(weight_shape)
     return torch.ops.aten.convolution_backward(
@@ -209,7 +208,8 @@ def _unfold_wins(d: torch.Tensor, weight_shape, groups: int) -> bool:
     channels (the last stages of a ResNet on 32x32 images: 4x slower at 512 channels and 1x1
     outputs); there one matrix product of ``|d|`` and the unfolded ``|x|`` is faster, elsewhere
     slower: the mixed-precision product (:func:`fastanalog.ops.cpp.abs_sums_bf16`, which unfolds
-    as it goes) where the CPU multiplies bfloat16 fast, else :func:`_unfolded_sums`. The choice
+    as it goes; see :func:`_mixed_conv_wins`) where the CPU multiplies bfloat16 fast, else
+    :func:`_unfolded_sums`. The choice
     depends on the shapes alone, never on timings, so that A is the same in every run of a model
     (resume and DDP ranks take the same summation order).
     """
@@ -225,10 +225,27 @@ def _unfold_wins(d: torch.Tensor, weight_shape, groups: int) -> bool:
     )
 
 
+def _mixed_conv_wins(d: torch.Tensor, weight_shape, groups: int) -> bool:
+    """Whether the mixed-precision product (:func:`fastanalog.ops.cpp.abs_sums_bf16`) beats the CPU
+    convolution's weight gradient for these shapes, where the CPU multiplies bfloat16 fast.
+
+    It unfolds ``|x|`` into the micro-kernel's operands as it goes, a few nanoseconds an element:
+    that pays for the shapes of :func:`_unfold_wins` and for every 1x1 kernel, whose unfolding is
+    a copy (at two threads: ResNet-50's bottleneck 1x1 layers at batch 8 take 0.3-1.0x
+    oneDNN's float32 time, 3x3 layers with 64 output positions 2x). Shapes alone decide.
+    """
+    return (
+        d.device.type == "cpu"
+        and groups == 1
+        and d.dim() in (3, 4)
+        and (all(k == 1 for k in weight_shape[2:]) or _unfold_wins(d, weight_shape, groups))
+    )
+
+
 def _conv_bf16_product() -> bool:
-    """Whether the convolutions :func:`_unfold_wins` picks take the mixed-precision product here
+    """Whether the convolutions :func:`_mixed_conv_wins` picks take the mixed-precision product here
     (:func:`fastanalog.ops.cpp.abs_sums_bf16`: a CPU with AMX or AVX512-BF16, unless
-    ``FASTANALOG_SAMPLE_DTYPE=float32``); else the unfolded float32 product."""
+    ``FASTANALOG_SAMPLE_DTYPE=float32``); else float32 factors."""
     return _forced_sample_dtype() != torch.float32 and _cpu_bf16_gemm()
 
 
