@@ -231,8 +231,8 @@ def _mixed_conv_wins(d: torch.Tensor, weight_shape, groups: int) -> bool:
 
     It unfolds ``|x|`` into the micro-kernel's operands as it goes, a few nanoseconds an element:
     that pays for the shapes of :func:`_unfold_wins` and for every 1x1 kernel, whose unfolding is
-    a copy (at two threads: ResNet-50's bottleneck 1x1 layers at batch 8 take 0.3-1.0x
-    oneDNN's float32 time, 3x3 layers with 64 output positions 2x). Shapes alone decide.
+    a copy (at two threads: ResNet-50's 1x1 layers at batch 8 take 0.4-1.0x oneDNN's
+    float32 time, 3x3 layers with 64 output positions 2x). Shapes alone decide.
     """
     return (
         d.device.type == "cpu"
