@@ -207,6 +207,10 @@ def test_mixed_product_is_the_weight_gradient_of_the_rounded_factors(x_shape, ou
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, first)
+    # DDP: two ranks' sums add up to one rank's with the whole batch, within float32 rounding
+    half = x_shape[0] // 2
+    parts = [fa.ops.cpp.abs_sums_bf16(d[s], x[s], kernel, stride, padding, dilation) for s in (slice(0, half), slice(half, None))]
+    assert torch.allclose((parts[0] + parts[1]).double(), want, rtol=positions * 2**-23, atol=0)
     for dtype in (torch.bfloat16, torch.float16):
         got = fa.ops.cpp.abs_sums_bf16(d.to(dtype), x.to(dtype), kernel, stride, padding, dilation)
         ref = _bf16_oracle(d.to(dtype).float(), x.to(dtype).float(), kernel, stride, padding, dilation)
