@@ -117,6 +117,16 @@ def test_conv_A_is_the_sum_over_samples_and_positions(kind, kw):
     assert torch.allclose(conv.sample_abs_grad(), want, rtol=1e-4, atol=1e-5)
 
 
+def _wide_conv(kind, kw, size):
+    """A 128 -> 130 channel analog convolution, an input of 3 samples, its output and an output gradient."""
+    torch.manual_seed(5)
+    cls = fa.AnalogConv2d if kind == "2d" else fa.AnalogConv1d
+    conv = cls(128, 130, config=_asgd(tau=2.0), **kw)
+    x = torch.randn((3, 128, size, size) if kind == "2d" else (3, 128, size))
+    y = conv(x)
+    return conv, x, y, torch.randn_like(y)
+
+
 @pytest.mark.parametrize(
     "kind,kw,size",
     [
@@ -131,13 +141,8 @@ def test_conv_A_is_the_sum_over_samples_and_positions(kind, kw):
 )
 def test_wide_conv_with_few_positions_takes_the_unfolded_product(kind, kw, size):
     """Few output positions, many channels: A is one matrix product of the unfolded input, the same sums."""
-    torch.manual_seed(5)
-    cls = fa.AnalogConv2d if kind == "2d" else fa.AnalogConv1d
-    conv = cls(128, 130, config=_asgd(tau=2.0), **kw)
-    x = torch.randn((3, 128, size, size) if kind == "2d" else (3, 128, size))
-    y = conv(x)
+    conv, x, y, d = _wide_conv(kind, kw, size)
     assert layers_mod._unfold_wins(y, conv.weight.shape, conv.groups)
-    d = torch.randn_like(y)
     (y * d).sum().backward()
     want = _unfold_abs(x.double(), d.double(), conv).float()
     assert torch.allclose(conv.sample_abs_grad(), want, rtol=1e-5, atol=1e-5)
@@ -257,13 +262,8 @@ def test_mixed_product_checks_its_arguments():
 def test_wide_conv_with_few_positions_takes_the_mixed_product(kind, kw, size, monkeypatch):
     """The machine's choice on a CPU with a bfloat16 micro-kernel: the mixed-precision product, padding modes included."""
     monkeypatch.delenv("FASTANALOG_SAMPLE_DTYPE")
-    torch.manual_seed(5)
-    cls = fa.AnalogConv2d if kind == "2d" else fa.AnalogConv1d
-    conv = cls(128, 130, config=_asgd(tau=2.0), **kw)
-    x = torch.randn((3, 128, size, size) if kind == "2d" else (3, 128, size))
-    y = conv(x)
+    conv, x, y, d = _wide_conv(kind, kw, size)
     assert layers_mod._mixed_conv_wins(y, conv.weight.shape, conv.groups)
-    d = torch.randn_like(y)
     (y * d).sum().backward()
     got = conv.sample_abs_grad().double()
     rounded = _unfold_abs(x.bfloat16().double(), d.bfloat16().double(), conv)

@@ -183,9 +183,10 @@ def sample_abs_sums(d: torch.Tensor, x: torch.Tensor, weight_shape, geometry, dt
     if pad is not None:
         x = F.pad(x, pad, mode="constant" if mode == "zeros" else mode)
         padding = (0,) * spatial
-    if _mixed_conv_wins(d, weight_shape, groups) and dtype != torch.float64 and x.dtype == d.dtype and x.dtype in _MIXED_INPUTS:
-        if _conv_bf16_product():  # float32 sums of the bfloat16 factors, as a linear layer's
-            return cpp.abs_sums_bf16(d, x, weight_shape[2:], stride, padding, dilation)
+    mixed_inputs = dtype != torch.float64 and x.dtype == d.dtype and x.dtype in _MIXED_INPUTS
+    if mixed_inputs and _mixed_conv_wins(d, weight_shape, groups) and _conv_bf16_product():
+        # float32 sums of the bfloat16 factors, as a linear layer's
+        return cpp.abs_sums_bf16(d, x, weight_shape[2:], stride, padding, dilation)
     xa, da = _abs_in(x, dtype), _abs_in(d, dtype)
     if _unfold_wins(d, weight_shape, groups):
         return _unfolded_sums(da, xa, weight_shape, stride, padding, dilation)
