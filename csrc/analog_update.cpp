@@ -1238,6 +1238,12 @@ static FA_INLINE __m256 uniform8(__m256i x) {
 static FA_INLINE __m256i interleave8(__m256i even, __m256i odd) {
   return _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
+
+// The high word of each 64-bit lane moved to its low half, by a dword shuffle (the shuffle
+// port) rather than a 64-bit shift (which shares its ports with the multiplies). The low
+// word lands in the high half: Philox keeps its words in the low halves, and neither the
+// multiplies nor the outputs read the high ones.
+static FA_INLINE __m256i hi_to_lo(__m256i p) { return _mm256_shuffle_epi32(p, _MM_SHUFFLE(2, 3, 0, 1)); }
 #endif
 
 // Philox round keys of one key, broadcast to all lanes.
@@ -1266,7 +1272,7 @@ static FA_INLINE void philox_keys(uint64_t key, PhiloxKeys& k) {
 //
 // AVX2: each Philox word lives in the low half of a 64-bit lane, four elements per vector,
 // so that vpmuludq yields the full 32x32->64-bit products directly: the high word is one
-// shift away and the low word is already in place (the upper halves carry junk that no
+// shuffle away (hi_to_lo) and the low word is already in place (the upper halves carry junk that no
 // later multiply or output reads). The four vectors run interleaved so their 10-round
 // dependency chains overlap. Without U23 the last round skips the product that only feeds
 // words 2 and 3.
@@ -1295,9 +1301,9 @@ static FA_INLINE void philox_group16(const PhiloxKeys& k, uint64_t first, float*
     for (int v = 0; v < kVec; ++v) {
       const __m256i pb = _mm256_mul_epu32(c2[v], mb);
       const __m256i pa = _mm256_mul_epu32(c0[v], ma);
-      c0[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), c1[v]), k.k0[r]);
+      c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi_to_lo(pb), c1[v]), k.k0[r]);
       c1[v] = pb;
-      c2[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), c3[v]), k.k1[r]);
+      c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi_to_lo(pa), c3[v]), k.k1[r]);
       c3[v] = pa;
     }
   }
@@ -1307,10 +1313,10 @@ static FA_INLINE void philox_group16(const PhiloxKeys& k, uint64_t first, float*
     const __m256i pb = _mm256_mul_epu32(c2[v], mb);
     if constexpr (U23) {
       const __m256i pa = _mm256_mul_epu32(c0[v], ma);
-      c2[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), c3[v]), k.k1[r]);
+      c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi_to_lo(pa), c3[v]), k.k1[r]);
       c3[v] = pa;
     }
-    c0[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), c1[v]), k.k0[r]);
+    c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi_to_lo(pb), c1[v]), k.k0[r]);
     c1[v] = pb;
   }
   for (int h = 0; h < 2; ++h) {
@@ -1353,6 +1359,7 @@ static void philox_uniform_block(uint64_t key, uint64_t first, int n, float* u0,
 // the V vectors run interleaved so their 10-round dependency chains overlap. At the end
 // the words (r0, r1) and (r2, r3) of each call are paired into 64-bit lanes and the
 // 128-bit halves transposed, so that each call's four words are consecutive.
+
 template <int V>
 static FA_INLINE void philox_calls(const PhiloxKeys& k, uint64_t j0, float* __restrict__ out) {
   const __m256i ma = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
@@ -1375,9 +1382,9 @@ static FA_INLINE void philox_calls(const PhiloxKeys& k, uint64_t j0, float* __re
     for (int v = 0; v < V; ++v) {
       const __m256i pb = _mm256_mul_epu32(c2[v], mb);
       const __m256i pa = _mm256_mul_epu32(c0[v], ma);
-      c0[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), c1[v]), k.k0[r]);
+      c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi_to_lo(pb), c1[v]), k.k0[r]);
       c1[v] = pb;
-      c2[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), c3[v]), k.k1[r]);
+      c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi_to_lo(pa), c3[v]), k.k1[r]);
       c3[v] = pa;
     }
   }
@@ -1417,9 +1424,9 @@ static FA_INLINE void philox_calls8(const __m512i* k0, const __m512i* k1, uint64
     for (int v = 0; v < V; ++v) {
       const __m512i pb = _mm512_mul_epu32(c2[v], mb);
       const __m512i pa = _mm512_mul_epu32(c0[v], ma);
-      c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[v], k0[r], 0x96);
+      c0[v] = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(pb, _MM_PERM_CDAB), c1[v], k0[r], 0x96);
       c1[v] = pb;
-      c2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[v], k1[r], 0x96);
+      c2[v] = _mm512_ternarylogic_epi64(_mm512_shuffle_epi32(pa, _MM_PERM_CDAB), c3[v], k1[r], 0x96);
       c3[v] = pa;
     }
   }
@@ -2665,15 +2672,17 @@ static FA_INLINE __m256 stochastic_count8(__m256 n, __m256 u, __m256 neg_cap, __
 }
 
 // response_arg, the power response and apply_write (no c2c) on eight lanes.
+// Where no lane pulses, the write is x + (0 dw) q = x + 0 (q >= 0 and finite, or NaN
+// only where x is), so neither the division of the response argument nor the power is
+// evaluated: the common case in training, where a few elements in a hundred pulse.
 static FA_INLINE __m256 power_write8(__m256 x, __m256 cnt, const Power8& e) {
   const __m256 zero = _mm256_setzero_ps();
+  if (_mm256_movemask_ps(_mm256_cmp_ps(cnt, zero, _CMP_NEQ_OQ)) == 0) return clamp8(_mm256_add_ps(x, zero), e.lo, e.hi);
   const __m256 pos = _mm256_cmp_ps(cnt, zero, _CMP_GT_OQ);
   const __m256 w = _mm256_add_ps(x, e.shift);
   const __m256 num = _mm256_blendv_ps(_mm256_sub_ps(w, e.tmin), _mm256_sub_ps(e.tmax, w), pos);
   const __m256 u = clamp8(_mm256_div_ps(num, e.half), zero, _mm256_set1_ps(2.0f));
-  const bool pulses = _mm256_movemask_ps(_mm256_cmp_ps(cnt, zero, _CMP_NEQ_OQ)) != 0;
-  const __m256 shape = pulses ? power_shape8(u, e) : zero;
-  const __m256 q = _mm256_mul_ps(shape, _mm256_blendv_ps(e.down, e.up, pos));
+  const __m256 q = _mm256_mul_ps(power_shape8(u, e), _mm256_blendv_ps(e.down, e.up, pos));
   const __m256 step = _mm256_mul_ps(cnt, e.dw);
   return clamp8(_mm256_add_ps(x, _mm256_mul_ps(step, q)), e.lo, e.hi);
 }
@@ -2853,9 +2862,12 @@ static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t
       cw = stochastic_count8(_mm256_div_ps(_mm256_mul_ps(tlr, h), e_w.dw), _mm256_loadu_ps(s.u1 + j), neg_cap, cap);
     } else {
       h = _mm256_add_ps(h0, _mm256_mul_ps(tlr, p_hat));
-      const __m256 t = _mm256_round_ps(_mm256_div_ps(h, e_w.dw), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
       const __m256 over = _mm256_cmp_ps(_mm256_andnot_ps(sign, h), thr_dw, _CMP_GE_OQ);
-      cw = clamp8(_mm256_blendv_ps(zero, t, over), neg_cap, cap);
+      cw = zero;  // clamp8(0) where no lane reaches the threshold: the division only where one does
+      if (_mm256_movemask_ps(over) != 0) {
+        const __m256 t = _mm256_round_ps(_mm256_div_ps(h, e_w.dw), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        cw = clamp8(_mm256_blendv_ps(zero, t, over), neg_cap, cap);
+      }
     }
     const __m256 ws = power_write8(load8(W + j, whole, valid), cw, e_w);
     store8(W + j, whole, valid, ws);

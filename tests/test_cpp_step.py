@@ -778,6 +778,42 @@ def test_one_pass_writes_with_sparse_pairs_are_bit_exact(alg, family):
     assert int(changed.sum()) > n // 4  # the writes happened
 
 
+@pytest.mark.parametrize("family", ["sqrt", "power"])
+@pytest.mark.parametrize("alg", ["asgd", "rl_transfer", "rl2_acc_thr1"])
+def test_one_pass_writes_of_sparse_pulses_are_bit_exact(alg, family):
+    # Training's batch-mode writes: about 1% of the elements pulse and 1% of rl2's buffer reach
+    # the threshold, so most 8-lane vectors of the one-pass power kernels skip the response
+    # (and rl2 the division of its transfer) and write x + 0 clamped: -0 becomes +0, values
+    # outside the range are clamped, bit for bit as the reference.
+    config, transfer = _config(alg, _device(family))
+    n = 4099
+    arrays = _initial(config, n, torch.float32)
+    arrays[1].mul_(0.002)
+    arrays[2].mul_(0.2)
+    g = _gradients(n, 1, torch.float32, scale=0.003)[0]
+    # Vectors that do not pulse holding special values: W's (P = H = 0 there: no transfer), then P's.
+    special = torch.tensor([-0.0, 0.0, 0.75, -0.75, 0.6, -0.6, 1e-30, -1e-30]).repeat(8)
+    g[:128] = 0.0
+    arrays[0][:64] = special
+    arrays[1][:64] = 0.0
+    arrays[2][:64] = 0.0
+    arrays[1][64:128] = special
+    ref = [t.clone() for t in arrays]
+    got = [t.clone() for t in arrays]
+    want = _step("ref", alg, ref, g, config, transfer, key=79, offset=0)
+    have = _step("cpp", alg, got, g, config, transfer, key=79, offset=0)
+    for r, c in zip(ref, got):
+        assert torch.equal(r.view(torch.int32), c.view(torch.int32))
+    assert torch.equal(want.first, have.first)
+    assert 0 < int((want.first != 0).sum()) < n // 20  # a few elements pulse
+    first = ref[0][:64] if alg == "asgd" else ref[1][64:128]
+    assert first[0].item() == 0.0 and not first[0].signbit() and first[2].item() == pytest.approx(0.6)
+    assert not ref[0][0].signbit() and ref[0][2].item() == pytest.approx(0.6)
+    if want.main is not None:
+        assert torch.equal(want.main, have.main)
+        assert 0 < int((want.main != 0).sum()) < n // 20  # a few transfers
+
+
 @pytest.mark.parametrize("excess", [False, True])
 @pytest.mark.parametrize("alg", ["asgd", "rl_transfer", "rl2_acc_thr1"])
 def test_square_root_response_is_bit_exact(alg, excess):
