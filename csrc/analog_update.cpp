@@ -2715,22 +2715,16 @@ static FA_INLINE void store8(float* p, bool whole, __m256i valid, __m256 v) {
     _mm256_maskstore_ps(p, valid, v);
 }
 
-static __attribute__((noinline)) void asgd_power_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem) {
-  const float* g = static_cast<const float*>(a.g) + b;
-  float* W = static_cast<float*>(a.W) + b;
-  const __m256 neg_lr = _mm256_set1_ps(a.neg_lr), cap = _mm256_set1_ps(a.max_pulses), neg_cap = _mm256_set1_ps(-a.max_pulses);
-  const Power8 e = power8(ew, a.dev_w);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int j = 0; j < n; j += 8) {
-    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lane);
-    const bool whole = n - j >= 8;
-    const __m256 x = load8(W + j, whole, valid);
-    const __m256 nv = _mm256_div_ps(_mm256_mul_ps(neg_lr, load8(g + j, whole, valid)), e.dw);
-    const __m256 cnt = stochastic_count8(nv, _mm256_loadu_ps(s.u0 + j), neg_cap, cap);
-    _mm256_store_ps(s.first.count + j, cnt);
-    store8(W + j, whole, valid, power_write8(x, cnt, e));
-  }
+// body(j, whole, valid) for the vectors of lanes j .. j+7 of a block of n elements: the whole
+// vectors in a loop of their own (whole a constant true there, so the loads and stores take
+// no mask and the loop computes none), then the tail, if any, with its lane mask.
+template <class Body>
+static FA_INLINE void for_vectors8(int n, const Body& body) {
+  int j = 0;
+  for (; j + 8 <= n; j += 8) body(j, true, _mm256_set1_epi32(-1));
+  if (j < n) body(j, false, _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
 }
+
 
 // pair_counts on eight lanes: N_up and N_down of a write with an excess (av: A widened).
 // std::max(v, 0) is vmaxps(0, v) and std::min(v, cap) vminps(cap, v), NaNs included.
@@ -2803,50 +2797,53 @@ static FA_INLINE __m256 power_excess_write8(__m256 x, __m256 gv, __m256 av, __m2
                                                                                   : power_one_way_write8(x, up, down, e);
 }
 
-// asgd_power_fused for a write with an excess (A as float32 at s.av, pair uniforms drawn):
-// N_up and N_down into s.first.up / s.first.down for the pulse report.
-static __attribute__((noinline)) void asgd_power_pairs_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew) {
-  const float* g = static_cast<const float*>(a.g) + b;
-  float* W = static_cast<float*>(a.W) + b;
-  const __m256 neg_lr = _mm256_set1_ps(a.neg_lr), lr = _mm256_set1_ps(a.lr), cap = _mm256_set1_ps(a.max_pulses);
-  const Power8 e = power8(ew, a.dev_w);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int j = 0; j < n; j += 8) {
-    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lane);
-    const bool whole = n - j >= 8;
-    const __m256 x = load8(W + j, whole, valid);
-    __m256 up, down;
-    const __m256 w = power_excess_write8(x, load8(g + j, whole, valid), load8(s.av + j, whole, valid), _mm256_loadu_ps(s.u0 + j),
-                                         _mm256_loadu_ps(s.u_pair + j), lr, neg_lr, cap, e, up, down);
-    _mm256_store_ps(s.first.up + j, up);
-    _mm256_store_ps(s.first.down + j, down);
-    store8(W + j, whole, valid, w);
-  }
+// The operands of P's write in a block, broadcast and read once before its loop (the
+// stores of the loop are floats, as StepArgs' scalars are, so the compiler would read those
+// again at every vector).
+struct First8 {
+  __m256 lr, neg_lr, cap, neg_cap;
+  const float *u0, *u_pair, *av;
+  float *count, *up, *down;
+};
+
+static FA_INLINE First8 first8(const StepArgs& a, Scratch& s) {
+  return First8{_mm256_set1_ps(a.lr), _mm256_set1_ps(a.neg_lr), _mm256_set1_ps(a.max_pulses), _mm256_set1_ps(-a.max_pulses),
+                s.u0, s.u_pair, s.av, s.first.count, s.first.up, s.first.down};
 }
 
 // P's write of rl/rl2 on lanes j .. j+7 (power device, float32): with PAIRS N_up and N_down
-// (power_excess_write8) into s.first.up / s.first.down, else the count into s.first.count.
+// (power_excess_write8) into k.up / k.down, else the count into k.count.
 // Stores and returns the new P.
 template <bool PAIRS>
-static FA_INLINE __m256 power_first_write8(const StepArgs& a, Scratch& s, int j, bool whole, __m256i valid, const float* g, float* P,
+static FA_INLINE __m256 power_first_write8(const First8& k, int j, bool whole, __m256i valid, const float* g, float* P,
                                            const Power8& e_p) {
-  const __m256 neg_lr = _mm256_set1_ps(a.neg_lr), cap = _mm256_set1_ps(a.max_pulses);
   __m256 p32;
   if constexpr (PAIRS) {
     __m256 up, down;
-    p32 = power_excess_write8(load8(P + j, whole, valid), load8(g + j, whole, valid), load8(s.av + j, whole, valid),
-                              _mm256_loadu_ps(s.u0 + j), _mm256_loadu_ps(s.u_pair + j), _mm256_set1_ps(a.lr), neg_lr, cap, e_p, up,
-                              down);
-    _mm256_store_ps(s.first.up + j, up);
-    _mm256_store_ps(s.first.down + j, down);
+    p32 = power_excess_write8(load8(P + j, whole, valid), load8(g + j, whole, valid), load8(k.av + j, whole, valid),
+                              _mm256_loadu_ps(k.u0 + j), _mm256_loadu_ps(k.u_pair + j), k.lr, k.neg_lr, k.cap, e_p, up, down);
+    _mm256_store_ps(k.up + j, up);
+    _mm256_store_ps(k.down + j, down);
   } else {
-    const __m256 np = _mm256_div_ps(_mm256_mul_ps(neg_lr, load8(g + j, whole, valid)), e_p.dw);
-    const __m256 cp = stochastic_count8(np, _mm256_loadu_ps(s.u0 + j), _mm256_set1_ps(-a.max_pulses), cap);
+    const __m256 np = _mm256_div_ps(_mm256_mul_ps(k.neg_lr, load8(g + j, whole, valid)), e_p.dw);
+    const __m256 cp = stochastic_count8(np, _mm256_loadu_ps(k.u0 + j), k.neg_cap, k.cap);
     p32 = power_write8(load8(P + j, whole, valid), cp, e_p);
-    _mm256_store_ps(s.first.count + j, cp);
+    _mm256_store_ps(k.count + j, cp);
   }
   store8(P + j, whole, valid, p32);
   return p32;
+}
+
+// asgd on a float32 array of a power device: P's write of rl/rl2 on W. With PAIRS (A as
+// float32 at s.av, pair uniforms drawn) N_up and N_down go to s.first.up / s.first.down for
+// the pulse report, else the count to s.first.count.
+template <bool PAIRS>
+static __attribute__((noinline)) void asgd_power_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem) {
+  const float* g = static_cast<const float*>(a.g) + b;
+  float* W = static_cast<float*>(a.W) + b;
+  const Power8 e = power8(ew, a.dev_w);
+  const First8 k = first8(a, s);
+  for_vectors8(n, [&](int j, bool whole, __m256i valid) { power_first_write8<PAIRS>(k, j, whole, valid, g, W, e); });
 }
 
 // rl2 with power devices for P and W (float32, nominal, no c2c): rl2_elements with
@@ -2865,18 +2862,18 @@ static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t
   const __m256 gm = _mm256_set1_ps(a.gamma_mix), thr_dw = _mm256_set1_ps(a.threshold * ew.dw);
   const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
   const Power8 e_w = power8(ew, a.dev_w), e_p = power8(ep, a.dev_p);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int j = 0; j < n; j += 8) {
-    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lane);
-    const bool whole = n - j >= 8;
-    const __m256 p32 = power_first_write8<PAIRS>(a, s, j, whole, valid, g, P, e_p);
+  const First8 k = first8(a, s);
+  const float *u1 = s.u1, *n_read = s.n_read;
+  float* count_w = s.second.count;
+  for_vectors8(n, [&](int j, bool whole, __m256i valid) {
+    const __m256 p32 = power_first_write8<PAIRS>(k, j, whole, valid, g, P, e_p);
     __m256 p_hat = p32;
-    if constexpr (READ) p_hat = _mm256_add_ps(p32, _mm256_mul_ps(rn, _mm256_loadu_ps(s.n_read + j)));
+    if constexpr (READ) p_hat = _mm256_add_ps(p32, _mm256_mul_ps(rn, _mm256_loadu_ps(n_read + j)));
     const __m256 h0 = load8(H + j, whole, valid);
     __m256 h, cw;
     if constexpr (EMA) {
       h = _mm256_add_ps(_mm256_mul_ps(omt, h0), _mm256_mul_ps(tlr, p_hat));
-      cw = stochastic_count8(_mm256_div_ps(_mm256_mul_ps(tlr, h), e_w.dw), _mm256_loadu_ps(s.u1 + j), neg_cap, cap);
+      cw = stochastic_count8(_mm256_div_ps(_mm256_mul_ps(tlr, h), e_w.dw), _mm256_loadu_ps(u1 + j), neg_cap, cap);
     } else {
       h = _mm256_add_ps(h0, _mm256_mul_ps(tlr, p_hat));
       const __m256 over = _mm256_cmp_ps(_mm256_andnot_ps(sign, h), thr_dw, _CMP_GE_OQ);
@@ -2891,8 +2888,8 @@ static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t
     if constexpr (!EMA) h = _mm256_sub_ps(h, _mm256_mul_ps(cw, e_w.dw));
     store8(H + j, whole, valid, h);
     if (Wbar) store8(Wbar + j, whole, valid, _mm256_add_ps(ws, _mm256_mul_ps(gm, p32)));
-    _mm256_store_ps(s.second.count + j, cw);
-  }
+    _mm256_store_ps(count_w + j, cw);
+  });
 }
 
 // rl with power devices (float32, nominal, no c2c): rl_elements (TRANSFER) or rl_hold_elements
@@ -2906,23 +2903,23 @@ static __attribute__((noinline)) void rl_power_fused(const StepArgs& a, int64_t 
   const __m256 cap = _mm256_set1_ps(a.max_pulses), neg_cap = _mm256_set1_ps(-a.max_pulses);
   const __m256 rn = _mm256_set1_ps(a.read_noise), tlr = _mm256_set1_ps(a.tlr), gm = _mm256_set1_ps(a.gamma_mix);
   const Power8 e_w = power8(ew, a.dev_w), e_p = power8(ep, a.dev_p);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int j = 0; j < n; j += 8) {
-    const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), lane);
-    const bool whole = n - j >= 8;
-    const __m256 p32 = power_first_write8<PAIRS>(a, s, j, whole, valid, g, P, e_p);
+  const First8 k = first8(a, s);
+  const float *u1 = s.u1, *n_read = s.n_read;
+  float* count_w = s.second.count;
+  for_vectors8(n, [&](int j, bool whole, __m256i valid) {
+    const __m256 p32 = power_first_write8<PAIRS>(k, j, whole, valid, g, P, e_p);
     if constexpr (TRANSFER) {
       __m256 p_hat = p32;
-      if constexpr (READ) p_hat = _mm256_add_ps(p32, _mm256_mul_ps(rn, _mm256_loadu_ps(s.n_read + j)));
-      const __m256 cw = stochastic_count8(_mm256_div_ps(_mm256_mul_ps(tlr, p_hat), e_w.dw), _mm256_loadu_ps(s.u1 + j), neg_cap, cap);
+      if constexpr (READ) p_hat = _mm256_add_ps(p32, _mm256_mul_ps(rn, _mm256_loadu_ps(n_read + j)));
+      const __m256 cw = stochastic_count8(_mm256_div_ps(_mm256_mul_ps(tlr, p_hat), e_w.dw), _mm256_loadu_ps(u1 + j), neg_cap, cap);
       const __m256 ws = power_write8(load8(W + j, whole, valid), cw, e_w);
       store8(W + j, whole, valid, ws);
       if (Wbar) store8(Wbar + j, whole, valid, _mm256_add_ps(ws, _mm256_mul_ps(gm, p32)));
-      _mm256_store_ps(s.second.count + j, cw);
+      _mm256_store_ps(count_w + j, cw);
     } else {
       if (Wbar) store8(Wbar + j, whole, valid, _mm256_add_ps(load8(W + j, whole, valid), _mm256_mul_ps(gm, p32)));
     }
-  }
+  });
 }
 
 template <bool PAIRS>
@@ -3080,7 +3077,7 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end, void* scra
   if constexpr (std::is_same_v<S, StoreF32> && std::is_same_v<G, StoreF32>) {
     if (!plan.pairs && power_fusable(dw)) {
       fused = true;
-      fused_fn = &asgd_power_fused;
+      fused_fn = &asgd_power_fused<false>;
     }
     fused_pairs = plan.pairs && power_fusable(dw);
   }
@@ -3099,7 +3096,7 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end, void* scra
     if (plan.pairs) s.av = excess_f32(a, b, n, s.a32);
 #if FA_ISA_AVX2
     if (fused_pairs) {
-      asgd_power_pairs_fused(a, b, n, s, ew);
+      asgd_power_fused<true>(a, b, n, s, ew, ew);
       write_pulses_pairs(a.pulses_first, a.pairs_first, a.total_first != nullptr, acc_first, b, n, s.first.up, s.first.down);
       continue;
     }
