@@ -82,7 +82,8 @@
 #define FA_HAVE_AVX2_VARIANT 0
 #define FA_TARGET_CLONES
 #endif
-#define FA_INLINE_ALWAYS inline __attribute__((always_inline))
+// Functions inlined into every caller (the kernels' per-vector helpers, the clones' loop).
+#define FA_INLINE inline __attribute__((always_inline))
 
 #include "op_layout.h"
 #include "philox.h"
@@ -732,7 +733,7 @@ void mix_cpu(at::Tensor& out, const at::Tensor& W, const at::Tensor& P, double g
 // ones" test over its share, which vectorises. Dense tensors (channels_last included) are
 // read in memory order; others through a contiguous copy. Integer tensors are finite.
 template <class U>
-static FA_INLINE_ALWAYS bool share_finite(const void* data, int64_t lo, int64_t hi, U mask) {
+static FA_INLINE bool share_finite(const void* data, int64_t lo, int64_t hi, U mask) {
   const U* __restrict__ x = static_cast<const U*>(data);
   U bad = 0;
   for (int64_t i = lo; i < hi; ++i) bad |= static_cast<U>((x[i] & mask) == mask);
@@ -1123,8 +1124,6 @@ TORCH_LIBRARY_IMPL(fastanalog, CPU, m) {
 // Everything below is compiled once per instruction set (see the top of the file); it
 // lives in namespace fastanalog::cpu::avx2 or fastanalog::cpu::generic.
 
-#define FA_INLINE inline __attribute__((always_inline))
-
 // ----- vector math on blocks -------------------------------------------------------------
 // y[j] = f(a[j]) for j < n; n is a multiple of kLanes and the arrays are 64-byte aligned.
 #if FA_ISA_AVX2
@@ -1376,7 +1375,6 @@ static void philox_uniform_block(uint64_t key, uint64_t first, int n, float* u0,
 // the V vectors run interleaved so their 10-round dependency chains overlap. At the end
 // the words (r0, r1) and (r2, r3) of each call are paired into 64-bit lanes and the
 // 128-bit halves transposed, so that each call's four words are consecutive.
-
 template <int V>
 static FA_INLINE void philox_calls(const PhiloxKeys& k, uint64_t j0, float* __restrict__ out) {
   const __m256i ma = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
@@ -2725,7 +2723,6 @@ static FA_INLINE void for_vectors8(int n, const Body& body) {
   if (j < n) body(j, false, _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
 }
 
-
 // pair_counts on eight lanes: N_up and N_down of a write with an excess (av: A widened).
 // std::max(v, 0) is vmaxps(0, v) and std::min(v, cap) vminps(cap, v), NaNs included.
 // Returns whether some lane may get pairs; when none can, the pairs' mean m is not divided
@@ -3279,7 +3276,4 @@ static RangeFn range_fn(int algorithm, int storage, bool g_is_f32) {
   }
 }
 
-
-
-#undef FA_INLINE
 #endif  // FA_ISA_BODY
