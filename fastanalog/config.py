@@ -6,8 +6,10 @@ import math
 from dataclasses import dataclass
 
 from .devices import LinearResponse, ResponseDevice
+from .ops.reference import ALGORITHMS as ANALOG_ALGORITHMS
 
-ALGORITHMS = ("digital", "asgd", "rl", "rl2")
+# "digital" (plain SGD, no device), then the analog algorithms of ``ops.reference.ALGORITHMS``.
+ALGORITHMS = ("digital", *ANALOG_ALGORITHMS)
 BUFFERS = ("accumulate", "ema")
 MIXED_WEIGHTS = ("transient", "stored")
 # Pulses per element and write never exceed this (each direction): a huge gradient or learning
@@ -154,7 +156,8 @@ class AnalogConfig:
 
     @property
     def has_residual(self) -> bool:
-        return self.algorithm in ("rl", "rl2")
+        """Whether the algorithm keeps a residual array P (and a mixed weight ``W + gamma * P``)."""
+        return self.is_analog and ANALOG_ALGORITHMS[self.algorithm].residual
 
     @property
     def per_sample(self) -> bool:
@@ -163,4 +166,5 @@ class AnalogConfig:
 
     @property
     def has_buffer(self) -> bool:
-        return self.algorithm == "rl2"
+        """Whether the algorithm keeps a digital buffer H."""
+        return self.is_analog and ANALOG_ALGORITHMS[self.algorithm].buffered

@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 
+from ..config import ALGORITHMS
+
 # Root of the source checkout (where ``.git`` and ``benchmarks/`` live in a development install).
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Environment columns appended to every CSV row, in this order.
 ENV_COLUMNS = ("machine", "cpu", "gpu", "threads", "torch", "triton", "timm", "python", "commit", "backend", "device")
-
-ALGORITHMS = ("digital", "asgd", "rl", "rl2")
 
 # Seconds to milliseconds.
 MS = 1e3

@@ -93,8 +93,12 @@ class StepItem:
     A: torch.Tensor | None = None
 
 
-# The arrays each algorithm updates, in the order of its launchers' arguments (before g).
-_ARRAYS = {"asgd": ("main",), "rl": ("main", "residual", "weight"), "rl2": ("main", "residual", "buffer", "weight")}
+# The arrays each algorithm updates (its declaration's, then the mixed weight with a residual),
+# by the roles of a StepItem: the keys of ``analog_state()`` and "weight".
+_ARRAYS = {
+    name: tuple(library.STATE_NAMES[n] for n in spec.arrays + (("Wbar",) if spec.residual else ()))
+    for name, spec in reference.ALGORITHMS.items()
+}
 
 
 def _array(item: StepItem, name: str) -> torch.Tensor:
@@ -112,11 +116,11 @@ def analog_step_group(items: Sequence[StepItem], *, lr: float, step: int, totals
     writing the counts.
     """
     launches: dict[tuple, list[int]] = {}
-    # The implementation depends on the device and dtype alone (checked once per device and
-    # dtype: a FASTANALOG_BACKEND that cannot serve them fails before anything is updated),
+    # The implementation depends on the device, dtype and algorithm alone (checked once per
+    # such triple: a FASTANALOG_BACKEND that cannot serve them fails before anything is updated),
     # and equal configs are one call: configs are looked up once per config object, not per
     # tensor (hashing a config walks all its fields).
-    checked: set[tuple[torch.device, torch.dtype]] = set()
+    checked: set[tuple[torch.device, torch.dtype, str]] = set()
     config_ids: dict[int, int] = {}
     distinct: dict[AnalogConfig, int] = {}
     for i, item in enumerate(items):
@@ -125,9 +129,9 @@ def analog_step_group(items: Sequence[StepItem], *, lr: float, step: int, totals
             raise ValueError(f"analog_step got algorithm {algorithm!r}, which has no analog update")
         _check_item(item, algorithm)
         main = item.arrays["main"]
-        if (main.device, main.dtype) not in checked:
-            backend_for(main)
-            checked.add((main.device, main.dtype))
+        if (main.device, main.dtype, algorithm) not in checked:
+            backend_for(main, algorithm)
+            checked.add((main.device, main.dtype, algorithm))
         config_id = config_ids.get(id(item.config))
         if config_id is None:
             config_id = config_ids[id(item.config)] = distinct.setdefault(item.config, len(distinct))
@@ -223,7 +227,7 @@ def _launch(items: list[StepItem], *, lr: float, step: int, totals: bool) -> lis
         config=config,
         keys=[item.key for item in items],
         tensor_ids=[item.tensor_id for item in items],
-        flag=config.algorithm == "rl" and step % config.transfer_every == 0,
+        flag=reference.ALGORITHMS[config.algorithm].step_flag(config, step),
         As=sums,
         totals=totals,
     )

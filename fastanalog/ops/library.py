@@ -1,6 +1,9 @@
 """The analog update as ``torch.library`` ops: one op per algorithm, a kernel per device.
 
-Ops (schemas defined here, so they exist whether or not the compiled library is built)::
+Every algorithm of ``reference.ALGORITHMS`` gets its op, whose schema follows from its
+declaration (``op_lists``): its arrays (``Algorithm.arrays``, then ``Wbar`` with a residual),
+``g``, ``A``, its pulse outputs and the common arguments. Today's ops (schemas defined here,
+so they exist whether or not the compiled library is built)::
 
     fastanalog::asgd_step(Tensor(a!)[] W, Tensor[] g, Tensor[] A, Tensor(b!)[] pulses, Tensor(c!)[] pairs, <common>)
     fastanalog::rl_step(Tensor(a!)[] W, Tensor(b!)[] P, Tensor(c!)[] Wbar, Tensor[] g, Tensor[] A,
@@ -34,7 +37,9 @@ The C++ and CUDA kernels are one private op, ``fastanalog::_native_step`` (the a
 id first, then the arguments of the three ops in one list form), whose CPU and CUDA kernels
 the compiled library registers. ``FASTANALOG_BACKEND=reference|cpp|cuda|triton`` makes every
 step take that implementation (``cpp``: the C++ CPU kernels, ``cuda``: the .cu kernels), and
-fails with a clear error where it cannot serve the tensors.
+fails with a clear error where it cannot serve the tensors. An algorithm whose declaration
+leaves a backend out of ``Algorithm.backends`` (its kernel not written yet) takes the
+reference where that backend would be the default.
 """
 
 from __future__ import annotations
@@ -59,18 +64,35 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # the seed's two 32-bit halves, counter (offset low, offset high, 0, 0) for int64 offsets
 # (tests/test_philox.py checks it bit for bit, across the counter's 2^32 boundary).
 MIN_TRITON = (3, 0)
-ALGORITHMS = ("asgd", "rl", "rl2")
+ALGORITHMS = tuple(reference.ALGORITHMS)
 
+# The ops' list arguments: (name in the op, name in ``_native_step``, written). An algorithm's op
+# takes its arrays (``Algorithm.arrays``, then Wbar with a residual), g, A and its pulse outputs.
+_FIRST_OUTPUTS = (("pulses", "pulses_first", True), ("pairs", "pairs_first", True))
+_RESIDUAL_OUTPUTS = (("pulses_p", "pulses_first", True), ("pairs_p", "pairs_first", True), ("pulses_w", "pulses_main", True))
+# The lists of ``_native_step`` after the algorithm's id, in its order (absent lists empty).
+NATIVE_LISTS = ("W", "P", "H", "Wbar", "g", "A", "pulses_first", "pairs_first", "pulses_main")
+# SPEC's array names -> the keys of a layer's ``analog_state()`` (and the stored mixed weight's role).
+STATE_NAMES = {"W": "main", "P": "residual", "H": "buffer", "Wbar": "weight"}
+_COMMON_NAMES = ("keys", "offsets", "tensor_ids", "step", "devices", "tables", "seeds")
 _COMMON = "int[] keys, int[] offsets, int[] tensor_ids, float[] step, float[] devices, float[] tables, int[] seeds) -> ()"
-SCHEMAS = {
-    "asgd_step": "(Tensor(a!)[] W, Tensor[] g, Tensor[] A, Tensor(b!)[] pulses, Tensor(c!)[] pairs, " + _COMMON,
-    "rl_step": "(Tensor(a!)[] W, Tensor(b!)[] P, Tensor(c!)[] Wbar, Tensor[] g, Tensor[] A, Tensor(d!)[] pulses_p, "
-    "Tensor(e!)[] pairs_p, Tensor(f!)[] pulses_w, " + _COMMON,
-    "rl2_step": "(Tensor(a!)[] W, Tensor(b!)[] P, Tensor(c!)[] H, Tensor(d!)[] Wbar, Tensor[] g, Tensor[] A, "
-    "Tensor(e!)[] pulses_p, Tensor(f!)[] pairs_p, Tensor(g!)[] pulses_w, " + _COMMON,
-    "_native_step": "(int algorithm, Tensor(a!)[] W, Tensor(b!)[] P, Tensor(c!)[] H, Tensor(d!)[] Wbar, Tensor[] g, "
-    "Tensor[] A, Tensor(e!)[] pulses_first, Tensor(f!)[] pairs_first, Tensor(g!)[] pulses_main, " + _COMMON,
-}
+
+
+def op_lists(algorithm: str) -> tuple[tuple[str, str, bool], ...]:
+    """The list arguments of ``algorithm``'s op: (name, ``_native_step`` name, written) each, in order."""
+    spec = reference.algorithm(algorithm)
+    arrays = spec.arrays + (("Wbar",) if spec.residual else ())
+    outputs = _RESIDUAL_OUTPUTS if spec.residual else _FIRST_OUTPUTS
+    return tuple((n, n, True) for n in arrays) + (("g", "g", False), ("A", "A", False)) + outputs
+
+
+def _schema(lists: Sequence[tuple[str, str, bool]]) -> str:
+    aliases = iter("abcdefghijklmnopqrstuvwxyz")
+    return "(" + "".join(f"Tensor({next(aliases)}!)[] {n}, " if written else f"Tensor[] {n}, " for n, _, written in lists) + _COMMON
+
+
+SCHEMAS = {f"{name}_step": _schema(op_lists(name)) for name in reference.ALGORITHMS}
+SCHEMAS["_native_step"] = "(int algorithm, " + _schema([(n, n, n not in ("g", "A")) for n in NATIVE_LISTS])[1:]
 
 _lib = torch.library.Library("fastanalog", "FRAGMENT")
 for _name, _schema in SCHEMAS.items():
@@ -166,12 +188,14 @@ def use_backend(name: str, *, any_device: bool = False) -> Iterator[None]:
         _override.reset(token)
 
 
-def backend_for(tensor: torch.Tensor) -> str:
+def backend_for(tensor: torch.Tensor, algorithm: str | None = None) -> str:
     """The implementation that updates ``tensor``'s arrays: ``FASTANALOG_BACKEND``, else the device's default.
 
-    Raises where ``FASTANALOG_BACKEND`` names no backend, one not available here, or one that
-    cannot serve ``tensor``.
+    With ``algorithm``, a default backend that has no kernel for it (``Algorithm.backends``)
+    gives way to the reference. Raises where ``FASTANALOG_BACKEND`` names no backend, one not
+    available here, one that cannot serve ``tensor``, or one without ``algorithm``'s kernel.
     """
+    backends = reference.algorithm(algorithm).backends if algorithm is not None else BACKENDS
     override = _override.get()
     forced = override[0] if override else os.environ.get("FASTANALOG_BACKEND", "").strip().lower()
     if forced:
@@ -187,10 +211,15 @@ def backend_for(tensor: torch.Tensor) -> str:
                 f"FASTANALOG_BACKEND={forced!r} cannot update a {tensor.device.type} {tensor.dtype} tensor (its kernels store "
                 "float32, bfloat16 or float16); unset it, or move or cast the model"
             )
+        if forced not in backends:
+            raise RuntimeError(
+                f"FASTANALOG_BACKEND={forced!r} has no kernel for the algorithm {algorithm!r} (it runs on "
+                f"{', '.join(backends)}); unset it or choose one of those"
+            )
         return forced
     order = ("triton", "cuda") if tensor.device.type == "cuda" else ("cpp",) if tensor.device.type == "cpu" else ()
     for name in order:
-        if _serves(name, tensor) and _available(name):
+        if name in backends and _serves(name, tensor) and _available(name):
             return name
     if tensor.dtype not in KERNEL_DTYPES and tensor.dtype not in _noticed:
         _noticed.add(tensor.dtype)
@@ -206,28 +235,23 @@ def backend_for(tensor: torch.Tensor) -> str:
 # ----- the kernels registered for the ops -------------------------------------------------------
 def _lists(algorithm: str, args: tuple) -> dict:
     """The arguments of ``algorithm``'s op by name, in the one form of ``_native_step`` (absent lists empty)."""
-    if algorithm == "asgd":
-        W, g, A, pf, pp, *rest = args
-        P, H, Wbar, pm = [], [], [], []
-    elif algorithm == "rl":
-        W, P, Wbar, g, A, pf, pp, pm, *rest = args
-        H = []
-    else:
-        W, P, H, Wbar, g, A, pf, pp, pm, *rest = args
-    keys, offsets, tensor_ids, step, devices, tables, seeds = rest
-    return dict(W=W, P=P, H=H, Wbar=Wbar, g=g, A=A, pulses_first=pf, pairs_first=pp, pulses_main=pm, keys=keys,
-                offsets=offsets, tensor_ids=tensor_ids, step=step, devices=devices, tables=tables, seeds=seeds)  # fmt: skip
+    lists = op_lists(algorithm)
+    a: dict = {name: [] for name in NATIVE_LISTS}
+    for (_, native, _), value in zip(lists, args):
+        a[native] = value
+    a.update(zip(_COMMON_NAMES, args[len(lists) :]))
+    return a
 
 
 def _check(algorithm: str, a: dict) -> None:
     """List lengths and per-tensor sizes and dtypes (``torch._check``: also on fake tensors)."""
     m = len(a["W"])
-    residual = algorithm != "asgd"
+    spec = reference.ALGORITHMS[algorithm]
+    residual = spec.residual
     required = {"g": a["g"], "pulses_first": a["pulses_first"], "keys": a["keys"], "offsets": a["offsets"], "tensor_ids": a["tensor_ids"]}
+    required.update({n: a[n] for n in spec.arrays if n != "W"})
     if residual:
-        required.update(P=a["P"], pulses_main=a["pulses_main"])
-    if algorithm == "rl2":
-        required["H"] = a["H"]
+        required["pulses_main"] = a["pulses_main"]
     optional = {"A": a["A"], "pairs_first": a["pairs_first"], "Wbar": a["Wbar"]}
     for name, values in required.items():
         torch._check(len(values) == m, lambda name=name, values=values: f"{name} has {len(values)} entries for {m} tensors")
@@ -274,30 +298,26 @@ def _python(algorithm: str, a: dict, backend: str) -> None:
     m = len(a["W"])
     if m == 0:
         return
+    spec = reference.ALGORITHMS[algorithm]
     config = packing.unpack_op_config(algorithm, tuple(a["step"]), tuple(a["devices"]), tuple(a["tables"]), tuple(a["seeds"]))
     flag = bool(a["step"][packing.STEP_FIELDS.index("flag")])
     lr = float(a["step"][packing.STEP_FIELDS.index("lr")])
-    arrays = {"main": a["W"], "residual": a["P"], "buffer": a["H"]}
-    names = {"asgd": ("main",), "rl": ("main", "residual"), "rl2": ("main", "residual", "buffer")}[algorithm]
-    wbar = a["Wbar"] or None
-    extra = {"transfer": flag} if algorithm == "rl" else {}
+    names = spec.arrays + (("Wbar",) if spec.residual and a["Wbar"] else ())
     has_a = bool(a["A"])
     if backend == "triton":
         from . import triton as tk
 
         totals = all(p.dtype == torch.int64 for p in a["pulses_first"])
-        launcher = getattr(tk, f"{algorithm}_multi_step_triton")
-        lists = [list(arrays[n]) for n in names] + ([list(wbar) if wbar else None] if algorithm != "asgd" else [])
-        results = launcher(*lists, list(a["g"]), lr=lr, config=config, keys=list(a["keys"]), tensor_ids=list(a["tensor_ids"]),
-                           offsets=list(a["offsets"]), As=list(a["A"]) if has_a else None, totals=totals, **extra)  # fmt: skip
+        results = tk.multi_step_triton(algorithm, {n: list(a[n]) for n in names}, list(a["g"]), lr=lr, config=config,
+                                       keys=list(a["keys"]), tensor_ids=list(a["tensor_ids"]), offsets=list(a["offsets"]),
+                                       As=list(a["A"]) if has_a else None, totals=totals, flag=flag)  # fmt: skip
     else:
-        step_ref = getattr(reference, f"{algorithm}_step_ref")
-        results = []
-        for i in range(m):
-            tensors = [arrays[n][i] for n in names] + ([wbar[i] if wbar else None] if algorithm != "asgd" else [])
-            results.append(step_ref(*tensors, a["g"][i], lr=lr, config=config, key=int(a["keys"][i]),
-                                    tensor_id=int(a["tensor_ids"][i]), offset=int(a["offsets"][i]),
-                                    A=a["A"][i] if has_a else None, **extra))  # fmt: skip
+        results = [
+            spec.step({n: a[n][i] for n in names}, a["Wbar"][i] if a["Wbar"] else None, a["g"][i], flag=flag, lr=lr,
+                      config=config, key=int(a["keys"][i]), tensor_id=int(a["tensor_ids"][i]), offset=int(a["offsets"][i]),
+                      A=a["A"][i] if has_a else None)  # fmt: skip
+            for i in range(m)
+        ]
     for i, pulses in enumerate(results):
         pairs_out = a["pairs_first"][i] if a["pairs_first"] else None
         first_pairs = pulses.first_pairs
@@ -314,7 +334,7 @@ def _kernel(algorithm: str):
         if not a["W"]:
             _check(algorithm, a)
             return
-        backend = backend_for(a["W"][0])
+        backend = backend_for(a["W"][0], algorithm)
         if backend in ("cpp", "cuda"):
             _native(algorithm, a)
         else:
@@ -349,19 +369,13 @@ torch.library.register_fake("fastanalog::_native_step", _native_fake, lib=_lib)
 
 def op(algorithm: str):
     """The op of ``algorithm`` (``torch.ops.fastanalog.<algorithm>_step``)."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+    reference.algorithm(algorithm)  # ValueError for an unknown name
     return getattr(torch.ops.fastanalog, f"{algorithm}_step")
 
 
 def public_args(algorithm: str, a: dict) -> tuple:
     """The arguments of ``algorithm``'s op from the ``_native_step`` form ``a`` (inverse of ``_lists``)."""
-    common = (a["keys"], a["offsets"], a["tensor_ids"], a["step"], a["devices"], a["tables"], a["seeds"])
-    if algorithm == "asgd":
-        return (a["W"], a["g"], a["A"], a["pulses_first"], a["pairs_first"], *common)
-    if algorithm == "rl":
-        return (a["W"], a["P"], a["Wbar"], a["g"], a["A"], a["pulses_first"], a["pairs_first"], a["pulses_main"], *common)
-    return (a["W"], a["P"], a["H"], a["Wbar"], a["g"], a["A"], a["pulses_first"], a["pairs_first"], a["pulses_main"], *common)
+    return tuple(a[native] for _, native, _ in op_lists(algorithm)) + tuple(a[n] for n in _COMMON_NAMES)
 
 
 def step(
@@ -387,16 +401,13 @@ def step(
     0-d int64 tensor instead of per-element counts. ``native``: call the compiled kernels
     (``_native_step``) whatever ``FASTANALOG_BACKEND`` says, instead of the op.
     """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+    spec = reference.algorithm(algorithm)
     W = list(arrays["main"])
     m = len(W)
-    if algorithm == "rl2":
-        flag = config.buffer == "ema"
-    elif algorithm == "asgd":
-        flag = False
-    residual = algorithm != "asgd"
-    main_written = algorithm == "rl2" or (algorithm == "rl" and bool(flag))
+    if spec.flag_arg is None:  # a flag the rule does not take comes from the config alone (rl2's "ema")
+        flag = spec.step_flag(config, 0)
+    residual = spec.residual
+    main_written = residual and spec.writes_w(bool(flag))
     where = W[0].device if W else torch.device("cpu")
     if totals:
         counts = torch.zeros(2, m, dtype=torch.int64, device=where)
@@ -408,11 +419,10 @@ def step(
     packed = packing.pack_op_config(config)
     if not residual:
         packed = packed.main_only()
-    a = dict(
+    kept = spec.arrays + (("Wbar",) if residual else ())
+    a = {n: list(arrays.get(STATE_NAMES[n]) or []) if n in kept else [] for n in ("W", "P", "H", "Wbar")}
+    a.update(
         W=W,
-        P=list(arrays.get("residual") or []) if residual else [],
-        H=list(arrays.get("buffer") or []) if algorithm == "rl2" else [],
-        Wbar=list(arrays.get("weight") or []) if residual else [],
         g=list(g),
         A=list(As) if As is not None else [],
         pulses_first=first,

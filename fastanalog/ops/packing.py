@@ -18,18 +18,20 @@ import torch
 from ..config import AnalogConfig
 from ..devices import DEVICE_FAMILIES, MATH_DTYPE, DeviceParams, ResponseDevice
 from . import philox
+from .reference import ALGORITHMS
 
 # The one layout the compiled kernels share with Python (tests/test_layout.py checks it
 # against csrc/op_layout.h): family and algorithm ids, the order of the float[] device
 # description of one array (the ``DeviceField`` enum there, ``kTauMin`` <-> ``tau_min``) and
 # that of the float[] step scalars (``StepField``, ``kStepLr`` <-> ``lr``).
 FAMILY_IDS = {name: cls.family_id for name, cls in DEVICE_FAMILIES.items()}  # each family's own id
-ALGORITHM_IDS = {"asgd": 0, "rl": 1, "rl2": 2}
+ALGORITHM_IDS = {name: a.id for name, a in ALGORITHMS.items()}  # each algorithm's declared id
 DEVICE_FIELDS = (
     "family", "tau_min", "tau_max", "gamma", "dw_min", "asym", "d2d_std", "c2c_std", "has_gamma", "zero_shift", "shift",
     "table_size",
 )  # fmt: skip
-# ``flag``: rl's transfer flag of the step, rl2's "ema" buffer (0 for asgd); ``max_pulses``:
+# ``flag``: the algorithm's step flag (``reference.Algorithm.step_flag``: rl's transfer flag of
+# the step, rl2's "ema" buffer, 0 for asgd); ``max_pulses``:
 # the pulse cap of each direction (``config.pulse_cap``).
 STEP_FIELDS = ("lr", "gamma", "transfer_lr", "read_noise", "threshold", "max_pulses", "flag")
 
@@ -196,9 +198,10 @@ def unpack_op_config(
     ``mixed_weight``, which the ops do not need, at their defaults): for the launchers that take configs."""
     from ..config import PULSE_LIMIT
 
-    if algorithm not in ALGORITHM_IDS:
-        raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHM_IDS)}")
-    k = 1 if algorithm == "asgd" else 2
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+    spec = ALGORITHMS[algorithm]
+    k = 2 if spec.residual else 1
     n = len(DEVICE_FIELDS)
     if len(step) != len(STEP_FIELDS) or len(devices) != k * n or len(seeds) != k:
         raise ValueError(
@@ -215,6 +218,5 @@ def unpack_op_config(
               threshold=s["threshold"], max_pulses=None if cap == PULSE_LIMIT else cap)  # fmt: skip
     if k == 2:
         kw.update(residual_device=arrays[1], zero_shift=bool(devices[n + DEVICE_FIELDS.index("zero_shift")]))
-    if algorithm == "rl2":
-        kw["buffer"] = "ema" if s["flag"] else "accumulate"
+    kw.update(spec.flag_config(bool(s["flag"])))
     return AnalogConfig(**kw)

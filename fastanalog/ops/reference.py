@@ -42,13 +42,17 @@ numel) and returns the pulses it applied (:class:`StepPulses`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import AnalogConfig
 from ..devices import MATH_DTYPE, DeviceParams, ResponseDevice
 from . import philox
+
+if TYPE_CHECKING:  # the config module reads ALGORITHMS below, so it is not imported at run time
+    from ..config import AnalogConfig
 
 ARRAY_W = 0
 ARRAY_P = 1
@@ -329,3 +333,96 @@ def rl2_step_ref(
     _store(H, h)
     _mixed(Wbar, W, P, config)
     return StepPulses(first=net_p, main=net_w.to(torch.int32), first_pairs=pairs)
+
+
+# ----- the algorithms -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Algorithm:
+    """One analog training algorithm, as every part of the package knows it: the config's
+    ``algorithm``, the layers' arrays, the optimizer, the ops and their dispatch all read it
+    from ``ALGORITHMS`` below. Adding an algorithm is its entry and rule here, its id in
+    csrc/op_layout.h and its kernel in each compiled backend (csrc/analog_update.cpp,
+    csrc/cuda/analog_update.cu, fastanalog/ops/triton/step.py); until a backend has its kernel,
+    leave that backend out of ``backends`` and the reference serves the algorithm there.
+
+    Attributes:
+        name: the config's ``algorithm``.
+        id: its id in the compiled kernels' ``Algorithm`` enum (csrc/op_layout.h).
+        arrays: the arrays it keeps, in SPEC's names and the order of its op and ``rule``:
+            ``W`` first, then ``P`` (residual) and ``H`` (digital buffer) where it has them.
+            With ``P`` it also writes the mixed weight ``Wbar = W + gamma * P`` on request,
+            and the gradient's write goes to ``P`` (else to ``W``).
+        rule: the reference step, ``rule(*arrays, [Wbar,] g, *, lr, config, key, tensor_id,
+            offset, A, [flag_arg=flag])`` returning ``StepPulses``.
+        step_flag: the ``flag`` step scalar of optimizer step ``k`` (counted from 1) under a config;
+            for an algorithm whose rule takes no flag it depends on the config alone.
+        writes_w: whether a step with that flag writes W by a transfer (residual algorithms).
+        flag_arg: the keyword under which ``rule`` takes the flag (None: it does not).
+        flag_config: the config fields the flag stands for (``packing.unpack_op_config``).
+        backends: the implementations that have its kernel (the others fall back to the reference).
+    """
+
+    name: str
+    id: int
+    arrays: tuple[str, ...]
+    rule: Callable[..., StepPulses]
+    step_flag: Callable[[AnalogConfig, int], bool] = lambda config, k: False
+    writes_w: Callable[[bool], bool] = lambda flag: False
+    flag_arg: str | None = None
+    flag_config: Callable[[bool], dict] = lambda flag: {}
+    backends: tuple[str, ...] = ("reference", "cpp", "cuda", "triton")
+
+    def __post_init__(self) -> None:
+        if self.arrays not in (("W",), ("W", "P"), ("W", "P", "H")):
+            raise ValueError(f"algorithm {self.name!r}: arrays must be ('W',), ('W', 'P') or ('W', 'P', 'H'), got {self.arrays!r}")
+        if isinstance(self.id, bool) or not isinstance(self.id, int) or self.id < 0:
+            raise ValueError(f"algorithm {self.name!r}: id must be an int >= 0 (its csrc/op_layout.h id), got {self.id!r}")
+        unknown = [b for b in self.backends if b not in ("reference", "cpp", "cuda", "triton")]
+        if "reference" not in self.backends or unknown:
+            raise ValueError(f"algorithm {self.name!r}: backends must include 'reference' and name only reference, cpp, cuda, triton")
+
+    @property
+    def residual(self) -> bool:
+        """Whether it keeps a residual array P (and so a mixed weight; the gradient writes P)."""
+        return "P" in self.arrays
+
+    @property
+    def buffered(self) -> bool:
+        """Whether it keeps a digital buffer H."""
+        return "H" in self.arrays
+
+    def step(self, arrays, Wbar, g, *, flag: bool = False, **kwargs) -> StepPulses:
+        """``rule`` on one tensor's flat arrays (``arrays``: SPEC name -> tensor; ``Wbar`` None: no mix)."""
+        tensors = [arrays[n] for n in self.arrays] + ([Wbar] if self.residual else [])
+        if self.flag_arg is not None:
+            kwargs[self.flag_arg] = bool(flag)
+        return self.rule(*tensors, g, **kwargs)
+
+
+# Names and ids are unique (tests/test_algorithms.py).
+ALGORITHMS: dict[str, Algorithm] = {
+    a.name: a
+    for a in (
+        Algorithm("asgd", 0, ("W",), asgd_step_ref),
+        Algorithm(
+            "rl", 1, ("W", "P"), rl_step_ref,
+            step_flag=lambda config, k: k % config.transfer_every == 0,  # the transfer steps
+            writes_w=lambda flag: flag,
+            flag_arg="transfer",
+        ),
+        Algorithm(
+            "rl2", 2, ("W", "P", "H"), rl2_step_ref,
+            step_flag=lambda config, k: config.buffer == "ema",
+            writes_w=lambda flag: True,
+            flag_config=lambda flag: {"buffer": "ema" if flag else "accumulate"},
+        ),
+    )
+}  # fmt: skip
+
+
+def algorithm(name: str) -> Algorithm:
+    """The declaration of analog algorithm ``name`` (ValueError naming the known ones otherwise)."""
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown analog algorithm {name!r}: choose one of {', '.join(ALGORITHMS)}") from None

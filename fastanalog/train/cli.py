@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 import fastanalog as fa
 
-from ..config import UPDATES
+from ..config import ALGORITHMS, UPDATES
 from ..devices import ResponseDevice
 from .checkpoint import (
     CHECKPOINT_DIR,
@@ -77,7 +77,6 @@ __all__ = [
     "train_command",
 ]
 
-ALGORITHMS = ("digital", "asgd", "rl", "rl2")
 DEVICES = ("linear", "power", "exp")
 SCHEDULES = ("none", "cosine", "step")
 AMP_MODES = ("none", "bf16")

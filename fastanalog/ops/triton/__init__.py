@@ -7,7 +7,8 @@ tensor, reduced in the kernel, instead of per-element counts. Random numbers fol
 section 4 (per stream one Philox call per four elements). Its multi-tensor twin
 (``*_multi_step_triton``) takes lists, one entry per tensor (``As=None`` for the excess
 inputs), and updates all tensors of one config in one launch, each as the single-tensor
-launcher would. The launchers are the CUDA implementation of the per-algorithm ops
+launcher would. ``step_triton`` and ``multi_step_triton`` do the same for any algorithm of
+``reference.ALGORITHMS`` by name, its arrays by SPEC's names. The launchers are the CUDA implementation of the per-algorithm ops
 ``fastanalog::{asgd,rl,rl2}_step`` (``fastanalog/ops/library.py``), the ops that
 ``torch.compile`` traces; they are no ops of their own. Launches run with their tensors' CUDA device
 current. On CPU tensors the kernels run only under the Triton interpreter
@@ -17,17 +18,21 @@ current. On CPU tensors the kernels run only under the Triton interpreter
 from .ops import (
     asgd_multi_step_triton,
     asgd_step_triton,
+    multi_step_triton,
     rl2_multi_step_triton,
     rl2_step_triton,
     rl_multi_step_triton,
     rl_step_triton,
+    step_triton,
 )
 
 __all__ = [
     "asgd_multi_step_triton",
     "asgd_step_triton",
+    "multi_step_triton",
     "rl2_multi_step_triton",
     "rl2_step_triton",
     "rl_multi_step_triton",
     "rl_step_triton",
+    "step_triton",
 ]

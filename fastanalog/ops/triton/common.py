@@ -73,13 +73,11 @@ import triton.language as tl
 
 from ...config import AnalogConfig
 from .. import philox
-from ..packing import ALGORITHM_IDS, DEVICE_FIELDS, FAMILY_IDS, PackedDevice, device_floats, pack_config
+from ..packing import DEVICE_FIELDS, FAMILY_IDS, PackedDevice, device_floats, pack_config
 
-# Family and algorithm ids (packing.FAMILY_IDS, packing.ALGORITHM_IDS): ints for the host,
-# constexprs for the kernels.
+# Family ids (packing.FAMILY_IDS): ints for the host, constexprs for the kernels.
 FAMILY_LINEAR, FAMILY_POWER, FAMILY_EXP, FAMILY_TABLE = (FAMILY_IDS[f] for f in ("linear", "power", "exp", "table"))
 LINEAR, POWER, EXP, TABLE = (tl.constexpr(f) for f in (FAMILY_LINEAR, FAMILY_POWER, FAMILY_EXP, FAMILY_TABLE))
-ASGD, RL, RL2 = (tl.constexpr(ALGORITHM_IDS[a]) for a in ("asgd", "rl", "rl2"))
 
 STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

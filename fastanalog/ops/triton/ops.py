@@ -1,19 +1,16 @@
 """The public Triton launchers, thin layers over ``step.launch``.
 
-They are the CUDA implementation of the per-algorithm ops ``fastanalog::{asgd,rl,rl2}_step``
+They are the CUDA implementation of the per-algorithm ops ``fastanalog::<algorithm>_step``
 (``fastanalog/ops/library.py``), which ``torch.compile`` and ``opcheck`` see; below them there
-is no op of their own. Every entry point takes the same kinds of arguments, so one launch path
-serves all six:
-
-* the arrays (tensors for a single-tensor op, lists for a multi-tensor one), the excess
-  input ``A`` (None / empty: none), the pulse outputs (int32 per element, or 0-d int64
-  totals; ``pairs`` empty unless ``A`` is given and counts are per element);
-* ``tables``: the response tables (``common.table_tensor``) of W and (rl, rl2) P;
-* per tensor the step key and the offset; ``var_keys``, per array (W, then P) one
-  variation key per tensor;
-* ``scalars`` (``common.STEP_SCALARS``), ``flags`` (``common.STEP_FLAGS``) and ``devices``,
-  the float32 device descriptions of W and (rl, rl2) P in ``packing.DEVICE_FIELDS`` order,
-  concatenated (``common.described_devices``).
+is no op of their own. One path serves every algorithm of ``reference.ALGORITHMS``:
+:func:`step_triton` (one tensor) and :func:`multi_step_triton` (several tensors of one
+config, one launch) take the arrays by SPEC's names (W, P, H, Wbar), check them, allocate the
+pulse outputs (int32 per element, or 0-d int64 totals; pairs only with an excess input and
+per-element counts) and launch with what the config gives: the response tables
+(``common.table_tensor``), ``common.STEP_SCALARS``, ``common.STEP_FLAGS``, the float32 device
+descriptions in ``packing.DEVICE_FIELDS`` order (``common.described_devices``) and per tensor
+the step key, the offset and the variation keys. The named launchers (``asgd_step_triton``,
+``rl_multi_step_triton``, ...) keep the signatures of their reference twins.
 """
 
 from __future__ import annotations
@@ -24,7 +21,8 @@ import torch
 
 from ...config import AnalogConfig
 from ..packing import DEVICE_FIELDS
-from ..reference import StepPulses
+from ..reference import Algorithm, StepPulses
+from ..reference import algorithm as algorithm_spec
 from .common import (
     check_arrays,
     check_excess,
@@ -35,7 +33,6 @@ from .common import (
     excess_list,
     given_arrays,
     is_total,
-    new_counts,
     new_counts_multi,
     step_flags,
     step_scalars,
@@ -44,172 +41,104 @@ from .common import (
 from .step import launch
 
 
-def _launch(algorithm: str, W, g, A, pulses, pairs, tables, keys, offsets, var_keys, scalars, flags, devices, **rl_args):
-    """``step.launch`` from an op's arguments (lists, one entry per tensor; W-then-P order per array).
+def _launch(spec: Algorithm, arrays: dict[str, Tensors], g: Tensors, A: Tensors, counts: dict[str, Tensors], *, tables: Tensors,
+            keys: list[int], offsets: list[int], var_keys: list[int], scalars: list[float], flags: list[bool], devices: list[float],
+            flag: bool) -> None:  # fmt: skip
+    """``step.launch`` from an op's arguments (lists, one entry per tensor; W-then-P order per described array).
 
-    ``rl_args``: ``P``, ``Wbar``, ``pulses_w`` (and ``H``) of rl and rl2, ``transfer`` of rl.
+    ``arrays``: SPEC's names (``W``, ``P``, ``H``, ``Wbar``; an empty ``Wbar``: no mixed weight);
+    ``counts``: ``first``, ``pairs`` and (residual algorithms) ``main``; ``flag``: the step flag.
     """
-    arrays = {"first": W, "g": g, "A": A}
-    outputs = {"count_first": pulses, "pairs_first": pairs}
+    W = arrays["W"]
+    step_arrays = {"first": W, "g": g, "A": A}
+    outputs = {"count_first": counts["first"], "pairs_first": counts["pairs"]}
     per_array = [var_keys[i * len(keys) : (i + 1) * len(keys)] for i in range(len(tables))]
     n = len(DEVICE_FIELDS)
     described = [devices[i * n : (i + 1) * n] for i in range(len(tables))]
-    if algorithm != "asgd":
-        # rl, rl2: the gradient writes P first, the transfer writes W (the main array).
-        arrays.update(first=rl_args["P"], main=W, Wbar=rl_args["Wbar"])
-        if "H" in rl_args:
-            arrays["H"] = rl_args["H"]
-        outputs["count_main"] = rl_args["pulses_w"]
+    if spec.residual:
+        # The gradient writes P first, the transfer writes W (the main array).
+        step_arrays.update(first=arrays["P"], main=W, Wbar=arrays["Wbar"])
+        if spec.buffered:
+            step_arrays["H"] = arrays["H"]
+        outputs["count_main"] = counts["main"]
         tables, per_array, described = tables[::-1], per_array[::-1], described[::-1]
     step_args = dict(keys=keys, offsets=offsets, var_keys=per_array, devices=[v for d in described for v in d], tables=tables)
-    launch(algorithm, arrays, outputs, scalars=scalars, flags=flags, transfer=rl_args.get("transfer", True), **step_args)
+    launch(spec.name, step_arrays, outputs, scalars=scalars, flags=flags, flag=flag, **step_args)
 
 
-# ----- the entry points (arguments by kind: arrays, pulse outputs, tables, per tensor, per step) --------
 Tensor = torch.Tensor
 Tensors = list[torch.Tensor]
 
 
-def asgd_step_triton_(W: Tensor, g: Tensor, A: Tensor | None, pulses: Tensor, pairs: Tensor, tables: Tensors,
-                      key: int, offset: int, var_keys: list[int], scalars: list[float], flags: list[bool], devices: list[float]) -> None:  # fmt: skip
-    """In-place Analog SGD step (behind :func:`asgd_step_triton`)."""
-    _launch("asgd", [W], [g], [A] if A is not None else [], [pulses], [pairs], tables, [key], [offset], var_keys, scalars, flags, devices)
-
-
-def asgd_multi_step_triton_(W: Tensors, g: Tensors, A: Tensors, pulses: Tensors, pairs: Tensors, tables: Tensors,
-                            keys: list[int], offsets: list[int], var_keys: list[int], scalars: list[float], flags: list[bool],
-                            devices: list[float]) -> None:  # fmt: skip
-    """In-place Analog SGD step of several tensors in one launch (behind :func:`asgd_multi_step_triton`)."""
-    _launch("asgd", W, g, A, pulses, pairs, tables, keys, offsets, var_keys, scalars, flags, devices)
-
-
-def rl_step_triton_(W: Tensor, P: Tensor, Wbar: Tensor, g: Tensor, A: Tensor | None, pulses_p: Tensor, pairs_p: Tensor,
-                    pulses_w: Tensor, tables: Tensors, key: int, offset: int, var_keys: list[int], transfer: bool,
-                    scalars: list[float], flags: list[bool], devices: list[float]) -> None:  # fmt: skip
-    """In-place rl step (behind :func:`rl_step_triton`); an empty ``Wbar`` asks for no mixed weight,
-    ``pulses_w`` is written only when ``transfer``."""
-    rl_args = dict(P=[P], Wbar=[Wbar], pulses_w=[pulses_w], transfer=transfer)
-    _launch("rl", [W], [g], [A] if A is not None else [], [pulses_p], [pairs_p], tables, [key], [offset], var_keys, scalars, flags,
-            devices, **rl_args)  # fmt: skip
-
-
-def rl_multi_step_triton_(W: Tensors, P: Tensors, Wbar: Tensors, g: Tensors, A: Tensors, pulses_p: Tensors, pairs_p: Tensors,
-                          pulses_w: Tensors, tables: Tensors, keys: list[int], offsets: list[int], var_keys: list[int],
-                          transfer: bool, scalars: list[float], flags: list[bool], devices: list[float]) -> None:  # fmt: skip
-    """In-place rl step of several tensors in one launch (behind :func:`rl_multi_step_triton`)."""
-    rl_args = dict(P=P, Wbar=Wbar, pulses_w=pulses_w, transfer=transfer)
-    _launch("rl", W, g, A, pulses_p, pairs_p, tables, keys, offsets, var_keys, scalars, flags, devices, **rl_args)
-
-
-def rl2_step_triton_(W: Tensor, P: Tensor, H: Tensor, Wbar: Tensor, g: Tensor, A: Tensor | None, pulses_p: Tensor,
-                     pairs_p: Tensor, pulses_w: Tensor, tables: Tensors, key: int, offset: int, var_keys: list[int],
-                     scalars: list[float], flags: list[bool], devices: list[float]) -> None:  # fmt: skip
-    """In-place rl2 step (behind :func:`rl2_step_triton`); an empty ``Wbar`` asks for no mixed weight."""
-    rl_args = dict(P=[P], H=[H], Wbar=[Wbar], pulses_w=[pulses_w])
-    _launch("rl2", [W], [g], [A] if A is not None else [], [pulses_p], [pairs_p], tables, [key], [offset], var_keys, scalars, flags,
-            devices, **rl_args)  # fmt: skip
-
-
-def rl2_multi_step_triton_(W: Tensors, P: Tensors, H: Tensors, Wbar: Tensors, g: Tensors, A: Tensors, pulses_p: Tensors,
-                           pairs_p: Tensors, pulses_w: Tensors, tables: Tensors, keys: list[int], offsets: list[int],
-                           var_keys: list[int], scalars: list[float], flags: list[bool], devices: list[float]) -> None:  # fmt: skip
-    """In-place rl2 step of several tensors in one launch (behind :func:`rl2_multi_step_triton`)."""
-    _launch("rl2", W, g, A, pulses_p, pairs_p, tables, keys, offsets, var_keys, scalars, flags, devices, P=P, H=H, Wbar=Wbar,
-            pulses_w=pulses_w)  # fmt: skip
-
-
 # ----- argument preparation -----------------------------------------------------------------
-def _step_pulses(first: torch.Tensor, pairs: torch.Tensor, main: torch.Tensor | None, has_a: bool) -> StepPulses:
-    return StepPulses(first=first, main=main, first_pairs=pairs if has_a and not is_total(first) else None)
-
-
 def _config_args(config: AnalogConfig, lr: float, where: torch.device) -> dict:
-    """The op arguments that come from the config: tables, scalars, flags and device descriptions."""
+    """The launch arguments that come from the config: tables, scalars, flags and device descriptions."""
     devices = [v for dev in described_devices(config) for v in dev]
     return dict(tables=device_tables(config, where), scalars=step_scalars(config, lr), flags=step_flags(config), devices=devices)
 
 
-def prepare(
-    algorithm: str,
-    arrays: dict[str, torch.Tensor | None],
-    g: torch.Tensor,
-    *,
-    lr: float,
-    config: AnalogConfig,
-    key: int,
-    tensor_id: int,
-    offset: int = 0,
-    A: torch.Tensor | None = None,
-    totals: bool = False,
-    transfer: bool | None = None,
-) -> tuple[dict, StepPulses]:
-    """(keyword arguments of the algorithm's single-tensor op, the StepPulses it fills).
-
-    ``arrays``: ``W`` (asgd); ``W``, ``P``, ``Wbar`` (rl); ``W``, ``P``, ``H``, ``Wbar`` (rl2),
-    ``Wbar`` None for no mixed weight. ``transfer``: rl's flag (None for the others).
-    """
-    W = arrays["W"]
-    numel = W.numel()
-    check_arrays(numel, **given_arrays(**arrays, g=g))
-    check_excess(A, g)
-    where = W.device
-    pairs = new_counts(numel if A is not None and not totals else 0, where, False)
-    kwargs = dict(arrays, g=g, A=A, key=int(key), offset=check_offset(offset), var_keys=variation_keys(config, tensor_id))
-    kwargs.update(_config_args(config, lr, where))
-    if algorithm == "asgd":
-        kwargs.update(pulses=new_counts(numel, where, totals), pairs=pairs)
-        return kwargs, _step_pulses(kwargs["pulses"], pairs, None, A is not None)
-    if kwargs["Wbar"] is None:
-        kwargs["Wbar"] = W.new_empty(0)
-    writes_main = algorithm == "rl2" or transfer
-    if algorithm == "rl":
-        kwargs["transfer"] = bool(transfer)
-    pulses_w = new_counts(numel, where, totals) if writes_main else new_counts(0, where, False)
-    kwargs.update(pulses_p=new_counts(numel, where, totals), pairs_p=pairs, pulses_w=pulses_w)
-    return kwargs, _step_pulses(kwargs["pulses_p"], pairs, pulses_w if writes_main else None, A is not None)
-
-
-def prepare_multi(
-    algorithm: str,
-    arrays: dict[str, Sequence[torch.Tensor] | None],
-    g: Sequence[torch.Tensor],
-    *,
-    lr: float,
-    config: AnalogConfig,
-    keys: Sequence[int],
-    tensor_ids: Sequence[int],
-    offsets: Sequence[int] | None = None,
-    As: Sequence[torch.Tensor] | None = None,
-    totals: bool = False,
-    transfer: bool | None = None,
-) -> tuple[dict, list[StepPulses]]:
-    """(keyword arguments of the algorithm's multi-tensor op, the StepPulses it fills, one per tensor); see :func:`prepare`."""
-    offsets = check_tensor_lists(given_arrays(**arrays, g=g), keys, tensor_ids, offsets)
-    A = excess_list(As, g)
-    has_a = bool(A)
+def _run(spec: Algorithm, arrays: dict[str, Tensors], g: Tensors, A: Tensors, *, lr: float, config: AnalogConfig,
+         keys: list[int], offsets: list[int], var_keys: list[int], totals: bool, flag: bool) -> list[StepPulses]:  # fmt: skip
+    """Allocate the pulse outputs, launch, and return one StepPulses per tensor (arguments checked)."""
     where = arrays["W"][0].device
-    numels = [Wi.numel() for Wi in arrays["W"]]
-    var_keys = [variation_keys(config, tid) for tid in tensor_ids]
-    kwargs = {name: list(ts) if ts is not None else [] for name, ts in arrays.items()}
-    # per array (W, then P) one variation key per tensor
-    kwargs.update(g=list(g), A=A, keys=[int(k) for k in keys], offsets=offsets, var_keys=[k for ks in zip(*var_keys) for k in ks])
-    kwargs.update(_config_args(config, lr, where))
+    numels = [t.numel() for t in arrays["W"]]
+    has_a = bool(A)
+    writes_w = spec.residual and spec.writes_w(bool(flag))
     (pairs,) = new_counts_multi([n if has_a and not totals else 0 for n in numels], where, False)
-    if algorithm == "asgd":
-        (pulses,) = new_counts_multi(numels, where, totals)
-        kwargs.update(pulses=pulses, pairs=pairs)
-        return kwargs, [_step_pulses(c, p, None, has_a) for c, p in zip(pulses, pairs)]
-    writes_main = algorithm == "rl2" or transfer
-    if algorithm == "rl":
-        kwargs["transfer"] = bool(transfer)
-    if writes_main:
-        pulses_p, pulses_w = new_counts_multi(numels, where, totals, arrays=2)
+    if writes_w:
+        first, main = new_counts_multi(numels, where, totals, arrays=2)
     else:
-        (pulses_p,) = new_counts_multi(numels, where, totals)
-        (pulses_w,) = new_counts_multi([0] * len(numels), where, False)
-    kwargs.update(pulses_p=pulses_p, pairs_p=pairs, pulses_w=pulses_w)
-    mains = pulses_w if writes_main else [None] * len(numels)
-    return kwargs, [_step_pulses(c, p, m, has_a) for c, p, m in zip(pulses_p, pairs, mains)]
+        (first,) = new_counts_multi(numels, where, totals)
+        (main,) = new_counts_multi([0] * len(numels), where, False)
+    if spec.residual:
+        arrays = dict(arrays, Wbar=arrays.get("Wbar") or [])
+    _launch(spec, arrays, g, A, {"first": first, "pairs": pairs, "main": main}, keys=keys, offsets=offsets,
+            var_keys=var_keys, flag=bool(flag), **_config_args(config, lr, where))  # fmt: skip
+    return [
+        StepPulses(first=c, main=m if writes_w else None, first_pairs=p if has_a and not is_total(c) else None)
+        for c, p, m in zip(first, pairs, main)
+    ]
+
+
+def _given(spec: Algorithm, arrays: dict) -> dict:
+    """The arrays ``spec`` updates, by SPEC name (a missing or None ``Wbar``: no mixed weight)."""
+    missing = [n for n in spec.arrays if arrays.get(n) is None]
+    if missing:
+        raise ValueError(f"{spec.name} needs the arrays {', '.join(spec.arrays)}: {', '.join(missing)} missing")
+    names = spec.arrays + (("Wbar",) if spec.residual and arrays.get("Wbar") is not None else ())
+    return {n: arrays[n] for n in names}
+
+
+def step_triton(algorithm: str, arrays: dict[str, torch.Tensor | None], g: torch.Tensor, *, lr: float, config: AnalogConfig,
+                key: int, tensor_id: int, offset: int = 0, A: torch.Tensor | None = None, totals: bool = False,
+                flag: bool = False) -> StepPulses:  # fmt: skip
+    """One step of ``algorithm`` (a name of ``reference.ALGORITHMS``) on one tensor's flat arrays, in place.
+
+    ``arrays``: by SPEC name, ``W`` (and ``P``, ``H``, ``Wbar``: None for no mixed weight);
+    ``flag``: the algorithm's step flag (rl's transfer); the rest as the named launchers below.
+    """
+    spec = algorithm_spec(algorithm)
+    given = _given(spec, arrays)
+    check_arrays(given["W"].numel(), **given_arrays(**given, g=g))
+    check_excess(A, g)
+    lists = {n: [t] for n, t in given.items()}
+    return _run(spec, lists, [g], [A] if A is not None else [], lr=lr, config=config, keys=[int(key)],
+                offsets=[check_offset(offset)], var_keys=variation_keys(config, tensor_id), totals=totals, flag=flag)[0]  # fmt: skip
+
+
+def multi_step_triton(algorithm: str, arrays: dict[str, Sequence[torch.Tensor] | None], g: Sequence[torch.Tensor], *,
+                      lr: float, config: AnalogConfig, keys: Sequence[int], tensor_ids: Sequence[int],
+                      offsets: Sequence[int] | None = None, As: Sequence[torch.Tensor] | None = None, totals: bool = False,
+                      flag: bool = False) -> list[StepPulses]:  # fmt: skip
+    """:func:`step_triton` on several tensors of one config in one launch (lists, one entry per tensor)."""
+    spec = algorithm_spec(algorithm)
+    given = {n: list(ts) for n, ts in _given(spec, arrays).items()}
+    offsets = check_tensor_lists(given_arrays(**given, g=g), keys, tensor_ids, offsets)
+    A = excess_list(As, g)
+    per_tensor = [variation_keys(config, tid) for tid in tensor_ids]
+    var_keys = [k for ks in zip(*per_tensor) for k in ks]  # per array (W, then P) one variation key per tensor
+    return _run(spec, given, list(g), A, lr=lr, config=config, keys=[int(k) for k in keys], offsets=offsets,
+                var_keys=var_keys, totals=totals, flag=flag)  # fmt: skip
 
 
 # ----- the public launchers -------------------------------------------------------------------
@@ -232,10 +161,7 @@ def prepare_multi(
 def asgd_step_triton(W: torch.Tensor, g: torch.Tensor, *, lr: float, config: AnalogConfig, key: int, tensor_id: int,
                      offset: int = 0, A: torch.Tensor | None = None, totals: bool = False) -> StepPulses:  # fmt: skip
     """Analog SGD on flat tensors, in place: ``StepPulses(first=N_W, first_pairs=pairs with A, else None)``."""
-    kw = dict(lr=lr, config=config, key=key, tensor_id=tensor_id, offset=offset, A=A, totals=totals)
-    kwargs, pulses = prepare("asgd", {"W": W}, g, **kw)
-    asgd_step_triton_(**kwargs)
-    return pulses
+    return step_triton("asgd", {"W": W}, g, lr=lr, config=config, key=key, tensor_id=tensor_id, offset=offset, A=A, totals=totals)
 
 
 def rl_step_triton(W: torch.Tensor, P: torch.Tensor, Wbar: torch.Tensor | None, g: torch.Tensor, *, lr: float,
@@ -246,10 +172,8 @@ def rl_step_triton(W: torch.Tensor, P: torch.Tensor, Wbar: torch.Tensor | None, 
     Returns ``StepPulses(first=N_P, main=N_W or None without transfer, first_pairs=pairs of P
     with A, else None)``.
     """
-    kw = dict(lr=lr, config=config, key=key, tensor_id=tensor_id, offset=offset, A=A, totals=totals, transfer=transfer)
-    kwargs, pulses = prepare("rl", {"W": W, "P": P, "Wbar": Wbar}, g, **kw)
-    rl_step_triton_(**kwargs)
-    return pulses
+    return step_triton("rl", {"W": W, "P": P, "Wbar": Wbar}, g, lr=lr, config=config, key=key, tensor_id=tensor_id,
+                       offset=offset, A=A, totals=totals, flag=transfer)  # fmt: skip
 
 
 def rl2_step_triton(W: torch.Tensor, P: torch.Tensor, H: torch.Tensor, Wbar: torch.Tensor | None, g: torch.Tensor, *,
@@ -259,20 +183,16 @@ def rl2_step_triton(W: torch.Tensor, P: torch.Tensor, H: torch.Tensor, Wbar: tor
 
     Returns ``StepPulses(first=N_P, main=N_W, first_pairs=pairs of P with A, else None)``.
     """
-    kw = dict(lr=lr, config=config, key=key, tensor_id=tensor_id, offset=offset, A=A, totals=totals)
-    kwargs, pulses = prepare("rl2", {"W": W, "P": P, "H": H, "Wbar": Wbar}, g, **kw)
-    rl2_step_triton_(**kwargs)
-    return pulses
+    return step_triton("rl2", {"W": W, "P": P, "H": H, "Wbar": Wbar}, g, lr=lr, config=config, key=key, tensor_id=tensor_id,
+                       offset=offset, A=A, totals=totals, flag=config.buffer == "ema")  # fmt: skip
 
 
 def asgd_multi_step_triton(W: Sequence[torch.Tensor], g: Sequence[torch.Tensor], *, lr: float, config: AnalogConfig,
                            keys: Sequence[int], tensor_ids: Sequence[int], offsets: Sequence[int] | None = None,
                            As: Sequence[torch.Tensor] | None = None, totals: bool = False) -> list[StepPulses]:  # fmt: skip
     """Analog SGD on several tensors of one config in one launch; tensor ``i`` as ``asgd_step_triton`` updates it."""
-    kw = dict(lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets, As=As, totals=totals)
-    kwargs, pulses = prepare_multi("asgd", {"W": W}, g, **kw)
-    asgd_multi_step_triton_(**kwargs)
-    return pulses
+    return multi_step_triton("asgd", {"W": W}, g, lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets,
+                             As=As, totals=totals)  # fmt: skip
 
 
 def rl_multi_step_triton(W: Sequence[torch.Tensor], P: Sequence[torch.Tensor], Wbar: Sequence[torch.Tensor] | None,
@@ -280,10 +200,8 @@ def rl_multi_step_triton(W: Sequence[torch.Tensor], P: Sequence[torch.Tensor], W
                          tensor_ids: Sequence[int], transfer: bool, offsets: Sequence[int] | None = None,
                          As: Sequence[torch.Tensor] | None = None, totals: bool = False) -> list[StepPulses]:  # fmt: skip
     """Residual Learning v1 on several tensors of one config in one launch; tensor ``i`` as ``rl_step_triton`` updates it."""
-    kw = dict(lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets, As=As, totals=totals, transfer=transfer)
-    kwargs, pulses = prepare_multi("rl", {"W": W, "P": P, "Wbar": Wbar}, g, **kw)
-    rl_multi_step_triton_(**kwargs)
-    return pulses
+    return multi_step_triton("rl", {"W": W, "P": P, "Wbar": Wbar}, g, lr=lr, config=config, keys=keys, tensor_ids=tensor_ids,
+                             offsets=offsets, As=As, totals=totals, flag=transfer)  # fmt: skip
 
 
 def rl2_multi_step_triton(W: Sequence[torch.Tensor], P: Sequence[torch.Tensor], H: Sequence[torch.Tensor],
@@ -291,7 +209,5 @@ def rl2_multi_step_triton(W: Sequence[torch.Tensor], P: Sequence[torch.Tensor], 
                           keys: Sequence[int], tensor_ids: Sequence[int], offsets: Sequence[int] | None = None,
                           As: Sequence[torch.Tensor] | None = None, totals: bool = False) -> list[StepPulses]:  # fmt: skip
     """Residual Learning v2 on several tensors of one config in one launch; tensor ``i`` as ``rl2_step_triton`` updates it."""
-    kw = dict(lr=lr, config=config, keys=keys, tensor_ids=tensor_ids, offsets=offsets, As=As, totals=totals)
-    kwargs, pulses = prepare_multi("rl2", {"W": W, "P": P, "H": H, "Wbar": Wbar}, g, **kw)
-    rl2_multi_step_triton_(**kwargs)
-    return pulses
+    return multi_step_triton("rl2", {"W": W, "P": P, "H": H, "Wbar": Wbar}, g, lr=lr, config=config, keys=keys,
+                             tensor_ids=tensor_ids, offsets=offsets, As=As, totals=totals, flag=config.buffer == "ema")  # fmt: skip

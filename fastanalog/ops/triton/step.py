@@ -1,6 +1,6 @@
 """The fused analog update: one Triton kernel for Analog SGD, rl and rl2 (SPEC section 3), and its launcher.
 
-The algorithm is a compile-time constant (``ALG``, ids of ``packing.ALGORITHM_IDS``), as in
+The algorithm is a compile-time constant (``ALG``, the ids of ``reference.ALGORITHMS``), as in
 the CUDA ``step_kernel<ALG>``. Per element ``i`` (global index ``offset + i``), float32 math,
 streams as SPEC section 4:
 
@@ -37,11 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..packing import ALGORITHM_IDS
+from ..reference import ALGORITHMS
 from .common import (
-    ASGD,
-    RL,
-    RL2,
     SALT_READ_P,
     SALT_ROUND_W,
     array_params,
@@ -77,6 +74,9 @@ from .common import (
 # never touches.
 ARRAYS = ("first", "main", "H", "Wbar", "g", "A")
 OUTPUTS = ("count_first", "pairs_first", "count_main")
+
+# The algorithms' ids (``reference.ALGORITHMS``) as the kernel's compile-time constants.
+ASGD, RL, RL2 = (tl.constexpr(ALGORITHMS[a].id) for a in ("asgd", "rl", "rl2"))
 
 
 @triton.jit
@@ -228,12 +228,12 @@ def launch(
     tables: Sequence[torch.Tensor],
     scalars: Sequence[float],
     flags: Sequence[bool],
-    transfer: bool = True,
+    flag: bool = False,
 ) -> None:
     """One launch of ``_step_kernel`` over the tensors of ``arrays`` (the launcher behind every op).
 
     Args:
-        algorithm: "asgd", "rl" or "rl2".
+        algorithm: a name of ``reference.ALGORITHMS`` ("asgd", "rl" or "rl2").
         arrays: per role of ``ARRAYS`` one tensor per updated tensor; ``A`` and ``Wbar`` may be
             empty (no excess input, no mixed weight), roles the algorithm lacks absent.
         outputs: per role of ``OUTPUTS`` the pulse outputs, one per tensor: int32 per element,
@@ -245,9 +245,10 @@ def launch(
             first array and (rl, rl2) the main one, concatenated.
         tables: their response tables (``common.table_tensor``).
         scalars, flags: ``common.STEP_SCALARS`` and ``common.STEP_FLAGS``.
-        transfer: whether an rl step transfers P into W.
+        flag: the algorithm's step flag (``Algorithm.step_flag``: whether an rl step transfers P into W).
     """
-    alg = ALGORITHM_IDS[algorithm]
+    spec = ALGORITHMS[algorithm]
+    alg = spec.id
     first = list(arrays["first"])
     A = list(arrays.get("A", ()))
     has_a = len(A) == len(first)
@@ -263,7 +264,7 @@ def launch(
         "g_ptr": list(arrays["g"]),
         "A_ptr": A if has_a else list(arrays["g"]),
     }
-    writes_main = algorithm == "rl2" or (algorithm == "rl" and transfer)
+    writes_main = spec.residual and spec.writes_w(bool(flag))
     out_pointers = {
         "count_first_ptr": counts,
         "pairs_first_ptr": list(outputs["pairs_first"]) if has_a and not totals else counts,
@@ -302,7 +303,7 @@ def launch(
             ALG=alg,
             FIRST_SPEC=device_spec(devs[0], tables[0]),
             MAIN_SPEC=device_spec(devs[-1], tables[-1]),
-            TRANSFER=bool(transfer) and algorithm == "rl",
+            TRANSFER=bool(flag) and algorithm == "rl",
             EMA=bool(ema) and algorithm == "rl2",
             READ_NOISE=bool(read_on) and writes_main,
             HAS_A=has_a,
