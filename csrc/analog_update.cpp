@@ -1129,6 +1129,9 @@ TORCH_LIBRARY_IMPL(fastanalog, CPU, m) {
 #if FA_ISA_AVX2
 extern "C" {
 __m256 Sleef_powf8_u10(__m256, __m256);
+#if FA_ISA_AVX512
+__m512 Sleef_powf16_u10(__m512, __m512);
+#endif
 __m256 Sleef_expm1f8_u10(__m256);
 __m256d Sleef_powd4_u10(__m256d, __m256d);
 #if !FA_HAVE_MKL
@@ -2843,6 +2846,200 @@ static __attribute__((noinline)) void asgd_power_fused(const StepArgs& a, int64_
   for_vectors8(n, [&](int j, bool whole, __m256i valid) { power_first_write8<PAIRS>(k, j, whole, valid, g, W, e); });
 }
 
+#if FA_ISA_AVX512
+// asgd_power_fused<false> on sixteen lanes, for the AVX-512 build: the same operations in
+// the same order on zmm registers (vminps/vmaxps keep their NaN rule, the masks select as
+// blendv does, and the count adds +0 where the rounding does not step, as and + add do),
+// Sleef's 16-lane power (its 8-lane twin's algorithm) or the square root. Half the
+// instructions of the 8-lane loop, which issue width bounds.
+struct Power16 {
+  __m512 dw, tmax, tmin, half, shift, up, down, lo, hi, gamma, rcp_hi;
+  bool root;
+};
+
+static FA_INLINE Power16 power16(const Elem& e, const Device& dev) {
+  const Power8 p = power8(e, dev);  // rcp_hi computed once, as there
+  return Power16{_mm512_set1_ps(e.dw),    _mm512_set1_ps(e.tau_max), _mm512_set1_ps(e.tau_min), _mm512_set1_ps(e.half),
+                 _mm512_set1_ps(e.shift), _mm512_set1_ps(e.up),      _mm512_set1_ps(e.down),    _mm512_set1_ps(e.lo),
+                 _mm512_set1_ps(e.hi),    _mm512_set1_ps(dev.gamma), _mm512_set1_ps(_mm256_cvtss_f32(p.rcp_hi)),
+                 dev.root()};
+}
+
+static FA_INLINE __m512 clamp16(__m512 v, __m512 lo, __m512 hi) { return _mm512_min_ps(hi, _mm512_max_ps(lo, v)); }
+
+static FA_INLINE __m512 power_shape16(__m512 u, const Power16& e) { return e.root ? _mm512_sqrt_ps(u) : Sleef_powf16_u10(u, e.gamma); }
+
+static FA_INLINE __m512 power_write16(__m512 x, __m512 cnt, const Power16& e) {
+  const __m512 zero = _mm512_setzero_ps();
+  if (_mm512_cmp_ps_mask(cnt, zero, _CMP_NEQ_OQ) == 0) return clamp16(_mm512_add_ps(x, zero), e.lo, e.hi);
+  const __mmask16 pos = _mm512_cmp_ps_mask(cnt, zero, _CMP_GT_OQ);
+  const __m512 w = _mm512_add_ps(x, e.shift);
+  const __m512 num = _mm512_mask_blend_ps(pos, _mm512_sub_ps(w, e.tmin), _mm512_sub_ps(e.tmax, w));
+  const __m512 u = clamp16(_mm512_div_ps(num, e.half), zero, _mm512_set1_ps(2.0f));
+  const __m512 q = _mm512_mul_ps(power_shape16(u, e), _mm512_mask_blend_ps(pos, e.down, e.up));
+  return clamp16(_mm512_add_ps(x, _mm512_mul_ps(_mm512_mul_ps(cnt, e.dw), q)), e.lo, e.hi);
+}
+
+// stochastic_count8 on sixteen lanes (+0 added where the rounding does not step, as and + add).
+static FA_INLINE __m512 stochastic_count16(__m512 n, __m512 u, __m512 neg_cap, __m512 cap) {
+  const __m512 fl = _mm512_roundscale_ps(n, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __mmask16 step = _mm512_cmp_ps_mask(u, _mm512_sub_ps(n, fl), _CMP_LT_OQ);
+  return clamp16(_mm512_add_ps(fl, _mm512_maskz_mov_ps(step, _mm512_set1_ps(1.0f))), neg_cap, cap);
+}
+
+// pair_counts8, power_pairs_write8, power_one_way_write8 and power_excess_write8 on sixteen
+// lanes: the same operations, operand orders (vmaxps/vminps pick their second operand on a
+// NaN) and +0 where a mask is clear (maskz_mov for and).
+static FA_INLINE bool pair_counts16(__m512 gv, __m512 av, __m512 u0, __m512 u1, __m512 lr, __m512 neg_lr, __m512 dw, __m512 rcp_hi,
+                                   __m512 cap, __m512& up, __m512& down) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), sign = _mm512_set1_ps(-0.0f);
+  const __m512 nv = _mm512_div_ps(_mm512_mul_ps(neg_lr, gv), dw);
+  const __m512 fl = _mm512_roundscale_ps(nv, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 net = _mm512_add_ps(fl, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(u0, _mm512_sub_ps(nv, fl), _CMP_LT_OQ), one));
+  const __m512 excess = _mm512_max_ps(_mm512_sub_ps(av, _mm512_andnot_ps(sign, gv)), zero);  // NaN: 0 (fmax)
+  const __m512 t = _mm512_mul_ps(_mm512_mul_ps(lr, excess), _mm512_set1_ps(0.5f));
+  __m512 pairs = zero;
+  const bool some = _mm512_cmp_ps_mask(_mm512_mul_ps(t, rcp_hi), u1, _CMP_LT_OQ) != 0xFFFF;
+  if (some) {
+    const __m512 m = _mm512_div_ps(t, dw);
+    const __m512 flm = _mm512_roundscale_ps(m, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    pairs = _mm512_add_ps(flm, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(u1, _mm512_sub_ps(m, flm), _CMP_LT_OQ), one));
+  }
+  up = _mm512_min_ps(cap, _mm512_add_ps(pairs, _mm512_max_ps(zero, net)));
+  down = _mm512_min_ps(cap, _mm512_add_ps(pairs, _mm512_max_ps(zero, _mm512_xor_ps(net, sign))));
+  return some;
+}
+
+static FA_INLINE __m512 power_pairs_write16(__m512 x, __m512 up, __m512 down, const Power16& e) {
+  const __m512 zero = _mm512_setzero_ps(), two = _mm512_set1_ps(2.0f);
+  const __m512 w = _mm512_add_ps(x, e.shift);
+  const __mmask16 has_up = _mm512_cmp_ps_mask(up, zero, _CMP_GT_OQ);
+  const __mmask16 has_down = _mm512_cmp_ps_mask(down, zero, _CMP_GT_OQ);
+  __m512 vu = zero, vd = zero;
+  if (has_up != 0) {
+    const __m512 u = clamp16(_mm512_div_ps(_mm512_sub_ps(e.tmax, w), e.half), zero, two);
+    const __m512 q = _mm512_mul_ps(power_shape16(u, e), e.up);
+    vu = _mm512_maskz_mov_ps(has_up, _mm512_mul_ps(_mm512_mul_ps(up, e.dw), q));
+  }
+  if (has_down != 0) {
+    const __m512 u = clamp16(_mm512_div_ps(_mm512_sub_ps(w, e.tmin), e.half), zero, two);
+    const __m512 q = _mm512_mul_ps(power_shape16(u, e), e.down);
+    vd = _mm512_maskz_mov_ps(has_down, _mm512_mul_ps(_mm512_mul_ps(down, e.dw), q));
+  }
+  return clamp16(_mm512_add_ps(x, _mm512_sub_ps(vu, vd)), e.lo, e.hi);
+}
+
+static FA_INLINE __m512 power_one_way_write16(__m512 x, __m512 up, __m512 down, const Power16& e) {
+  const __m512 zero = _mm512_setzero_ps(), two = _mm512_set1_ps(2.0f);
+  const __m512 w = _mm512_add_ps(x, e.shift);
+  const __mmask16 has_up = _mm512_cmp_ps_mask(up, zero, _CMP_GT_OQ);
+  const __mmask16 has_down = _mm512_cmp_ps_mask(down, zero, _CMP_GT_OQ);
+  if ((has_up | has_down) == 0) return clamp16(_mm512_add_ps(x, zero), e.lo, e.hi);  // x + (0 - 0)
+  const __m512 num = _mm512_mask_blend_ps(has_up, _mm512_sub_ps(w, e.tmin), _mm512_sub_ps(e.tmax, w));
+  const __m512 u = clamp16(_mm512_div_ps(num, e.half), zero, two);
+  const __m512 q = _mm512_mul_ps(power_shape16(u, e), _mm512_mask_blend_ps(has_up, e.down, e.up));
+  const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_mask_blend_ps(has_up, down, up), e.dw), q);
+  return clamp16(_mm512_add_ps(x, _mm512_sub_ps(_mm512_maskz_mov_ps(has_up, v), _mm512_maskz_mov_ps(has_down, v))), e.lo, e.hi);
+}
+
+// The broadcast step scalars of the first write and the block's uniforms, A and counts.
+struct First16 {
+  __m512 lr, neg_lr, cap, neg_cap;
+  const float *u0, *u_pair, *av;
+  float *count, *up, *down;
+};
+
+static FA_INLINE First16 first16(const StepArgs& a, Scratch& s) {
+  return First16{_mm512_set1_ps(a.lr), _mm512_set1_ps(a.neg_lr), _mm512_set1_ps(a.max_pulses), _mm512_set1_ps(-a.max_pulses),
+                 s.u0,                 s.u_pair,                 s.av,                           s.first.count,
+                 s.first.up,           s.first.down};
+}
+
+// power_first_write8<PAIRS> on lanes j .. j+15 of which `valid` are in the block: the first
+// write of X (W of asgd, P of rl/rl2); with PAIRS N_up and N_down into k.up / k.down, else the
+// count into k.count. Stores and returns the new X.
+template <bool PAIRS>
+static FA_INLINE __m512 power_first_write16(const First16& k, int j, __mmask16 valid, const float* g, float* X, const Power16& e) {
+  const __m512 x = _mm512_maskz_loadu_ps(valid, X + j), gv = _mm512_maskz_loadu_ps(valid, g + j);
+  __m512 x_new;
+  if constexpr (PAIRS) {
+    __m512 up, down;
+    const bool some = pair_counts16(gv, _mm512_maskz_loadu_ps(valid, k.av + j), _mm512_loadu_ps(k.u0 + j),
+                                    _mm512_loadu_ps(k.u_pair + j), k.lr, k.neg_lr, e.dw, e.rcp_hi, k.cap, up, down);
+    x_new = some ? power_pairs_write16(x, up, down, e) : power_one_way_write16(x, up, down, e);
+    _mm512_store_ps(k.up + j, up);
+    _mm512_store_ps(k.down + j, down);
+  } else {
+    const __m512 nv = _mm512_div_ps(_mm512_mul_ps(k.neg_lr, gv), e.dw);
+    const __m512 cnt = stochastic_count16(nv, _mm512_loadu_ps(k.u0 + j), k.neg_cap, k.cap);
+    x_new = power_write16(x, cnt, e);
+    _mm512_store_ps(k.count + j, cnt);
+  }
+  _mm512_mask_storeu_ps(X + j, valid, x_new);
+  return x_new;
+}
+
+// body(j, valid) for the vectors of lanes j .. j+15 of a block of n elements (for_vectors8's
+// twin: whole vectors first, then the tail with its lane mask).
+template <class Body>
+static FA_INLINE void for_vectors16(int n, const Body& body) {
+  int j = 0;
+  for (; j + 16 <= n; j += 16) body(j, static_cast<__mmask16>(0xFFFF));
+  if (j < n) body(j, static_cast<__mmask16>((1u << (n - j)) - 1u));
+}
+
+// asgd_power_fused<PAIRS> on sixteen lanes.
+template <bool PAIRS>
+static __attribute__((noinline)) void asgd_power_fused16(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem) {
+  const float* g = static_cast<const float*>(a.g) + b;
+  float* W = static_cast<float*>(a.W) + b;
+  const Power16 e = power16(ew, a.dev_w);
+  const First16 k = first16(a, s);
+  for_vectors16(n, [&](int j, __mmask16 valid) { power_first_write16<PAIRS>(k, j, valid, g, W, e); });
+}
+
+// rl2_power_fused<READ, EMA, PAIRS> on sixteen lanes.
+template <bool READ, bool EMA, bool PAIRS = false>
+static __attribute__((noinline)) void rl2_power_fused16(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem ep) {
+  const float* g = static_cast<const float*>(a.g) + b;
+  float* W = static_cast<float*>(a.W) + b;
+  float* P = static_cast<float*>(a.P) + b;
+  float* H = static_cast<float*>(a.H) + b;
+  float* Wbar = mixed_out<float>(a, b);
+  const __m512 rn = _mm512_set1_ps(a.read_noise), tlr = _mm512_set1_ps(a.tlr), omt = _mm512_set1_ps(a.one_minus_tlr);
+  const __m512 gm = _mm512_set1_ps(a.gamma_mix), thr_dw = _mm512_set1_ps(a.threshold * ew.dw), zero = _mm512_setzero_ps();
+  const Power16 e_w = power16(ew, a.dev_w), e_p = power16(ep, a.dev_p);
+  const First16 k = first16(a, s);
+  const float *u1 = s.u1, *n_read = s.n_read;
+  float* count_w = s.second.count;
+  for_vectors16(n, [&](int j, __mmask16 valid) {
+    const __m512 p32 = power_first_write16<PAIRS>(k, j, valid, g, P, e_p);
+    __m512 p_hat = p32;
+    if constexpr (READ) p_hat = _mm512_add_ps(p32, _mm512_mul_ps(rn, _mm512_loadu_ps(n_read + j)));
+    const __m512 h0 = _mm512_maskz_loadu_ps(valid, H + j);
+    __m512 h, cw;
+    if constexpr (EMA) {
+      h = _mm512_add_ps(_mm512_mul_ps(omt, h0), _mm512_mul_ps(tlr, p_hat));
+      cw = stochastic_count16(_mm512_div_ps(_mm512_mul_ps(tlr, h), e_w.dw), _mm512_loadu_ps(u1 + j), k.neg_cap, k.cap);
+    } else {
+      h = _mm512_add_ps(h0, _mm512_mul_ps(tlr, p_hat));
+      const __mmask16 over = _mm512_cmp_ps_mask(_mm512_abs_ps(h), thr_dw, _CMP_GE_OQ);
+      cw = zero;  // clamp(0) where no lane reaches the threshold: the division only where one does
+      if (over != 0) {
+        const __m512 t = _mm512_roundscale_ps(_mm512_div_ps(h, e_w.dw), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        cw = clamp16(_mm512_maskz_mov_ps(over, t), k.neg_cap, k.cap);
+      }
+    }
+    const __m512 ws = power_write16(_mm512_maskz_loadu_ps(valid, W + j), cw, e_w);
+    _mm512_mask_storeu_ps(W + j, valid, ws);
+    if constexpr (!EMA) h = _mm512_sub_ps(h, _mm512_mul_ps(cw, e_w.dw));
+    _mm512_mask_storeu_ps(H + j, valid, h);
+    if (Wbar) _mm512_mask_storeu_ps(Wbar + j, valid, _mm512_add_ps(ws, _mm512_mul_ps(gm, p32)));
+    _mm512_store_ps(count_w + j, cw);
+  });
+}
+#endif
+
 // rl2 with power devices for P and W (float32, nominal, no c2c): rl2_elements with
 // power_write8 in place of linear_write.
 // With PAIRS (an excess: A as float32 at s.av, pair uniforms drawn) P's write sends N_up and
@@ -2924,6 +3121,44 @@ static FusedFn pick_rl_power_fused(bool transfer, bool read) {
   if (!transfer) return &rl_power_fused<false, false, PAIRS>;
   return read ? &rl_power_fused<true, true, PAIRS> : &rl_power_fused<true, false, PAIRS>;
 }
+
+#if FA_ISA_AVX512
+// rl_power_fused<TRANSFER, READ, PAIRS> on sixteen lanes.
+template <bool TRANSFER, bool READ, bool PAIRS>
+static __attribute__((noinline)) void rl_power_fused16(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem ep) {
+  const float* g = static_cast<const float*>(a.g) + b;
+  float* W = static_cast<float*>(a.W) + b;
+  float* P = static_cast<float*>(a.P) + b;
+  float* Wbar = mixed_out<float>(a, b);
+  const __m512 rn = _mm512_set1_ps(a.read_noise), tlr = _mm512_set1_ps(a.tlr), gm = _mm512_set1_ps(a.gamma_mix);
+  const Power16 e_w = power16(ew, a.dev_w), e_p = power16(ep, a.dev_p);
+  const First16 k = first16(a, s);
+  const float *u1 = s.u1, *n_read = s.n_read;
+  float* count_w = s.second.count;
+  for_vectors16(n, [&](int j, __mmask16 valid) {
+    const __m512 p32 = power_first_write16<PAIRS>(k, j, valid, g, P, e_p);
+    __m512 ws;
+    if constexpr (TRANSFER) {
+      __m512 p_hat = p32;
+      if constexpr (READ) p_hat = _mm512_add_ps(p32, _mm512_mul_ps(rn, _mm512_loadu_ps(n_read + j)));
+      const __m512 cw = stochastic_count16(_mm512_div_ps(_mm512_mul_ps(tlr, p_hat), e_w.dw), _mm512_loadu_ps(u1 + j), k.neg_cap, k.cap);
+      ws = power_write16(_mm512_maskz_loadu_ps(valid, W + j), cw, e_w);
+      _mm512_mask_storeu_ps(W + j, valid, ws);
+      _mm512_store_ps(count_w + j, cw);
+    } else {
+      if (!Wbar) return;
+      ws = _mm512_maskz_loadu_ps(valid, W + j);
+    }
+    if (Wbar) _mm512_mask_storeu_ps(Wbar + j, valid, _mm512_add_ps(ws, _mm512_mul_ps(gm, p32)));
+  });
+}
+
+template <bool PAIRS>
+static FusedFn pick_rl_power_fused16(bool transfer, bool read) {
+  if (!transfer) return &rl_power_fused16<false, false, PAIRS>;
+  return read ? &rl_power_fused16<true, true, PAIRS> : &rl_power_fused16<true, false, PAIRS>;
+}
+#endif
 #endif
 
 // Whether `dev`'s writes can take a fused path.
@@ -3074,7 +3309,11 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end, void* scra
   if constexpr (std::is_same_v<S, StoreF32> && std::is_same_v<G, StoreF32>) {
     if (!plan.pairs && power_fusable(dw)) {
       fused = true;
+#if FA_ISA_AVX512
+      fused_fn = &asgd_power_fused16<false>;
+#else
       fused_fn = &asgd_power_fused<false>;
+#endif
     }
     fused_pairs = plan.pairs && power_fusable(dw);
   }
@@ -3093,7 +3332,11 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end, void* scra
     if (plan.pairs) s.av = excess_f32(a, b, n, s.a32);
 #if FA_ISA_AVX2
     if (fused_pairs) {
+#if FA_ISA_AVX512
+      asgd_power_fused16<true>(a, b, n, s, ew, ew);
+#else
       asgd_power_fused<true>(a, b, n, s, ew, ew);
+#endif
       write_pulses_pairs(a.pulses_first, a.pairs_first, a.total_first != nullptr, acc_first, b, n, s.first.up, s.first.down);
       continue;
     }
@@ -3135,10 +3378,18 @@ static void rl_range(const StepArgs& a, int64_t begin, int64_t end, void* scratc
   if constexpr (std::is_same_v<S, StoreF32> && std::is_same_v<G, StoreF32>) {
     if (power_fusable(dp) && (!a.transfer || power_fusable(dw))) {
       if (plan.pairs) {
+#if FA_ISA_AVX512
+        fused_pairs = pick_rl_power_fused16<true>(a.transfer, plan.read);
+#else
         fused_pairs = pick_rl_power_fused<true>(a.transfer, plan.read);
+#endif
       } else {
         fused = true;
+#if FA_ISA_AVX512
+        fused_fn = pick_rl_power_fused16<false>(a.transfer, plan.read);
+#else
         fused_fn = pick_rl_power_fused<false>(a.transfer, plan.read);
+#endif
       }
     }
   }
@@ -3203,16 +3454,30 @@ static void rl2_range(const StepArgs& a, int64_t begin, int64_t end, void* scrat
   if constexpr (std::is_same_v<S, StoreF32> && std::is_same_v<G, StoreF32>) {
     if (!plan.pairs && power_fusable(dp) && power_fusable(dw)) {
       fused = true;
+#if FA_ISA_AVX512
+      if (a.ema)
+        fused_fn = plan.read ? &rl2_power_fused16<true, true> : &rl2_power_fused16<false, true>;
+      else
+        fused_fn = plan.read ? &rl2_power_fused16<true, false> : &rl2_power_fused16<false, false>;
+#else
       if (a.ema)
         fused_fn = plan.read ? &rl2_power_fused<true, true> : &rl2_power_fused<false, true>;
       else
         fused_fn = plan.read ? &rl2_power_fused<true, false> : &rl2_power_fused<false, false>;
+#endif
     }
     if (plan.pairs && power_fusable(dp) && power_fusable(dw)) {
+#if FA_ISA_AVX512
+      if (a.ema)
+        fused_pairs = plan.read ? &rl2_power_fused16<true, true, true> : &rl2_power_fused16<false, true, true>;
+      else
+        fused_pairs = plan.read ? &rl2_power_fused16<true, false, true> : &rl2_power_fused16<false, false, true>;
+#else
       if (a.ema)
         fused_pairs = plan.read ? &rl2_power_fused<true, true, true> : &rl2_power_fused<false, true, true>;
       else
         fused_pairs = plan.read ? &rl2_power_fused<true, false, true> : &rl2_power_fused<false, false, true>;
+#endif
     }
   }
 #endif
