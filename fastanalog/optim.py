@@ -10,7 +10,6 @@ from torch.optim.optimizer import Optimizer, required
 from .config import AnalogConfig
 from .ops import cpp, philox
 from .ops.dispatch import StepItem, analog_step_group
-from .ops.reference import StepPulses
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -43,8 +42,9 @@ def _excess_input(layer, grad: torch.Tensor, signal: torch.Tensor) -> torch.Tens
     return (A - grad.abs()).clamp_(min=0).add_(signal.abs())
 
 
-def _all_finite(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Whether every gradient is finite: a 0-dim bool tensor (on the first gradient's device)."""
+def _all_finite(grads: list[torch.Tensor]) -> torch.Tensor | bool:
+    """Whether every gradient is finite: a 0-dim bool tensor (on the first gradient's device), or
+    a bool when the C++ kernels checked CPU gradients eagerly."""
     if not grads:
         return torch.ones((), dtype=torch.bool)
     where = grads[0].device
@@ -53,13 +53,17 @@ def _all_finite(grads: list[torch.Tensor]) -> torch.Tensor:
             # One threaded pass of the C++ kernels over every gradient (exponent bits only).
             finite = cpp.all_finite_cpp(grads)
             if finite is not None:
-                return torch.tensor(finite)
+                return finite
         # One fused pass: finite 2-norms prove every element finite. A non-finite norm may
         # also be an overflow of huge finite values, so only then check element by element.
         norms = torch.stack([n.float() for n in torch._foreach_norm(grads, 2)])
         if bool(norms.isfinite().all()):
             return torch.ones((), dtype=torch.bool)
     return torch.stack([torch.isfinite(g).all().to(where) for g in grads]).all()
+
+
+# What _count_step adds to the counters: a step taken, a step skipped (one op each).
+_ONE_STEP = (torch.tensor([1, 0]), torch.tensor([0, 1]))
 
 
 def _count_step(counters: torch.Tensor, finite: bool, grads: list[torch.Tensor], skip: bool) -> bool:
@@ -69,10 +73,10 @@ def _count_step(counters: torch.Tensor, finite: bool, grads: list[torch.Tensor],
     FloatingPointError is raised and nothing is counted.
     """
     if finite:
-        counters[0] += 1
+        counters.add_(_ONE_STEP[0])
         return True
     if skip:
-        counters[1] += 1
+        counters.add_(_ONE_STEP[1])
         return False
     bad = [tuple(g.shape) for g in grads if not torch.isfinite(g).all()]
     raise FloatingPointError(
@@ -81,37 +85,12 @@ def _count_step(counters: torch.Tensor, finite: bool, grads: list[torch.Tensor],
     )
 
 
-def _count_pulses(last: torch.Tensor, total: torch.Tensor, pulses: StepPulses, has_residual: bool) -> None:
-    """A layer's pulse counters (index 0: W, 1: P): ``last`` gets this step's, ``total`` adds them."""
-    main = pulses.main_total()
-    if has_residual:
-        last[1] = pulses.first_total()
-        last[0] = main if main is not None else 0
-    else:
-        last[0] = pulses.first_total()
-        last[1] = 0
-    total += last
-
-
-def _count_pulses_group(layers: list, pulses: list[StepPulses]) -> None:
-    """``_count_pulses`` for many layers: one stack and two foreach ops when the counters share a device."""
-    lasts = [layer.analog_last_pulses for layer in layers]
-    if not lasts:
-        return
-    where = lasts[0].device
-    zero = torch.zeros((), dtype=torch.int64, device=where)
-    new = []
-    for layer, p in zip(layers, pulses):
-        first, main = p.first_total(), p.main_total()
-        w, r = (main, first) if layer.analog_config.has_residual else (first, None)
-        for t in (w, r):
-            new.append(t if t is not None else zero)
-    if any(t.device != where for t in new) or any(t.device != where for t in lasts):
-        for layer, p in zip(layers, pulses):
-            _count_pulses(layer.analog_last_pulses, layer.analog_pulses, p, layer.analog_config.has_residual)
-        return
-    torch._foreach_copy_(lasts, list(torch.stack(new).view(-1, 2).unbind(0)))
-    torch._foreach_add_([layer.analog_pulses for layer in layers], lasts)
+def _stepped_with_counters(items: list[StepItem], lasts: list[torch.Tensor], totals: list[torch.Tensor], *, lr: float, step: int) -> None:
+    """Step ``items`` whose kernels add their pulses into ``lasts`` (the layers' ``analog_last_pulses``,
+    zeroed first: index 0 W, 1 P), then add this step's pulses to ``totals`` (``analog_pulses``)."""
+    torch._foreach_zero_(lasts)
+    analog_step_group(items, lr=lr, step=step, totals=True)
+    torch._foreach_add_(totals, lasts)
 
 
 # ----- the compiled step's ops ---------------------------------------------------------------
@@ -185,11 +164,11 @@ def _update_op(
             philox.step_key(seed & philox.MASK64, step, tid),
             tid,
             sums[i] if sums[i].numel() else None,
+            last_pulses[i],
         )
         for i, tid in enumerate(tensor_ids)
     ]
-    for i, out in enumerate(analog_step_group(items, lr=lr, step=step, totals=True)):
-        _count_pulses(last_pulses[i], pulses[i], out, cfg.has_residual)
+    _stepped_with_counters(items, list(last_pulses), list(pulses), lr=lr, step=step)
 
 
 @_update_op.register_fake
@@ -404,7 +383,8 @@ class AnalogSGD(Optimizer):
         """The analog tensors ``(param, layer, tensor id, signal)`` of one param group, eagerly."""
         k = self.step_count
         items = [
-            StepItem(layer.analog_state(), layer.analog_mixed, d_p, layer.analog_config, philox.step_key(self.seed, k, tid), tid, A)
+            StepItem(layer.analog_state(), layer.analog_mixed, d_p, layer.analog_config, philox.step_key(self.seed, k, tid), tid, A,
+                     layer.analog_last_pulses)  # fmt: skip
             for p, layer, tid, d_p, A in analog
         ]
         layers = [entry[1] for entry in analog]
@@ -413,7 +393,8 @@ class AnalogSGD(Optimizer):
                 # W was written since the layer's last forward, not by us: say so before the update clips it.
                 layer._fa_version = layer.weight._version
                 layer.check_range("(W was changed outside AnalogSGD: by hand or by another optimizer)")
-        _count_pulses_group(layers, analog_step_group(items, lr=lr, step=k, totals=True))
+        _stepped_with_counters(items, [layer.analog_last_pulses for layer in layers], [layer.analog_pulses for layer in layers],
+                               lr=lr, step=k)  # fmt: skip
         for layer in layers:
             # Our own writes (a backend may write through copy_) are not edits by someone else.
             if hasattr(layer, "_fa_version"):

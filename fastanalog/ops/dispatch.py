@@ -82,6 +82,9 @@ class StepItem:
     is written. ``key`` is the tensor's step key ``philox.step_key(seed, step, tensor_id)``.
     ``A`` is the per-element sum of the samples' absolute gradients of a per-sample write
     (SPEC section 2a), of ``grad``'s shape, or None: the write has no excess (batch mode).
+    ``counters``: None, or a zeroed int64 tensor of two elements (a layer's
+    ``analog_last_pulses``) into which the step adds its pulses, W's at 0 and P's at 1, in
+    the kernels: the item's StepPulses then hold these totals as one-element views of it.
     """
 
     arrays: dict[str, torch.Tensor | None]
@@ -91,6 +94,7 @@ class StepItem:
     key: int
     tensor_id: int
     A: torch.Tensor | None = None
+    counters: torch.Tensor | None = None
 
 
 # The arrays each algorithm updates (its declaration's, then the mixed weight with a residual),
@@ -137,7 +141,7 @@ def analog_step_group(items: Sequence[StepItem], *, lr: float, step: int, totals
             config_id = config_ids[id(item.config)] = distinct.setdefault(item.config, len(distinct))
         arrays = (_array(item, n) for n in _ARRAYS[algorithm])
         dtypes = tuple(a.dtype if a is not None else None for a in arrays) + (item.grad.dtype,)
-        dtypes += (item.A.dtype if item.A is not None else None,)
+        dtypes += (item.A.dtype if item.A is not None else None, item.counters is not None)
         launches.setdefault((config_id, main.device, dtypes), []).append(i)
     out: list[StepPulses | None] = [None] * len(items)
     for indices in launches.values():
@@ -219,6 +223,7 @@ def _launch(items: list[StepItem], *, lr: float, step: int, totals: bool) -> lis
         if item.A is not None and item.A.shape != item.grad.shape:
             raise ValueError(f"A (per-sample |g| sums) must have the gradient's shape {tuple(item.grad.shape)}, got {tuple(item.A.shape)}")
     sums = [item.A.reshape(-1).contiguous() for item in items] if items[0].A is not None else None
+    counters = [_counter_views(item.counters) for item in items] if items[0].counters is not None else None
     out = library.step(
         config.algorithm,
         flat,
@@ -230,6 +235,7 @@ def _launch(items: list[StepItem], *, lr: float, step: int, totals: bool) -> lis
         flag=reference.ALGORITHMS[config.algorithm].step_flag(config, step),
         As=sums,
         totals=totals,
+        counters=counters,
     )
     for n, arrays in flat.items():
         for item, array in zip(items, arrays or ()):
@@ -257,6 +263,16 @@ def analog_step(
     """
     item = StepItem(arrays, weight, grad, config, key, tensor_id, A)
     return analog_step_group([item], lr=lr, step=step)[0]
+
+
+def _counter_views(counters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W's, P's) one-element views of a two-element int64 pulse counter, made once per tensor."""
+    views = getattr(counters, "_fa_views", None)
+    if views is None or views[0].data_ptr() != counters.data_ptr():
+        if counters.dtype != torch.int64 or counters.shape != (2,) or not counters.is_contiguous():
+            raise ValueError(f"counters must be a contiguous int64 tensor of two elements, got {counters.dtype} of shape {tuple(counters.shape)}")
+        views = counters._fa_views = (counters[0:1], counters[1:2])
+    return views
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

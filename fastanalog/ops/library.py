@@ -373,6 +373,11 @@ def op(algorithm: str):
     return getattr(torch.ops.fastanalog, f"{algorithm}_step")
 
 
+def _eager_native(t: torch.Tensor, algorithm: str) -> bool:
+    """Whether an eager step on ``t`` (a plain tensor, not traced) goes to the compiled kernels."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and backend_for(t, algorithm) in ("cpp", "cuda")
+
+
 def public_args(algorithm: str, a: dict) -> tuple:
     """The arguments of ``algorithm``'s op from the ``_native_step`` form ``a`` (inverse of ``_lists``)."""
     return tuple(a[native] for _, native, _ in op_lists(algorithm)) + tuple(a[n] for n in _COMMON_NAMES)
@@ -392,6 +397,7 @@ def step(
     As: Sequence[torch.Tensor] | None = None,
     totals: bool = False,
     native: bool = False,
+    counters: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> list[StepPulses]:
     """One call of ``algorithm``'s op on flat, contiguous tensors of ``config``; one ``StepPulses`` per tensor.
 
@@ -399,7 +405,9 @@ def step(
     mixed weight), lists of one entry per tensor. ``flag``: rl's transfer flag of this step
     (ignored otherwise). ``totals``: report each written array's ``sum(N_up + N_down)`` as a
     0-d int64 tensor instead of per-element counts. ``native``: call the compiled kernels
-    (``_native_step``) whatever ``FASTANALOG_BACKEND`` says, instead of the op.
+    (``_native_step``) whatever ``FASTANALOG_BACKEND`` says, instead of the op. ``counters``:
+    per tensor the one-element int64 tensors (W's, P's) to which its pulse totals are added
+    (implies ``totals``; the StepPulses then hold these tensors).
     """
     spec = reference.algorithm(algorithm)
     W = list(arrays["main"])
@@ -409,7 +417,11 @@ def step(
     residual = spec.residual
     main_written = residual and spec.writes_w(bool(flag))
     where = W[0].device if W else torch.device("cpu")
-    if totals:
+    if counters is not None:
+        totals = True
+        first = [c[1] if residual else c[0] for c in counters]
+        main = [c[0] for c in counters]
+    elif totals:
         counts = torch.zeros(2, m, dtype=torch.int64, device=where)
         first, main = list(counts[0].split(1)), list(counts[1].split(1))
     else:
@@ -436,11 +448,11 @@ def step(
         tables=list(packed.tables),
         seeds=list(packed.seeds),
     )
-    if native:
-        _native(algorithm, a)
+    if native or (W and _eager_native(W[0], algorithm)):
+        _native(algorithm, a)  # what the op's kernel would do, without the round trip through the dispatcher
     else:
         op(algorithm)(*public_args(algorithm, a))
-    reported = (lambda c: c.view(())) if totals else (lambda c: c)
+    reported = (lambda c: c.view(())) if totals and counters is None else (lambda c: c)
     return [
         StepPulses(
             first=reported(first[i]),
