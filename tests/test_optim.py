@@ -114,6 +114,59 @@ def test_step_updates_the_arrays_behind_weight_and_counts_pulses(algorithm, mixe
     assert int(layer.analog_pulses.sum()) >= int(layer.analog_last_pulses.sum())
 
 
+@pytest.mark.parametrize("algorithm", ["asgd", "rl", "rl2"])
+@pytest.mark.parametrize("update", ["per-sample", "batch"])
+def test_pulse_counters_are_each_steps_totals_by_array(algorithm, update, monkeypatch):
+    """The kernels add each layer's pulses into its counters: [W, P] of the last step, and their
+    running sum; the same numbers whether the compiled kernels or the reference serve the step."""
+    from fastanalog.ops.reference import pulse_total
+
+    def run(backend):
+        monkeypatch.setenv("FASTANALOG_BACKEND", backend)
+        m = _model(algorithm, transfer_every=2, update=update)
+        opt = fa.AnalogSGD(m.parameters(), lr=0.5, seed=3)
+        lasts = []
+        for k in range(3):
+            _train(m, opt, 1, start=k)
+            lasts.append([layer.analog_last_pulses.clone() for _, layer in fa.analog_layers(m)])
+        return m, lasts
+
+    for backend in ("cpp", "reference"):
+        if backend == "cpp" and not fa.ops.dispatch.backend_available("cpp"):
+            continue
+        m, lasts = run(backend)
+        layers = [layer for _, layer in fa.analog_layers(m)]
+        for i, layer in enumerate(layers):
+            per_step = torch.stack([step[i] for step in lasts])
+            assert torch.equal(layer.analog_pulses, per_step.sum(0))
+            assert int(per_step.sum()) > 0
+            if algorithm == "asgd":
+                assert int(per_step[:, 1].abs().sum()) == 0  # no P
+            elif algorithm == "rl":
+                assert int(per_step[0, 0]) == 0 and int(per_step[2, 0]) == 0  # W written on step 2 only
+        if backend == "cpp":
+            compiled = lasts
+        else:
+            reference = lasts
+    if fa.ops.dispatch.backend_available("cpp"):
+        for a, b in zip(compiled, reference):
+            for x, y in zip(a, b):
+                assert torch.equal(x, y), (x, y)
+    # One step by hand: the counters hold the StepPulses totals, W's at 0 and P's at 1.
+    monkeypatch.delenv("FASTANALOG_BACKEND")
+    m = _model(algorithm)
+    layer = m[0]
+    state = {k: (v.clone() if v is not None else None) for k, v in layer.analog_state().items()}
+    g = torch.randn_like(layer.weight) * 0.01
+    counters = torch.zeros(2, dtype=torch.int64)
+    item = fa.ops.dispatch.StepItem(layer.analog_state(), None, g, layer.analog_config, 77, 0, None, counters)
+    fa.ops.dispatch.analog_step_group([item], lr=0.5, step=1, totals=True)
+    ref = fa.ops.dispatch.analog_step(state, None, g, lr=0.5, config=layer.analog_config, key=77, tensor_id=0, step=1)
+    first, main = int(pulse_total(ref.first, ref.first_pairs)), int(ref.main_total()) if ref.main is not None else 0
+    assert counters.tolist() == ([main, first] if algorithm != "asgd" else [first, 0])
+    assert first > 0
+
+
 def test_lr_is_read_from_the_param_group_so_schedulers_work():
     m = _model("asgd")
     opt = fa.AnalogSGD(m.parameters(), lr=0.5, seed=3)

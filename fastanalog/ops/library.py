@@ -374,8 +374,14 @@ def op(algorithm: str):
 
 
 def _eager_native(t: torch.Tensor, algorithm: str) -> bool:
-    """Whether an eager step on ``t`` (a plain tensor, not traced) goes to the compiled kernels."""
-    return type(t) is torch.Tensor and not torch.compiler.is_compiling() and backend_for(t, algorithm) in ("cpp", "cuda")
+    """Whether an eager step on ``t`` goes straight to the compiled kernels: a plain tensor, not traced,
+    no dispatch mode watching (which is to see the op), and the compiled kernels serve it."""
+    return (
+        type(t) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and backend_for(t, algorithm) in ("cpp", "cuda")
+    )
 
 
 def public_args(algorithm: str, a: dict) -> tuple:
