@@ -457,6 +457,61 @@ def test_narrower_paths_match_reference(variant):
     assert out.returncode == 0 and "variant ok" in out.stdout, out.stderr[-3000:]
 
 
+_ONE_PASS_SCRIPT = """
+import sys, torch, fastanalog as fa
+from fastanalog.ops import cpp
+assert cpp.cpu_variant() == sys.argv[1], cpp.cpu_variant()
+out = {}
+for gamma in (0.5, 0.7):  # the square root and Sleef's power
+    dev = fa.PowerResponse(tau=0.6, gamma=gamma, dw_min=0.001)
+    for alg, ema in (("asgd", False), ("rl", False), ("rl2", False), ("rl2", True)):
+        for excess in (False, True):
+            for n in (1, 15, 17, 255, 1000, 4099):
+                cfg = fa.AnalogConfig(algorithm=alg, device=dev, buffer="ema" if ema else "accumulate", read_noise=0.01,
+                                      transfer_lr=0.5 if ema else 0.1)
+                gen = torch.Generator().manual_seed(n)
+                W = (torch.rand(n, generator=gen) - 0.5) * 1.3  # some outside the range
+                W[::7] = -0.0
+                W[::11] = 0.0
+                P = (torch.rand(n, generator=gen) - 0.5) * 0.2
+                H = (torch.rand(n, generator=gen) - 0.5) * 0.01
+                g = torch.randn(n, generator=gen) * 0.05
+                g[::5] = 0.0
+                g[::13] = -0.0
+                A = g.abs() + torch.rand(n, generator=gen) * 0.2 if excess else None
+                Wbar = torch.zeros(n)
+                kw = dict(lr=0.05, config=cfg, key=9, tensor_id=1, A=A)
+                if alg == "asgd":
+                    p = cpp.asgd_step_cpp(W, g, **kw)
+                elif alg == "rl":
+                    p = cpp.rl_step_cpp(W, P, Wbar, g, transfer=True, **kw)
+                else:
+                    p = cpp.rl2_step_cpp(W, P, H, Wbar, g, **kw)
+                counts = [c for c in (p.first, p.main, p.first_pairs) if c is not None]
+                out[f"{gamma}-{alg}-{ema}-{excess}-{n}"] = [t.view(torch.int32) for t in (W, P, H, Wbar)] + counts
+torch.save(out, sys.argv[2])
+"""
+
+
+def test_avx512_one_pass_power_kernels_are_the_avx2_ones_bit_for_bit(tmp_path):
+    """The AVX-512 build runs the one-pass power kernels on sixteen lanes, the AVX2 build on eight:
+    the same arrays and counts bit for bit (signed zeros, values outside the range, pairs, tails)."""
+    if not (_cpu_has("avx512f") and _cpu_has("avx512dq") and _cpu_has("avx512bw") and _cpu_has("avx512vl")):
+        pytest.skip("this CPU has no AVX-512: both runs would take the AVX2 build")
+    results = {}
+    for variant, env in (("avx512", dict(os.environ)), ("avx2", dict(os.environ, FASTANALOG_CPU_ISA="avx2"))):
+        env.pop("FASTANALOG_BACKEND", None)
+        path = tmp_path / f"{variant}.pt"
+        done = subprocess.run([sys.executable, "-c", _ONE_PASS_SCRIPT, variant, str(path)], env=env, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[variant] = torch.load(path)
+    assert results["avx512"].keys() == results["avx2"].keys() and len(results["avx2"]) == 96
+    for case, wide in results["avx512"].items():
+        for i, (x, y) in enumerate(zip(wide, results["avx2"][case])):
+            assert torch.equal(x, y), f"{case}: output {i} differs"
+
+
 # ----- op contract -------------------------------------------------------------------------------------
 def _op_args(alg: str, config, n: int, excess: bool, totals: bool = False, seed: int = 0):
     """Arguments of ``alg``'s op (``fastanalog.ops.library``) for one tensor of ``n`` elements of ``config``."""
