@@ -100,7 +100,7 @@ class StepItem:
 # The arrays each algorithm updates (its declaration's, then the mixed weight with a residual),
 # by the roles of a StepItem: the keys of ``analog_state()`` and "weight".
 _ARRAYS = {
-    name: tuple(library.STATE_NAMES[n] for n in spec.arrays + (("Wbar",) if spec.residual else ()))
+    name: tuple(library.STATE_NAMES[n] for n in spec.op_arrays)
     for name, spec in reference.ALGORITHMS.items()
 }
 

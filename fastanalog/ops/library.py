@@ -81,9 +81,8 @@ _COMMON = "int[] keys, int[] offsets, int[] tensor_ids, float[] step, float[] de
 def op_lists(algorithm: str) -> tuple[tuple[str, str, bool], ...]:
     """The list arguments of ``algorithm``'s op: (name, ``_native_step`` name, written) each, in order."""
     spec = reference.algorithm(algorithm)
-    arrays = spec.arrays + (("Wbar",) if spec.residual else ())
     outputs = _RESIDUAL_OUTPUTS if spec.residual else _FIRST_OUTPUTS
-    return tuple((n, n, True) for n in arrays) + (("g", "g", False), ("A", "A", False)) + outputs
+    return tuple((n, n, True) for n in spec.op_arrays) + (("g", "g", False), ("A", "A", False)) + outputs
 
 
 def _schema(lists: Sequence[tuple[str, str, bool]]) -> str:
@@ -302,7 +301,7 @@ def _python(algorithm: str, a: dict, backend: str) -> None:
     config = packing.unpack_op_config(algorithm, tuple(a["step"]), tuple(a["devices"]), tuple(a["tables"]), tuple(a["seeds"]))
     flag = bool(a["step"][packing.STEP_FIELDS.index("flag")])
     lr = float(a["step"][packing.STEP_FIELDS.index("lr")])
-    names = spec.arrays + (("Wbar",) if spec.residual and a["Wbar"] else ())
+    names = spec.op_arrays if a["Wbar"] else spec.arrays
     has_a = bool(a["A"])
     if backend == "triton":
         from . import triton as tk
@@ -437,8 +436,7 @@ def step(
     packed = packing.pack_op_config(config)
     if not residual:
         packed = packed.main_only()
-    kept = spec.arrays + (("Wbar",) if residual else ())
-    a = {n: list(arrays.get(STATE_NAMES[n]) or []) if n in kept else [] for n in ("W", "P", "H", "Wbar")}
+    a = {n: list(arrays.get(STATE_NAMES[n]) or []) if n in spec.op_arrays else [] for n in ("W", "P", "H", "Wbar")}
     a.update(
         W=W,
         g=list(g),

@@ -387,6 +387,11 @@ class Algorithm:
         return "P" in self.arrays
 
     @property
+    def op_arrays(self) -> tuple[str, ...]:
+        """The arrays its op takes, in order: ``arrays``, then the mixed weight ``Wbar`` with a residual."""
+        return self.arrays + (("Wbar",) if self.residual else ())
+
+    @property
     def buffered(self) -> bool:
         """Whether it keeps a digital buffer H."""
         return "H" in self.arrays

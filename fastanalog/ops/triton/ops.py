@@ -105,7 +105,7 @@ def _given(spec: Algorithm, arrays: dict) -> dict:
     missing = [n for n in spec.arrays if arrays.get(n) is None]
     if missing:
         raise ValueError(f"{spec.name} needs the arrays {', '.join(spec.arrays)}: {', '.join(missing)} missing")
-    names = spec.arrays + (("Wbar",) if spec.residual and arrays.get("Wbar") is not None else ())
+    names = spec.op_arrays if arrays.get("Wbar") is not None else spec.arrays
     return {n: arrays[n] for n in names}
 
 
