@@ -2653,512 +2653,380 @@ static __attribute__((noinline)) void asgd_fused(const StepArgs& a, int64_t b, i
 using FusedFn = void (*)(const StepArgs&, int64_t, int, Scratch&, Elem, Elem);
 
 #if FA_ISA_AVX2
-// asgd on a float32 array of a nominal power device (no d2d, no c2c), in one pass of eight
-// lanes at a time: the pulse count, the response argument, and the write, with the power
-// evaluated (Sleef, as response_shape does) only for the vectors where a lane pulses.
-// Elsewhere the count is +0, so the write x + (0 * dw) * q = x + 0 takes the same value
-// for any finite q, and q = 0 stands in. Each operation is the scalar segments' own, in
-// their order: std::max(v, lo) is vmaxps(lo, v) and std::min(v, hi) is vminps(hi, v),
-// NaNs included.
-static FA_INLINE __m256 clamp8(__m256 v, __m256 lo, __m256 hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo, v)); }
-
-// The constants of a power write, broadcast.
-struct Power8 {
-  __m256 dw, tmax, tmin, half, shift, up, down, lo, hi, gamma;
-  __m256 rcp_hi;  // pair_bound's factor: 1 / dw rounded, raised by 2^-20
-  bool root;      // the power is the square root (Device::root)
+// ----- the one-pass power kernels ----------------------------------------------------------------
+// asgd, rl and rl2 on float32 arrays of nominal power devices (no d2d, no c2c), in one pass
+// over a block, a vector at a time: the pulse count, the response argument, and the write,
+// with the power evaluated (Sleef, as response_shape does) only for the vectors where a lane
+// pulses. Elsewhere the count is +0, so the write x + (0 * dw) * q = x + 0 takes the same
+// value for any finite q, and q = 0 stands in. Each operation is the scalar segments' own, in
+// their order: std::max(v, lo) is vmaxps(lo, v) and std::min(v, hi) is vminps(hi, v), NaNs
+// included.
+//
+// The kernels are written once over a vector type V: V8 (AVX2, eight lanes; masks are
+// vectors, a block's tail is read with maskload) or, in the AVX-512 build, V16 (sixteen
+// lanes; masks are __mmask16), where the loops are bound by issue width and half the
+// instructions do the same work. Each operation of V is one instruction of its width, chosen
+// so that both give the same bits: a lane that maskz clears is +0 (vandps with the mask on
+// eight lanes, maskz_mov on sixteen), select takes its second operand where the mask is set,
+// min and max return their second operand where either is NaN, floor and trunc are the
+// roundings of that mode, pow is Sleef's powf (its 8- and 16-lane versions are one
+// algorithm). test_avx512_one_pass_power_kernels_are_the_avx2_ones_bit_for_bit compares the two.
+struct V8 {
+  using F = __m256;
+  using M = __m256;  // a lane mask: all ones where set
+  // The lanes of a vector that lie in the block: all (whole), or those of `valid`.
+  struct Tail {
+    bool whole;
+    __m256i valid;
+  };
+  static FA_INLINE F set1(float v) { return _mm256_set1_ps(v); }
+  static FA_INLINE F zero() { return _mm256_setzero_ps(); }
+  static FA_INLINE F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static FA_INLINE F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static FA_INLINE F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static FA_INLINE F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static FA_INLINE F min(F a, F b) { return _mm256_min_ps(a, b); }
+  static FA_INLINE F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static FA_INLINE F floor(F a) { return _mm256_floor_ps(a); }
+  static FA_INLINE F trunc(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC); }
+  static FA_INLINE F sqrt(F a) { return _mm256_sqrt_ps(a); }
+  static FA_INLINE F pow(F a, F b) { return Sleef_powf8_u10(a, b); }
+  static FA_INLINE F abs(F a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static FA_INLINE F neg(F a) { return _mm256_xor_ps(a, _mm256_set1_ps(-0.0f)); }
+  static FA_INLINE M lt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+  static FA_INLINE M gt(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static FA_INLINE M ge(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
+  static FA_INLINE M ne(F a, F b) { return _mm256_cmp_ps(a, b, _CMP_NEQ_OQ); }
+  static FA_INLINE M either(M a, M b) { return _mm256_or_ps(a, b); }
+  static FA_INLINE bool any(M m) { return _mm256_movemask_ps(m) != 0; }
+  static FA_INLINE bool all(M m) { return _mm256_movemask_ps(m) == 0xFF; }
+  static FA_INLINE F select(M m, F a, F b) { return _mm256_blendv_ps(a, b, m); }  // b where m, else a
+  static FA_INLINE F maskz(M m, F a) { return _mm256_and_ps(m, a); }              // a where m, else +0
+  static FA_INLINE F load(const float* p, Tail t) { return t.whole ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, t.valid); }
+  static FA_INLINE void store(float* p, Tail t, F v) {
+    if (t.whole)
+      _mm256_storeu_ps(p, v);
+    else
+      _mm256_maskstore_ps(p, t.valid, v);
+  }
+  // A whole vector of the block's scratch (u0 + j: any alignment; it has room past the block).
+  static FA_INLINE F scratch(const float* p) { return _mm256_loadu_ps(p); }
+  static FA_INLINE void scratch_store(float* p, F v) { _mm256_store_ps(p, v); }  // a count: aligned
+  // body(j, tail) for the vectors of lanes j .. j+7 of a block of n elements: the whole
+  // vectors in a loop of their own (whole a constant true there, so the loads and stores take
+  // no mask and the loop computes none), then the tail, if any, with its lane mask.
+  template <class Body>
+  static FA_INLINE void for_vectors(int n, const Body& body) {
+    int j = 0;
+    for (; j + 8 <= n; j += 8) body(j, Tail{true, _mm256_set1_epi32(-1)});
+    if (j < n) body(j, Tail{false, _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))});
+  }
 };
 
-static FA_INLINE Power8 power8(const Elem& e, const Device& dev) {
+#if FA_ISA_AVX512
+struct V16 {
+  using F = __m512;
+  using M = __mmask16;
+  using Tail = __mmask16;  // the lanes in the block
+  static FA_INLINE F set1(float v) { return _mm512_set1_ps(v); }
+  static FA_INLINE F zero() { return _mm512_setzero_ps(); }
+  static FA_INLINE F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static FA_INLINE F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static FA_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static FA_INLINE F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static FA_INLINE F min(F a, F b) { return _mm512_min_ps(a, b); }
+  static FA_INLINE F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static FA_INLINE F floor(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+  static FA_INLINE F trunc(F a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC); }
+  static FA_INLINE F sqrt(F a) { return _mm512_sqrt_ps(a); }
+  static FA_INLINE F pow(F a, F b) { return Sleef_powf16_u10(a, b); }
+  static FA_INLINE F abs(F a) { return _mm512_abs_ps(a); }
+  static FA_INLINE F neg(F a) { return _mm512_xor_ps(a, _mm512_set1_ps(-0.0f)); }
+  static FA_INLINE M lt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+  static FA_INLINE M gt(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static FA_INLINE M ge(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+  static FA_INLINE M ne(F a, F b) { return _mm512_cmp_ps_mask(a, b, _CMP_NEQ_OQ); }
+  static FA_INLINE M either(M a, M b) { return static_cast<M>(a | b); }
+  static FA_INLINE bool any(M m) { return m != 0; }
+  static FA_INLINE bool all(M m) { return m == 0xFFFF; }
+  static FA_INLINE F select(M m, F a, F b) { return _mm512_mask_blend_ps(m, a, b); }
+  static FA_INLINE F maskz(M m, F a) { return _mm512_maskz_mov_ps(m, a); }
+  static FA_INLINE F load(const float* p, Tail t) { return _mm512_maskz_loadu_ps(t, p); }
+  static FA_INLINE void store(float* p, Tail t, F v) { _mm512_mask_storeu_ps(p, t, v); }
+  static FA_INLINE F scratch(const float* p) { return _mm512_loadu_ps(p); }
+  static FA_INLINE void scratch_store(float* p, F v) { _mm512_store_ps(p, v); }
+  template <class Body>
+  static FA_INLINE void for_vectors(int n, const Body& body) {
+    int j = 0;
+    for (; j + 16 <= n; j += 16) body(j, static_cast<Tail>(0xFFFF));
+    if (j < n) body(j, static_cast<Tail>((1u << (n - j)) - 1u));
+  }
+};
+// The width of this build's one-pass kernels.
+using VPower = V16;
+#else
+using VPower = V8;
+#endif
+
+template <class V>
+static FA_INLINE typename V::F clamp(typename V::F v, typename V::F lo, typename V::F hi) {
+  return V::min(hi, V::max(lo, v));
+}
+
+// The constants of a power write, broadcast.
+template <class V>
+struct Power {
+  using F = typename V::F;
+  F dw, tmax, tmin, half, shift, up, down, lo, hi, gamma;
+  F rcp_hi;   // pair_counts' factor: 1 / dw rounded, raised by 2^-20
+  bool root;  // the power is the square root (Device::root)
+};
+
+template <class V>
+static FA_INLINE Power<V> power(const Elem& e, const Device& dev) {
   // (1 / dw) (1 + 2^-20) in double, rounded once: above 1 / dw by more than 2^-21 relative.
   const float rcp_hi = static_cast<float>((1.0 / static_cast<double>(e.dw)) * (1.0 + 0x1p-20));
-  return Power8{_mm256_set1_ps(e.dw),    _mm256_set1_ps(e.tau_max), _mm256_set1_ps(e.tau_min), _mm256_set1_ps(e.half),
-                _mm256_set1_ps(e.shift), _mm256_set1_ps(e.up),      _mm256_set1_ps(e.down),    _mm256_set1_ps(e.lo),
-                _mm256_set1_ps(e.hi),    _mm256_set1_ps(dev.gamma), _mm256_set1_ps(rcp_hi),    dev.root()};
+  return Power<V>{V::set1(e.dw), V::set1(e.tau_max), V::set1(e.tau_min), V::set1(e.half),     V::set1(e.shift), V::set1(e.up),
+                  V::set1(e.down), V::set1(e.lo),   V::set1(e.hi),       V::set1(dev.gamma), V::set1(rcp_hi),  dev.root()};
 }
 
-// u^gamma on eight lanes: vm_pow's Sleef power, or the square root (vm_sqrt_exact's).
-static FA_INLINE __m256 power_shape8(__m256 u, const Power8& e) {
-  return e.root ? _mm256_sqrt_ps(u) : Sleef_powf8_u10(u, e.gamma);
+// u^gamma: vm_pow's Sleef power, or the square root (vm_sqrt_exact's).
+template <class V>
+static FA_INLINE typename V::F power_shape(typename V::F u, const Power<V>& e) {
+  return e.root ? V::sqrt(u) : V::pow(u, e.gamma);
 }
 
-// stochastic_count on eight lanes.
-static FA_INLINE __m256 stochastic_count8(__m256 n, __m256 u, __m256 neg_cap, __m256 cap) {
-  const __m256 fl = _mm256_floor_ps(n);
-  const __m256 inc = _mm256_and_ps(_mm256_cmp_ps(u, _mm256_sub_ps(n, fl), _CMP_LT_OQ), _mm256_set1_ps(1.0f));
-  return clamp8(_mm256_add_ps(fl, inc), neg_cap, cap);
+// stochastic_count: floor(n), plus one where u < n - floor(n) (+0 elsewhere), clamped.
+template <class V>
+static FA_INLINE typename V::F stochastic_count_v(typename V::F n, typename V::F u, typename V::F neg_cap, typename V::F cap) {
+  const typename V::F fl = V::floor(n);
+  return clamp<V>(V::add(fl, V::maskz(V::lt(u, V::sub(n, fl)), V::set1(1.0f))), neg_cap, cap);
 }
 
-// response_arg, the power response and apply_write (no c2c) on eight lanes.
-// Where no lane pulses, the write is x + (0 dw) q = x + 0 (q >= 0 and finite, or NaN
-// only where x is), so neither the division of the response argument nor the power is
-// evaluated: the common case in training, where a few elements in a hundred pulse.
-static FA_INLINE __m256 power_write8(__m256 x, __m256 cnt, const Power8& e) {
-  const __m256 zero = _mm256_setzero_ps();
-  if (_mm256_movemask_ps(_mm256_cmp_ps(cnt, zero, _CMP_NEQ_OQ)) == 0) return clamp8(_mm256_add_ps(x, zero), e.lo, e.hi);
-  const __m256 pos = _mm256_cmp_ps(cnt, zero, _CMP_GT_OQ);
-  const __m256 w = _mm256_add_ps(x, e.shift);
-  const __m256 num = _mm256_blendv_ps(_mm256_sub_ps(w, e.tmin), _mm256_sub_ps(e.tmax, w), pos);
-  const __m256 u = clamp8(_mm256_div_ps(num, e.half), zero, _mm256_set1_ps(2.0f));
-  const __m256 q = _mm256_mul_ps(power_shape8(u, e), _mm256_blendv_ps(e.down, e.up, pos));
-  const __m256 step = _mm256_mul_ps(cnt, e.dw);
-  return clamp8(_mm256_add_ps(x, _mm256_mul_ps(step, q)), e.lo, e.hi);
+// response_arg, the power response and apply_write (no c2c). Where no lane pulses, the write
+// is x + (0 dw) q = x + 0 (q >= 0 and finite, or NaN only where x is), so neither the division
+// of the response argument nor the power is evaluated: the common case in training, where a
+// few elements in a hundred pulse.
+template <class V>
+static FA_INLINE typename V::F power_write(typename V::F x, typename V::F cnt, const Power<V>& e) {
+  using F = typename V::F;
+  const F zero = V::zero();
+  if (!V::any(V::ne(cnt, zero))) return clamp<V>(V::add(x, zero), e.lo, e.hi);
+  const typename V::M pos = V::gt(cnt, zero);
+  const F w = V::add(x, e.shift);
+  const F num = V::select(pos, V::sub(w, e.tmin), V::sub(e.tmax, w));
+  const F u = clamp<V>(V::div(num, e.half), zero, V::set1(2.0f));
+  const F q = V::mul(power_shape<V>(u, e), V::select(pos, e.down, e.up));
+  const F step = V::mul(cnt, e.dw);
+  return clamp<V>(V::add(x, V::mul(step, q)), e.lo, e.hi);
 }
 
-// Loads and stores of lanes j .. j+7 of which `valid` are in the tensor (the block's tail).
-static FA_INLINE __m256 load8(const float* p, bool whole, __m256i valid) {
-  return whole ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, valid);
-}
-static FA_INLINE void store8(float* p, bool whole, __m256i valid, __m256 v) {
-  if (whole)
-    _mm256_storeu_ps(p, v);
-  else
-    _mm256_maskstore_ps(p, valid, v);
-}
-
-// body(j, whole, valid) for the vectors of lanes j .. j+7 of a block of n elements: the whole
-// vectors in a loop of their own (whole a constant true there, so the loads and stores take
-// no mask and the loop computes none), then the tail, if any, with its lane mask.
-template <class Body>
-static FA_INLINE void for_vectors8(int n, const Body& body) {
-  int j = 0;
-  for (; j + 8 <= n; j += 8) body(j, true, _mm256_set1_epi32(-1));
-  if (j < n) body(j, false, _mm256_cmpgt_epi32(_mm256_set1_epi32(n - j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-}
-
-// pair_counts on eight lanes: N_up and N_down of a write with an excess (av: A widened).
+// pair_counts: N_up and N_down of a write with an excess (av: A widened).
 // std::max(v, 0) is vmaxps(0, v) and std::min(v, cap) vminps(cap, v), NaNs included.
 // Returns whether some lane may get pairs; when none can, the pairs' mean m is not divided
 // out: m = RN(t / dw) with t = RN(lr * excess / 2) is at most t * rcp_hi (rounded), whose
 // factor exceeds 1 / dw by more than the three roundings can take away, so t * rcp_hi < u1
 // gives m < u1 < 1, and then pairs = floor(m) + (u1 < m - floor(m)) = 0 in every lane (a
 // product that underflows leaves m below any u1 > 0 too; u1 = 0 never passes the test).
-static FA_INLINE bool pair_counts8(__m256 gv, __m256 av, __m256 u0, __m256 u1, __m256 lr, __m256 neg_lr, __m256 dw, __m256 rcp_hi,
-                                   __m256 cap, __m256& up, __m256& down) {
-  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
-  const __m256 nv = _mm256_div_ps(_mm256_mul_ps(neg_lr, gv), dw);
-  const __m256 fl = _mm256_floor_ps(nv);
-  const __m256 net = _mm256_add_ps(fl, _mm256_and_ps(_mm256_cmp_ps(u0, _mm256_sub_ps(nv, fl), _CMP_LT_OQ), one));
-  const __m256 excess = _mm256_max_ps(_mm256_sub_ps(av, _mm256_andnot_ps(sign, gv)), zero);  // NaN: 0 (fmax)
-  const __m256 t = _mm256_mul_ps(_mm256_mul_ps(lr, excess), _mm256_set1_ps(0.5f));
-  __m256 pairs = zero;
-  const bool some = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(t, rcp_hi), u1, _CMP_LT_OQ)) != 0xFF;
+template <class V>
+static FA_INLINE bool pair_counts(typename V::F gv, typename V::F av, typename V::F u0, typename V::F u1, typename V::F lr,
+                                  typename V::F neg_lr, const Power<V>& e, typename V::F cap, typename V::F& up,
+                                  typename V::F& down) {
+  using F = typename V::F;
+  const F zero = V::zero(), one = V::set1(1.0f);
+  const F nv = V::div(V::mul(neg_lr, gv), e.dw);
+  const F fl = V::floor(nv);
+  const F net = V::add(fl, V::maskz(V::lt(u0, V::sub(nv, fl)), one));
+  const F excess = V::max(V::sub(av, V::abs(gv)), zero);  // NaN: 0 (fmax)
+  const F t = V::mul(V::mul(lr, excess), V::set1(0.5f));
+  F pairs = zero;
+  const bool some = !V::all(V::lt(V::mul(t, e.rcp_hi), u1));
   if (some) {
-    const __m256 m = _mm256_div_ps(t, dw);
-    const __m256 flm = _mm256_floor_ps(m);
-    pairs = _mm256_add_ps(flm, _mm256_and_ps(_mm256_cmp_ps(u1, _mm256_sub_ps(m, flm), _CMP_LT_OQ), one));
+    const F m = V::div(t, e.dw);
+    const F flm = V::floor(m);
+    pairs = V::add(flm, V::maskz(V::lt(u1, V::sub(m, flm)), one));
   }
-  up = _mm256_min_ps(cap, _mm256_add_ps(pairs, _mm256_max_ps(zero, net)));
-  down = _mm256_min_ps(cap, _mm256_add_ps(pairs, _mm256_max_ps(zero, _mm256_xor_ps(net, sign))));
+  up = V::min(cap, V::add(pairs, V::max(zero, net)));
+  down = V::min(cap, V::add(pairs, V::max(zero, V::neg(net))));
   return some;
 }
 
-// apply_pairs (no c2c) of a power write on eight lanes, each direction's power evaluated
-// only for the vectors where a lane sends pulses that way.
-static FA_INLINE __m256 power_pairs_write8(__m256 x, __m256 up, __m256 down, const Power8& e) {
-  const __m256 zero = _mm256_setzero_ps(), two = _mm256_set1_ps(2.0f);
-  const __m256 w = _mm256_add_ps(x, e.shift);
-  const __m256 has_up = _mm256_cmp_ps(up, zero, _CMP_GT_OQ);
-  const __m256 has_down = _mm256_cmp_ps(down, zero, _CMP_GT_OQ);
-  __m256 vu = zero, vd = zero;
-  if (_mm256_movemask_ps(has_up) != 0) {
-    const __m256 u = clamp8(_mm256_div_ps(_mm256_sub_ps(e.tmax, w), e.half), zero, two);
-    const __m256 q = _mm256_mul_ps(power_shape8(u, e), e.up);
-    vu = _mm256_and_ps(has_up, _mm256_mul_ps(_mm256_mul_ps(up, e.dw), q));
+// apply_pairs (no c2c) of a power write, each direction's power evaluated only for the
+// vectors where a lane sends pulses that way.
+template <class V>
+static FA_INLINE typename V::F power_pairs_write(typename V::F x, typename V::F up, typename V::F down, const Power<V>& e) {
+  using F = typename V::F;
+  const F zero = V::zero(), two = V::set1(2.0f);
+  const F w = V::add(x, e.shift);
+  const typename V::M has_up = V::gt(up, zero);
+  const typename V::M has_down = V::gt(down, zero);
+  F vu = zero, vd = zero;
+  if (V::any(has_up)) {
+    const F u = clamp<V>(V::div(V::sub(e.tmax, w), e.half), zero, two);
+    const F q = V::mul(power_shape<V>(u, e), e.up);
+    vu = V::maskz(has_up, V::mul(V::mul(up, e.dw), q));
   }
-  if (_mm256_movemask_ps(has_down) != 0) {
-    const __m256 u = clamp8(_mm256_div_ps(_mm256_sub_ps(w, e.tmin), e.half), zero, two);
-    const __m256 q = _mm256_mul_ps(power_shape8(u, e), e.down);
-    vd = _mm256_and_ps(has_down, _mm256_mul_ps(_mm256_mul_ps(down, e.dw), q));
+  if (V::any(has_down)) {
+    const F u = clamp<V>(V::div(V::sub(w, e.tmin), e.half), zero, two);
+    const F q = V::mul(power_shape<V>(u, e), e.down);
+    vd = V::maskz(has_down, V::mul(V::mul(down, e.dw), q));
   }
-  return clamp8(_mm256_add_ps(x, _mm256_sub_ps(vu, vd)), e.lo, e.hi);
+  return clamp<V>(V::add(x, V::sub(vu, vd)), e.lo, e.hi);
 }
 
-// power_pairs_write8 where no lane pulses both ways: one response per lane, the one its
-// pulses take (as power_write8), with power_pairs_write8's operations on each lane, so the
+// power_pairs_write where no lane pulses both ways: one response per lane, the one its
+// pulses take (as power_write), with power_pairs_write's operations on each lane, so the
 // same numbers for half the divisions and powers.
-static FA_INLINE __m256 power_one_way_write8(__m256 x, __m256 up, __m256 down, const Power8& e) {
-  const __m256 zero = _mm256_setzero_ps(), two = _mm256_set1_ps(2.0f);
-  const __m256 w = _mm256_add_ps(x, e.shift);
-  const __m256 has_up = _mm256_cmp_ps(up, zero, _CMP_GT_OQ);
-  const __m256 has_down = _mm256_cmp_ps(down, zero, _CMP_GT_OQ);
-  if (_mm256_movemask_ps(_mm256_or_ps(has_up, has_down)) == 0) return clamp8(_mm256_add_ps(x, zero), e.lo, e.hi);  // x + (0 - 0)
-  const __m256 num = _mm256_blendv_ps(_mm256_sub_ps(w, e.tmin), _mm256_sub_ps(e.tmax, w), has_up);
-  const __m256 u = clamp8(_mm256_div_ps(num, e.half), zero, two);
-  const __m256 q = _mm256_mul_ps(power_shape8(u, e), _mm256_blendv_ps(e.down, e.up, has_up));
-  const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_blendv_ps(down, up, has_up), e.dw), q);
-  return clamp8(_mm256_add_ps(x, _mm256_sub_ps(_mm256_and_ps(has_up, v), _mm256_and_ps(has_down, v))), e.lo, e.hi);
+template <class V>
+static FA_INLINE typename V::F power_one_way_write(typename V::F x, typename V::F up, typename V::F down, const Power<V>& e) {
+  using F = typename V::F;
+  const F zero = V::zero(), two = V::set1(2.0f);
+  const F w = V::add(x, e.shift);
+  const typename V::M has_up = V::gt(up, zero);
+  const typename V::M has_down = V::gt(down, zero);
+  if (!V::any(V::either(has_up, has_down))) return clamp<V>(V::add(x, zero), e.lo, e.hi);  // x + (0 - 0)
+  const F num = V::select(has_up, V::sub(w, e.tmin), V::sub(e.tmax, w));
+  const F u = clamp<V>(V::div(num, e.half), zero, two);
+  const F q = V::mul(power_shape<V>(u, e), V::select(has_up, e.down, e.up));
+  const F v = V::mul(V::mul(V::select(has_up, down, up), e.dw), q);
+  return clamp<V>(V::add(x, V::sub(V::maskz(has_up, v), V::maskz(has_down, v))), e.lo, e.hi);
 }
 
-// A write with an excess: N_up, N_down (into up, down) and the written value.
-static FA_INLINE __m256 power_excess_write8(__m256 x, __m256 gv, __m256 av, __m256 u0, __m256 u1, __m256 lr, __m256 neg_lr,
-                                            __m256 cap, const Power8& e, __m256& up, __m256& down) {
-  return pair_counts8(gv, av, u0, u1, lr, neg_lr, e.dw, e.rcp_hi, cap, up, down) ? power_pairs_write8(x, up, down, e)
-                                                                                  : power_one_way_write8(x, up, down, e);
-}
-
-// The operands of P's write in a block, broadcast and read once before its loop (the
+// The operands of the first write in a block, broadcast and read once before its loop (the
 // stores of the loop are floats, as StepArgs' scalars are, so the compiler would read those
 // again at every vector).
-struct First8 {
-  __m256 lr, neg_lr, cap, neg_cap;
+template <class V>
+struct First {
+  typename V::F lr, neg_lr, cap, neg_cap;
   const float *u0, *u_pair, *av;
   float *count, *up, *down;
 };
 
-static FA_INLINE First8 first8(const StepArgs& a, Scratch& s) {
-  return First8{_mm256_set1_ps(a.lr), _mm256_set1_ps(a.neg_lr), _mm256_set1_ps(a.max_pulses), _mm256_set1_ps(-a.max_pulses),
-                s.u0, s.u_pair, s.av, s.first.count, s.first.up, s.first.down};
+template <class V>
+static FA_INLINE First<V> first_operands(const StepArgs& a, Scratch& s) {
+  return First<V>{V::set1(a.lr), V::set1(a.neg_lr), V::set1(a.max_pulses), V::set1(-a.max_pulses), s.u0,
+                  s.u_pair,      s.av,              s.first.count,          s.first.up,             s.first.down};
 }
 
-// P's write of rl/rl2 on lanes j .. j+7 (power device, float32): with PAIRS N_up and N_down
-// (power_excess_write8) into k.up / k.down, else the count into k.count.
-// Stores and returns the new P.
-template <bool PAIRS>
-static FA_INLINE __m256 power_first_write8(const First8& k, int j, bool whole, __m256i valid, const float* g, float* P,
-                                           const Power8& e_p) {
-  __m256 p32;
+// The first write (W of asgd, P of rl/rl2) on the lanes j .. of `tail`: with PAIRS (A as
+// float32 at k.av, pair uniforms drawn) N_up and N_down into k.up / k.down, else the count
+// into k.count. Stores and returns the new X.
+template <class V, bool PAIRS>
+static FA_INLINE typename V::F power_first_write(const First<V>& k, int j, typename V::Tail tail, const float* g, float* X,
+                                                 const Power<V>& e) {
+  using F = typename V::F;
+  const F x = V::load(X + j, tail), gv = V::load(g + j, tail);
+  F x_new;
   if constexpr (PAIRS) {
-    __m256 up, down;
-    p32 = power_excess_write8(load8(P + j, whole, valid), load8(g + j, whole, valid), load8(k.av + j, whole, valid),
-                              _mm256_loadu_ps(k.u0 + j), _mm256_loadu_ps(k.u_pair + j), k.lr, k.neg_lr, k.cap, e_p, up, down);
-    _mm256_store_ps(k.up + j, up);
-    _mm256_store_ps(k.down + j, down);
+    F up, down;
+    x_new = pair_counts<V>(gv, V::load(k.av + j, tail), V::scratch(k.u0 + j), V::scratch(k.u_pair + j), k.lr, k.neg_lr, e, k.cap,
+                           up, down)
+                ? power_pairs_write<V>(x, up, down, e)
+                : power_one_way_write<V>(x, up, down, e);
+    V::scratch_store(k.up + j, up);
+    V::scratch_store(k.down + j, down);
   } else {
-    const __m256 np = _mm256_div_ps(_mm256_mul_ps(k.neg_lr, load8(g + j, whole, valid)), e_p.dw);
-    const __m256 cp = stochastic_count8(np, _mm256_loadu_ps(k.u0 + j), k.neg_cap, k.cap);
-    p32 = power_write8(load8(P + j, whole, valid), cp, e_p);
-    _mm256_store_ps(k.count + j, cp);
+    const F cnt = stochastic_count_v<V>(V::div(V::mul(k.neg_lr, gv), e.dw), V::scratch(k.u0 + j), k.neg_cap, k.cap);
+    x_new = power_write<V>(x, cnt, e);
+    V::scratch_store(k.count + j, cnt);
   }
-  store8(P + j, whole, valid, p32);
-  return p32;
-}
-
-// asgd on a float32 array of a power device: P's write of rl/rl2 on W. With PAIRS (A as
-// float32 at s.av, pair uniforms drawn) N_up and N_down go to s.first.up / s.first.down for
-// the pulse report, else the count to s.first.count.
-template <bool PAIRS>
-static __attribute__((noinline)) void asgd_power_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem) {
-  const float* g = static_cast<const float*>(a.g) + b;
-  float* W = static_cast<float*>(a.W) + b;
-  const Power8 e = power8(ew, a.dev_w);
-  const First8 k = first8(a, s);
-  for_vectors8(n, [&](int j, bool whole, __m256i valid) { power_first_write8<PAIRS>(k, j, whole, valid, g, W, e); });
-}
-
-#if FA_ISA_AVX512
-// asgd_power_fused<false> on sixteen lanes, for the AVX-512 build: the same operations in
-// the same order on zmm registers (vminps/vmaxps keep their NaN rule, the masks select as
-// blendv does, and the count adds +0 where the rounding does not step, as and + add do),
-// Sleef's 16-lane power (its 8-lane twin's algorithm) or the square root. Half the
-// instructions of the 8-lane loop, which issue width bounds.
-struct Power16 {
-  __m512 dw, tmax, tmin, half, shift, up, down, lo, hi, gamma, rcp_hi;
-  bool root;
-};
-
-static FA_INLINE Power16 power16(const Elem& e, const Device& dev) {
-  const Power8 p = power8(e, dev);  // rcp_hi computed once, as there
-  return Power16{_mm512_set1_ps(e.dw),    _mm512_set1_ps(e.tau_max), _mm512_set1_ps(e.tau_min), _mm512_set1_ps(e.half),
-                 _mm512_set1_ps(e.shift), _mm512_set1_ps(e.up),      _mm512_set1_ps(e.down),    _mm512_set1_ps(e.lo),
-                 _mm512_set1_ps(e.hi),    _mm512_set1_ps(dev.gamma), _mm512_set1_ps(_mm256_cvtss_f32(p.rcp_hi)),
-                 dev.root()};
-}
-
-static FA_INLINE __m512 clamp16(__m512 v, __m512 lo, __m512 hi) { return _mm512_min_ps(hi, _mm512_max_ps(lo, v)); }
-
-static FA_INLINE __m512 power_shape16(__m512 u, const Power16& e) { return e.root ? _mm512_sqrt_ps(u) : Sleef_powf16_u10(u, e.gamma); }
-
-static FA_INLINE __m512 power_write16(__m512 x, __m512 cnt, const Power16& e) {
-  const __m512 zero = _mm512_setzero_ps();
-  if (_mm512_cmp_ps_mask(cnt, zero, _CMP_NEQ_OQ) == 0) return clamp16(_mm512_add_ps(x, zero), e.lo, e.hi);
-  const __mmask16 pos = _mm512_cmp_ps_mask(cnt, zero, _CMP_GT_OQ);
-  const __m512 w = _mm512_add_ps(x, e.shift);
-  const __m512 num = _mm512_mask_blend_ps(pos, _mm512_sub_ps(w, e.tmin), _mm512_sub_ps(e.tmax, w));
-  const __m512 u = clamp16(_mm512_div_ps(num, e.half), zero, _mm512_set1_ps(2.0f));
-  const __m512 q = _mm512_mul_ps(power_shape16(u, e), _mm512_mask_blend_ps(pos, e.down, e.up));
-  return clamp16(_mm512_add_ps(x, _mm512_mul_ps(_mm512_mul_ps(cnt, e.dw), q)), e.lo, e.hi);
-}
-
-// stochastic_count8 on sixteen lanes (+0 added where the rounding does not step, as and + add).
-static FA_INLINE __m512 stochastic_count16(__m512 n, __m512 u, __m512 neg_cap, __m512 cap) {
-  const __m512 fl = _mm512_roundscale_ps(n, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __mmask16 step = _mm512_cmp_ps_mask(u, _mm512_sub_ps(n, fl), _CMP_LT_OQ);
-  return clamp16(_mm512_add_ps(fl, _mm512_maskz_mov_ps(step, _mm512_set1_ps(1.0f))), neg_cap, cap);
-}
-
-// pair_counts8, power_pairs_write8, power_one_way_write8 and power_excess_write8 on sixteen
-// lanes: the same operations, operand orders (vmaxps/vminps pick their second operand on a
-// NaN) and +0 where a mask is clear (maskz_mov for and).
-static FA_INLINE bool pair_counts16(__m512 gv, __m512 av, __m512 u0, __m512 u1, __m512 lr, __m512 neg_lr, __m512 dw, __m512 rcp_hi,
-                                   __m512 cap, __m512& up, __m512& down) {
-  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), sign = _mm512_set1_ps(-0.0f);
-  const __m512 nv = _mm512_div_ps(_mm512_mul_ps(neg_lr, gv), dw);
-  const __m512 fl = _mm512_roundscale_ps(nv, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 net = _mm512_add_ps(fl, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(u0, _mm512_sub_ps(nv, fl), _CMP_LT_OQ), one));
-  const __m512 excess = _mm512_max_ps(_mm512_sub_ps(av, _mm512_andnot_ps(sign, gv)), zero);  // NaN: 0 (fmax)
-  const __m512 t = _mm512_mul_ps(_mm512_mul_ps(lr, excess), _mm512_set1_ps(0.5f));
-  __m512 pairs = zero;
-  const bool some = _mm512_cmp_ps_mask(_mm512_mul_ps(t, rcp_hi), u1, _CMP_LT_OQ) != 0xFFFF;
-  if (some) {
-    const __m512 m = _mm512_div_ps(t, dw);
-    const __m512 flm = _mm512_roundscale_ps(m, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    pairs = _mm512_add_ps(flm, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(u1, _mm512_sub_ps(m, flm), _CMP_LT_OQ), one));
-  }
-  up = _mm512_min_ps(cap, _mm512_add_ps(pairs, _mm512_max_ps(zero, net)));
-  down = _mm512_min_ps(cap, _mm512_add_ps(pairs, _mm512_max_ps(zero, _mm512_xor_ps(net, sign))));
-  return some;
-}
-
-static FA_INLINE __m512 power_pairs_write16(__m512 x, __m512 up, __m512 down, const Power16& e) {
-  const __m512 zero = _mm512_setzero_ps(), two = _mm512_set1_ps(2.0f);
-  const __m512 w = _mm512_add_ps(x, e.shift);
-  const __mmask16 has_up = _mm512_cmp_ps_mask(up, zero, _CMP_GT_OQ);
-  const __mmask16 has_down = _mm512_cmp_ps_mask(down, zero, _CMP_GT_OQ);
-  __m512 vu = zero, vd = zero;
-  if (has_up != 0) {
-    const __m512 u = clamp16(_mm512_div_ps(_mm512_sub_ps(e.tmax, w), e.half), zero, two);
-    const __m512 q = _mm512_mul_ps(power_shape16(u, e), e.up);
-    vu = _mm512_maskz_mov_ps(has_up, _mm512_mul_ps(_mm512_mul_ps(up, e.dw), q));
-  }
-  if (has_down != 0) {
-    const __m512 u = clamp16(_mm512_div_ps(_mm512_sub_ps(w, e.tmin), e.half), zero, two);
-    const __m512 q = _mm512_mul_ps(power_shape16(u, e), e.down);
-    vd = _mm512_maskz_mov_ps(has_down, _mm512_mul_ps(_mm512_mul_ps(down, e.dw), q));
-  }
-  return clamp16(_mm512_add_ps(x, _mm512_sub_ps(vu, vd)), e.lo, e.hi);
-}
-
-static FA_INLINE __m512 power_one_way_write16(__m512 x, __m512 up, __m512 down, const Power16& e) {
-  const __m512 zero = _mm512_setzero_ps(), two = _mm512_set1_ps(2.0f);
-  const __m512 w = _mm512_add_ps(x, e.shift);
-  const __mmask16 has_up = _mm512_cmp_ps_mask(up, zero, _CMP_GT_OQ);
-  const __mmask16 has_down = _mm512_cmp_ps_mask(down, zero, _CMP_GT_OQ);
-  if ((has_up | has_down) == 0) return clamp16(_mm512_add_ps(x, zero), e.lo, e.hi);  // x + (0 - 0)
-  const __m512 num = _mm512_mask_blend_ps(has_up, _mm512_sub_ps(w, e.tmin), _mm512_sub_ps(e.tmax, w));
-  const __m512 u = clamp16(_mm512_div_ps(num, e.half), zero, two);
-  const __m512 q = _mm512_mul_ps(power_shape16(u, e), _mm512_mask_blend_ps(has_up, e.down, e.up));
-  const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_mask_blend_ps(has_up, down, up), e.dw), q);
-  return clamp16(_mm512_add_ps(x, _mm512_sub_ps(_mm512_maskz_mov_ps(has_up, v), _mm512_maskz_mov_ps(has_down, v))), e.lo, e.hi);
-}
-
-// The broadcast step scalars of the first write and the block's uniforms, A and counts.
-struct First16 {
-  __m512 lr, neg_lr, cap, neg_cap;
-  const float *u0, *u_pair, *av;
-  float *count, *up, *down;
-};
-
-static FA_INLINE First16 first16(const StepArgs& a, Scratch& s) {
-  return First16{_mm512_set1_ps(a.lr), _mm512_set1_ps(a.neg_lr), _mm512_set1_ps(a.max_pulses), _mm512_set1_ps(-a.max_pulses),
-                 s.u0,                 s.u_pair,                 s.av,                           s.first.count,
-                 s.first.up,           s.first.down};
-}
-
-// power_first_write8<PAIRS> on lanes j .. j+15 of which `valid` are in the block: the first
-// write of X (W of asgd, P of rl/rl2); with PAIRS N_up and N_down into k.up / k.down, else the
-// count into k.count. Stores and returns the new X.
-template <bool PAIRS>
-static FA_INLINE __m512 power_first_write16(const First16& k, int j, __mmask16 valid, const float* g, float* X, const Power16& e) {
-  const __m512 x = _mm512_maskz_loadu_ps(valid, X + j), gv = _mm512_maskz_loadu_ps(valid, g + j);
-  __m512 x_new;
-  if constexpr (PAIRS) {
-    __m512 up, down;
-    const bool some = pair_counts16(gv, _mm512_maskz_loadu_ps(valid, k.av + j), _mm512_loadu_ps(k.u0 + j),
-                                    _mm512_loadu_ps(k.u_pair + j), k.lr, k.neg_lr, e.dw, e.rcp_hi, k.cap, up, down);
-    x_new = some ? power_pairs_write16(x, up, down, e) : power_one_way_write16(x, up, down, e);
-    _mm512_store_ps(k.up + j, up);
-    _mm512_store_ps(k.down + j, down);
-  } else {
-    const __m512 nv = _mm512_div_ps(_mm512_mul_ps(k.neg_lr, gv), e.dw);
-    const __m512 cnt = stochastic_count16(nv, _mm512_loadu_ps(k.u0 + j), k.neg_cap, k.cap);
-    x_new = power_write16(x, cnt, e);
-    _mm512_store_ps(k.count + j, cnt);
-  }
-  _mm512_mask_storeu_ps(X + j, valid, x_new);
+  V::store(X + j, tail, x_new);
   return x_new;
 }
 
-// body(j, valid) for the vectors of lanes j .. j+15 of a block of n elements (for_vectors8's
-// twin: whole vectors first, then the tail with its lane mask).
-template <class Body>
-static FA_INLINE void for_vectors16(int n, const Body& body) {
-  int j = 0;
-  for (; j + 16 <= n; j += 16) body(j, static_cast<__mmask16>(0xFFFF));
-  if (j < n) body(j, static_cast<__mmask16>((1u << (n - j)) - 1u));
-}
-
-// asgd_power_fused<PAIRS> on sixteen lanes.
-template <bool PAIRS>
-static __attribute__((noinline)) void asgd_power_fused16(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem) {
+// asgd: the first write, on W. With PAIRS N_up and N_down go to s.first.up / s.first.down
+// for the pulse report, else the count to s.first.count.
+template <class V, bool PAIRS>
+static __attribute__((noinline)) void asgd_power_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem) {
   const float* g = static_cast<const float*>(a.g) + b;
   float* W = static_cast<float*>(a.W) + b;
-  const Power16 e = power16(ew, a.dev_w);
-  const First16 k = first16(a, s);
-  for_vectors16(n, [&](int j, __mmask16 valid) { power_first_write16<PAIRS>(k, j, valid, g, W, e); });
+  const Power<V> e = power<V>(ew, a.dev_w);
+  const First<V> k = first_operands<V>(a, s);
+  V::for_vectors(n, [&](int j, typename V::Tail tail) { power_first_write<V, PAIRS>(k, j, tail, g, W, e); });
 }
 
-// rl2_power_fused<READ, EMA, PAIRS> on sixteen lanes.
-template <bool READ, bool EMA, bool PAIRS = false>
-static __attribute__((noinline)) void rl2_power_fused16(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem ep) {
-  const float* g = static_cast<const float*>(a.g) + b;
-  float* W = static_cast<float*>(a.W) + b;
-  float* P = static_cast<float*>(a.P) + b;
-  float* H = static_cast<float*>(a.H) + b;
-  float* Wbar = mixed_out<float>(a, b);
-  const __m512 rn = _mm512_set1_ps(a.read_noise), tlr = _mm512_set1_ps(a.tlr), omt = _mm512_set1_ps(a.one_minus_tlr);
-  const __m512 gm = _mm512_set1_ps(a.gamma_mix), thr_dw = _mm512_set1_ps(a.threshold * ew.dw), zero = _mm512_setzero_ps();
-  const Power16 e_w = power16(ew, a.dev_w), e_p = power16(ep, a.dev_p);
-  const First16 k = first16(a, s);
-  const float *u1 = s.u1, *n_read = s.n_read;
-  float* count_w = s.second.count;
-  for_vectors16(n, [&](int j, __mmask16 valid) {
-    const __m512 p32 = power_first_write16<PAIRS>(k, j, valid, g, P, e_p);
-    __m512 p_hat = p32;
-    if constexpr (READ) p_hat = _mm512_add_ps(p32, _mm512_mul_ps(rn, _mm512_loadu_ps(n_read + j)));
-    const __m512 h0 = _mm512_maskz_loadu_ps(valid, H + j);
-    __m512 h, cw;
-    if constexpr (EMA) {
-      h = _mm512_add_ps(_mm512_mul_ps(omt, h0), _mm512_mul_ps(tlr, p_hat));
-      cw = stochastic_count16(_mm512_div_ps(_mm512_mul_ps(tlr, h), e_w.dw), _mm512_loadu_ps(u1 + j), k.neg_cap, k.cap);
-    } else {
-      h = _mm512_add_ps(h0, _mm512_mul_ps(tlr, p_hat));
-      const __mmask16 over = _mm512_cmp_ps_mask(_mm512_abs_ps(h), thr_dw, _CMP_GE_OQ);
-      cw = zero;  // clamp(0) where no lane reaches the threshold: the division only where one does
-      if (over != 0) {
-        const __m512 t = _mm512_roundscale_ps(_mm512_div_ps(h, e_w.dw), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-        cw = clamp16(_mm512_maskz_mov_ps(over, t), k.neg_cap, k.cap);
-      }
-    }
-    const __m512 ws = power_write16(_mm512_maskz_loadu_ps(valid, W + j), cw, e_w);
-    _mm512_mask_storeu_ps(W + j, valid, ws);
-    if constexpr (!EMA) h = _mm512_sub_ps(h, _mm512_mul_ps(cw, e_w.dw));
-    _mm512_mask_storeu_ps(H + j, valid, h);
-    if (Wbar) _mm512_mask_storeu_ps(Wbar + j, valid, _mm512_add_ps(ws, _mm512_mul_ps(gm, p32)));
-    _mm512_store_ps(count_w + j, cw);
-  });
-}
-#endif
-
-// rl2 with power devices for P and W (float32, nominal, no c2c): rl2_elements with
-// power_write8 in place of linear_write.
-// With PAIRS (an excess: A as float32 at s.av, pair uniforms drawn) P's write sends N_up and
-// N_down (pair_counts8, power_pairs_write8), reported through s.first.up / s.first.down.
-template <bool READ, bool EMA, bool PAIRS = false>
+// rl2 with power devices for P and W: rl2_elements with power_write in place of
+// linear_write; with PAIRS P's write sends N_up and N_down, reported through s.first.up /
+// s.first.down.
+template <class V, bool READ, bool EMA, bool PAIRS>
 static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem ep) {
+  using F = typename V::F;
   const float* g = static_cast<const float*>(a.g) + b;
   float* W = static_cast<float*>(a.W) + b;
   float* P = static_cast<float*>(a.P) + b;
   float* H = static_cast<float*>(a.H) + b;
   float* Wbar = mixed_out<float>(a, b);
-  const __m256 cap = _mm256_set1_ps(a.max_pulses), neg_cap = _mm256_set1_ps(-a.max_pulses);
-  const __m256 rn = _mm256_set1_ps(a.read_noise), tlr = _mm256_set1_ps(a.tlr), omt = _mm256_set1_ps(a.one_minus_tlr);
-  const __m256 gm = _mm256_set1_ps(a.gamma_mix), thr_dw = _mm256_set1_ps(a.threshold * ew.dw);
-  const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
-  const Power8 e_w = power8(ew, a.dev_w), e_p = power8(ep, a.dev_p);
-  const First8 k = first8(a, s);
+  const F rn = V::set1(a.read_noise), tlr = V::set1(a.tlr), omt = V::set1(a.one_minus_tlr);
+  const F gm = V::set1(a.gamma_mix), thr_dw = V::set1(a.threshold * ew.dw), zero = V::zero();
+  const Power<V> e_w = power<V>(ew, a.dev_w), e_p = power<V>(ep, a.dev_p);
+  const First<V> k = first_operands<V>(a, s);
   const float *u1 = s.u1, *n_read = s.n_read;
   float* count_w = s.second.count;
-  for_vectors8(n, [&](int j, bool whole, __m256i valid) {
-    const __m256 p32 = power_first_write8<PAIRS>(k, j, whole, valid, g, P, e_p);
-    __m256 p_hat = p32;
-    if constexpr (READ) p_hat = _mm256_add_ps(p32, _mm256_mul_ps(rn, _mm256_loadu_ps(n_read + j)));
-    const __m256 h0 = load8(H + j, whole, valid);
-    __m256 h, cw;
+  V::for_vectors(n, [&](int j, typename V::Tail tail) {
+    const F p32 = power_first_write<V, PAIRS>(k, j, tail, g, P, e_p);
+    F p_hat = p32;
+    if constexpr (READ) p_hat = V::add(p32, V::mul(rn, V::scratch(n_read + j)));
+    const F h0 = V::load(H + j, tail);
+    F h, cw;
     if constexpr (EMA) {
-      h = _mm256_add_ps(_mm256_mul_ps(omt, h0), _mm256_mul_ps(tlr, p_hat));
-      cw = stochastic_count8(_mm256_div_ps(_mm256_mul_ps(tlr, h), e_w.dw), _mm256_loadu_ps(u1 + j), neg_cap, cap);
+      h = V::add(V::mul(omt, h0), V::mul(tlr, p_hat));
+      cw = stochastic_count_v<V>(V::div(V::mul(tlr, h), e_w.dw), V::scratch(u1 + j), k.neg_cap, k.cap);
     } else {
-      h = _mm256_add_ps(h0, _mm256_mul_ps(tlr, p_hat));
-      const __m256 over = _mm256_cmp_ps(_mm256_andnot_ps(sign, h), thr_dw, _CMP_GE_OQ);
-      cw = zero;  // clamp8(0) where no lane reaches the threshold: the division only where one does
-      if (_mm256_movemask_ps(over) != 0) {
-        const __m256 t = _mm256_round_ps(_mm256_div_ps(h, e_w.dw), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-        cw = clamp8(_mm256_blendv_ps(zero, t, over), neg_cap, cap);
-      }
+      h = V::add(h0, V::mul(tlr, p_hat));
+      const typename V::M over = V::ge(V::abs(h), thr_dw);
+      cw = zero;  // clamp(0) where no lane reaches the threshold: the division only where one does
+      if (V::any(over)) cw = clamp<V>(V::maskz(over, V::trunc(V::div(h, e_w.dw))), k.neg_cap, k.cap);
     }
-    const __m256 ws = power_write8(load8(W + j, whole, valid), cw, e_w);
-    store8(W + j, whole, valid, ws);
-    if constexpr (!EMA) h = _mm256_sub_ps(h, _mm256_mul_ps(cw, e_w.dw));
-    store8(H + j, whole, valid, h);
-    if (Wbar) store8(Wbar + j, whole, valid, _mm256_add_ps(ws, _mm256_mul_ps(gm, p32)));
-    _mm256_store_ps(count_w + j, cw);
+    const F ws = power_write<V>(V::load(W + j, tail), cw, e_w);
+    V::store(W + j, tail, ws);
+    if constexpr (!EMA) h = V::sub(h, V::mul(cw, e_w.dw));
+    V::store(H + j, tail, h);
+    if (Wbar) V::store(Wbar + j, tail, V::add(ws, V::mul(gm, p32)));
+    V::scratch_store(count_w + j, cw);
   });
 }
 
-// rl with power devices (float32, nominal, no c2c): rl_elements (TRANSFER) or rl_hold_elements
-// with power_write8 in place of linear_write; with PAIRS P's write is rl2_power_fused's.
-template <bool TRANSFER, bool READ, bool PAIRS>
+// rl with power devices: rl_elements (TRANSFER) or rl_hold_elements with power_write in
+// place of linear_write; with PAIRS P's write is rl2_power_fused's.
+template <class V, bool TRANSFER, bool READ, bool PAIRS>
 static __attribute__((noinline)) void rl_power_fused(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem ep) {
+  using F = typename V::F;
   const float* g = static_cast<const float*>(a.g) + b;
   float* W = static_cast<float*>(a.W) + b;
   float* P = static_cast<float*>(a.P) + b;
   float* Wbar = mixed_out<float>(a, b);
-  const __m256 cap = _mm256_set1_ps(a.max_pulses), neg_cap = _mm256_set1_ps(-a.max_pulses);
-  const __m256 rn = _mm256_set1_ps(a.read_noise), tlr = _mm256_set1_ps(a.tlr), gm = _mm256_set1_ps(a.gamma_mix);
-  const Power8 e_w = power8(ew, a.dev_w), e_p = power8(ep, a.dev_p);
-  const First8 k = first8(a, s);
+  const F rn = V::set1(a.read_noise), tlr = V::set1(a.tlr), gm = V::set1(a.gamma_mix);
+  const Power<V> e_w = power<V>(ew, a.dev_w), e_p = power<V>(ep, a.dev_p);
+  const First<V> k = first_operands<V>(a, s);
   const float *u1 = s.u1, *n_read = s.n_read;
   float* count_w = s.second.count;
-  for_vectors8(n, [&](int j, bool whole, __m256i valid) {
-    const __m256 p32 = power_first_write8<PAIRS>(k, j, whole, valid, g, P, e_p);
+  V::for_vectors(n, [&](int j, typename V::Tail tail) {
+    const F p32 = power_first_write<V, PAIRS>(k, j, tail, g, P, e_p);
     if constexpr (TRANSFER) {
-      __m256 p_hat = p32;
-      if constexpr (READ) p_hat = _mm256_add_ps(p32, _mm256_mul_ps(rn, _mm256_loadu_ps(n_read + j)));
-      const __m256 cw = stochastic_count8(_mm256_div_ps(_mm256_mul_ps(tlr, p_hat), e_w.dw), _mm256_loadu_ps(u1 + j), neg_cap, cap);
-      const __m256 ws = power_write8(load8(W + j, whole, valid), cw, e_w);
-      store8(W + j, whole, valid, ws);
-      if (Wbar) store8(Wbar + j, whole, valid, _mm256_add_ps(ws, _mm256_mul_ps(gm, p32)));
-      _mm256_store_ps(count_w + j, cw);
+      F p_hat = p32;
+      if constexpr (READ) p_hat = V::add(p32, V::mul(rn, V::scratch(n_read + j)));
+      const F cw = stochastic_count_v<V>(V::div(V::mul(tlr, p_hat), e_w.dw), V::scratch(u1 + j), k.neg_cap, k.cap);
+      const F ws = power_write<V>(V::load(W + j, tail), cw, e_w);
+      V::store(W + j, tail, ws);
+      if (Wbar) V::store(Wbar + j, tail, V::add(ws, V::mul(gm, p32)));
+      V::scratch_store(count_w + j, cw);
     } else {
-      if (Wbar) store8(Wbar + j, whole, valid, _mm256_add_ps(load8(W + j, whole, valid), _mm256_mul_ps(gm, p32)));
+      if (Wbar) V::store(Wbar + j, tail, V::add(V::load(W + j, tail), V::mul(gm, p32)));
     }
   });
 }
 
 template <bool PAIRS>
 static FusedFn pick_rl_power_fused(bool transfer, bool read) {
-  if (!transfer) return &rl_power_fused<false, false, PAIRS>;
-  return read ? &rl_power_fused<true, true, PAIRS> : &rl_power_fused<true, false, PAIRS>;
-}
-
-#if FA_ISA_AVX512
-// rl_power_fused<TRANSFER, READ, PAIRS> on sixteen lanes.
-template <bool TRANSFER, bool READ, bool PAIRS>
-static __attribute__((noinline)) void rl_power_fused16(const StepArgs& a, int64_t b, int n, Scratch& s, const Elem ew, const Elem ep) {
-  const float* g = static_cast<const float*>(a.g) + b;
-  float* W = static_cast<float*>(a.W) + b;
-  float* P = static_cast<float*>(a.P) + b;
-  float* Wbar = mixed_out<float>(a, b);
-  const __m512 rn = _mm512_set1_ps(a.read_noise), tlr = _mm512_set1_ps(a.tlr), gm = _mm512_set1_ps(a.gamma_mix);
-  const Power16 e_w = power16(ew, a.dev_w), e_p = power16(ep, a.dev_p);
-  const First16 k = first16(a, s);
-  const float *u1 = s.u1, *n_read = s.n_read;
-  float* count_w = s.second.count;
-  for_vectors16(n, [&](int j, __mmask16 valid) {
-    const __m512 p32 = power_first_write16<PAIRS>(k, j, valid, g, P, e_p);
-    __m512 ws;
-    if constexpr (TRANSFER) {
-      __m512 p_hat = p32;
-      if constexpr (READ) p_hat = _mm512_add_ps(p32, _mm512_mul_ps(rn, _mm512_loadu_ps(n_read + j)));
-      const __m512 cw = stochastic_count16(_mm512_div_ps(_mm512_mul_ps(tlr, p_hat), e_w.dw), _mm512_loadu_ps(u1 + j), k.neg_cap, k.cap);
-      ws = power_write16(_mm512_maskz_loadu_ps(valid, W + j), cw, e_w);
-      _mm512_mask_storeu_ps(W + j, valid, ws);
-      _mm512_store_ps(count_w + j, cw);
-    } else {
-      if (!Wbar) return;
-      ws = _mm512_maskz_loadu_ps(valid, W + j);
-    }
-    if (Wbar) _mm512_mask_storeu_ps(Wbar + j, valid, _mm512_add_ps(ws, _mm512_mul_ps(gm, p32)));
-  });
+  if (!transfer) return &rl_power_fused<VPower, false, false, PAIRS>;
+  return read ? &rl_power_fused<VPower, true, true, PAIRS> : &rl_power_fused<VPower, true, false, PAIRS>;
 }
 
 template <bool PAIRS>
-static FusedFn pick_rl_power_fused16(bool transfer, bool read) {
-  if (!transfer) return &rl_power_fused16<false, false, PAIRS>;
-  return read ? &rl_power_fused16<true, true, PAIRS> : &rl_power_fused16<true, false, PAIRS>;
+static FusedFn pick_rl2_power_fused(bool read, bool ema) {
+  if (ema) return read ? &rl2_power_fused<VPower, true, true, PAIRS> : &rl2_power_fused<VPower, false, true, PAIRS>;
+  return read ? &rl2_power_fused<VPower, true, false, PAIRS> : &rl2_power_fused<VPower, false, false, PAIRS>;
 }
-#endif
 #endif
 
 // Whether `dev`'s writes can take a fused path.
@@ -3309,11 +3177,7 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end, void* scra
   if constexpr (std::is_same_v<S, StoreF32> && std::is_same_v<G, StoreF32>) {
     if (!plan.pairs && power_fusable(dw)) {
       fused = true;
-#if FA_ISA_AVX512
-      fused_fn = &asgd_power_fused16<false>;
-#else
-      fused_fn = &asgd_power_fused<false>;
-#endif
+      fused_fn = &asgd_power_fused<VPower, false>;
     }
     fused_pairs = plan.pairs && power_fusable(dw);
   }
@@ -3332,11 +3196,7 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end, void* scra
     if (plan.pairs) s.av = excess_f32(a, b, n, s.a32);
 #if FA_ISA_AVX2
     if (fused_pairs) {
-#if FA_ISA_AVX512
-      asgd_power_fused16<true>(a, b, n, s, ew, ew);
-#else
-      asgd_power_fused<true>(a, b, n, s, ew, ew);
-#endif
+      asgd_power_fused<VPower, true>(a, b, n, s, ew, ew);
       write_pulses_pairs(a.pulses_first, a.pairs_first, a.total_first != nullptr, acc_first, b, n, s.first.up, s.first.down);
       continue;
     }
@@ -3378,18 +3238,10 @@ static void rl_range(const StepArgs& a, int64_t begin, int64_t end, void* scratc
   if constexpr (std::is_same_v<S, StoreF32> && std::is_same_v<G, StoreF32>) {
     if (power_fusable(dp) && (!a.transfer || power_fusable(dw))) {
       if (plan.pairs) {
-#if FA_ISA_AVX512
-        fused_pairs = pick_rl_power_fused16<true>(a.transfer, plan.read);
-#else
         fused_pairs = pick_rl_power_fused<true>(a.transfer, plan.read);
-#endif
       } else {
         fused = true;
-#if FA_ISA_AVX512
-        fused_fn = pick_rl_power_fused16<false>(a.transfer, plan.read);
-#else
         fused_fn = pick_rl_power_fused<false>(a.transfer, plan.read);
-#endif
       }
     }
   }
@@ -3454,30 +3306,10 @@ static void rl2_range(const StepArgs& a, int64_t begin, int64_t end, void* scrat
   if constexpr (std::is_same_v<S, StoreF32> && std::is_same_v<G, StoreF32>) {
     if (!plan.pairs && power_fusable(dp) && power_fusable(dw)) {
       fused = true;
-#if FA_ISA_AVX512
-      if (a.ema)
-        fused_fn = plan.read ? &rl2_power_fused16<true, true> : &rl2_power_fused16<false, true>;
-      else
-        fused_fn = plan.read ? &rl2_power_fused16<true, false> : &rl2_power_fused16<false, false>;
-#else
-      if (a.ema)
-        fused_fn = plan.read ? &rl2_power_fused<true, true> : &rl2_power_fused<false, true>;
-      else
-        fused_fn = plan.read ? &rl2_power_fused<true, false> : &rl2_power_fused<false, false>;
-#endif
+      fused_fn = pick_rl2_power_fused<false>(plan.read, a.ema);
     }
     if (plan.pairs && power_fusable(dp) && power_fusable(dw)) {
-#if FA_ISA_AVX512
-      if (a.ema)
-        fused_pairs = plan.read ? &rl2_power_fused16<true, true, true> : &rl2_power_fused16<false, true, true>;
-      else
-        fused_pairs = plan.read ? &rl2_power_fused16<true, false, true> : &rl2_power_fused16<false, false, true>;
-#else
-      if (a.ema)
-        fused_pairs = plan.read ? &rl2_power_fused<true, true, true> : &rl2_power_fused<false, true, true>;
-      else
-        fused_pairs = plan.read ? &rl2_power_fused<true, false, true> : &rl2_power_fused<false, false, true>;
-#endif
+      fused_pairs = pick_rl2_power_fused<true>(plan.read, a.ema);
     }
   }
 #endif
