@@ -8,6 +8,7 @@ import torch
 from torch.optim.optimizer import Optimizer, required
 
 from .config import AnalogConfig
+from .nn.layers import module_attr
 from .ops import cpp, philox
 from .ops.dispatch import StepItem, analog_step_group
 
@@ -17,9 +18,21 @@ NONFINITE_MODES = ("raise", "skip")
 def _layer_of(p: torch.Tensor):
     ref = getattr(p, "_fa_layer", None)
     layer = ref() if ref is not None else None
-    if layer is None or layer.weight is not p:
+    if layer is None or module_attr(layer, "weight") is not p:
         return None
     return layer
+
+
+def _note_version(layer, version: int) -> None:
+    """``layer._fa_version = version`` for a layer that has the attribute, without nn.Module's ``__setattr__``.
+
+    The attribute is a plain int, which ``__setattr__`` (a Python call per layer and step) would
+    store in the instance's ``__dict__`` all the same; only where it is not there does it go through it.
+    """
+    if "_fa_version" in layer.__dict__:
+        layer.__dict__["_fa_version"] = version
+    else:
+        layer._fa_version = version
 
 
 def _is_companion(p) -> bool:
@@ -155,13 +168,14 @@ def _update_op(
         return
     cfg = _CONFIGS[config]
     step = int(counters[0])
+    keys = philox.step_keys(seed & philox.MASK64, step, tensor_ids)
     items = [
         StepItem(
             {"main": main[i], "residual": residual[i] if residual else None, "buffer": buffer[i] if buffer else None},
             weight[i] if weight else None,
             signal[i],
             cfg,
-            philox.step_key(seed & philox.MASK64, step, tid),
+            keys[i],
             tid,
             sums[i] if sums[i].numel() else None,
             last_pulses[i],
@@ -355,10 +369,11 @@ class AnalogSGD(Optimizer):
             for p in group["params"]:
                 layer = _layer_of(p)
                 is_analog = layer is not None and layer.analog_config.is_analog
-                if p.grad is not None:
+                grad = p.grad
+                if grad is not None:
                     d_p = self._signal(p, layer, group, finite)
                     if is_analog:
-                        analog.append((p, layer, tid, d_p, _excess_input(layer, p.grad, d_p)))
+                        analog.append((p, layer, tid, d_p, _excess_input(layer, grad, d_p)))
                     elif finite is None:
                         digital.append(p)
                         signals.append(d_p)
@@ -382,23 +397,27 @@ class AnalogSGD(Optimizer):
     def _analog_update(self, analog: list, lr: float) -> None:
         """The analog tensors ``(param, layer, tensor id, signal)`` of one param group, eagerly."""
         k = self.step_count
-        items = [
-            StepItem(layer.analog_state(), layer.analog_mixed, d_p, layer.analog_config, philox.step_key(self.seed, k, tid), tid, A,
-                     layer.analog_last_pulses)  # fmt: skip
-            for p, layer, tid, d_p, A in analog
-        ]
-        layers = [entry[1] for entry in analog]
+        keys = philox.step_keys(self.seed, k, [entry[2] for entry in analog])
+        # The layers' arrays and counters, each looked up once (``module_attr``: no nn.Module.__getattr__).
+        items, layers, lasts, totals = [], [], [], []
+        for (_, layer, tid, d_p, A), key in zip(analog, keys):
+            last = module_attr(layer, "analog_last_pulses")
+            mixed = module_attr(layer, "analog_mixed")
+            items.append(StepItem(layer.analog_state(), mixed, d_p, layer.analog_config, key, tid, A, last))
+            layers.append(layer)
+            lasts.append(last)
+            totals.append(module_attr(layer, "analog_pulses"))
         for layer in layers:
-            if getattr(layer, "_fa_version", None) not in (None, layer.weight._version):
+            version = module_attr(layer, "weight")._version
+            if getattr(layer, "_fa_version", None) not in (None, version):
                 # W was written since the layer's last forward, not by us: say so before the update clips it.
-                layer._fa_version = layer.weight._version
+                _note_version(layer, version)
                 layer.check_range("(W was changed outside AnalogSGD: by hand or by another optimizer)")
-        _stepped_with_counters(items, [layer.analog_last_pulses for layer in layers], [layer.analog_pulses for layer in layers],
-                               lr=lr, step=k)  # fmt: skip
+        _stepped_with_counters(items, lasts, totals, lr=lr, step=k)
         for layer in layers:
             # Our own writes (a backend may write through copy_) are not edits by someone else.
             if hasattr(layer, "_fa_version"):
-                layer._fa_version = layer.weight._version
+                _note_version(layer, module_attr(layer, "weight")._version)
 
     def _traced_analog_update(self, analog: list, lr: float, finite: torch.Tensor) -> None:
         """The same under torch.compile: one ``fastanalog::analog_sgd_update_`` per config of the group."""

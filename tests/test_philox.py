@@ -48,6 +48,14 @@ def test_keys_depend_on_every_input_and_fit_int64():
     assert philox.step_key(7, 3, 2) == philox.step_key(7, 3, 2)
 
 
+def test_step_keys_are_the_step_keys_of_each_tensor():
+    ids = [0, 1, 2, 53, 54, 1000, 2**31, 2**32 + 7, 2**63 + 5, 2**64 - 1]
+    for seed, step in ((0, 1), (1, 2), (2**62, 17), (2**64 - 1, 2**40)):
+        assert philox.step_keys(seed, step, ids) == [philox.step_key(seed, step, t) for t in ids]
+    assert philox.step_keys(7, 3, range(200)) == [philox.step_key(7, 3, t) for t in range(200)]
+    assert philox.step_keys(7, 3, []) == []
+
+
 def test_high_offsets_use_the_high_counter_word():
     idx = torch.tensor([5, 5 + 2**32], dtype=torch.int64)
     a, b = (w.tolist() for w in philox.randint4x(99, idx)[:2])

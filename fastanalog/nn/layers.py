@@ -326,6 +326,27 @@ def _run_transient(run, x, main, residual, gamma):
         return run(x, mixed)
 
 
+_NO_DEFAULT = object()
+
+
+def module_attr(module: nn.Module, name: str, default=_NO_DEFAULT):
+    """``getattr(module, name[, default])``, reading a registered parameter or buffer from its dict directly.
+
+    nn.Module finds those in its Python ``__getattr__``, a microsecond per lookup that the
+    optimizer's step would pay several times per layer. The result is the same: nn.Module
+    keeps a name in one place only (``__setattr__`` and ``register_*`` move it there or refuse
+    it), so a name in ``_parameters`` or ``_buffers`` is in neither the instance's ``__dict__``
+    nor its class, and ``__getattr__`` would return that very entry. Any other name (e.g. an
+    array set to None, a plain attribute) takes ``getattr``.
+    """
+    params, buffers = module.__dict__["_parameters"], module.__dict__["_buffers"]
+    if name in params:
+        return params[name]
+    if name in buffers:
+        return buffers[name]
+    return getattr(module, name) if default is _NO_DEFAULT else getattr(module, name, default)
+
+
 class AnalogLayerMixin:
     """State and helpers shared by every analog layer."""
 
@@ -442,7 +463,7 @@ class AnalogLayerMixin:
 
     def sample_abs_grad(self) -> torch.Tensor | None:
         """A, the per-sample |g| sums of the backward passes since ``zero_grad`` (None: no per-sample write, e = 0)."""
-        companion = getattr(self, "analog_abs", None)
+        companion = module_attr(self, "analog_abs", None)
         return None if companion is None else companion.grad
 
     def __setstate__(self, state):  # pickling and deepcopy make a new Parameter
@@ -463,7 +484,8 @@ class AnalogLayerMixin:
 
     def analog_state(self) -> dict[str, torch.Tensor | None]:
         """The live arrays (not copies): ``main`` (W, the data of ``weight``), ``residual`` (P or None), ``buffer`` (H or None)."""
-        return {"main": self.weight.data, "residual": self.analog_residual, "buffer": self.analog_buffer}
+        return {"main": module_attr(self, "weight").data, "residual": module_attr(self, "analog_residual"),
+                "buffer": module_attr(self, "analog_buffer")}  # fmt: skip
 
     @torch.no_grad()
     def forward_weight(self) -> torch.Tensor:

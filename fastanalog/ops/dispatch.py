@@ -105,10 +105,6 @@ _ARRAYS = {
 }
 
 
-def _array(item: StepItem, name: str) -> torch.Tensor:
-    return item.weight if name == "weight" else item.arrays[name]
-
-
 def analog_step_group(items: Sequence[StepItem], *, lr: float, step: int, totals: bool = False) -> list[StepPulses]:
     """One step of ``lr`` on many analog tensors, arrays updated in place; one StepPulses per item, in order.
 
@@ -131,18 +127,14 @@ def analog_step_group(items: Sequence[StepItem], *, lr: float, step: int, totals
         algorithm = item.config.algorithm
         if algorithm not in _ARRAYS:
             raise ValueError(f"analog_step got algorithm {algorithm!r}, which has no analog update")
-        _check_item(item, algorithm)
-        main = item.arrays["main"]
-        if (main.device, main.dtype, algorithm) not in checked:
-            backend_for(main, algorithm)
-            checked.add((main.device, main.dtype, algorithm))
+        device, dtypes = _check_item(item, algorithm)
+        if (device, dtypes[0], algorithm) not in checked:  # dtypes[0]: W's
+            backend_for(item.arrays["main"], algorithm)
+            checked.add((device, dtypes[0], algorithm))
         config_id = config_ids.get(id(item.config))
         if config_id is None:
             config_id = config_ids[id(item.config)] = distinct.setdefault(item.config, len(distinct))
-        arrays = (_array(item, n) for n in _ARRAYS[algorithm])
-        dtypes = tuple(a.dtype if a is not None else None for a in arrays) + (item.grad.dtype,)
-        dtypes += (item.A.dtype if item.A is not None else None, item.counters is not None)
-        launches.setdefault((config_id, main.device, dtypes), []).append(i)
+        launches.setdefault((config_id, device, dtypes), []).append(i)
     out: list[StepPulses | None] = [None] * len(items)
     for indices in launches.values():
         for i, pulses in zip(indices, _launch([items[i] for i in indices], lr=lr, step=step, totals=totals)):
@@ -153,59 +145,80 @@ def analog_step_group(items: Sequence[StepItem], *, lr: float, step: int, totals
 _ROLES = {"main": "W (main)", "residual": "P (residual)", "buffer": "H (buffer)", "weight": "Wbar (stored mixed weight)"}
 
 
-def _check_item(item: StepItem, algorithm: str) -> None:
+def _check_item(item: StepItem, algorithm: str) -> tuple[torch.device, tuple]:
     """ValueError/TypeError naming the array where ``item`` cannot be stepped; checked before anything is written.
 
     The arrays ``algorithm`` needs are present, floating, of W's shape, dtype and device, and
     apart in memory; the gradient and ``A`` are floating tensors of W's shape on its device.
+    Returns W's device and the item's dtypes, which with its config make its launch: those of
+    the arrays (W's for each array, as they share it; None for a role without one), of the
+    gradient and of A (None without), and whether it has pulse counters.
     """
     main = item.arrays.get("main")
     if not isinstance(main, torch.Tensor):
         raise TypeError(f"W (main) must be a tensor, got {type(main).__name__}")
     if not main.is_floating_point():
         raise TypeError(f"W (main) must be a floating tensor, got {main.dtype}")
-    written = []
-    for name in _ARRAYS[algorithm]:
-        t = _array(item, name)
+    shape, dtype, device = main.shape, main.dtype, main.device
+    written = [("main", main)]
+    dtypes = [dtype]
+    for name in _ARRAYS[algorithm][1:]:  # W is the first role of every algorithm
+        t = item.weight if name == "weight" else item.arrays[name]
         if t is None:
             if name == "weight":
+                dtypes.append(None)
                 continue
             raise ValueError(f"{algorithm} needs the array {_ROLES[name]}, got None")
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{_ROLES[name]} must be a tensor, got {type(t).__name__}")
         if t is not main:
-            if t.shape != main.shape:
-                raise ValueError(f"{_ROLES[name]} has shape {tuple(t.shape)}, W has {tuple(main.shape)}")
-            if t.dtype != main.dtype:
-                raise ValueError(f"{_ROLES[name]} has dtype {t.dtype}, W has {main.dtype}: store a tensor's arrays in one dtype")
-            if t.device != main.device:
-                raise ValueError(f"{_ROLES[name]} is on {t.device}, W on {main.device}: keep a tensor's arrays on one device")
+            if t.shape != shape:
+                raise ValueError(f"{_ROLES[name]} has shape {tuple(t.shape)}, W has {tuple(shape)}")
+            if t.dtype != dtype:
+                raise ValueError(f"{_ROLES[name]} has dtype {t.dtype}, W has {dtype}: store a tensor's arrays in one dtype")
+            if t.device != device:
+                raise ValueError(f"{_ROLES[name]} is on {t.device}, W on {device}: keep a tensor's arrays on one device")
         written.append((name, t))
-    for label, t in (("the gradient", item.grad), ("A (the per-sample |g| sums)", item.A)):
-        if t is None and label.startswith("A"):
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{label} must be a tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{label} must be a floating tensor, got {t.dtype}")
-        if t.shape != main.shape:
-            raise ValueError(f"{label} has shape {tuple(t.shape)}, W has {tuple(main.shape)}")
-        if t.device != main.device:
-            raise ValueError(f"{label} is on {t.device}, W on {main.device}")
-    if main.numel() == 0 or main.device.type == "meta":
-        return
+        dtypes.append(dtype)
+    dtypes.append(_check_input("the gradient", item.grad, shape, device))
+    dtypes.append(None if item.A is None else _check_input("A (the per-sample |g| sums)", item.A, shape, device))
+    dtypes.append(item.counters is not None)
+    numel = main.numel()
+    if len(written) == 1 or numel == 0 or device.type == "meta":  # asgd writes one array: nothing to overlap
+        return device, tuple(dtypes)
+    size = main.element_size()  # every written array has W's dtype and shape
     spans = []
     for name, t in written:
-        start = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
-        spans.append((name, start, start + _extent(t) * t.element_size()))
-    for i in range(len(spans)):
-        for j in range(i + 1, len(spans)):
-            if spans[i][1] < spans[j][2] and spans[j][1] < spans[i][2]:
-                raise ValueError(f"{_ROLES[spans[i][0]]} and {_ROLES[spans[j][0]]} overlap in memory: each array needs its own")
+        start = t.untyped_storage().data_ptr() + t.storage_offset() * size
+        spans.append((name, start, start + (numel if t.is_contiguous() else _extent(t)) * size))
+    for i, (name, start, end) in enumerate(spans):
+        for other, other_start, other_end in spans[i + 1 :]:
+            if start < other_end and other_start < end:
+                raise ValueError(f"{_ROLES[name]} and {_ROLES[other]} overlap in memory: each array needs its own")
+    return device, tuple(dtypes)
+
+
+def _check_input(label: str, t, shape: torch.Size, device: torch.device) -> torch.dtype:
+    """ValueError/TypeError unless ``t`` (the gradient or A) is a floating tensor of W's ``shape`` on its ``device``.
+
+    Returns its dtype.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{label} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{label} must be a floating tensor, got {t.dtype}")
+    if t.shape != shape:
+        raise ValueError(f"{label} has shape {tuple(t.shape)}, W has {tuple(shape)}")
+    if t.device != device:
+        raise ValueError(f"{label} is on {t.device}, W on {device}")
+    return t.dtype
 
 
 def _extent(t: torch.Tensor) -> int:
-    """Elements from the first to one past the last element ``t`` addresses (its span in storage)."""
+    """Elements from the first to one past the last element ``t`` addresses (its span in storage).
+
+    For a contiguous ``t`` that is not empty, ``t.numel()``: its row-major strides make the sum telescope.
+    """
     return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
 
@@ -215,14 +228,22 @@ def _launch(items: list[StepItem], *, lr: float, step: int, totals: bool) -> lis
     names = _ARRAYS[config.algorithm]
     # Flat views in logical (row-major) order: the random counter of an element is its
     # logical index whatever the memory layout (e.g. channels_last), so strided arrays
-    # are updated through contiguous copies and written back.
+    # are updated through contiguous copies (``copies``) and written back.
     # A role without arrays (no stored mixed weight: all None, as the launch key says) is None.
-    flat = {n: [_flat(_array(item, n)) for item in items] if _array(items[0], n) is not None else None for n in names}
-    grads = [item.grad.reshape(-1).contiguous() for item in items]
+    flat: dict[str, list[torch.Tensor] | None] = {}
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for n in names:
+        arrays = [item.weight for item in items] if n == "weight" else [item.arrays[n] for item in items]
+        if arrays[0] is None:
+            flat[n] = None
+            continue
+        flat[n] = [_flat(t) for t in arrays]
+        copies += [(t, view) for t, view in zip(arrays, flat[n]) if not t.is_contiguous()]
+    grads = [_flat(item.grad) for item in items]
     for item in items:
         if item.A is not None and item.A.shape != item.grad.shape:
             raise ValueError(f"A (per-sample |g| sums) must have the gradient's shape {tuple(item.grad.shape)}, got {tuple(item.A.shape)}")
-    sums = [item.A.reshape(-1).contiguous() for item in items] if items[0].A is not None else None
+    sums = [_flat(item.A) for item in items] if items[0].A is not None else None
     counters = [_counter_views(item.counters) for item in items] if items[0].counters is not None else None
     out = library.step(
         config.algorithm,
@@ -237,9 +258,8 @@ def _launch(items: list[StepItem], *, lr: float, step: int, totals: bool) -> lis
         totals=totals,
         counters=counters,
     )
-    for n, arrays in flat.items():
-        for item, array in zip(items, arrays or ()):
-            _write_back(_array(item, n), array)
+    for t, array in copies:
+        t.copy_(array.view(t.shape))
     return out
 
 
@@ -278,8 +298,3 @@ def _counter_views(counters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """A flat view of ``t`` if it is contiguous, else a flat contiguous copy."""
     return t.view(-1) if t.is_contiguous() else t.contiguous().view(-1)
-
-
-def _write_back(t: torch.Tensor, flat: torch.Tensor) -> None:
-    if not t.is_contiguous():
-        t.copy_(flat.view(t.shape))

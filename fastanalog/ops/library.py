@@ -436,7 +436,8 @@ def step(
     packed = packing.pack_op_config(config)
     if not residual:
         packed = packed.main_only()
-    a = {n: list(arrays.get(STATE_NAMES[n]) or []) if n in spec.op_arrays else [] for n in ("W", "P", "H", "Wbar")}
+    op_arrays = spec.op_arrays
+    a = {n: list(arrays.get(STATE_NAMES[n]) or []) if n in op_arrays else [] for n in ("W", "P", "H", "Wbar")}
     a.update(
         W=W,
         g=list(g),
@@ -456,12 +457,8 @@ def step(
         _native(algorithm, a)  # what the op's kernel would do, without the round trip through the dispatcher
     else:
         op(algorithm)(*public_args(algorithm, a))
-    reported = (lambda c: c.view(())) if totals and counters is None else (lambda c: c)
-    return [
-        StepPulses(
-            first=reported(first[i]),
-            main=reported(main[i]) if main_written else None,
-            first_pairs=pairs[i] if pairs else None,
-        )
-        for i in range(m)
-    ]
+    if totals and counters is None:  # each total as a 0-d tensor
+        first = [c.view(()) for c in first]
+        main = [c.view(()) for c in main] if main_written else main
+    mains = main if main_written else [None] * m
+    return [StepPulses(first=f, main=w, first_pairs=q) for f, w, q in zip(first, mains, pairs or [None] * m)]

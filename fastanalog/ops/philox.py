@@ -9,9 +9,10 @@ Keys
 ----
 ``step_key(seed, step, tensor_id)`` is the one mixing function every backend uses:
 SplitMix64 chained over the three inputs, truncated to 63 bits so the key passes to
-a kernel as a non-negative int64. ``variation_key(variation_seed, tensor_id, array)``
-keys device-to-device parameters (``array`` is 0 for the main array W and 1 for the
-residual array P); it depends on no step, so those parameters never change.
+a kernel as a non-negative int64 (``step_keys`` gives the keys of many tensors of one
+step at once). ``variation_key(variation_seed, tensor_id, array)`` keys device-to-device
+parameters (``array`` is 0 for the main array W and 1 for the residual array P); it
+depends on no step, so those parameters never change.
 
 Streams (SPEC v2, section 4)
 ----------------------------
@@ -26,6 +27,8 @@ See :func:`stream_words`, :func:`stream_uniform` and :func:`stream_normal`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
@@ -63,16 +66,31 @@ def splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _mix(*values: int) -> int:
+def _chain(*values: int) -> int:
+    """SplitMix64 chained over ``values`` from 0: the 64-bit state after the last."""
     h = 0
     for v in values:
         h = splitmix64(h ^ (int(v) & MASK64))
-    return h & MASK63
+    return h
+
+
+def _mix(*values: int) -> int:
+    return _chain(*values) & MASK63
 
 
 def step_key(seed: int, step: int, tensor_id: int) -> int:
     """The 63-bit Philox key of one optimizer step of one analog tensor."""
     return _mix(_STEP_DOMAIN, seed, step, tensor_id)
+
+
+def step_keys(seed: int, step: int, tensor_ids: Iterable[int]) -> list[int]:
+    """``[step_key(seed, step, t) for t in tensor_ids]``, the chain over (domain, seed, step) mixed once.
+
+    The optimizer keys every analog tensor of a step: this spends one SplitMix64 per tensor
+    instead of four.
+    """
+    h = _chain(_STEP_DOMAIN, seed, step)
+    return [splitmix64(h ^ (int(t) & MASK64)) & MASK63 for t in tensor_ids]
 
 
 def variation_key(variation_seed: int, tensor_id: int, array: int) -> int:
