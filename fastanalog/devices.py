@@ -78,6 +78,9 @@ class ResponseDevice:
 
     family: ClassVar[str] = "base"
     family_id: ClassVar[int] = -1
+    # Whether the response is data (a table) rather than a formula of the range, pulse size and
+    # shape parameter: such a family is built in Python only, not from command-line options.
+    tabulated: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if type(self) is ResponseDevice:
@@ -353,6 +356,7 @@ class TableResponse(ResponseDevice):
     down: tuple[float, ...] = field(default=())
     family: ClassVar[str] = "table"
     family_id: ClassVar[int] = 3
+    tabulated: ClassVar[bool] = True
 
     def _check_family(self):
         up = tuple(float(x) for x in self.up)

@@ -262,3 +262,37 @@ def test_run_training_fashion_mnist_synthetic(tmp_path: Path) -> None:
     result = run_training(data_root=str(tmp_path), model="mlp", algorithm="digital", batch_size=8, no_progress=True, threads=1)
     assert result["steps"] == 2 and result["pulses"] == 0
     assert 0.0 <= result["test_accuracy"] <= 1.0
+
+
+def test_device_choices_follow_the_response_families(monkeypatch):
+    """--device offers every response family of fastanalog.devices that is a formula (not the table), each
+    with its own default shape: a family added there is a choice without editing the command line."""
+    import dataclasses
+    import importlib
+    from typing import ClassVar
+
+    import fastanalog as fa
+    from fastanalog import devices
+    from fastanalog.train import cli
+
+    assert cli.DEVICES == ("linear", "power", "exp")
+    assert cli.DEFAULT_RESPONSE_GAMMA == {"power": 0.5, "exp": 1.0}
+    with pytest.raises(ValueError, match="unknown device 'table'"):
+        cli.make_device("table", 0.6, 0.001)
+
+    @dataclasses.dataclass(frozen=True)
+    class SquareResponse(fa.PowerResponse):
+        gamma: float = 2.0
+        family: ClassVar[str] = "square"
+
+    monkeypatch.setitem(devices.DEVICE_FAMILIES, "square", SquareResponse)
+    try:
+        patched = importlib.reload(cli)
+        assert patched.DEVICES == ("linear", "power", "exp", "square")
+        device = patched.make_device("square", 0.6, 0.001)
+        assert type(device) is SquareResponse and device.gamma == 2.0
+        assert patched.make_device("square", 0.6, 0.001, response_gamma=3.0).gamma == 3.0
+        assert patched.build_parser().parse_args(["--device", "square"]).device == "square"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(cli)

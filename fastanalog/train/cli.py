@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -36,7 +37,7 @@ import torch.distributed as dist
 import fastanalog as fa
 
 from ..config import ALGORITHMS, UPDATES
-from ..devices import ResponseDevice
+from ..devices import DEVICE_FAMILIES, ResponseDevice
 from .checkpoint import (
     CHECKPOINT_DIR,
     CheckpointError,
@@ -77,11 +78,18 @@ __all__ = [
     "train_command",
 ]
 
-DEVICES = ("linear", "power", "exp")
+# The response families the command line builds from a range, a pulse size and a shape parameter:
+# those of fastanalog.devices whose response is a formula (all but the tabulated one), so that a
+# family added there is a --device choice too.
+_FAMILIES: dict[str, type[ResponseDevice]] = {name: cls for name, cls in DEVICE_FAMILIES.items() if not cls.tabulated}
+DEVICES = tuple(_FAMILIES)
 SCHEDULES = ("none", "cosine", "step")
 AMP_MODES = ("none", "bf16")
-# Default shape parameter (``gamma`` of the response family) per device when --response-gamma is not given.
-DEFAULT_RESPONSE_GAMMA = {"power": 0.5, "exp": 1.0}
+# Default shape parameter (``gamma`` of the response family) per device when --response-gamma is not
+# given: the family's own default (0.5 for power, 1.0 for exp).
+DEFAULT_RESPONSE_GAMMA = {
+    name: next(f.default for f in dataclasses.fields(cls) if f.name == "gamma") for name, cls in _FAMILIES.items() if cls.has_gamma
+}
 # Folder under which the command line puts run folders when --out is not given.
 RUNS_ROOT = "runs"
 
@@ -271,7 +279,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument(
         "--response-gamma",
         type=_positive_float,
-        help="shape parameter of the power/exp response (default: 0.5 for power, 1.0 for exp; unused for linear)",
+        help="shape parameter of the response (default: "
+        + ", ".join(f"{v} for {k}" for k, v in DEFAULT_RESPONSE_GAMMA.items())
+        + "; unused for "
+        + ", ".join(k for k in DEVICES if k not in DEFAULT_RESPONSE_GAMMA)
+        + ")",
     )
     g.add_argument(
         "--dw-min", type=_positive_float, help=f"weight change of one pulse at the symmetric point (default: {d['dw_min']})"
@@ -512,10 +524,11 @@ def make_device(
     """Build the device of the analog arrays.
 
     Args:
-        kind: ``linear``, ``power`` or ``exp``.
+        kind: a response family of ``DEVICES`` (``linear``, ``power``, ``exp``).
         tau: weight range ``[-tau, tau]``, weight units.
         dw_min: weight change of one pulse at the symmetric point, weight units.
-        response_gamma: shape parameter of the power/exp response (None: 0.5 for power, 1.0 for exp); unused for linear.
+        response_gamma: shape parameter of the response (None: the family's default, ``DEFAULT_RESPONSE_GAMMA``);
+            unused for a family without one (linear).
         asymmetry: up/down asymmetry of the response, ``|a| < 1``.
         d2d_std: relative device-to-device spread of the parameters.
         c2c_std: relative cycle-to-cycle spread of each pulse.
@@ -529,12 +542,12 @@ def make_device(
         "c2c_std": c2c_std,
         "variation_seed": variation_seed,
     }
-    if kind == "linear":
-        return fa.LinearResponse(**common)
-    if kind not in DEFAULT_RESPONSE_GAMMA:
+    cls = _FAMILIES.get(kind)
+    if cls is None:
         raise ValueError(f"unknown device {kind!r}: choose one of {', '.join(DEVICES)}")
+    if not cls.has_gamma:
+        return cls(**common)
     shape = DEFAULT_RESPONSE_GAMMA[kind] if response_gamma is None else response_gamma
-    cls = fa.PowerResponse if kind == "power" else fa.ExpResponse
     return cls(gamma=shape, **common)
 
 
