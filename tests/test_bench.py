@@ -79,6 +79,13 @@ def test_train_tiny_times_and_measures_memory(tmp_path, capsys):
     }
     for r in rows:
         check_stats(r, "ratio")
+        check_stats(r, "batch_ratio")
+        # rl and rl2 are timed once more with the stored mixed weight; asgd and digital have none to store
+        if r["algorithm"] in ("rl", "rl2"):
+            check_stats(r, "stored_ratio")
+            assert float(r["stored_ms_median"]) > 0
+        else:
+            assert r["stored_ratio_median"] == r["stored_ms_median"] == ""
         assert r["mem_kind"] == "cpu peak RSS, fresh process"
         # Tiny models allocate a few pages, so their sizes (peak RSS above a baseline) and the ratio are noise
         # here, even of either sign (the 512x512 test below checks the sizes); what must hold is that the peaks
@@ -89,7 +96,8 @@ def test_train_tiny_times_and_measures_memory(tmp_path, capsys):
             continue
         ratio = float(r["analog_mem_mb"]) / float(r["digital_mem_mb"])
         assert float(r["mem_ratio"]) == pytest.approx(ratio, rel=1e-6)
-    assert "| model | batch | params |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| model | batch | params |" in out and "| batch / digital | batch, stored / digital |" in out
 
 
 def test_train_memory_grows_with_the_layer():

@@ -6,7 +6,9 @@ one (the same initial weights, plain modules + ``torch.optim.SGD``) are timed
 interleaved on the same fixed batch; the figure is analog time over digital time. The
 analog model writes per sample (the default ``AnalogConfig.update``); the same model in
 batch mode is timed in the same interleaving, and the cost of per-sample writes is the
-per-sample step time over the batch-mode one.
+per-sample step time over the batch-mode one. For rl and rl2 a third copy runs in batch
+mode with ``mixed_weight="stored"`` (the step's kernels write ``W + gamma * P`` into a
+buffer, and forward and backward read it instead of mixing the two arrays in each pass).
 
 Peak memory, analog over digital: on CUDA ``torch.cuda.max_memory_allocated`` of a
 few training steps, in this process. On CPU every configuration runs in a fresh
@@ -94,6 +96,9 @@ COLUMNS = [
     *stats_names("ratio"),
     *stats_names("batch_mode_ms"),
     *stats_names("sample_ratio"),
+    *stats_names("batch_ratio"),
+    *stats_names("stored_ms"),
+    *stats_names("stored_ratio"),
     "sample_dtype",
     "analog_peak_mb",
     "digital_peak_mb",
@@ -130,10 +135,15 @@ def sample_dtype_note(device: torch.device) -> str:
 
 # ----- models and steps --------------------------------------------------------------------
 def build_pair(
-    spec: ModelSpec, algorithm: str, device: torch.device, seed: int = 0, update: str | None = None
+    spec: ModelSpec,
+    algorithm: str,
+    device: torch.device,
+    seed: int = 0,
+    update: str | None = None,
+    mixed_weight: str | None = None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer, float]:
-    """``(model, optimizer, tau)`` for ``algorithm`` (``update``: the config's write mode, None for the default),
-    or for the plain-torch baseline when it is ``torch``."""
+    """``(model, optimizer, tau)`` for ``algorithm`` (``update``, ``mixed_weight``: those options of the config,
+    None for their defaults), or for the plain-torch baseline when it is ``torch``."""
     torch.manual_seed(seed)
     model = spec.build().to(device)
     tau = device_range(model)
@@ -142,6 +152,8 @@ def build_pair(
     config = analog_config(algorithm, tau)
     if update is not None:
         config = dataclasses.replace(config, update=update)
+    if mixed_weight is not None:
+        config = dataclasses.replace(config, mixed_weight=mixed_weight)
     model = fa.convert_to_analog(model, config)
     return model, fa.AnalogSGD(model.parameters(), lr=LR, seed=seed), tau
 
@@ -363,17 +375,22 @@ def time_model(spec: ModelSpec, algorithms: Sequence[str], device: torch.device,
     digital, digital_opt, tau = build_pair(spec, BASELINE, device)
     digital_step = train_step_fn(digital, digital_opt, x, y)
     rows = []
+
+    def training_step(algorithm: str, **options: str) -> Callable[[], None]:
+        model, opt, _ = build_pair(spec, algorithm, device, **options)
+        return train_step_fn(model, opt, x, y)
+
     for algorithm in algorithms:
-        model, opt, _ = build_pair(spec, algorithm, device)
-        step = train_step_fn(model, opt, x, y)
-        batch_model, batch_opt, _ = build_pair(spec, algorithm, device, update="batch")
-        batch_step = train_step_fn(batch_model, batch_opt, x, y)
-        steps = {"analog": step, "batch": batch_step, "digital": digital_step}
+        steps = {"analog": training_step(algorithm), "batch": training_step(algorithm, update="batch"), "digital": digital_step}
+        if analog_config(algorithm, tau).has_residual:  # the mixed weight kept in a buffer (rl, rl2)
+            steps["stored"] = training_step(algorithm, update="batch", mixed_weight="stored")
         t = measure_interleaved(steps, warmup=warmup, repeats=repeats, sync=sync)
         analog_ms, digital_ms = Stats.of(t["analog"]).scaled(MS), Stats.of(t["digital"]).scaled(MS)
         batch_ms = Stats.of(t["batch"]).scaled(MS)
+        stored_ms = Stats.of(t["stored"]).scaled(MS) if "stored" in t else None
+        stored_note = f", stored mixed weight {stored_ms.median:.3g}" if stored_ms else ""
         print(
-            f"  {spec.label} / {algorithm}: analog {analog_ms.median:.3g} ms (batch mode {batch_ms.median:.3g}), "
+            f"  {spec.label} / {algorithm}: analog {analog_ms.median:.3g} ms (batch mode {batch_ms.median:.3g}{stored_note}), "
             f"digital {digital_ms.median:.3g} ms per training step",
             flush=True,
         )
@@ -389,12 +406,15 @@ def time_model(spec: ModelSpec, algorithms: Sequence[str], device: torch.device,
                 **stats_columns("ratio", ratio_stats(t["analog"], t["digital"])),
                 **stats_columns("batch_mode_ms", batch_ms),
                 **stats_columns("sample_ratio", ratio_stats(t["analog"], t["batch"])),
+                **stats_columns("batch_ratio", ratio_stats(t["batch"], t["digital"])),
+                **stats_columns("stored_ms", stored_ms),
+                **stats_columns("stored_ratio", ratio_stats(t["stored"], t["digital"]) if "stored" in t else None),
                 "sample_dtype": sample_dtype_note(device),
                 "warmup": warmup,
                 "repeats": repeats,
             }
         )
-        del model, opt, step, batch_model, batch_opt, batch_step
+        del steps  # the models and optimizers of this algorithm
     return rows
 
 
@@ -434,6 +454,11 @@ def _stats(row: dict[str, Any], prefix: str) -> Stats:
     return Stats(row[f"{prefix}_median"], row[f"{prefix}_min"], row[f"{prefix}_max"], row["repeats"])
 
 
+def _maybe_stats(row: dict[str, Any], prefix: str) -> Stats | None:
+    """The statistics of ``prefix``, or None where the row has none (the stored mixed weight of asgd)."""
+    return None if row[f"{prefix}_median"] == "" else _stats(row, prefix)
+
+
 def run_train(
     *,
     models: Sequence[str],
@@ -455,7 +480,7 @@ def run_train(
 
     groups = [table[k].label for k in models]
 
-    def bars(key: Callable[[dict[str, Any]], Stats], algorithm: str) -> list[Stats | None]:
+    def bars(key: Callable[[dict[str, Any]], Stats | None], algorithm: str) -> list[Stats | None]:
         by_model = {r["model"]: r for r in rows if r["algorithm"] == algorithm}
         return [key(by_model[g]) if g in by_model else None for g in groups]
 
@@ -464,6 +489,19 @@ def run_train(
 
     panels = [
         Panel("training step time, analog / digital", "time ratio (median, min-max)", groups, {a: bars(lambda r: _stats(r, "ratio"), a) for a in algorithms}),
+        Panel(
+            "training step time in batch mode, analog / digital",
+            "time ratio (median, min-max)",
+            groups,
+            {
+                **{a: bars(lambda r: _stats(r, "batch_ratio"), a) for a in algorithms},
+                **{
+                    f"{a}, stored mixed weight": bars(lambda r: _maybe_stats(r, "stored_ratio"), a)
+                    for a in algorithms
+                    if any(r["algorithm"] == a and r["stored_ratio_median"] != "" for r in rows)
+                },
+            },
+        ),
         Panel(
             "training step time, per-sample writes / batch-mode writes",
             "time ratio (median, min-max)",
@@ -477,7 +515,10 @@ def run_train(
         "(convert_to_analog + AnalogSGD) over the same step of the digital model (plain modules + torch.optim.SGD), "
         f"repeat by repeat; median [min, max] over {repeats} repeats after {warmup} warm-up steps. The analog model "
         "writes per sample (the default); 'per-sample / batch' is its step time over the same model's in batch mode "
-        "(update='batch'), timed in the same interleaving. "
+        "(update='batch'), timed in the same interleaving, and 'batch / digital' its step time over the digital one; "
+        "'batch, stored / digital' is the same for rl and rl2 with mixed_weight='stored' (the step writes the mixed "
+        "weight W + gamma P into a buffer that forward and backward read; transient, the default, mixes W and P in "
+        "forward and again in backward). "
         + (
             f"The per-sample sums A are computed here as: {rows[0]['sample_dtype']}."
             if rows
@@ -503,6 +544,8 @@ def run_train(
         ("digital ms", lambda r: _stats(r, "digital_ms").fmt()),
         ("time ratio", lambda r: _stats(r, "ratio").fmt()),
         ("per-sample / batch", lambda r: _stats(r, "sample_ratio").fmt()),
+        ("batch / digital", lambda r: _stats(r, "batch_ratio").fmt()),
+        ("batch, stored / digital", lambda r: s.fmt() if (s := _maybe_stats(r, "stored_ratio")) else "-"),
         ("mem MB (analog / digital)", lambda r: f"{r['analog_mem_mb']:.1f} / {r['digital_mem_mb']:.1f}"),
         ("mem ratio", lambda r: f"{r['mem_ratio']:.3g}"),
         ("1 + extra arrays", lambda r: f"{r['mem_goal']:.3g}"),
