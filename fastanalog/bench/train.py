@@ -107,6 +107,8 @@ COLUMNS = [
     "mem_ratio",
     "arrays_mb",
     "mem_goal",
+    "batch_mem_ratio",
+    "stored_mem_ratio",
     "mem_kind",
     "warmup",
     "repeats",
@@ -204,9 +206,24 @@ def _reset_rss_peak() -> None:
         pass
 
 
-def memory_job(spec: ModelSpec, algorithm: str, device: torch.device, threads: int | None, steps: int = MEMORY_STEPS) -> dict[str, Any]:
-    """A memory measurement of ``spec`` trained with ``algorithm`` (``torch``: the digital baseline), as plain JSON data."""
-    return {"spec": dataclasses.asdict(spec), "algorithm": algorithm, "device": str(device), "threads": threads, "steps": steps}
+def memory_job(
+    spec: ModelSpec,
+    algorithm: str,
+    device: torch.device,
+    threads: int | None,
+    steps: int = MEMORY_STEPS,
+    options: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A memory measurement of ``spec`` trained with ``algorithm`` (``torch``: the digital baseline), as plain JSON data
+    (``options``: config options of :func:`build_pair`, e.g. ``{"update": "batch"}``)."""
+    return {
+        "spec": dataclasses.asdict(spec),
+        "algorithm": algorithm,
+        "device": str(device),
+        "threads": threads,
+        "steps": steps,
+        "options": dict(options or {}),
+    }
 
 
 def spec_from_json(data: dict[str, Any]) -> ModelSpec:
@@ -227,7 +244,7 @@ def _release_freed_heap() -> None:
         pass
 
 
-def _warm_up(spec: ModelSpec, algorithm: str, device: torch.device) -> None:
+def _warm_up(spec: ModelSpec, algorithm: str, device: torch.device, options: dict[str, str]) -> None:
     """One training step of the configuration on a batch of (at most) two samples, then free it.
 
     It loads the code the measured steps run (library pages, kernels, lazy
@@ -235,7 +252,7 @@ def _warm_up(spec: ModelSpec, algorithm: str, device: torch.device) -> None:
     above the baseline is the configuration's own data.
     """
     small = dataclasses.replace(spec, batch=min(2, spec.batch))
-    model, opt, _ = build_pair(small, algorithm, device)
+    model, opt, _ = build_pair(small, algorithm, device, **options)
     x, y = small.data(device)
     train_step_fn(model, opt, x, y)()
     del model, opt, x, y
@@ -245,14 +262,15 @@ def run_memory_job(job: dict[str, Any]) -> dict[str, Any]:
     """Build one configuration, run a few training steps; return its peak and baseline memory in bytes.
 
     ``job`` (see :func:`memory_job`) holds ``spec``, ``algorithm`` (or ``torch`` for
-    the digital baseline), ``device``, ``threads`` and ``steps``. The baseline is taken
+    the digital baseline), ``device``, ``threads``, ``steps`` and ``options``. The baseline is taken
     after a warm-up step on a two-sample batch (see :func:`_warm_up`).
     """
     set_threads(job.get("threads"))
     device = torch.device(job["device"])
     spec = spec_from_json(job["spec"])
     cuda = device.type == "cuda"
-    _warm_up(spec, job["algorithm"], device)
+    options = job.get("options") or {}
+    _warm_up(spec, job["algorithm"], device, options)
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -261,7 +279,7 @@ def run_memory_job(job: dict[str, Any]) -> dict[str, Any]:
     else:
         _release_freed_heap()
         baseline = _rss_now()
-    model, opt, _ = build_pair(spec, job["algorithm"], device)
+    model, opt, _ = build_pair(spec, job["algorithm"], device, **options)
     arrays = extra_array_bytes(model)
     x, y = spec.data(device)
     step = train_step_fn(model, opt, x, y)
@@ -418,33 +436,58 @@ def time_model(spec: ModelSpec, algorithms: Sequence[str], device: torch.device,
     return rows
 
 
+# The configurations whose memory is measured beside the default (per-sample writes, transient
+# mixed weight): batch mode, and for rl and rl2 batch mode with the stored mixed weight.
+MEMORY_VARIANTS: dict[str, dict[str, str]] = {"": {}, "batch": {"update": "batch"}, "stored": {"update": "batch", "mixed_weight": "stored"}}
+
+
+def _memory_variants(row: dict[str, Any]) -> list[str]:
+    """The variants of :data:`MEMORY_VARIANTS` measured for ``row``: those it has times of."""
+    if row["algorithm"] == "digital":
+        return [""]
+    return ["", "batch"] + (["stored"] if row.get("stored_ratio_median", "") != "" else [])
+
+
 def add_memory(rows: list[dict[str, Any]], specs: Sequence[ModelSpec], device: torch.device, threads: int | None) -> None:
-    """Measure peak memory of every model of ``specs`` (digital baseline and each algorithm of ``rows``); fill the rows' memory columns.
+    """Measure peak memory of every model of ``specs`` (digital baseline and each algorithm of ``rows``, per sample,
+    in batch mode and with the stored mixed weight); fill the rows' memory columns.
 
     On CPU all configurations share one fresh worker process (one forked child each).
     """
     by_label = {s.label: s for s in specs}
-    keys = [(label, BASELINE) for label in by_label] + [(r["model"], r["algorithm"]) for r in rows]
+    keys = [(label, BASELINE, "") for label in by_label] + [(r["model"], r["algorithm"], v) for r in rows for v in _memory_variants(r)]
     keys = list(dict.fromkeys(keys))
     print(f"train: peak memory of {len(keys)} configurations", flush=True)
-    results = measure_memory([memory_job(by_label[label], algorithm, device, threads) for label, algorithm in keys], device)
-    memory = dict(zip(keys, results))
-    errors = [f"{label} / {algorithm}: {m['error']}" for (label, algorithm), m in memory.items() if "error" in m]
+    jobs = [memory_job(by_label[label], algorithm, device, threads, options=MEMORY_VARIANTS[v]) for label, algorithm, v in keys]
+    memory = dict(zip(keys, measure_memory(jobs, device)))
+    errors = [f"{label} / {algorithm} {v}".rstrip() + f": {m['error']}" for (label, algorithm, v), m in memory.items() if "error" in m]
     if errors:
         raise RuntimeError("memory measurement failed: " + "; ".join(errors))
     mem_kind = "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS, fresh process"
+
+    def extra(m: dict[str, Any]) -> int:
+        return m["peak"] - m["baseline"]
+
+    def ratio(key: tuple[str, str, str], dig_extra: int) -> float | str:
+        if key not in memory:
+            return ""
+        return extra(memory[key]) / dig_extra if dig_extra > 0 else float("nan")
+
     for row in rows:
-        mem, dig = memory[(row["model"], row["algorithm"])], memory[(row["model"], BASELINE)]
-        extra, dig_extra = mem["peak"] - mem["baseline"], dig["peak"] - dig["baseline"]
+        model, algorithm = row["model"], row["algorithm"]
+        mem, dig = memory[(model, algorithm, "")], memory[(model, BASELINE, "")]
+        dig_extra = extra(dig)
         row.update(
             {
                 "analog_peak_mb": mem["peak"] * MB,
                 "digital_peak_mb": dig["peak"] * MB,
-                "analog_mem_mb": extra * MB,
+                "analog_mem_mb": extra(mem) * MB,
                 "digital_mem_mb": dig_extra * MB,
-                "mem_ratio": extra / dig_extra if dig_extra > 0 else float("nan"),
+                "mem_ratio": ratio((model, algorithm, ""), dig_extra),
                 "arrays_mb": mem["arrays"] * MB,
                 "mem_goal": 1 + mem["arrays"] / dig_extra if dig_extra > 0 else float("nan"),
+                "batch_mem_ratio": ratio((model, algorithm, "batch"), dig_extra),
+                "stored_mem_ratio": ratio((model, algorithm, "stored"), dig_extra),
                 "mem_kind": mem_kind,
             }
         )
@@ -452,6 +495,11 @@ def add_memory(rows: list[dict[str, Any]], specs: Sequence[ModelSpec], device: t
 
 def _stats(row: dict[str, Any], prefix: str) -> Stats:
     return Stats(row[f"{prefix}_median"], row[f"{prefix}_min"], row[f"{prefix}_max"], row["repeats"])
+
+
+def _mem_text(value: float | str) -> str:
+    """A memory ratio of the table, ``-`` where the configuration was not measured."""
+    return "-" if value == "" else f"{value:.3g}"
 
 
 def _maybe_stats(row: dict[str, Any], prefix: str) -> Stats | None:
@@ -532,7 +580,9 @@ def run_train(
             "leave the resident set)."
         )
         + " '1 + extra arrays': the memory ratio if the analog model held nothing beyond the digital one but its extra "
-        "arrays (P, H, a stored mixed weight, and per sample the companion analog_abs and its gradient A).",
+        "arrays (P, H, a stored mixed weight, and per sample the companion analog_abs and its gradient A). "
+        "'mem ratio, batch / batch stored': the same ratio of the model in batch mode, and in batch mode with the "
+        "stored mixed weight (rl, rl2), each in a process of its own.",
         device_note(rows),
     ]
     table_spec = [
@@ -549,5 +599,6 @@ def run_train(
         ("mem MB (analog / digital)", lambda r: f"{r['analog_mem_mb']:.1f} / {r['digital_mem_mb']:.1f}"),
         ("mem ratio", lambda r: f"{r['mem_ratio']:.3g}"),
         ("1 + extra arrays", lambda r: f"{r['mem_goal']:.3g}"),
+        ("mem ratio, batch / batch stored", lambda r: " / ".join(_mem_text(r[k]) for k in ("batch_mem_ratio", "stored_mem_ratio"))),
     ]
     return Report("train", "Training step: analog over digital", COLUMNS, rows, table_spec, panels, notes)
