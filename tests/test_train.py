@@ -189,6 +189,7 @@ def test_unknown_model_raises() -> None:
         (["--max-train", "-5"], "--max-train"),
         (["--algorithm", "sgd"], "--algorithm"),
         (["--dataset", "mnist"], "--dataset"),
+        (["--mixed-weight", "cached"], "--mixed-weight"),
     ],
 )
 def test_cli_rejects_bad_values(argv: list[str], option: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -296,3 +297,18 @@ def test_device_choices_follow_the_response_families(monkeypatch):
     finally:
         monkeypatch.undo()
         importlib.reload(cli)
+
+
+def test_mixed_weight_option_reaches_the_config_and_trains_identically() -> None:
+    """--mixed-weight stored keeps the forward weight in a buffer the step writes; the run is the transient one."""
+    from fastanalog.train import cli
+
+    ns = cli.build_parser().parse_args(["--mixed-weight", "stored", "--algorithm", "rl"])
+    cli._fill_defaults(ns)
+    assert cli.make_config(ns).mixed_weight == "stored"
+    assert cli.build_parser().parse_args([]).mixed_weight is None  # not given: the default (or a resumed run's value)
+    common = dict(dataset="digits", max_train=128, epochs=1, algorithm="rl2", batch_size=32, no_progress=True, threads=1)
+    transient = run_training(**common)
+    stored = run_training(**common, mixed_weight="stored")
+    for key in ("test_accuracy", "train_loss", "pulses"):
+        assert stored[key] == transient[key], key

@@ -493,3 +493,20 @@ def test_runs_record_the_update_mode_and_older_runs_resume_in_batch_mode(finishe
     result = run_training(resume=str(out), max_steps=6, no_progress=True)
     assert result["steps"] == 6
     assert load_checkpoint(list_checkpoints(out)[-1][1])["args"]["update"] == "batch"
+
+
+def test_a_run_resumes_with_the_other_mixed_weight_on_the_same_trajectory(finished_run: Path, tmp_path: Path, capsys) -> None:
+    """--mixed-weight does not shape the trajectory: a transient run resumed with the stored mixed weight ends where
+    resuming it transient does, bit for bit, and its later checkpoints record the new choice."""
+    assert load_checkpoint(list_checkpoints(finished_run)[-1][1])["args"]["mixed_weight"] == "transient"
+    finals = {}
+    for mixed in ("transient", "stored"):
+        out, _ = _copy_run(finished_run, tmp_path / mixed)
+        code, _, err = _cli(["--resume", str(out), "--max-steps", "8", "--mixed-weight", mixed], capsys)
+        assert code == 0, err
+        finals[mixed] = load_checkpoint(list_checkpoints(out)[-1][1])
+        assert finals[mixed]["args"]["mixed_weight"] == mixed and finals[mixed]["step"] == 8
+    transient, stored = (finals[m]["model"] for m in ("transient", "stored"))
+    assert transient.keys() == stored.keys() and any(k.endswith("analog_residual") for k in transient)
+    for key in transient:
+        assert torch.equal(transient[key], stored[key]), key

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 import fastanalog as fa
 
-from ..config import ALGORITHMS, UPDATES
+from ..config import ALGORITHMS, MIXED_WEIGHTS, UPDATES
 from ..devices import DEVICE_FAMILIES, ResponseDevice
 from .checkpoint import (
     CHECKPOINT_DIR,
@@ -127,6 +127,7 @@ DEFAULTS: dict[str, Any] = {
     "weight_scaling": "fit",
     "weight_scaling_omega": 0.95,
     "update": "per-sample",
+    "mixed_weight": "transient",
     "epochs": 1,
     "batch_size": 128,
     "lr": 0.05,
@@ -318,6 +319,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "opposite pulses of different samples are sent, not cancelled; one more GEMM per layer) or batch (the "
         "mini-batch gradient as one write, the paper's theorem model) (default: per-sample)",
     )
+    g.add_argument(
+        "--mixed-weight",
+        choices=MIXED_WEIGHTS,
+        help="how rl/rl2 keep the forward weight W + gamma P: transient (computed in forward and again in backward, no "
+        "array kept) or stored (one more array per layer, written by the optimizer step; forward and backward read it). "
+        "Both train identically; a resumed run may switch (default: transient)",
+    )
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_positive_int, help=f"passes over the training set (default: {d['epochs']})")
@@ -474,6 +482,7 @@ def _validate(ns: argparse.Namespace) -> None:
     check("weight_scaling", ns.weight_scaling in ("fit", "channel", "tensor"), "fit, channel or tensor")
     check("weight_scaling_omega", num(ns.weight_scaling_omega) and 0 < ns.weight_scaling_omega < 1, "a number in (0, 1)")
     check("update", ns.update in UPDATES, " or ".join(UPDATES))
+    check("mixed_weight", ns.mixed_weight in MIXED_WEIGHTS, " or ".join(MIXED_WEIGHTS))
     check("momentum", num(ns.momentum) and 0 <= ns.momentum < 1, "a number in [0, 1)")
     check("weight_decay", num(ns.weight_decay) and ns.weight_decay >= 0, "a number >= 0")
     check("tau", num(ns.tau) and ns.tau > 0, "a number > 0")
@@ -574,6 +583,7 @@ def make_config(ns: argparse.Namespace) -> fa.AnalogConfig:
         weight_scaling=getattr(ns, "weight_scaling", "fit"),
         weight_scaling_omega=getattr(ns, "weight_scaling_omega", 0.95),
         update=getattr(ns, "update", "per-sample"),
+        mixed_weight=getattr(ns, "mixed_weight", "transient"),
     )
 
 
