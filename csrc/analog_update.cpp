@@ -2892,6 +2892,21 @@ static FA_INLINE typename V::F power_one_way_write(typename V::F x, typename V::
   return clamp<V>(V::add(x, V::sub(V::maskz(has_up, v), V::maskz(has_down, v))), e.lo, e.hi);
 }
 
+// Asks for the line of p[j + kBlock], kBlock elements further on (in a run of whole blocks the
+// same lanes of the next block; WRITE: of an array the step writes), once per 64-byte line. A
+// block first draws its random numbers (computation, no memory traffic) and then updates its
+// elements (memory, little computation). The hardware prefetcher follows demand misses, so it
+// leaves the memory idle during the draws, and the update then waits for its loads; asked for
+// one block ahead, the lines arrive during the next block's draws. Past the end of an array it
+// asks for lines that are never read (a prefetch does not fault).
+template <class V, bool WRITE>
+static FA_INLINE void prefetch_next(const float* p, int j) {
+  if constexpr (sizeof(typename V::F) < 64) {
+    if (j % 16 != 0) return;
+  }
+  __builtin_prefetch(p + j + kBlock, WRITE ? 1 : 0, 3);
+}
+
 // The operands of the first write in a block, broadcast and read once before its loop (the
 // stores of the loop are floats, as StepArgs' scalars are, so the compiler would read those
 // again at every vector).
@@ -2915,6 +2930,8 @@ template <class V, bool PAIRS>
 static FA_INLINE typename V::F power_first_write(const First<V>& k, int j, typename V::Tail tail, const float* g, float* X,
                                                  const Power<V>& e) {
   using F = typename V::F;
+  prefetch_next<V, false>(g, j);
+  prefetch_next<V, true>(X, j);
   const F x = V::load(X + j, tail), gv = V::load(g + j, tail);
   F x_new;
   if constexpr (PAIRS) {
@@ -2963,6 +2980,9 @@ static __attribute__((noinline)) void rl2_power_fused(const StepArgs& a, int64_t
   const float *u1 = s.u1, *n_read = s.n_read;
   float* count_w = s.second.count;
   V::for_vectors(n, [&](int j, typename V::Tail tail) {
+    prefetch_next<V, true>(W, j);
+    prefetch_next<V, true>(H, j);
+    if (Wbar) prefetch_next<V, true>(Wbar, j);
     const F p32 = power_first_write<V, PAIRS>(k, j, tail, g, P, e_p);
     F p_hat = p32;
     if constexpr (READ) p_hat = V::add(p32, V::mul(rn, V::scratch(n_read + j)));
@@ -3001,6 +3021,8 @@ static __attribute__((noinline)) void rl_power_fused(const StepArgs& a, int64_t 
   const float *u1 = s.u1, *n_read = s.n_read;
   float* count_w = s.second.count;
   V::for_vectors(n, [&](int j, typename V::Tail tail) {
+    if (TRANSFER || Wbar) prefetch_next<V, TRANSFER>(W, j);  // read by the transfer or the mixed weight
+    if (Wbar) prefetch_next<V, true>(Wbar, j);
     const F p32 = power_first_write<V, PAIRS>(k, j, tail, g, P, e_p);
     if constexpr (TRANSFER) {
       F p_hat = p32;
