@@ -63,10 +63,14 @@ def test_step_tiny_writes_one_row_per_model_and_algorithm(tmp_path, capsys):
         check_stats(r, "analog_ms")
         check_stats(r, "sgd_ms")
         check_stats(r, "ratio")
+        check_stats(r, "check_ratio")
+        assert 0.0 <= float(r["zero_grad_fraction"]) < 1.0
         assert int(r["analog_launches"]) > 0 and int(r["sgd_launches"]) > 0
         assert r["analog_launch_kind"] in ("fastanalog:: op calls", "top-level torch ops")
         if r["algorithm"] == "digital":  # no analog update: the C++ gradient check alone, or AnalogSGD's torch ops
             assert r["analog_launch_kind"] == "top-level torch ops" or int(r["analog_launches"]) == 1
+    for model in ("test_resnet-tiny", "test_vit-tiny"):  # one backward pass's gradients, whatever the algorithm
+        assert len({r["zero_grad_fraction"] for r in rows if r["model"] == model and "(batch)" not in r["algorithm"]}) == 1
     out = capsys.readouterr().out
     assert "| model | params | algorithm |" in out and "step.csv" in out
 

@@ -10,6 +10,11 @@ backward pass leaves A, and the first write carries its opposite-pulse pairs) an
 batch mode (row ``<algorithm> (batch)``: one write of the mini-batch gradient, the bytes
 of SGD plus the analog arrays).
 
+Two columns say what the ratio is made of: the time of AnalogSGD's check that every gradient
+is finite (the pass over all gradients it makes before it writes anything; SGD makes none),
+timed in the same interleaving, over the SGD step time; and the share of the analog weights'
+gradient elements that are exactly zero (they send no pulse, whatever their random number).
+
 A second figure is the launch count of one step, read from ``torch.profiler``: on
 CUDA the GPU kernels; on CPU the calls of ``fastanalog::*`` custom ops when a
 compiled backend serves the update, else (the plain-PyTorch reference backend) the
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import fastanalog as fa
+from fastanalog.optim import _all_finite
 
 from .common import (
     MS,
@@ -67,6 +74,8 @@ COLUMNS = [
     *stats_names("analog_ms"),
     *stats_names("sgd_ms"),
     *stats_names("ratio"),
+    *stats_names("check_ratio"),
+    "zero_grad_fraction",
     "analog_launches",
     "analog_launch_kind",
     "sgd_launches",
@@ -141,11 +150,16 @@ def bench_model(
         model = fa.convert_to_analog(copy.deepcopy(base), config)
         opt = fa.AnalogSGD(model.parameters(), lr=LR, seed=seed)
         _backward(model, x, y)
-        times = measure_interleaved({"analog": opt.step, "sgd": sgd.step}, warmup=warmup, repeats=repeats, sync=sync)
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]  # the step's own list
+        zero_fraction = _zero_fraction(model)
+
+        fns = {"analog": opt.step, "sgd": sgd.step, "check": functools.partial(_all_finite, grads)}
+        times = measure_interleaved(fns, warmup=warmup, repeats=repeats, sync=sync)
         launches, kind = count_launches(opt.step, device)
         analog_ms = Stats.of(times["analog"]).scaled(MS)
         sgd_ms = Stats.of(times["sgd"]).scaled(MS)
         ratio = ratio_stats(times["analog"], times["sgd"])
+        check_ratio = ratio_stats(times["check"], times["sgd"])
         rows.append(
             {
                 "model": spec.label,
@@ -156,6 +170,8 @@ def bench_model(
                 **stats_columns("analog_ms", analog_ms),
                 **stats_columns("sgd_ms", sgd_ms),
                 **stats_columns("ratio", ratio),
+                **stats_columns("check_ratio", check_ratio),
+                "zero_grad_fraction": zero_fraction,
                 "analog_launches": launches,
                 "analog_launch_kind": kind,
                 "sgd_launches": sgd_launches,
@@ -166,11 +182,25 @@ def bench_model(
         )
         print(
             f"  {spec.label} / {label}: AnalogSGD.step {analog_ms.median:.3g} ms, SGD.step {sgd_ms.median:.3g} ms, "
-            f"ratio {ratio.median:.3g}, {launches} {kind}",
+            f"ratio {ratio.median:.3g} (gradient check {check_ratio.median:.3g}), {launches} {kind}",
             flush=True,
         )
         del model, opt
     return rows
+
+
+def _zero_fraction(model: torch.nn.Module) -> float:
+    """The share of the analog layers' weight-gradient elements that are exactly zero (0 without analog layers).
+
+    The layers of ``algorithm="digital"`` count too: the same backward pass, the same gradients.
+    """
+    zero = total = 0
+    for _, layer in fa.analog_layers(model):
+        g = layer.weight.grad
+        if g is not None:
+            zero += int((g == 0).sum())
+            total += g.numel()
+    return zero / total if total else 0.0
 
 
 def _configs(algorithms: Sequence[str], tau: float) -> list[tuple[str, str, Any]]:
@@ -232,6 +262,9 @@ def run_step(
     notes = [
         f"Ratio: AnalogSGD.step time / torch.optim.SGD(foreach=True).step time on the same model and gradients, "
         f"repeat by repeat; median [min, max] over {repeats} repeats after {warmup} warm-up steps.",
+        "Gradient check / SGD.step: the part of AnalogSGD.step that checks every gradient for NaN and Inf before "
+        "anything is written (timed alone, in the same interleaving). Zero gradients: the share of the analog "
+        "weights' gradient elements that are exactly 0 after the one backward pass (they send no pulse).",
         device_note(rows),
         "Launches: cuda kernels on GPU; on CPU fastanalog:: custom-op calls when a compiled backend serves the update, "
         "else the torch ops issued at the top level of the step (reference backend).",
@@ -243,6 +276,8 @@ def run_step(
         ("AnalogSGD.step ms", lambda r: _stats(r, "analog_ms").fmt()),
         ("SGD.step ms", lambda r: _stats(r, "sgd_ms").fmt()),
         ("ratio", lambda r: _stats(r, "ratio").fmt()),
+        ("gradient check / SGD.step", lambda r: _stats(r, "check_ratio").fmt()),
+        ("zero gradients", lambda r: f"{float(r['zero_grad_fraction']):.0%}"),
         ("launches (analog / SGD)", lambda r: f"{r['analog_launches']} / {r['sgd_launches']} ({r['analog_launch_kind']})"),
     ]
     return Report("step", "Optimizer step: AnalogSGD over SGD(foreach)", COLUMNS, rows, table_spec, [ratio_panel, launch_panel], notes)
