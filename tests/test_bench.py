@@ -84,12 +84,18 @@ def test_train_tiny_times_and_measures_memory(tmp_path, capsys):
     for r in rows:
         check_stats(r, "ratio")
         check_stats(r, "batch_ratio")
+        # where batch mode's time goes: forward and backward, and the optimizer step, over the digital ones
+        check_stats(r, "batch_fwdbwd_ratio")
+        check_stats(r, "batch_step_ratio")
         # rl and rl2 are timed once more with the stored mixed weight; asgd and digital have none to store
         if r["algorithm"] in ("rl", "rl2"):
             check_stats(r, "stored_ratio")
+            check_stats(r, "stored_fwdbwd_ratio")
+            check_stats(r, "stored_step_ratio")
             assert float(r["stored_ms_median"]) > 0
         else:
             assert r["stored_ratio_median"] == r["stored_ms_median"] == "" == r["stored_mem_ratio"]
+            assert r["stored_fwdbwd_ratio_median"] == r["stored_step_ratio_median"] == ""
         # memory in batch mode (and with the stored mixed weight) is measured for the analog algorithms
         # (sizes of tiny models are noise, see below: what they are is checked, not how large)
         if r["algorithm"] == "digital":

@@ -34,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -85,6 +86,16 @@ BASELINE = "torch"
 _RESULT_TAG = "FASTANALOG_BENCH_MEMORY "
 MB = 1 / 2**20
 
+# The phase columns: forward and backward, and the optimizer step, of batch mode (and of batch mode
+# with the stored mixed weight) over the digital step's, repeat by repeat.
+PHASE_COLUMNS = {
+    "batch_fwdbwd_ratio": ("batch", "fwdbwd"),
+    "batch_step_ratio": ("batch", "step"),
+    "stored_fwdbwd_ratio": ("stored", "fwdbwd"),
+    "stored_step_ratio": ("stored", "step"),
+}
+
+
 COLUMNS = [
     "model",
     "batch",
@@ -99,6 +110,7 @@ COLUMNS = [
     *stats_names("batch_ratio"),
     *stats_names("stored_ms"),
     *stats_names("stored_ratio"),
+    *(name for column in PHASE_COLUMNS for name in stats_names(column)),
     "sample_dtype",
     "analog_peak_mb",
     "digital_peak_mb",
@@ -160,15 +172,44 @@ def build_pair(
     return model, fa.AnalogSGD(model.parameters(), lr=LR, seed=seed), tau
 
 
-def train_step_fn(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """One training step (zero_grad, forward, cross-entropy, backward, step) as a callable."""
+def train_step_fn(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    phases: dict[str, list[float]] | None = None,
+    sync: Callable[[], None] | None = None,
+) -> Callable[[], None]:
+    """One training step (zero_grad, forward, cross-entropy, backward, step) as a callable.
 
-    def step() -> None:
+    With ``phases``, each call appends the seconds of zero_grad, forward and backward to
+    ``phases["fwdbwd"]`` and of the optimizer step to ``phases["step"]`` (``sync``, e.g.
+    ``torch.cuda.synchronize``, runs at the boundary between the two).
+    """
+    if phases is None:
+
+        def step() -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        return step
+    sync = sync or (lambda: None)
+    phases.setdefault("fwdbwd", [])
+    phases.setdefault("step", [])
+
+    def timed_step() -> None:
+        t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
+        sync()
+        t1 = time.perf_counter()
         opt.step()
+        sync()
+        phases["fwdbwd"].append(t1 - t0)
+        phases["step"].append(time.perf_counter() - t1)
 
-    return step
+    return timed_step
 
 
 # ----- memory ----------------------------------------------------------------------------
@@ -386,23 +427,43 @@ def measure_memory(jobs: list[dict[str, Any]], device: torch.device) -> list[dic
 
 
 # ----- the benchmark ---------------------------------------------------------------------
+def _phase_columns(parts: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """The :data:`PHASE_COLUMNS` stats from the phase times of the timed rounds (empty where a variant was not timed)."""
+    out: dict[str, Any] = {}
+    digital = parts["digital"]
+    for column, (variant, phase) in PHASE_COLUMNS.items():
+        mine = parts.get(variant, {}).get(phase)
+        out.update(stats_columns(column, ratio_stats(mine, digital[phase]) if mine else None))
+    return out
+
+
 def time_model(spec: ModelSpec, algorithms: Sequence[str], device: torch.device, *, warmup: int, repeats: int) -> list[dict[str, Any]]:
     """Time the training step of ``spec`` for each algorithm against the digital baseline; one row each (no memory yet)."""
     sync = synchronizer(device)
     x, y = spec.data(device)
     digital, digital_opt, tau = build_pair(spec, BASELINE, device)
-    digital_step = train_step_fn(digital, digital_opt, x, y)
+    # The phases (forward and backward; the optimizer step) of the digital and the batch-mode steps.
+    digital_phases: dict[str, list[float]] = {}
+    digital_step = train_step_fn(digital, digital_opt, x, y, digital_phases, sync)
     rows = []
 
-    def training_step(algorithm: str, **options: str) -> Callable[[], None]:
+    def training_step(algorithm: str, record: dict[str, list[float]] | None = None, **options: str) -> Callable[[], None]:
         model, opt, _ = build_pair(spec, algorithm, device, **options)
-        return train_step_fn(model, opt, x, y)
+        return train_step_fn(model, opt, x, y, record, sync)
 
     for algorithm in algorithms:
-        steps = {"analog": training_step(algorithm), "batch": training_step(algorithm, update="batch"), "digital": digital_step}
+        for times in digital_phases.values():
+            times.clear()
+        phases: dict[str, dict[str, list[float]]] = {"digital": digital_phases, "batch": {}, "stored": {}}
+        steps = {
+            "analog": training_step(algorithm),
+            "batch": training_step(algorithm, phases["batch"], update="batch"),
+            "digital": digital_step,
+        }
         if analog_config(algorithm, tau).has_residual:  # the mixed weight kept in a buffer (rl, rl2)
-            steps["stored"] = training_step(algorithm, update="batch", mixed_weight="stored")
+            steps["stored"] = training_step(algorithm, phases["stored"], update="batch", mixed_weight="stored")
         t = measure_interleaved(steps, warmup=warmup, repeats=repeats, sync=sync)
+        parts = {name: {k: v[-repeats:] for k, v in rec.items()} for name, rec in phases.items() if rec}  # the timed rounds
         analog_ms, digital_ms = Stats.of(t["analog"]).scaled(MS), Stats.of(t["digital"]).scaled(MS)
         batch_ms = Stats.of(t["batch"]).scaled(MS)
         stored_ms = Stats.of(t["stored"]).scaled(MS) if "stored" in t else None
@@ -427,6 +488,7 @@ def time_model(spec: ModelSpec, algorithms: Sequence[str], device: torch.device,
                 **stats_columns("batch_ratio", ratio_stats(t["batch"], t["digital"])),
                 **stats_columns("stored_ms", stored_ms),
                 **stats_columns("stored_ratio", ratio_stats(t["stored"], t["digital"]) if "stored" in t else None),
+                **_phase_columns(parts),
                 "sample_dtype": sample_dtype_note(device),
                 "warmup": warmup,
                 "repeats": repeats,
@@ -566,7 +628,9 @@ def run_train(
         "(update='batch'), timed in the same interleaving, and 'batch / digital' its step time over the digital one; "
         "'batch, stored / digital' is the same for rl and rl2 with mixed_weight='stored' (the step writes the mixed "
         "weight W + gamma P into a buffer that forward and backward read; transient, the default, mixes W and P in "
-        "forward and again in backward). "
+        "forward and again in backward). 'fwd+bwd / step': where batch mode's time goes, the same interleaving's "
+        "zero_grad, forward and backward over the digital model's, and its optimizer step over SGD's (medians of the "
+        "repeat-by-repeat ratios; without the stored mixed weight, and with it). "
         + (
             f"The per-sample sums A are computed here as: {rows[0]['sample_dtype']}."
             if rows
@@ -596,9 +660,17 @@ def run_train(
         ("per-sample / batch", lambda r: _stats(r, "sample_ratio").fmt()),
         ("batch / digital", lambda r: _stats(r, "batch_ratio").fmt()),
         ("batch, stored / digital", lambda r: s.fmt() if (s := _maybe_stats(r, "stored_ratio")) else "-"),
+        ("fwd+bwd / step, batch", lambda r: _phase_text(r, "batch")),
+        ("fwd+bwd / step, stored", lambda r: _phase_text(r, "stored")),
         ("mem MB (analog / digital)", lambda r: f"{r['analog_mem_mb']:.1f} / {r['digital_mem_mb']:.1f}"),
         ("mem ratio", lambda r: f"{r['mem_ratio']:.3g}"),
         ("1 + extra arrays", lambda r: f"{r['mem_goal']:.3g}"),
         ("mem ratio, batch / batch stored", lambda r: " / ".join(_mem_text(r[k]) for k in ("batch_mem_ratio", "stored_mem_ratio"))),
     ]
     return Report("train", "Training step: analog over digital", COLUMNS, rows, table_spec, panels, notes)
+
+
+def _phase_text(row: dict[str, Any], variant: str) -> str:
+    """``forward+backward ratio / step ratio`` (medians) of ``variant`` ("batch" or "stored"), or "-"."""
+    parts = [_maybe_stats(row, f"{variant}_{phase}_ratio") for phase in ("fwdbwd", "step")]
+    return " / ".join(f"{p.median:.3g}" for p in parts) if all(parts) else "-"
