@@ -75,6 +75,23 @@ def test_step_tiny_writes_one_row_per_model_and_algorithm(tmp_path, capsys):
     assert "| model | params | algorithm |" in out and "step.csv" in out
 
 
+def test_step_gradients_after_warm_steps(tmp_path):
+    """--warm-steps N: each model takes N plain SGD steps before its gradients are made, so that a timm ResNet's
+    blocks (whose last batch-norm scale starts at zero) get gradients too: fewer of them are exactly zero."""
+    shares = {}
+    for steps in (0, 3):
+        out = tmp_path / str(steps)
+        argv = ["step", *TINY, "--models", "resnet", "--algorithms", "asgd", "--warm-steps", str(steps), "--out", str(out)]
+        assert cli.main(argv) == 0
+        rows = check_outputs(out, "step", ["warm_steps", "zero_grad_fraction", "check_ratio_median"], 2)
+        assert {r["warm_steps"] for r in rows} == {str(steps)}
+        assert len({r["zero_grad_fraction"] for r in rows}) == 1  # per sample and batch mode: the same gradients
+        shares[steps] = float(rows[0]["zero_grad_fraction"])
+        notes = (out / "step.md").read_text(encoding="utf-8")
+        assert ("after 3 plain SGD steps" in notes) == (steps == 3)
+    assert shares[0] > 0.3 and shares[3] < shares[0] / 2
+
+
 def test_train_tiny_times_and_measures_memory(tmp_path, capsys):
     assert cli.main(["train", *TINY, "--out", str(tmp_path)]) == 0
     rows = check_outputs(tmp_path, "train", ["model", "algorithm", "ratio_median", "mem_ratio", "analog_peak_mb", "mem_kind"], 12)
@@ -356,6 +373,7 @@ def test_kernels_hands_over_options_after_dashes_and_its_exit_status(tmp_path, c
         (["step", "--repeats", "0"], "--repeats must be >= 1, got --repeats 0"),
         (["train", "--warmup", "-1"], "--warmup must be >= 0, got --warmup -1"),
         (["step", "--threads", "two"], "--threads takes an integer, got 'two'"),
+        (["step", "--warm-steps", "-1"], "--warm-steps must be >= 0, got --warm-steps -1"),
     ],
 )
 def test_bad_numbers_are_refused_by_the_parser(argv, message, capsys):

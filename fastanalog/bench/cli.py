@@ -110,6 +110,14 @@ def _add_benchmarks(sub: argparse._SubParsersAction) -> None:
         metavar="LIST",
         help="comma-separated subset of resnet,vit (resnet50 and vit_small_patch16_224 at 32x32; --tiny: timm's test_resnet/test_vit, narrowed)",
     )
+    p.add_argument(
+        "--warm-steps",
+        type=_int_at_least(0, "--warm-steps"),
+        default=0,
+        metavar="N",
+        help="plain SGD steps each model takes on its batch before the gradients are made (default: 0, a fresh model, "
+        "whose timm ResNet blocks get no gradient)",
+    )
     p = sub.add_parser(
         "train",
         parents=[shared],
@@ -370,7 +378,7 @@ def _run(args: argparse.Namespace) -> int:
         from .step import run_step
 
         env = environment(args.device_obj)
-        report = run_step(models=args.models_list, **common)
+        report = run_step(models=args.models_list, warm_steps=args.warm_steps, **common)
     else:
         from .train import run_train
 

@@ -64,6 +64,8 @@ TINY_STEP_MODELS: dict[str, ModelSpec] = {"resnet": TINY_RESNET, "vit": TINY_VIT
 
 # Learning rate of both optimizers (any positive value; the timing does not depend on it).
 LR = 0.01
+# Learning rate of the plain SGD steps a model may take before its gradients are made (--warm-steps).
+WARM_LR = 0.01
 
 COLUMNS = [
     "model",
@@ -71,6 +73,7 @@ COLUMNS = [
     "analog_layers",
     "algorithm",
     "tau",
+    "warm_steps",
     *stats_names("analog_ms"),
     *stats_names("sgd_ms"),
     *stats_names("ratio"),
@@ -130,14 +133,35 @@ def _backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     F.cross_entropy(model(x), y).backward()
 
 
+def _train_digital(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    """``steps`` plain SGD steps of ``model`` on ``(x, y)`` (``WARM_LR``): gradients then come from a model that has
+    left its initialisation (a fresh timm ResNet passes none into its blocks' convolutions)."""
+    opt = torch.optim.SGD(model.parameters(), lr=WARM_LR)
+    for _ in range(steps):
+        _backward(model, x, y)
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
 def bench_model(
-    spec: ModelSpec, algorithms: Sequence[str], device: torch.device, *, warmup: int, repeats: int, seed: int = 0
+    spec: ModelSpec,
+    algorithms: Sequence[str],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    seed: int = 0,
+    warm_steps: int = 0,
 ) -> list[dict[str, Any]]:
-    """Time ``AnalogSGD.step`` against ``SGD(foreach=True).step`` on ``spec`` for each algorithm; one row each."""
+    """Time ``AnalogSGD.step`` against ``SGD(foreach=True).step`` on ``spec`` for each algorithm; one row each.
+
+    ``warm_steps``: plain SGD steps the digital model takes before the gradients are made.
+    """
     torch.manual_seed(seed)
     base = spec.build().to(device)
-    tau = device_range(base)
     x, y = spec.data(device, seed)
+    _train_digital(base, x, y, warm_steps)
+    tau = device_range(base)
     sync = synchronizer(device)
 
     sgd_model = copy.deepcopy(base)
@@ -167,6 +191,7 @@ def bench_model(
                 "analog_layers": sum(1 for _ in fa.analog_layers(model)),
                 "algorithm": label,
                 "tau": tau,
+                "warm_steps": warm_steps,
                 **stats_columns("analog_ms", analog_ms),
                 **stats_columns("sgd_ms", sgd_ms),
                 **stats_columns("ratio", ratio),
@@ -231,14 +256,18 @@ def run_step(
     warmup: int,
     repeats: int,
     tiny: bool,
+    warm_steps: int = 0,
 ) -> Report:
-    """Run the step benchmark on the named models (keys of :data:`STEP_MODELS`) and build its report."""
+    """Run the step benchmark on the named models (keys of :data:`STEP_MODELS`) and build its report.
+
+    ``warm_steps``: plain SGD steps each model takes on its batch before the gradients are made (0: a fresh model).
+    """
     table = TINY_STEP_MODELS if tiny else STEP_MODELS
     specs = [table[m] for m in models]
     rows: list[dict[str, Any]] = []
     for spec in specs:
         print(f"step: {spec.label} ({'tiny' if tiny else 'full'} size), algorithms {', '.join(algorithms)}", flush=True)
-        rows += bench_model(spec, algorithms, device, warmup=warmup, repeats=repeats)
+        rows += bench_model(spec, algorithms, device, warmup=warmup, repeats=repeats, warm_steps=warm_steps)
 
     groups = [s.label for s in specs]
     algorithms = row_labels(algorithms)
@@ -262,6 +291,12 @@ def run_step(
     notes = [
         f"Ratio: AnalogSGD.step time / torch.optim.SGD(foreach=True).step time on the same model and gradients, "
         f"repeat by repeat; median [min, max] over {repeats} repeats after {warmup} warm-up steps.",
+        (
+            f"Gradients: one backward pass of each model after {warm_steps} plain SGD steps (lr {WARM_LR:g}) on the same batch."
+            if warm_steps
+            else "Gradients: one backward pass of each freshly initialised model (timm's ResNets start with the last "
+            "batch-norm scale of each block at zero, so their blocks' convolutions get none; --warm-steps N trains first)."
+        ),
         "Gradient check / SGD.step: the part of AnalogSGD.step that checks every gradient for NaN and Inf before "
         "anything is written (timed alone, in the same interleaving). Zero gradients: the share of the analog "
         "weights' gradient elements that are exactly 0 after the one backward pass (they send no pulse).",
