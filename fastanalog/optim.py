@@ -55,6 +55,11 @@ def _excess_input(layer, grad: torch.Tensor, signal: torch.Tensor) -> torch.Tens
     return (A - grad.abs()).clamp_(min=0).add_(signal.abs())
 
 
+def _step_gradients(param_groups: list[dict]) -> list[torch.Tensor]:
+    """The gradients a step checks and uses: those of its param groups' parameters that have one."""
+    return [p.grad for g in param_groups for p in g["params"] if p.grad is not None]
+
+
 def _all_finite(grads: list[torch.Tensor]) -> torch.Tensor | bool:
     """Whether every gradient is finite: a 0-dim bool tensor (on the first gradient's device), or
     a bool when the C++ kernels checked CPU gradients eagerly."""
@@ -353,7 +358,7 @@ class AnalogSGD(Optimizer):
         # A (the per-sample sums) is not checked: it is finite wherever the gradient is (a NaN
         # product is NaN in the gradient too), except where a sum of finite products overflows,
         # and a write takes an infinite A as capped pairs and a NaN one (set by hand) as none.
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = _step_gradients(self.param_groups)
         skip = self.nonfinite == "skip"
         if torch.compiler.is_compiling():
             finite = _all_finite(grads)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import fastanalog as fa
-from fastanalog.optim import _all_finite
+from fastanalog.optim import _all_finite, _step_gradients
 
 from .common import (
     MS,
@@ -174,7 +174,7 @@ def bench_model(
         model = fa.convert_to_analog(copy.deepcopy(base), config)
         opt = fa.AnalogSGD(model.parameters(), lr=LR, seed=seed)
         _backward(model, x, y)
-        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]  # the step's own list
+        grads = _step_gradients(opt.param_groups)  # the list the step checks
         zero_fraction = _zero_fraction(model)
 
         fns = {"analog": opt.step, "sgd": sgd.step, "check": functools.partial(_all_finite, grads)}

@@ -186,30 +186,24 @@ def train_step_fn(
     ``phases["fwdbwd"]`` and of the optimizer step to ``phases["step"]`` (``sync``, e.g.
     ``torch.cuda.synchronize``, runs at the boundary between the two).
     """
-    if phases is None:
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-
-        return step
     sync = sync or (lambda: None)
-    phases.setdefault("fwdbwd", [])
-    phases.setdefault("step", [])
+    if phases is not None:
+        phases.setdefault("fwdbwd", [])
+        phases.setdefault("step", [])
 
-    def timed_step() -> None:
+    def step() -> None:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         sync()
         t1 = time.perf_counter()
         opt.step()
-        sync()
-        phases["fwdbwd"].append(t1 - t0)
-        phases["step"].append(time.perf_counter() - t1)
+        if phases is not None:
+            sync()
+            phases["fwdbwd"].append(t1 - t0)
+            phases["step"].append(time.perf_counter() - t1)
 
-    return timed_step
+    return step
 
 
 # ----- memory ----------------------------------------------------------------------------
