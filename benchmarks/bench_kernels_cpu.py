@@ -19,8 +19,8 @@ process and on the same threads (``--threads``; torch's intra-op threads otherwi
   machine).
 
 ``python benchmarks/bench_kernels_cpu.py [--size N] [--algorithms asgd,rl,rl2] [--devices
-linear,power] [--threads T] [--repeats R] [--excess] [--no-reference] [--out DIR]`` prints a
-markdown table; with ``--out`` it also writes ``bench_kernels_cpu.csv`` and ``.md`` there.
+linear,power] [--threads T] [--repeats R] [--warmup W] [--tiny] [--excess] [--no-reference]
+[--out DIR]`` prints a markdown table; with ``--out`` it also writes ``bench_kernels_cpu.csv`` and ``.md`` there.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ def bench(
     reference: bool,
     compiled: bool = True,
     excess: bool = False,
+    warmup: int = 1,
 ) -> list[dict]:
     if not cpp.cpp_available():
         raise SystemExit(f"the C++ kernels are unavailable: {cpp._state['error']}")
@@ -120,7 +121,7 @@ def bench(
     triad_times = []
 
     def triad() -> float:
-        t = _median_seconds(lambda: cpp.triad_cpp(a, b, c, 0.5), repeats)
+        t = _median_seconds(lambda: cpp.triad_cpp(a, b, c, 0.5), repeats, warmup)
         triad_times.append(t)
         return TRIAD_BYTES * size / t / 1e9
 
@@ -134,10 +135,10 @@ def bench(
             triad_gbs = triad()
             array_bytes = ARRAY_BYTES[alg] + (EXCESS_BYTES if excess else 0)
             pulse_bytes = PULSE_BYTES[alg] + (EXCESS_BYTES if excess else 0)
-            t_kernel = _median_seconds(_kernel_call(alg, config, arrays, pulses=False), repeats)
-            t_pulses = _median_seconds(_kernel_call(alg, config, arrays, pulses=True), repeats)
+            t_kernel = _median_seconds(_kernel_call(alg, config, arrays, pulses=False), repeats, warmup)
+            t_pulses = _median_seconds(_kernel_call(alg, config, arrays, pulses=True), repeats, warmup)
             # As AnalogSGD calls it: pulse totals reduced in the kernel.
-            t_launch = _median_seconds(_step_call(launchers[alg], alg, config, arrays, totals=True), repeats)
+            t_launch = _median_seconds(_step_call(launchers[alg], alg, config, arrays, totals=True), repeats, warmup)
             row = {
                 "algorithm": alg,
                 "device": dev,
@@ -154,11 +155,11 @@ def bench(
             }
             if reference:
                 ref_arrays = _arrays(size, excess)
-                t_eager = _median_seconds(_step_call(refs[alg], alg, config, ref_arrays), max(1, repeats // 2))
+                t_eager = _median_seconds(_step_call(refs[alg], alg, config, ref_arrays), max(1, repeats // 2), warmup)
                 row.update(eager_ms=1e3 * t_eager, speedup_eager=t_eager / t_launch)
             if reference and compiled:
                 compiled_ref = torch.compile(refs[alg])
-                t_compiled = _median_seconds(_step_call(compiled_ref, alg, config, ref_arrays), repeats, warmup=2)
+                t_compiled = _median_seconds(_step_call(compiled_ref, alg, config, ref_arrays), repeats, max(2, warmup))
                 row.update(compiled_ms=1e3 * t_compiled, speedup_compiled=t_compiled / t_launch)
             rows.append(row)
             print(_row_line(row), file=sys.stderr, flush=True)
@@ -193,18 +194,33 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=16 * 2**20, help="elements per tensor (default 16M)")
+TINY_SIZE = 4099  # --tiny: odd, and past one kernel block
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench_kernels_cpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=None, help=f"elements per tensor (default 16M; --tiny: {TINY_SIZE})")
     parser.add_argument("--algorithms", default="asgd,rl,rl2", help="comma-separated subset of asgd,rl,rl2")
     parser.add_argument("--devices", default="linear,power", help=f"comma-separated device families of {','.join(DEVICES)}")
     parser.add_argument("--threads", type=int, default=None, help="threads (default: torch's intra-op threads)")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before each measurement's repeats (default 1)")
+    parser.add_argument("--tiny", action="store_true", help=f"a smoke run: {TINY_SIZE} elements, no compiled reference")
     parser.add_argument("--excess", action="store_true", help="per-sample writes: pass an excess input A (pairs)")
     parser.add_argument("--no-reference", action="store_true", help="skip the eager and compiled reference")
     parser.add_argument("--no-compiled", action="store_true", help="skip torch.compile of the reference (slow to compile)")
     parser.add_argument("--out", type=Path, default=None, help="directory for bench_kernels_cpu.csv and .md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.size is None:
+        args.size = TINY_SIZE if args.tiny else 16 * 2**20
+    for option, value, least in (("--size", args.size, 1), ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):
+        if value < least:
+            parser.error(f"{option} must be >= {least}, got {value}")
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     for a in algorithms:
@@ -215,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown device {d!r}: choose from {', '.join(DEVICES)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rows = bench(args.size, algorithms, devices, args.repeats, not args.no_reference, not args.no_compiled, args.excess)
+    rows = bench(
+        args.size, algorithms, devices, args.repeats, not args.no_reference, not (args.no_compiled or args.tiny), args.excess,
+        warmup=args.warmup,
+    )  # fmt: skip
     table = markdown(rows)
     header = (
         f"{args.size} float32 elements, {torch.get_num_threads()} threads, CPU kernels: {cpp.cpu_variant()} "

@@ -444,3 +444,22 @@ def test_cpu_kernel_benchmark_runs_on_a_tiny_size(tmp_path, capsys):
     rows = [ln for ln in out.splitlines() if ln.startswith("| asgd") or ln.startswith("| rl")]
     assert len(rows) == 6  # asgd, rl, rl2 x linear, power
 
+
+
+def test_cpu_kernel_benchmark_takes_the_shared_options(tmp_path, capsys):
+    """`fastanalog bench kernels` without `--` hands the CPU script the shared options, which it accepts."""
+    from fastanalog.ops import cpp
+
+    if not cpp.cpp_available():
+        pytest.skip("the C++ kernels are not built")
+    args = ["kernels", "--which", "cpu", "--tiny", "--warmup", "0", "--algorithms", "digital,asgd", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "'--warmup', '0'" in out and "'--tiny'" in out
+    assert "4099 float32 elements" in out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| asgd") or ln.startswith("| rl")]
+    assert len(rows) == 2 and all(ln.startswith("| asgd") for ln in rows)  # asgd x linear, power
+    assert "compiled ref ms" not in out  # --tiny skips the compiled reference
+    assert (tmp_path / "bench_kernels_cpu.csv").is_file()
+    assert cli.main(["kernels", "--which", "cpu", "--", "--warmup", "-1"]) == 2
+    assert "--warmup must be >= 0, got -1" in capsys.readouterr().err
