@@ -1577,6 +1577,7 @@ struct alignas(64) Scratch {
   alignas(64) float r_c2c[kStreamBuf];    // stream 3
   alignas(64) float r_read[kStreamBuf];   // stream 4
   alignas(64) float r_c2c_w[kStreamBuf];  // stream 5
+  alignas(64) float zeros[kStreamBuf];    // never written: the uniforms of a block without pulses
   const float* u0;      // uniforms: net rounding of the first array written
   const float* u_pair;  // uniforms: pair rounding of the first array (with an excess)
   const float* u1;      // uniforms: rounding of W's transfer (rl; rl2 "ema")
@@ -3134,11 +3135,57 @@ static FA_INLINE int block_len(int64_t offset, int64_t b, int64_t end) {
 
 static FA_INLINE int padded(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
+// Whether elements b .. b+n-1 of an array of 16- or 32-bit floats are +-0 throughout (raw
+// bits; NaN and Inf are not zero). Returns at the first nonzero 64 bytes.
+template <class U>
+static FA_INLINE bool zero_bits(const void* x, int64_t b, int n) {
+  constexpr U kMagnitude = static_cast<U>(~U(0) >> 1);
+  constexpr int kChunk = 64 / sizeof(U);
+  const U* p = static_cast<const U*>(x) + b;
+  int j = 0;
+  for (; j + kChunk <= n; j += kChunk) {
+    U acc = 0;
+    for (int k = 0; k < kChunk; ++k) acc |= p[j + k] & kMagnitude;
+    if (acc != 0) return false;
+  }
+  U acc = 0;
+  for (; j < n; ++j) acc |= p[j] & kMagnitude;
+  return acc == 0;
+}
+
+// Whether the first write sends no pulse to elements b .. b+n-1 whatever its rounding
+// uniforms are: the gradient is zero there (N = floor(0) + (u < 0) = 0) and so is A where
+// the write has an excess (no pairs). block_draws then does not draw those uniforms: the
+// streams are counter-based, so no other element's numbers change.
+template <class G>
+static FA_INLINE bool quiet_block(const StepArgs& a, bool pairs, int64_t b, int n) {
+  using T = typename G::T;
+  static_assert(sizeof(T) == 2 || sizeof(T) == 4, "a gradient element is 16 or 32 bits");
+  const bool zero_g = sizeof(T) == 4 ? zero_bits<uint32_t>(a.g, b, n) : zero_bits<uint16_t>(a.g, b, n);
+  if (!zero_g || !pairs) return zero_g;
+  return a.a_storage == kBF16 || a.a_storage == kF16 ? zero_bits<uint16_t>(a.A, b, n) : zero_bits<uint32_t>(a.A, b, n);
+}
+
+// Whether a write of no pulse leaves elements b .. b+n-1 of X bit for bit as they are, on the
+// one-pass paths (linear, or power on a nominal device), where that write is
+// clamp(x + 0, lo, hi): each element in [lo, hi] (so not NaN) and none -0 (-0 + 0 is +0).
+template <class S>
+static FA_INLINE bool kept_without_pulses(const void* X, int64_t b, int n, const Elem& e) {
+  const typename S::T* x = static_cast<const typename S::T*>(X) + b;
+  int kept = 1;
+  for (int j = 0; j < n; ++j) {
+    const float v = S::load(x[j]);
+    kept &= static_cast<int>(v >= e.lo) & static_cast<int>(v <= e.hi) & static_cast<int>(float_to_bits(v) != 0x80000000u);
+  }
+  return kept != 0;
+}
+
+// quiet: the first write sends no pulse in the block (quiet_block); its uniforms are not drawn.
 static void block_draws(const StepArgs& a, const BlockPlan& plan, const Device& dev_first, ParamBlock& p_first, int64_t b, int n,
-                        Scratch& s) {
+                        Scratch& s, bool quiet) {
   const uint64_t g = static_cast<uint64_t>(a.offset + b);
-  s.u0 = stream_uniforms(stream_key(a.key, kStreamRoundFirst), g, n, s.r_round);
-  if (plan.pairs) s.u_pair = stream_uniforms(stream_key(a.key, kStreamPairsFirst), g, n, s.r_pairs);
+  s.u0 = quiet ? s.zeros : stream_uniforms(stream_key(a.key, kStreamRoundFirst), g, n, s.r_round);
+  if (plan.pairs) s.u_pair = quiet ? s.zeros : stream_uniforms(stream_key(a.key, kStreamPairsFirst), g, n, s.r_pairs);
   if (plan.u_w) s.u1 = stream_uniforms(stream_key(a.key, kStreamRoundW), g, n, s.r_w);
   if (plan.c2c_first) s.n_c2c = stream_normals(stream_key(a.key, kStreamC2CFirst), g, n, s.r_c2c, s.t);
   if (plan.read) s.n_read = stream_normals(stream_key(a.key, kStreamReadP), g, n, s.r_read, s.t);
@@ -3209,7 +3256,17 @@ static void asgd_range(const StepArgs& a, int64_t begin, int64_t end, void* scra
   for (int64_t b = begin; b < end; b += n) {
     n = block_len(a.offset, b, end);
     const int nv = padded(n);
-    block_draws(a, plan, dw, s.pw, b, n, s);
+    const bool quiet = quiet_block<G>(a, plan.pairs, b, n);
+    if (quiet && (fused || fused_pairs) && kept_without_pulses<S>(a.W, b, n, ew)) {
+      // No pulse, and the write would store W as it is: nothing drawn or stored (W and g
+      // read, of the 12 bytes per element that a write moves).
+      if (plan.pairs)
+        write_pulses_pairs(a.pulses_first, a.pairs_first, a.total_first != nullptr, acc_first, b, n, s.zeros, s.zeros);
+      else
+        write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.zeros);
+      continue;
+    }
+    block_draws(a, plan, dw, s.pw, b, n, s, quiet);
     if (fused) {
       fused_fn(a, b, n, s, ew, ew);
       write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
@@ -3273,7 +3330,7 @@ static void rl_range(const StepArgs& a, int64_t begin, int64_t end, void* scratc
   for (int64_t b = begin; b < end; b += n) {
     n = block_len(a.offset, b, end);
     const int nv = padded(n);
-    block_draws(a, plan, dp, s.pp, b, n, s);
+    block_draws(a, plan, dp, s.pp, b, n, s, quiet_block<G>(a, plan.pairs, b, n));
     if (fused) {
       fused_fn(a, b, n, s, ew, ep);
       write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);
@@ -3340,7 +3397,7 @@ static void rl2_range(const StepArgs& a, int64_t begin, int64_t end, void* scrat
   for (int64_t b = begin; b < end; b += n) {
     n = block_len(a.offset, b, end);
     const int nv = padded(n);
-    block_draws(a, plan, dp, s.pp, b, n, s);
+    block_draws(a, plan, dp, s.pp, b, n, s, quiet_block<G>(a, plan.pairs, b, n));
     if (fused) {
       fused_fn(a, b, n, s, ew, ep);
       write_pulses(a.pulses_first, a.total_first != nullptr, acc_first, b, n, s.first.count);

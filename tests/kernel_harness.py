@@ -196,6 +196,59 @@ def gradient(shape, *, dtype=torch.float32, device="cpu", seed: int = 1, scale: 
     return (torch.randn(shape, generator=gen) * scale).to(device=device, dtype=dtype)
 
 
+# Where mostly_zero keeps a gradient (flat indices): one element in the first, second and last
+# 64 bytes of the kernels' 256-element blocks, and one in a short last block. Blocks 3 and 4
+# (768 .. 1279) are +-0 throughout; block 4 holds a W of -0 and one out of range
+# (ZERO_BLOCK_W), which a write of no pulse changes. Sizes of at least 1291 reach every one.
+# A (the excess input) is kept there too, and at EXCESS_ONLY: pairs without a gradient in
+# block 3, which is then not quiet.
+KEPT_GRADIENT = (5, 272, 767, 1290)
+ZERO_BLOCK_W = (1100, 1200)
+EXCESS_ONLY = tuple(range(900, 910))
+
+
+def mostly_zero(g: torch.Tensor, also: tuple[int, ...] = ()) -> torch.Tensor:
+    """``g`` zeroed but at KEPT_GRADIENT (and ``also``), with negative zeros elsewhere in elements
+    768 .. 1279: whole blocks without a pulse, which the C++ kernels draw no rounding numbers
+    for, beside nearly empty ones."""
+    flat = torch.zeros_like(g).reshape(-1)
+    keep = torch.tensor([i for i in KEPT_GRADIENT + also if i < flat.numel()], dtype=torch.long, device=g.device)
+    flat[keep] = g.reshape(-1)[keep]
+    flat[768:900:3] = -0.0
+    flat[911:1280:3] = -0.0
+    return flat.reshape(g.shape)
+
+
+def unsettle_zero_block(W: torch.Tensor) -> None:
+    """W of -0 and W above its range (twice the largest |W|) at ZERO_BLOCK_W, where it exists."""
+    flat = W.view(-1)
+    if flat.numel() > ZERO_BLOCK_W[1]:
+        flat[ZERO_BLOCK_W[1]] = 2 * flat.abs().max()
+        flat[ZERO_BLOCK_W[0]] = -0.0
+
+
+# The quiet-block cases (family, dtype, device options, excess kind): one-pass and general
+# paths, 16-bit arrays, with and without pairs.
+ZERO_GRADIENT_CASES = [
+    ("linear", torch.float32, {}, "none"),
+    ("power", torch.float32, {}, "none"),
+    ("power", torch.bfloat16, {}, "none"),
+    ("exp", torch.float16, {"d2d_std": 0.1, "c2c_std": 0.1}, "none"),
+    ("power", torch.float32, {}, "above"),
+    ("linear", torch.float32, {"asymmetry": 0.1}, "mixed"),
+]
+
+
+def check_zero_gradient_blocks(backend: Backend, config: fa.AnalogConfig, dtype: torch.dtype, excess: str) -> None:
+    """Two steps of mostly_zero gradients (compare's ``zero_gradient``): the first array's net
+    pulses only where a gradient is kept, and pairs where A exceeds it."""
+    results = compare(backend, config, 1297, steps=2, dtype=dtype, excess=excess, zero_gradient=True)
+    written = [int((want.first != 0).sum()) for _, want in results]
+    assert all(0 < w <= len(KEPT_GRADIENT) for w in written), written
+    if excess == "above":
+        assert total_pairs(results) > 0, "the kept elements get pairs"
+
+
 def _strided(t: torch.Tensor) -> torch.Tensor:
     """``t``'s values in every second column of a wider array (a view that is not contiguous)."""
     base = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
@@ -434,24 +487,33 @@ def compare(
     grad_scale: float = 1.0,
     layout=None,
     tensor_id: int = TENSOR_ID,
+    zero_gradient: bool = False,
 ) -> list[tuple[StepPulses, StepPulses]]:
     """``steps`` optimizer steps of ``config`` on ``backend`` and on the oracle from the same arrays; assert the policy.
 
     ``excess``: the kind of ``A`` of each step (cycled; a single kind for all). ``layout``: a
     function giving the backend's arrays another memory layout (strided, channels_last); the
-    oracle always works on contiguous copies in logical order. Returns (got, expected) per step.
+    oracle always works on contiguous copies in logical order. ``zero_gradient``: gradients
+    (and A) that are zero but for a few elements (``mostly_zero``), and a W of -0 and one out
+    of range where they are zero (``unsettle_zero_block``). Returns (got, expected) per step.
     """
     kinds = (excess,) if isinstance(excess, str) else excess
     arrays = make_arrays(config, shape, dtype=dtype, device=backend.device, weight=weight)
     if layout is not None:
         arrays = Arrays(*(None if t is None else layout(t) for t in arrays._all()))
+    if zero_gradient:
+        unsettle_zero_block(arrays.main)
     oracle = arrays.clone()
     out, deviations = [], []
     for step in range(1, steps + 1):
         g = gradient(shape, dtype=grad_dtype or dtype, device=backend.device, seed=100 + step, scale=grad_scale)
+        if zero_gradient:
+            g = mostly_zero(g)
         if layout is not None:
             g = layout(g)
         A = per_sample_sums(g, kinds[(step - 1) % len(kinds)], dtype=excess_dtype, seed=200 + step)
+        if zero_gradient and A is not None:
+            A = mostly_zero(A, EXCESS_ONLY)
         before = oracle.clone()
         A_oracle = None if A is None else A.contiguous()
         want = reference_step(oracle, g.contiguous(), config=config, step=step, lr=lr, A=A_oracle, tensor_id=tensor_id)

@@ -10,12 +10,14 @@ from kernel_harness import (
     FAMILIES,
     LAYOUTS,
     OFFSETS,
+    ZERO_GRADIENT_CASES,
     Entry,
     bad_input_names,
     check_bad_input,
     check_counter_layout,
     check_shards_equal_whole,
     check_steps_draw_anew,
+    check_zero_gradient_blocks,
     compare,
     compare_group,
     make_config,
@@ -115,6 +117,13 @@ def test_sparse_writes(backend, family, grad_scale):
     results = compare(backend, config(family, c2c_std=0.1), 2053, steps=1, excess="none", grad_scale=grad_scale)
     written = sum(int((want.first != 0).sum()) for _, want in results)
     assert 0 < written < 0.2 * 2053
+
+
+# Gradients (and A) zero but for a few elements: whole blocks without a pulse, whose rounding
+# numbers the C++ kernels do not draw (nor, for asgd, store W where it stays).
+@pytest.mark.parametrize("family,dtype,options,excess", ZERO_GRADIENT_CASES)
+def test_zero_gradient_blocks(backend, family, dtype, options, excess):
+    check_zero_gradient_blocks(backend, config(family, **options), dtype, excess)
 
 
 def test_steps_draw_anew(backend):
