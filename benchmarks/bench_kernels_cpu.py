@@ -19,14 +19,17 @@ process and on the same threads (``--threads``; torch's intra-op threads otherwi
   machine).
 
 ``python benchmarks/bench_kernels_cpu.py [--size N] [--algorithms asgd,rl,rl2] [--devices
-linear,power] [--threads T] [--repeats R] [--warmup W] [--tiny] [--excess] [--no-reference]
-[--out DIR]`` prints a markdown table; with ``--out`` it also writes ``bench_kernels_cpu.csv`` and ``.md`` there.
+linear,power] [--threads T] [--repeats R] [--warmup W] [--tiny] [--grad-scale S] [--excess]
+[--no-reference] [--out DIR]`` prints a markdown table (column "pulsing": the share of elements
+whose first write, W of asgd and P of rl/rl2, got a pulse in the last call); with ``--out`` it
+also writes ``bench_kernels_cpu.csv`` and ``.md`` there.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import statistics
 import sys
 import time
@@ -50,6 +53,9 @@ DEVICES = {
 }
 KEY = 0x1234_5678_9ABC
 LR = 0.01
+# g ~ N(0, GRAD_SCALE^2): lr * g / dw_min ~ N(0, 1), so most elements pulse; --grad-scale 0.0125
+# gives about 10% of them a pulse, training's case.
+GRAD_SCALE = 0.1
 
 
 def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -63,13 +69,13 @@ def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def _arrays(n: int, excess: bool = False):
+def _arrays(n: int, excess: bool = False, grad_scale: float = GRAD_SCALE):
     gen = torch.Generator().manual_seed(0)
     W = torch.rand(n, generator=gen) * 0.8 - 0.4
     P = torch.randn(n, generator=gen) * 0.01
     H = torch.zeros(n)
     Wbar = torch.zeros(n)
-    g = torch.randn(n, generator=gen) * 0.1  # lr * g / dw_min ~ N(0, 1): most elements pulse
+    g = torch.randn(n, generator=gen) * grad_scale  # lr * g / dw_min ~ N(0, (grad_scale / 0.1)^2)
     # Per-sample |g| sums: the excess lr * (A - |g|) / 2 / dw_min ~ U(0, 0.5) pairs.
     A = g.abs() + torch.rand(n, generator=gen) * 0.1 if excess else None
     return W, P, H, Wbar, g, A
@@ -87,11 +93,17 @@ def _kernel_call(alg: str, config: fa.AnalogConfig, arrays, pulses: bool):
     common = ([KEY], [0], [0], packing.step_floats(config, LR, True), list(packed.devices), list(packed.tables),
               list(packed.seeds))  # fmt: skip
     residual = alg != "asgd"
+    first = out()
     args = (
         packing.ALGORITHM_IDS[alg], [W], [P] if residual else [], [H] if alg == "rl2" else [], [Wbar] if residual else [], [g],
-        [A] if A is not None else [], out(), out(A is not None), out() if residual else [], *common,
+        [A] if A is not None else [], first, out(A is not None), out() if residual else [], *common,
     )  # fmt: skip
-    return lambda: torch.ops.fastanalog._native_step(*args)
+
+    def call():
+        torch.ops.fastanalog._native_step(*args)
+
+    call.first_pulses = first[0]  # the first array's net pulses of the last call (with pulses)
+    return call
 
 
 def _step_call(fn, alg: str, config: fa.AnalogConfig, arrays, **extra):
@@ -114,6 +126,7 @@ def bench(
     compiled: bool = True,
     excess: bool = False,
     warmup: int = 1,
+    grad_scale: float = GRAD_SCALE,
 ) -> list[dict]:
     if not cpp.cpp_available():
         raise SystemExit(f"the C++ kernels are unavailable: {cpp._state['error']}")
@@ -131,12 +144,13 @@ def bench(
     for alg in algorithms:
         for dev in devices:
             config = fa.AnalogConfig(algorithm=alg, device=DEVICES[dev]())
-            arrays = _arrays(size, excess)
+            arrays = _arrays(size, excess, grad_scale)
             triad_gbs = triad()
             array_bytes = ARRAY_BYTES[alg] + (EXCESS_BYTES if excess else 0)
             pulse_bytes = PULSE_BYTES[alg] + (EXCESS_BYTES if excess else 0)
             t_kernel = _median_seconds(_kernel_call(alg, config, arrays, pulses=False), repeats, warmup)
-            t_pulses = _median_seconds(_kernel_call(alg, config, arrays, pulses=True), repeats, warmup)
+            with_pulses = _kernel_call(alg, config, arrays, pulses=True)
+            t_pulses = _median_seconds(with_pulses, repeats, warmup)
             # As AnalogSGD calls it: pulse totals reduced in the kernel.
             t_launch = _median_seconds(_step_call(launchers[alg], alg, config, arrays, totals=True), repeats, warmup)
             row = {
@@ -144,6 +158,8 @@ def bench(
                 "device": dev,
                 "excess": excess,
                 "size": size,
+                "grad_scale": grad_scale,
+                "pulsing": float(with_pulses.first_pulses.ne(0).float().mean()) if size else 0.0,
                 "threads": torch.get_num_threads(),
                 "kernel_ms": 1e3 * t_kernel,
                 "kernel_GBps": array_bytes * size / t_kernel / 1e9,
@@ -154,7 +170,7 @@ def bench(
                 "launcher_ms": 1e3 * t_launch,
             }
             if reference:
-                ref_arrays = _arrays(size, excess)
+                ref_arrays = _arrays(size, excess, grad_scale)
                 t_eager = _median_seconds(_step_call(refs[alg], alg, config, ref_arrays), max(1, repeats // 2), warmup)
                 row.update(eager_ms=1e3 * t_eager, speedup_eager=t_eager / t_launch)
             if reference and compiled:
@@ -169,6 +185,7 @@ def bench(
 COLUMNS = [
     ("algorithm", "algorithm", "{}"),
     ("device", "device", "{}"),
+    ("pulsing", "pulsing", "{:.0%}"),
     ("kernel_ms", "kernel ms", "{:.1f}"),
     ("kernel_GBps", "kernel GB/s", "{:.2f}"),
     ("triad_GBps", "triad GB/s", "{:.2f}"),
@@ -206,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before each measurement's repeats (default 1)")
     parser.add_argument("--tiny", action="store_true", help=f"a smoke run: {TINY_SIZE} elements, no compiled reference")
+    parser.add_argument(
+        "--grad-scale", type=float, default=GRAD_SCALE,
+        help=f"standard deviation of g (default {GRAD_SCALE}: most elements pulse; 0.0125: about 10%% do)",
+    )  # fmt: skip
     parser.add_argument("--excess", action="store_true", help="per-sample writes: pass an excess input A (pairs)")
     parser.add_argument("--no-reference", action="store_true", help="skip the eager and compiled reference")
     parser.add_argument("--no-compiled", action="store_true", help="skip torch.compile of the reference (slow to compile)")
@@ -221,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     for option, value, least in (("--size", args.size, 1), ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0)):
         if value < least:
             parser.error(f"{option} must be >= {least}, got {value}")
+    if not (args.grad_scale > 0 and math.isfinite(args.grad_scale)):
+        parser.error(f"--grad-scale must be a finite number > 0, got {args.grad_scale}")
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     for a in algorithms:
@@ -233,12 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     rows = bench(
         args.size, algorithms, devices, args.repeats, not args.no_reference, not (args.no_compiled or args.tiny), args.excess,
-        warmup=args.warmup,
+        warmup=args.warmup, grad_scale=args.grad_scale,
     )  # fmt: skip
     table = markdown(rows)
     header = (
         f"{args.size} float32 elements, {torch.get_num_threads()} threads, CPU kernels: {cpp.cpu_variant()} "
-        f"({torch.backends.cpu.get_cpu_capability()}){', per-sample writes (excess A)' if args.excess else ''}"
+        f"({torch.backends.cpu.get_cpu_capability()}), gradient scale {args.grad_scale:g}"
+        f"{', per-sample writes (excess A)' if args.excess else ''}"
     )
     print(header)
     print(table)

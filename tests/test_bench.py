@@ -463,3 +463,27 @@ def test_cpu_kernel_benchmark_takes_the_shared_options(tmp_path, capsys):
     assert (tmp_path / "bench_kernels_cpu.csv").is_file()
     assert cli.main(["kernels", "--which", "cpu", "--", "--warmup", "-1"]) == 2
     assert "--warmup must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_cpu_kernel_benchmark_grad_scale_sets_the_pulsing_share(tmp_path, capsys):
+    """--grad-scale 0.0125 gives about a tenth of the elements a pulse (the default: most), as column "pulsing" says."""
+    import csv as csv_module
+
+    from fastanalog.ops import cpp
+
+    if not cpp.cpp_available():
+        pytest.skip("the C++ kernels are not built")
+
+    def pulsing(*extra: str) -> float:
+        args = ["kernels", "--which", "cpu", "--", "--size", "20000", "--repeats", "1", "--no-reference"]
+        args += ["--algorithms", "rl2", "--devices", "power", "--out", str(tmp_path), *extra]
+        assert cli.main(args) == 0
+        with open(tmp_path / "bench_kernels_cpu.csv") as f:
+            (row,) = list(csv_module.DictReader(f))
+        return float(row["pulsing"])
+
+    assert 0.05 < pulsing("--grad-scale", "0.0125") < 0.15
+    assert pulsing() > 0.5
+    assert "| pulsing |" in capsys.readouterr().out
+    assert cli.main(["kernels", "--which", "cpu", "--", "--grad-scale", "0"]) == 2
+    assert "--grad-scale must be a finite number > 0, got 0.0" in capsys.readouterr().err
