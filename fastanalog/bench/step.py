@@ -13,7 +13,9 @@ of SGD plus the analog arrays).
 Two columns say what the ratio is made of: the time of AnalogSGD's check that every gradient
 is finite (the pass over all gradients it makes before it writes anything; SGD makes none),
 timed in the same interleaving, over the SGD step time; and the share of the analog weights'
-gradient elements that are exactly zero (they send no pulse, whatever their random number).
+gradient elements that are exactly zero (they send no pulse, whatever their random number;
+the C++ kernels draw none for a block of 256 elements that are all zero, and asgd leaves its
+W unwritten where the write would not change it).
 
 A second figure is the launch count of one step, read from ``torch.profiler``: on
 CUDA the GPU kernels; on CPU the calls of ``fastanalog::*`` custom ops when a
@@ -299,7 +301,9 @@ def run_step(
         ),
         "Gradient check / SGD.step: the part of AnalogSGD.step that checks every gradient for NaN and Inf before "
         "anything is written (timed alone, in the same interleaving). Zero gradients: the share of the analog "
-        "weights' gradient elements that are exactly 0 after the one backward pass (they send no pulse).",
+        "weights' gradient elements that are exactly 0 after the one backward pass (they send no pulse; the C++ "
+        "kernels draw no random numbers for 256-element blocks of them, and asgd's leave such a block's W "
+        "unwritten where it would not change).",
         device_note(rows),
         "Launches: cuda kernels on GPU; on CPU fastanalog:: custom-op calls when a compiled backend serves the update, "
         "else the torch ops issued at the top level of the step (reference backend).",
