@@ -487,3 +487,12 @@ def test_cpu_kernel_benchmark_grad_scale_sets_the_pulsing_share(tmp_path, capsys
     assert "| pulsing |" in capsys.readouterr().out
     assert cli.main(["kernels", "--which", "cpu", "--", "--grad-scale", "0"]) == 2
     assert "--grad-scale must be a finite number > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_cpu_kernel_benchmark_times_the_compiled_reference_only_when_asked():
+    """Inductor's compilation of the reference can take more than 15 minutes on two cores: opt-in."""
+    module = cli._import_file(cli.REPO_ROOT / "benchmarks" / "bench_kernels_cpu.py")
+    parser = module.build_parser()
+    assert not parser.parse_args([]).compiled
+    assert parser.parse_args(["--compiled"]).compiled
+    assert parser.parse_args(["--no-compiled"]).no_compiled  # the old option is still accepted
