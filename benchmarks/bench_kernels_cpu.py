@@ -20,9 +20,9 @@ process and on the same threads (``--threads``; torch's intra-op threads otherwi
 
 ``python benchmarks/bench_kernels_cpu.py [--size N] [--algorithms asgd,rl,rl2] [--devices
 linear,power] [--threads T] [--repeats R] [--warmup W] [--tiny] [--grad-scale S] [--excess]
-[--no-reference] [--compiled] [--out DIR]`` prints a markdown table (column "pulsing": the share of elements
-whose first write, W of asgd and P of rl/rl2, got a pulse in the last call); with ``--out`` it
-also writes ``bench_kernels_cpu.csv`` and ``.md`` there.
+[--no-reference] [--compiled] [--out DIR]`` prints a markdown table (column "pulsing": the
+share of elements whose first write, W of asgd and P of rl/rl2, got a pulse in the last call);
+with ``--out`` it also writes ``bench_kernels_cpu.csv`` and ``.md`` there.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def bench(
                 "excess": excess,
                 "size": size,
                 "grad_scale": grad_scale,
-                "pulsing": float(with_pulses.first_pulses.ne(0).float().mean()) if size else 0.0,
+                "pulsing": float(with_pulses.first_pulses.ne(0).float().mean()),
                 "threads": torch.get_num_threads(),
                 "kernel_ms": 1e3 * t_kernel,
                 "kernel_GBps": array_bytes * size / t_kernel / 1e9,
