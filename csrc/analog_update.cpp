@@ -698,12 +698,24 @@ void triad_cpu(at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double s
 }
 
 // out = W + gamma * P, the mixed forward weight of rl/rl2, as the kernels write it: float32
-// math, one rounded multiply and one rounded add, stored in W's dtype (round to nearest
-// even, as tensor.to(dtype)); on the kernels' threads.
+// math, one rounded multiply and one rounded add (no contraction), stored in W's dtype
+// (round to nearest even, as tensor.to(dtype)); on the kernels' threads, each thread a
+// contiguous share. The share's loop is compiled for AVX-512, AVX2 and the baseline (GCC
+// target clones, picked by the CPU at load time): the same IEEE operations in every clone.
 template <class T>
-static void mix_range(T* __restrict__ out, const T* __restrict__ w, const T* __restrict__ p, float gamma, int64_t n, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(static_cast<float>(w[i]) + gamma * static_cast<float>(p[i]));
+static FA_INLINE void mix_share(T* __restrict__ out, const T* __restrict__ w, const T* __restrict__ p, float gamma, int64_t lo,
+                                int64_t hi) {
+  for (int64_t i = lo; i < hi; ++i) out[i] = static_cast<T>(static_cast<float>(w[i]) + gamma * static_cast<float>(p[i]));
+}
+FA_TARGET_CLONES static void mix_share32(float* out, const float* w, const float* p, float gamma, int64_t lo, int64_t hi) {
+  mix_share(out, w, p, gamma, lo, hi);
+}
+FA_TARGET_CLONES static void mix_share_bf16(at::BFloat16* out, const at::BFloat16* w, const at::BFloat16* p, float gamma, int64_t lo,
+                                            int64_t hi) {
+  mix_share(out, w, p, gamma, lo, hi);
+}
+FA_TARGET_CLONES static void mix_share_f16(at::Half* out, const at::Half* w, const at::Half* p, float gamma, int64_t lo, int64_t hi) {
+  mix_share(out, w, p, gamma, lo, hi);
 }
 
 void mix_cpu(at::Tensor& out, const at::Tensor& W, const at::Tensor& P, double gamma) {
@@ -714,16 +726,25 @@ void mix_cpu(at::Tensor& out, const at::Tensor& W, const at::Tensor& P, double g
   const float g = static_cast<float>(gamma);
   const int64_t n = W.numel();
   const int nt = static_cast<int>(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, n / kMinPerThread)));
-  switch (W.scalar_type()) {
-    case at::kFloat:
-      mix_range(out.data_ptr<float>(), W.data_ptr<float>(), P.data_ptr<float>(), g, n, nt);
-      break;
-    case at::kBFloat16:
-      mix_range(out.data_ptr<at::BFloat16>(), W.data_ptr<at::BFloat16>(), P.data_ptr<at::BFloat16>(), g, n, nt);
-      break;
-    default:
-      mix_range(out.data_ptr<at::Half>(), W.data_ptr<at::Half>(), P.data_ptr<at::Half>(), g, n, nt);
-      break;
+  const at::ScalarType st = W.scalar_type();
+  void* o = out.data_ptr();
+  const void* w = W.data_ptr();
+  const void* p = P.data_ptr();
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t T = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t lo = n * t / T, hi = n * (t + 1) / T;
+    switch (st) {
+      case at::kFloat:
+        mix_share32(static_cast<float*>(o), static_cast<const float*>(w), static_cast<const float*>(p), g, lo, hi);
+        break;
+      case at::kBFloat16:
+        mix_share_bf16(static_cast<at::BFloat16*>(o), static_cast<const at::BFloat16*>(w), static_cast<const at::BFloat16*>(p), g, lo, hi);
+        break;
+      default:
+        mix_share_f16(static_cast<at::Half*>(o), static_cast<const at::Half*>(w), static_cast<const at::Half*>(p), g, lo, hi);
+        break;
+    }
   }
 }
 

@@ -277,9 +277,17 @@ def test_mix_matches_reference():
     from fastanalog.ops.reference import mixed_weight
 
     gen = torch.Generator().manual_seed(5)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 6.5e4, -6.5e4, 3e38, 1e-40, -1e-45])
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         W, P = (torch.randn(100003, generator=gen).to(dtype) for _ in range(2))
-        assert torch.equal(cpp.mix_cpp(W, P, 0.3), mixed_weight(W, P, 0.3)), dtype
+        # NaN, infinities, signed zeros, sums that overflow the dtype and subnormals, across vector lanes
+        W[40:50], P[40:50] = special.to(dtype), special.flip(0).to(dtype)
+        W[50:60], P[50:60] = special.to(dtype), special.to(dtype)
+        got, want = cpp.mix_cpp(W, P, 0.3), mixed_weight(W, P, 0.3)
+        nan = want.isnan()
+        assert nan[40:60].any() and torch.equal(got.isnan(), nan), dtype
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(got[~nan].view(bits), want[~nan].view(bits)), dtype  # bit for bit: signed zeros, infinities
     # ... and as the step kernels write it
     config, transfer = _config("rl2_acc_thr1", _device("power"))
     arrays = _initial(config, 4099, torch.float32)
