@@ -1033,6 +1033,35 @@ static SumGeometry sum_geometry(const at::Tensor& d, const at::Tensor& x, at::In
   return g;
 }
 
+// A 2 x 2 x 2 product through torch's cpublas::brgemm on bfloat16 operands in VNNI pairs, as
+// abs_sums_brgemm lays them out: whether it runs here and gives the exact answer (false where it
+// throws: a torch built without oneDNN's micro-kernel).
+static bool brgemm_bf16_probe() {
+  try {
+    const at::BFloat16 a[4] = {1.f, 2.f, 3.f, 4.f};  // A = [[1, 2], [3, 4]], row-major
+    const at::BFloat16 b[4] = {5.f, 7.f, 6.f, 8.f};  // B = [[5, 6], [7, 8]] in VNNI pairs: b[2 n + k] = B[k][n]
+    float c[4] = {0.f, 0.f, 0.f, 0.f};
+    at::native::cpublas::brgemm(2, 2, 2, 2, 2, 2, false, a, b, c, true);
+    at::native::cpublas::brgemm_release(true);
+    return c[0] == 19.f && c[1] == 22.f && c[2] == 43.f && c[3] == 50.f;
+  } catch (...) {
+    return false;
+  }
+}
+
+// Whether oneDNN's bfloat16 micro-kernel (torch's cpublas::brgemm) runs here: on AMX, where torch
+// packs operands for it (cpublas::could_pack), or on AVX512-BF16 (AMD Zen 4, Intel Cooper Lake),
+// which could_pack does not report but whose brgemm takes the same VNNI pairs, four times
+// faster than the float32 product on a Zen 4 core. Decided once per process.
+bool bf16_amx() {
+  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+                         || (__builtin_cpu_supports("avx512bf16") && brgemm_bf16_probe())
+#endif
+      ;
+  return ok;
+}
+
 // A = the sum over samples and output positions of |d| |x|^T in float32 from the bfloat16
 // roundings of |d| and |x|: the weight gradient of |x| and |d| of a linear layer (kernel empty;
 // d: rows x O, x: rows x I; A: O x I) or of a batched 1-d or 2-d convolution with groups 1
@@ -1040,7 +1069,7 @@ static SumGeometry sum_geometry(const at::Tensor& d, const at::Tensor& x, at::In
 // product of two bfloat16 numbers is exact in float32, so A differs from the float32 product of
 // the rounded factors only in the order of its sums, and a sum over DDP ranks from one rank's A
 // as the float32 product does. oneDNN's AMX/AVX512-BF16 micro-kernel (torch's cpublas::brgemm)
-// where it runs; else, for a linear layer, MKL's cblas_gemm_bf16bf16f32. `chunk`: positions per
+// where it runs (bf16_amx); else, for a linear layer, MKL's cblas_gemm_bf16bf16f32. `chunk`: positions per
 // chunk of the micro-kernel's path (0: about 2 MiB of unfolded |x| each); A does not depend on it
 // beyond the order of the sums.
 at::Tensor abs_sums_bf16(const at::Tensor& d, const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -1060,7 +1089,7 @@ at::Tensor abs_sums_bf16(const at::Tensor& d, const at::Tensor& x, at::IntArrayR
   if (g.positions() == 0) return out.zero_();
   at::Tensor dc = d.contiguous(), xc = x.contiguous();
   float* C = out.data_ptr<float>();
-  if (at::native::cpublas::could_pack(at::kBFloat16)) {
+  if (bf16_amx()) {
     if (dc.scalar_type() != xc.scalar_type()) dc = dc.to(at::kFloat), xc = xc.to(at::kFloat);  // a linear layer's mixed factors (exactly)
     switch (xc.scalar_type()) {
       case at::kFloat:
@@ -1104,8 +1133,6 @@ at::Tensor abs_outer_bf16(const at::Tensor& d, const at::Tensor& x) {
   return abs_sums_bf16(d, x, {}, {}, {}, {}, 0);
 }
 
-// Whether oneDNN's bfloat16 micro-kernel (AMX or AVX512-BF16) runs here.
-bool bf16_amx() { return at::native::cpublas::could_pack(at::kBFloat16); }
 
 // Whether abs_outer_bf16 can run here.
 bool bf16_gemm() { return bf16_amx() || FA_HAVE_MKL != 0; }

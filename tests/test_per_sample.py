@@ -173,6 +173,32 @@ _needs_bf16 = pytest.mark.skipif(
 )
 
 
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.mark.skipif(not fa.ops.cpp.cpp_available(), reason="the C++ kernels are not built")
+def test_bf16_micro_kernel_serves_every_cpu_that_has_one():
+    """AMX or AVX512-BF16 (AMD Zen 4, Intel Cooper Lake: torch's could_pack says no, its brgemm runs) both
+    give the micro-kernel, and then a linear layer's A takes it."""
+    flags = _cpu_flags()
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        pytest.skip("this CPU has neither AVX512-BF16 nor AMX")
+    assert fa.ops.cpp.bf16_amx_available()
+    assert layers_mod._cpu_bf16_gemm()
+    d, x = torch.randn(33, 20), torch.randn(33, 17)
+    want = d.abs().bfloat16().float().t().double() @ x.abs().bfloat16().float().double()
+    assert torch.allclose(fa.ops.cpp.abs_outer_bf16(d, x).double(), want, rtol=1e-6, atol=0)
+
+
 @_needs_bf16
 @pytest.mark.parametrize(
     "x_shape,out,kernel,stride,padding,dilation",
