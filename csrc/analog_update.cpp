@@ -1069,9 +1069,9 @@ bool bf16_amx() {
 // product of two bfloat16 numbers is exact in float32, so A differs from the float32 product of
 // the rounded factors only in the order of its sums, and a sum over DDP ranks from one rank's A
 // as the float32 product does. oneDNN's AMX/AVX512-BF16 micro-kernel (torch's cpublas::brgemm)
-// where it runs (bf16_amx); else, for a linear layer, MKL's cblas_gemm_bf16bf16f32. `chunk`: positions per
-// chunk of the micro-kernel's path (0: about 2 MiB of unfolded |x| each); A does not depend on it
-// beyond the order of the sums.
+// where it runs (bf16_amx); else, for a linear layer, MKL's cblas_gemm_bf16bf16f32. `chunk`:
+// positions per chunk of the micro-kernel's path (0: about 2 MiB of unfolded |x| each); A does
+// not depend on it beyond the order of the sums.
 at::Tensor abs_sums_bf16(const at::Tensor& d, const at::Tensor& x, at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                          at::IntArrayRef dilation, int64_t chunk) {
   TORCH_CHECK(d.device().is_cpu() && x.device().is_cpu(), "abs_sums_bf16: d and x must be on the CPU");
@@ -1132,7 +1132,6 @@ at::Tensor abs_outer_bf16(const at::Tensor& d, const at::Tensor& x) {
   TORCH_CHECK(d.size(0) == x.size(0), "abs_outer_bf16: d and x must have the same rows, got ", d.size(0), " and ", x.size(0));
   return abs_sums_bf16(d, x, {}, {}, {}, {}, 0);
 }
-
 
 // Whether abs_outer_bf16 can run here.
 bool bf16_gemm() { return bf16_amx() || FA_HAVE_MKL != 0; }
