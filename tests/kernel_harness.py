@@ -62,6 +62,15 @@ class Backend:
     device: torch.device
 
 
+def cpu_has(flag: str) -> bool:
+    """Whether /proc/cpuinfo lists the CPU feature ``flag`` (False where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return flag in f.read().split()
+    except OSError:
+        return False
+
+
 def _backend_device(name: str) -> torch.device | None:
     """Where ``name`` updates arrays on this machine, or None where it cannot run here."""
     cuda = torch.cuda.is_available()

@@ -23,6 +23,7 @@ import textwrap
 
 import pytest
 import torch
+from kernel_harness import cpu_has
 
 import fastanalog as fa
 from fastanalog.ops import cpp, philox
@@ -412,18 +413,11 @@ def test_steps_change_the_draws():
 
 
 # ----- the narrower instruction-set paths ----------------------------------------------------------
-def _cpu_has(flag: str) -> bool:
-    try:
-        return flag in open("/proc/cpuinfo").read().split()
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("variant", ["generic", "avx2"])
 def test_narrower_paths_match_reference(variant):
     """The generic body (torch's DEFAULT kernels: ATEN_CPU_CAPABILITY=default) and, on an AVX-512
     machine, the AVX2 body (FASTANALOG_CPU_ISA=avx2), which the default run does not take there."""
-    if variant == "avx2" and not _cpu_has("avx2"):
+    if variant == "avx2" and not cpu_has("avx2"):
         pytest.skip("this CPU has no AVX2")
     script = textwrap.dedent(
         """
@@ -504,7 +498,7 @@ torch.save(out, sys.argv[2])
 def test_avx512_one_pass_power_kernels_are_the_avx2_ones_bit_for_bit(tmp_path):
     """The AVX-512 build runs the one-pass power kernels on sixteen lanes, the AVX2 build on eight:
     the same arrays and counts bit for bit (signed zeros, values outside the range, pairs, tails)."""
-    if not (_cpu_has("avx512f") and _cpu_has("avx512dq") and _cpu_has("avx512bw") and _cpu_has("avx512vl")):
+    if not (cpu_has("avx512f") and cpu_has("avx512dq") and cpu_has("avx512bw") and cpu_has("avx512vl")):
         pytest.skip("this CPU has no AVX-512: both runs would take the AVX2 build")
     results = {}
     for variant, env in (("avx512", dict(os.environ)), ("avx2", dict(os.environ, FASTANALOG_CPU_ISA="avx2"))):

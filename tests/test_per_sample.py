@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_harness import cpu_has
 from torch import nn
 
 import fastanalog as fa
@@ -173,24 +174,11 @@ _needs_bf16 = pytest.mark.skipif(
 )
 
 
-def _cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 @pytest.mark.skipif(not fa.ops.cpp.cpp_available(), reason="the C++ kernels are not built")
 def test_bf16_micro_kernel_serves_every_cpu_that_has_one():
     """AMX or AVX512-BF16 (AMD Zen 4, Intel Cooper Lake: torch's could_pack says no, its brgemm runs) both
     give the micro-kernel, and then a linear layer's A takes it."""
-    flags = _cpu_flags()
-    if not flags & {"avx512_bf16", "amx_bf16"}:
+    if not (cpu_has("avx512_bf16") or cpu_has("amx_bf16")):
         pytest.skip("this CPU has neither AVX512-BF16 nor AMX")
     assert fa.ops.cpp.bf16_amx_available()
     assert layers_mod._cpu_bf16_gemm()
