@@ -11,6 +11,7 @@ from .config import AnalogConfig
 from .nn.layers import module_attr
 from .ops import cpp, philox
 from .ops.dispatch import StepItem, analog_step_group
+from .step_plan import StepPlan, fast_update
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -368,23 +369,27 @@ class AnalogSGD(Optimizer):
             if not _count_step(self._counters, bool(_all_finite(grads)), grads, skip):
                 return loss
         tid = 0
-        for group in self.param_groups:
+        plan = self._step_plan() if finite is None else None
+        for gi, group in enumerate(self.param_groups):
             lr = group["lr"]
             analog, digital, signals = [], [], []
-            for p in group["params"]:
-                layer = _layer_of(p)
-                is_analog = layer is not None and layer.analog_config.is_analog
-                grad = p.grad
-                if grad is not None:
-                    d_p = self._signal(p, layer, group, finite)
-                    if is_analog:
-                        analog.append((p, layer, tid, d_p, _excess_input(layer, grad, d_p)))
-                    elif finite is None:
-                        digital.append(p)
-                        signals.append(d_p)
-                    else:
-                        p.copy_(torch.where(finite, p.add(d_p, alpha=-lr), p))
-                tid += is_analog
+            if plan is not None:
+                self._planned_signals(plan, gi, group, analog, digital, signals)
+            else:
+                for p in group["params"]:
+                    layer = _layer_of(p)
+                    is_analog = layer is not None and layer.analog_config.is_analog
+                    grad = p.grad
+                    if grad is not None:
+                        d_p = self._signal(p, layer, group, finite)
+                        if is_analog:
+                            analog.append((p, layer, tid, d_p, _excess_input(layer, grad, d_p)))
+                        elif finite is None:
+                            digital.append(p)
+                            signals.append(d_p)
+                        else:
+                            p.copy_(torch.where(finite, p.add(d_p, alpha=-lr), p))
+                    tid += is_analog
             if digital:
                 if lr > 65504.0 and any(p.dtype == torch.float16 for p in digital):
                     # alpha must be representable in the tensors' dtype; multiply first (overflow is then inf, as in SGD's math).
@@ -394,31 +399,57 @@ class AnalogSGD(Optimizer):
             if not analog:
                 continue
             if finite is None:
-                self._analog_update(analog, lr)
+                self._analog_update(analog, lr, single=plan is not None and plan.single[gi])
             else:
                 self._traced_analog_update(analog, lr, finite)
         return loss
 
-    def _analog_update(self, analog: list, lr: float) -> None:
-        """The analog tensors ``(param, layer, tensor id, signal)`` of one param group, eagerly."""
+    def _step_plan(self) -> StepPlan:
+        """The plan of the eager step (see ``fastanalog.step_plan``), made anew where the parameters changed."""
+        plan = getattr(self, "_plan", None)
+        if plan is None or not plan.holds(self.param_groups):
+            plan = self._plan = StepPlan(self.param_groups, _layer_of)
+        return plan
+
+    def _planned_signals(self, plan: StepPlan, gi: int, group: dict, analog: list, digital: list, signals: list) -> None:
+        """The eager step's loop over group ``gi``'s parameters that have a gradient, from the plan: the analog
+        tensors ``(param, layer, tensor id, signal, A)`` into ``analog``, the others and their signals into
+        ``digital`` and ``signals``."""
+        plain = group["weight_decay"] == 0 and group["momentum"] == 0
+        for p, ref, _, tid in plan.analog[gi]:
+            grad = p.grad
+            if grad is not None:
+                layer = ref()
+                d_p = grad if plain else self._signal(p, layer, group, None)
+                analog.append((p, layer, tid, d_p, _excess_input(layer, grad, d_p)))
+        for p, ref, config in plan.digital[gi]:
+            grad = p.grad
+            if grad is not None:
+                digital.append(p)
+                signals.append(grad if plain else self._signal(p, None if config is None else ref(), group, None))
+
+    def _analog_update(self, analog: list, lr: float, single: bool = False) -> None:
+        """The analog tensors ``(param, layer, tensor id, signal, A)`` of one param group, eagerly (``single``:
+        they share one config, dtype and device, so that one call of the kernels may serve them)."""
         k = self.step_count
-        keys = philox.step_keys(self.seed, k, [entry[2] for entry in analog])
-        # The layers' arrays and counters, each looked up once (``module_attr``: no nn.Module.__getattr__).
-        items, layers, lasts, totals = [], [], [], []
-        for (_, layer, tid, d_p, A), key in zip(analog, keys):
-            last = module_attr(layer, "analog_last_pulses")
-            mixed = module_attr(layer, "analog_mixed")
-            items.append(StepItem(layer.analog_state(), mixed, d_p, layer.analog_config, key, tid, A, last))
-            layers.append(layer)
-            lasts.append(last)
-            totals.append(module_attr(layer, "analog_pulses"))
+        layers = [entry[1] for entry in analog]
         for layer in layers:
             version = module_attr(layer, "weight")._version
             if getattr(layer, "_fa_version", None) not in (None, version):
                 # W was written since the layer's last forward, not by us: say so before the update clips it.
                 _note_version(layer, version)
                 layer.check_range("(W was changed outside AnalogSGD: by hand or by another optimizer)")
-        _stepped_with_counters(items, lasts, totals, lr=lr, step=k)
+        if not (single and fast_update(analog, lr, self.seed, k)):
+            keys = philox.step_keys(self.seed, k, [entry[2] for entry in analog])
+            # The layers' arrays and counters, each looked up once (``module_attr``: no nn.Module.__getattr__).
+            items, lasts, totals = [], [], []
+            for (_, layer, tid, d_p, A), key in zip(analog, keys):
+                last = module_attr(layer, "analog_last_pulses")
+                mixed = module_attr(layer, "analog_mixed")
+                items.append(StepItem(layer.analog_state(), mixed, d_p, layer.analog_config, key, tid, A, last))
+                lasts.append(last)
+                totals.append(module_attr(layer, "analog_pulses"))
+            _stepped_with_counters(items, lasts, totals, lr=lr, step=k)
         for layer in layers:
             # Our own writes (a backend may write through copy_) are not edits by someone else.
             if hasattr(layer, "_fa_version"):

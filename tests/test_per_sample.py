@@ -410,16 +410,14 @@ def test_a_gradient_set_by_hand_is_one_sample():
 
 def test_momentum_and_weight_decay_take_e_from_the_raw_gradient(monkeypatch):
     """With momentum the signal is not S; the pairs must still be lr * max(A - |S|, 0) / 2."""
-    from fastanalog.ops import dispatch
-
     seen = []
-    real = dispatch.analog_step_group
+    real = fa.AnalogSGD._analog_update
 
-    def spy(items, **kw):
-        seen.extend(items)
-        return real(items, **kw)
+    def spy(self, analog, lr, **kw):  # what both the planned and the general update take: (p, layer, tid, signal, A)
+        seen.extend(analog)
+        return real(self, analog, lr, **kw)
 
-    monkeypatch.setattr("fastanalog.optim.analog_step_group", spy)
+    monkeypatch.setattr(fa.AnalogSGD, "_analog_update", spy)
     torch.manual_seed(7)
     layer = fa.AnalogLinear(4, 3, bias=False, config=_asgd())
     opt = fa.AnalogSGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01, seed=2)
@@ -429,10 +427,10 @@ def test_momentum_and_weight_decay_take_e_from_the_raw_gradient(monkeypatch):
         layer(x).pow(2).sum().backward()
         S, A = layer.weight.grad.clone(), layer.sample_abs_grad().clone()
         opt.step()
-    item = seen[-1]
-    assert item.A is not None
-    assert not torch.allclose(item.grad, S)
-    assert torch.allclose((item.A - item.grad.abs()).clamp(min=0), (A - S.abs()).clamp(min=0), atol=1e-6)
+    *_, signal, excess = seen[-1]
+    assert excess is not None
+    assert not torch.allclose(signal, S)
+    assert torch.allclose((excess - signal.abs()).clamp(min=0), (A - S.abs()).clamp(min=0), atol=1e-6)
 
 
 def test_tied_layers_share_one_companion():

@@ -406,6 +406,9 @@ def step(
 ) -> list[StepPulses]:
     """One call of ``algorithm``'s op on flat, contiguous tensors of ``config``; one ``StepPulses`` per tensor.
 
+    (With ``native``, any contiguous tensors: the compiled kernels take an array's elements in
+    memory order, which for a contiguous tensor is the order of its flat view.)
+
     ``arrays``: ``main`` (W), ``residual`` (P), ``buffer`` (H), ``weight`` (Wbar; None: no
     mixed weight), lists of one entry per tensor. ``flag``: rl's transfer flag of this step
     (ignored otherwise). ``totals``: report each written array's ``sum(N_up + N_down)`` as a

@@ -1,0 +1,139 @@
+"""What AnalogSGD's eager step learns about its parameters once instead of at every step.
+
+A step looks at every parameter: is it an analog layer's weight, of which layer, with which
+config, which tensor id (the analog weights counted over all param groups) keys its random
+numbers, and which of a group's analog tensors go into one call of the kernels. On a model of
+a few hundred tensors that Python work costs a fifth of the update itself. ``StepPlan`` keeps
+the answers; each step first checks, in a pass of identity tests, that they still hold (the
+same parameters in the same groups, each still the weight of the same layer, tagged by the
+same reference and holding the same config object) and otherwise makes a new plan.
+
+The plan keeps no array: a step reads each layer's W, P, H and counters where they live, so
+replacing or moving them (``.data =``, ``model.to``) needs no invalidation. Where a group's
+analog tensors form one call of the compiled kernels (one config, dtype and device,
+contiguous arrays, every gradient present), :func:`fast_update` makes that call directly,
+without the per-tensor checks of ``dispatch.analog_step_group``: the kernels check every
+array of the call before they write any (sizes, dtypes, contiguity, overlap). Anything else
+takes the general path, which gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from .nn.layers import module_attr
+from .ops import library, philox, reference
+from .ops.dispatch import _counter_views
+
+
+def _tag(p: torch.Tensor):
+    return getattr(p, "_fa_layer", None)
+
+
+class StepPlan:
+    """Per param group: its parameters, the analog ones with their layers and tensor ids, the rest.
+
+    ``analog[i]``: ``(p, layer reference, config, tid)`` of group ``i``'s analog weights, in
+    parameter order; ``digital[i]``: ``(p, layer reference or None, config or None)`` of its
+    other parameters; ``single[i]``: the group's analog tensors share one config, dtype and
+    device (one call of the kernels), so :func:`fast_update` may serve them. Layers are held
+    by the weak references their weights carry, so a plan keeps no replaced layer alive.
+    """
+
+    def __init__(self, param_groups: list[dict], layer_of) -> None:
+        self.params = [list(g["params"]) for g in param_groups]
+        self.tags = [[_tag(p) for p in ps] for ps in self.params]
+        self.analog: list[list[tuple]] = []
+        self.digital: list[list[tuple]] = []
+        self.single: list[bool] = []
+        tid = 0
+        for ps in self.params:
+            analog, digital = [], []
+            for p in ps:
+                layer = layer_of(p)
+                config = None if layer is None else layer.analog_config
+                if config is not None and config.is_analog:
+                    analog.append((p, _tag(p), config, tid))
+                    tid += 1
+                else:
+                    digital.append((p, _tag(p), config))
+            self.analog.append(analog)
+            self.digital.append(digital)
+            self.single.append(len({(config, p.dtype, p.device) for p, _, config, _ in analog}) == 1)
+
+    def holds(self, param_groups: list[dict]) -> bool:
+        """Whether the plan still describes ``param_groups`` (identity tests only, nothing is hashed)."""
+        if len(param_groups) != len(self.params):
+            return False
+        for group, ps, tags in zip(param_groups, self.params, self.tags):
+            now = group["params"]
+            if len(now) != len(ps) or not all(map(operator.is_, now, ps)) or not all(map(operator.is_, map(_tag, ps), tags)):
+                return False
+        for entries in (*self.analog, *self.digital):
+            for p, ref, config, *_ in entries:
+                if ref is None:  # no layer tag then, nor now (the tags are checked above)
+                    continue
+                layer = ref()
+                owned = layer is not None and layer._parameters.get("weight") is p
+                if owned != (config is not None) or (owned and layer.__dict__.get("analog_config") is not config):
+                    return False
+        return True
+
+
+def fast_update(entries: list[tuple], lr: float, seed: int, step: int) -> bool:
+    """The analog update of one group's tensors ``(p, layer, tid, signal, A)`` in one call of the compiled kernels.
+
+    Returns False, having written nothing, where that call cannot serve them (another
+    backend, a strided or misshapen array); the caller then takes the general path. The
+    arrays go to the kernels in their own shapes (they address elements in memory order).
+    """
+    first = entries[0][1]
+    config = first.analog_config
+    algorithm = config.algorithm
+    W = [module_attr(layer, "weight").data for _, layer, _, _, _ in entries]
+    if not library._eager_native(W[0], algorithm):
+        return False
+    names = reference.ALGORITHMS[algorithm].op_arrays
+    arrays: dict[str, list[torch.Tensor] | None] = {"main": W}
+    for n, attr in (("P", "analog_residual"), ("H", "analog_buffer"), ("Wbar", "analog_mixed")):
+        role = library.STATE_NAMES[n]
+        if n not in names:
+            arrays[role] = None
+            continue
+        found = [module_attr(layer, attr, None) for _, layer, _, _, _ in entries]
+        if n == "Wbar" and all(t is None for t in found):  # no stored mixed weight
+            arrays[role] = None
+            continue
+        if any(t is None for t in found):
+            return False
+        arrays[role] = found
+    for ts in arrays.values():  # the general path copies strided arrays, and names a misshapen one
+        if ts is not None and not all(t.is_contiguous() and t.shape == w.shape for t, w in zip(ts, W)):
+            return False
+    grads = [g if g.is_contiguous() else g.contiguous() for _, _, _, g, _ in entries]
+    has_A = entries[0][4] is not None
+    if any((A is not None) != has_A for *_, A in entries):
+        return False
+    As = [A if A.is_contiguous() else A.contiguous() for *_, A in entries] if has_A else None
+    lasts = [module_attr(layer, "analog_last_pulses") for _, layer, _, _, _ in entries]
+    totals = [module_attr(layer, "analog_pulses") for _, layer, _, _, _ in entries]
+    counters = [_counter_views(last) for last in lasts]
+    tids = [tid for _, _, tid, _, _ in entries]
+    torch._foreach_zero_(lasts)
+    library.step(
+        algorithm,
+        arrays,
+        grads,
+        lr=lr,
+        config=config,
+        keys=philox.step_keys(seed, step, tids),
+        tensor_ids=tids,
+        flag=reference.ALGORITHMS[algorithm].step_flag(config, step),
+        As=As,
+        native=True,
+        counters=counters,
+    )
+    torch._foreach_add_(totals, lasts)
+    return True
