@@ -482,6 +482,17 @@ class AnalogSGD(Optimizer):
             )
 
     # ----- checkpoints ----------------------------------------------------------------
+    def __getstate__(self):
+        """torch's Optimizer pickles its defaults, state and groups only; the seed, the step counters and
+        ``nonfinite`` go along (``copy.deepcopy`` and ``pickle`` of an AnalogSGD continue its trajectory)."""
+        return {**super().__getstate__(), "seed": self.seed, "nonfinite": self.nonfinite, "_counters": self._counters}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite", "raise")
+        self.__dict__.setdefault("_counters", torch.zeros(2, dtype=torch.int64))
+        self._plan = None
+
     def state_dict(self):
         sd = super().state_dict()
         sd["fastanalog"] = {"seed": self.seed, "step": self.step_count, "skipped_steps": self.skipped_steps}

@@ -272,3 +272,22 @@ def test_timm_resnet50_trains_with_every_algorithm(algorithm):
 def test_bad_configs_are_rejected(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         fa.AnalogConfig(**kwargs)
+
+
+@pytest.mark.parametrize("algorithm", ["asgd", "rl2"])
+def test_whole_model_torch_save_round_trip(algorithm):
+    """torch.save of the model itself (not its state dict) pickles; the loaded layers own their weights."""
+    import io
+
+    model = fa.convert_to_analog(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2)), fa.AnalogConfig(algorithm=algorithm))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for i in (0, 2):
+        assert loaded[i].weight._fa_layer() is loaded[i]
+        assert loaded[i].analog_abs._fa_companion_of() is loaded[i]
+    opt = fa.AnalogSGD(loaded.parameters(), lr=0.1, seed=0)
+    loaded(torch.randn(4, 2, 4, 4)).sum().backward()
+    opt.step()
+    assert fa.total_pulses(loaded) > 0

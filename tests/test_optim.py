@@ -402,3 +402,23 @@ def test_a_huge_learning_rate_saturates_pulse_counts_instead_of_wrapping(backend
     assert bool(torch.isfinite(layer.weight).all())
     with pytest.raises(ValueError, match="max_pulses"):
         fa.AnalogConfig(max_pulses=PULSE_LIMIT + 1)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_optimizer_continues_the_trajectory(how):
+    """copy.deepcopy or pickle of model and optimizer together keeps the seed, the step count and the options."""
+    import pickle
+
+    model = _model("rl2")
+    opt = fa.AnalogSGD(model.parameters(), lr=0.2, momentum=0.5, seed=42, nonfinite="skip")
+    _train(model, opt, 2)
+    pair = {"model": model, "opt": opt}
+    copied = copy.deepcopy(pair) if how == "deepcopy" else pickle.loads(pickle.dumps(pair))
+    model2, opt2 = copied["model"], copied["opt"]
+    assert (opt2.seed, opt2.step_count, opt2.nonfinite) == (42, 2, "skip")
+    _train(model, opt, 2, start=2)
+    _train(model2, opt2, 2, start=2)
+    a, b = _arrays(model), _arrays(model2)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert opt2._counters is not opt._counters

@@ -347,6 +347,33 @@ def module_attr(module: nn.Module, name: str, default=_NO_DEFAULT):
     return getattr(module, name) if default is _NO_DEFAULT else getattr(module, name, default)
 
 
+def _untagged() -> None:
+    """What a pickled or deep-copied ``_LayerRef`` becomes: no tag (the layer's ``__setstate__`` tags its weight anew)."""
+    return None
+
+
+class _LayerRef:
+    """The reference from an analog layer's weight (and companion) to the layer: called, the layer (or None).
+
+    It holds a weak reference, which cannot be pickled: a plain one made ``torch.save(model)``
+    and ``pickle`` of an analog model fail. This one pickles and deep-copies as None, and the
+    copied layer tags its own weight when it is restored; a parameter copied without its
+    layer is no layer's weight. (A holder rather than a weakref subclass, which
+    ``torch.compile`` cannot call.)
+    """
+
+    __slots__ = ("ref",)
+
+    def __init__(self, layer) -> None:
+        self.ref = weakref.ref(layer)
+
+    def __call__(self):
+        return self.ref()
+
+    def __reduce__(self):
+        return (_untagged, ())
+
+
 class AnalogLayerMixin:
     """State and helpers shared by every analog layer."""
 
@@ -457,9 +484,9 @@ class AnalogLayerMixin:
 
     def _tag_weight(self) -> None:
         # AnalogSGD finds the layer (and so its arrays and config) through the parameter.
-        self.weight._fa_layer = weakref.ref(self)
+        self.weight._fa_layer = _LayerRef(self)
         if getattr(self, "analog_abs", None) is not None:
-            self.analog_abs._fa_companion_of = weakref.ref(self)
+            self.analog_abs._fa_companion_of = _LayerRef(self)
 
     def sample_abs_grad(self) -> torch.Tensor | None:
         """A, the per-sample |g| sums of the backward passes since ``zero_grad`` (None: no per-sample write, e = 0)."""
