@@ -92,20 +92,19 @@ def fast_update(entries: list[tuple], lr: float, seed: int, step: int) -> bool:
     first = entries[0][1]
     config = first.analog_config
     algorithm = config.algorithm
-    W = [module_attr(layer, "weight").data for _, layer, _, _, _ in entries]
+    states = [layer.analog_state() for _, layer, _, _, _ in entries]  # what the general path reads
+    W = [state["main"] for state in states]
     if not library._eager_native(W[0], algorithm):
         return False
-    names = reference.ALGORITHMS[algorithm].op_arrays
-    arrays: dict[str, list[torch.Tensor] | None] = {"main": W}
-    for n, attr in (("P", "analog_residual"), ("H", "analog_buffer"), ("Wbar", "analog_mixed")):
+    arrays: dict[str, list[torch.Tensor] | None] = {"main": W, "residual": None, "buffer": None, "weight": None}
+    for n in reference.ALGORITHMS[algorithm].op_arrays[1:]:  # W's first
         role = library.STATE_NAMES[n]
-        if n not in names:
-            arrays[role] = None
-            continue
-        found = [module_attr(layer, attr, None) for _, layer, _, _, _ in entries]
-        if n == "Wbar" and all(t is None for t in found):  # no stored mixed weight
-            arrays[role] = None
-            continue
+        if role == "weight":  # the stored mixed weight, where the config keeps one
+            found = [module_attr(layer, "analog_mixed") for _, layer, _, _, _ in entries]
+            if all(t is None for t in found):
+                continue
+        else:
+            found = [state[role] for state in states]
         if any(t is None for t in found):
             return False
         arrays[role] = found
