@@ -94,8 +94,9 @@ def fast_update(entries: list[tuple], lr: float, seed: int, step: int) -> bool:
     algorithm = config.algorithm
     states = [layer.analog_state() for _, layer, _, _, _ in entries]  # what the general path reads
     W = [state["main"] for state in states]
-    if not library._eager_native(W[0], algorithm):
-        return False
+    dtype, device = W[0].dtype, W[0].device
+    if not all(w.dtype == dtype and w.device == device for w in W) or not library._eager_native(W[0], algorithm):
+        return False  # e.g. one layer cast since the plan was made: the general path splits the call
     arrays: dict[str, list[torch.Tensor] | None] = {"main": W, "residual": None, "buffer": None, "weight": None}
     for n in reference.ALGORITHMS[algorithm].op_arrays[1:]:  # W's first
         role = library.STATE_NAMES[n]

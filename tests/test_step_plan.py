@@ -181,3 +181,41 @@ def test_misshapen_array_is_named_as_before():
     with pytest.raises(ValueError, match="P \\(residual\\) has shape"):
         _steps(model, opt, 1, start=1)
     assert torch.equal(layer.weight.detach(), before)
+
+
+class _Cast(nn.Module):
+    """Casts its input to the dtype of ``like``'s weight (or to float32 when ``like`` is None)."""
+
+    def __init__(self, like=None):
+        super().__init__()
+        self.like = [like]  # not a submodule
+
+    def forward(self, x):
+        return x.to(torch.float32 if self.like[0] is None else self.like[0].weight.dtype)
+
+
+def test_layer_cast_after_the_plan_splits_the_call(monkeypatch):
+    """One layer cast to bfloat16 after the plan was made: the general path serves the group (two kernel calls)."""
+
+    def run(general: bool):
+        torch.manual_seed(0)
+        m = fa.convert_to_analog(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3)), _config("rl2", update="batch"))
+        m = nn.Sequential(m[0], _Cast(m[1]), m[1], _Cast())
+        opt = fa.AnalogSGD(m.parameters(), lr=0.3, seed=2)
+        for k in range(3):
+            if k == 1:
+                m[2].to(torch.bfloat16)
+            opt.zero_grad()
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(k))
+            m(x).pow(2).mean().backward()
+            opt.step()
+        return m
+
+    calls = _count_fast(monkeypatch)
+    planned = run(False)
+    assert calls == [True, False, False]
+    with monkeypatch.context() as m:
+        _general(m)
+        general = run(True)
+    assert planned[2].weight.dtype == torch.bfloat16
+    _assert_same(_snapshot(planned), _snapshot(general))
