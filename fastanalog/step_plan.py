@@ -2,8 +2,8 @@
 
 A step looks at every parameter: is it an analog layer's weight, of which layer, with which
 config, which tensor id (the analog weights counted over all param groups) keys its random
-numbers, and which of a group's analog tensors go into one call of the kernels. On a model of
-a few hundred tensors that Python work costs a fifth of the update itself. ``StepPlan`` keeps
+numbers, and which of a group's analog tensors go into one call of the kernels. On resnet50
+(161 tensors) that Python work took a tenth to a fifth of the time of SGD's whole step. ``StepPlan`` keeps
 the answers; each step first checks, in a pass of identity tests, that they still hold (the
 same parameters in the same groups, each still the weight of the same layer, tagged by the
 same reference and holding the same config object) and otherwise makes a new plan.
@@ -11,10 +11,10 @@ same reference and holding the same config object) and otherwise makes a new pla
 The plan keeps no array: a step reads each layer's W, P, H and counters where they live, so
 replacing or moving them (``.data =``, ``model.to``) needs no invalidation. Where a group's
 analog tensors form one call of the compiled kernels (one config, dtype and device,
-contiguous arrays, every gradient present), :func:`fast_update` makes that call directly,
-without the per-tensor checks of ``dispatch.analog_step_group``: the kernels check every
-array of the call before they write any (sizes, dtypes, contiguity, overlap). Anything else
-takes the general path, which gives the same numbers.
+contiguous arrays of W's shape), :func:`fast_update` makes that call directly, without the
+per-tensor checks of ``dispatch.analog_step_group``: the kernels check every array of the
+call before they write any (sizes, dtypes, contiguity, overlap). Anything else takes the
+general path, which gives the same numbers.
 """
 
 from __future__ import annotations
