@@ -3,10 +3,11 @@
 A step looks at every parameter: is it an analog layer's weight, of which layer, with which
 config, which tensor id (the analog weights counted over all param groups) keys its random
 numbers, and which of a group's analog tensors go into one call of the kernels. On resnet50
-(161 tensors) that Python work took a tenth to a fifth of the time of SGD's whole step. ``StepPlan`` keeps
-the answers; each step first checks, in a pass of identity tests, that they still hold (the
-same parameters in the same groups, each still the weight of the same layer, tagged by the
-same reference and holding the same config object) and otherwise makes a new plan.
+(161 tensors) that Python work took a tenth to a fifth of the time of SGD's whole step.
+``StepPlan`` keeps the answers; each step first checks, in a pass of identity tests, that
+they still hold (the same parameters in the same groups, each still the weight of the same
+layer, tagged by the same reference and holding the same config object) and otherwise makes
+a new plan.
 
 The plan keeps no array: a step reads each layer's W, P, H and counters where they live, so
 replacing or moving them (``.data =``, ``model.to``) needs no invalidation. Where a group's
