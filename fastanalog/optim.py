@@ -267,6 +267,7 @@ class AnalogSGD(Optimizer):
         self.nonfinite = nonfinite
         # [steps taken, steps skipped]: a tensor, so that a compiled step reads and counts them at run time.
         self._counters = torch.zeros(2, dtype=torch.int64)
+        self._planned = True  # False: every eager step takes the general path (benchmarks time the plan against it)
 
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; an analog layer's ``analog_abs`` (whose gradient is A,
@@ -404,8 +405,11 @@ class AnalogSGD(Optimizer):
                 self._traced_analog_update(analog, lr, finite)
         return loss
 
-    def _step_plan(self) -> StepPlan:
-        """The plan of the eager step (see ``fastanalog.step_plan``), made anew where the parameters changed."""
+    def _step_plan(self) -> StepPlan | None:
+        """The plan of the eager step (see ``fastanalog.step_plan``), made anew where the parameters changed;
+        None where ``_planned`` is off."""
+        if not getattr(self, "_planned", True):
+            return None
         plan = getattr(self, "_plan", None)
         if plan is None or not plan.holds(self.param_groups):
             plan = self._plan = StepPlan(self.param_groups, _layer_of)

@@ -64,6 +64,7 @@ def test_step_tiny_writes_one_row_per_model_and_algorithm(tmp_path, capsys):
         check_stats(r, "sgd_ms")
         check_stats(r, "ratio")
         check_stats(r, "check_ratio")
+        check_stats(r, "unplanned_ratio")
         assert 0.0 <= float(r["zero_grad_fraction"]) < 1.0
         assert int(r["analog_launches"]) > 0 and int(r["sgd_launches"]) > 0
         assert r["analog_launch_kind"] in ("fastanalog:: op calls", "top-level torch ops")

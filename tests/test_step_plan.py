@@ -219,3 +219,18 @@ def test_layer_cast_after_the_plan_splits_the_call(monkeypatch):
         general = run(True)
     assert planned[2].weight.dtype == torch.bfloat16
     _assert_same(_snapshot(planned), _snapshot(general))
+
+
+def test_unplanned_optimizer_takes_the_general_path(monkeypatch):
+    """``_planned = False`` (what `fastanalog bench step` times the plan against): no plan, no planned call, same numbers."""
+    calls = _count_fast(monkeypatch)
+    config = _config("rl2", update="batch")
+    unplanned = _model(config)
+    opt = fa.AnalogSGD(unplanned.parameters(), lr=0.3, seed=4)
+    opt._planned = False
+    _steps(unplanned, opt, 2)
+    assert calls == [] and getattr(opt, "_plan", None) is None
+    planned = _model(config)
+    _steps(planned, fa.AnalogSGD(planned.parameters(), lr=0.3, seed=4), 2)
+    assert calls == [True, True]
+    _assert_same(_snapshot(unplanned), _snapshot(planned))

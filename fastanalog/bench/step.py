@@ -80,6 +80,7 @@ COLUMNS = [
     *stats_names("sgd_ms"),
     *stats_names("ratio"),
     *stats_names("check_ratio"),
+    *stats_names("unplanned_ratio"),
     "zero_grad_fraction",
     "analog_launches",
     "analog_launch_kind",
@@ -181,11 +182,17 @@ def bench_model(
 
         fns = {"analog": opt.step, "sgd": sgd.step, "check": functools.partial(_all_finite, grads)}
         times = measure_interleaved(fns, warmup=warmup, repeats=repeats, sync=sync)
+        # The same step without the plan of its parameters, against the step as it runs: a pair of its own,
+        # so that the figures above are timed as before.
+        unplanned = fa.AnalogSGD(model.parameters(), lr=LR, seed=seed)
+        unplanned._planned = False
+        pair = measure_interleaved({"analog": opt.step, "unplanned": unplanned.step}, warmup=warmup, repeats=repeats, sync=sync)
         launches, kind = count_launches(opt.step, device)
         analog_ms = Stats.of(times["analog"]).scaled(MS)
         sgd_ms = Stats.of(times["sgd"]).scaled(MS)
         ratio = ratio_stats(times["analog"], times["sgd"])
         check_ratio = ratio_stats(times["check"], times["sgd"])
+        unplanned_ratio = ratio_stats(pair["unplanned"], pair["analog"])
         rows.append(
             {
                 "model": spec.label,
@@ -198,6 +205,7 @@ def bench_model(
                 **stats_columns("sgd_ms", sgd_ms),
                 **stats_columns("ratio", ratio),
                 **stats_columns("check_ratio", check_ratio),
+                **stats_columns("unplanned_ratio", unplanned_ratio),
                 "zero_grad_fraction": zero_fraction,
                 "analog_launches": launches,
                 "analog_launch_kind": kind,
@@ -212,7 +220,7 @@ def bench_model(
             f"ratio {ratio.median:.3g} (gradient check {check_ratio.median:.3g}), {launches} {kind}",
             flush=True,
         )
-        del model, opt
+        del model, opt, unplanned
     return rows
 
 
@@ -304,6 +312,9 @@ def run_step(
         "weights' gradient elements that are exactly 0 after the one backward pass (they send no pulse; the C++ "
         "kernels draw no random numbers for 256-element blocks of them, and asgd's leave such a block's W "
         "unwritten where it would not change).",
+        "Without the plan / with: AnalogSGD.step taking the general path at every step (no plan of its "
+        "parameters kept between steps, fastanalog/step_plan.py; the same numbers) over the step as it runs, "
+        "on the same model and gradients, timed interleaved with it after the other columns.",
         device_note(rows),
         "Launches: cuda kernels on GPU; on CPU fastanalog:: custom-op calls when a compiled backend serves the update, "
         "else the torch ops issued at the top level of the step (reference backend).",
@@ -316,6 +327,7 @@ def run_step(
         ("SGD.step ms", lambda r: _stats(r, "sgd_ms").fmt()),
         ("ratio", lambda r: _stats(r, "ratio").fmt()),
         ("gradient check / SGD.step", lambda r: _stats(r, "check_ratio").fmt()),
+        ("without the plan / with", lambda r: _stats(r, "unplanned_ratio").fmt()),
         ("zero gradients", lambda r: f"{float(r['zero_grad_fraction']):.0%}"),
         ("launches (analog / SGD)", lambda r: f"{r['analog_launches']} / {r['sgd_launches']} ({r['analog_launch_kind']})"),
     ]
