@@ -64,6 +64,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstdint>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -473,6 +474,11 @@ void residual_common(StepArgs& a, at::Tensor& W, at::Tensor& P, at::Tensor& Wbar
 // A tensor's blocks end at the multiples of kBlock of the global index (offset + position),
 // so every block but a tensor's first starts at a multiple of four: its Philox calls serve
 // four of its elements each, none is computed twice or for elements of another block.
+// The chunks the threads take in turn: at least kChunkBlocks blocks (4096 elements), about
+// kChunksPerThread per thread.
+constexpr int64_t kChunkBlocks = 16;
+constexpr int64_t kChunksPerThread = 16;
+
 void run_parallel_multi(const std::vector<RangeFn>& fns, const std::vector<StepArgs>& args) {
   const size_t m = args.size();
   std::vector<int64_t> start(m + 1, 0);  // first block of each tensor in the group's block sequence
@@ -502,11 +508,21 @@ void run_parallel_multi(const std::vector<RangeFn>& fns, const std::vector<StepA
   }
   std::vector<void*> scratch(nt);
   for (int t = 0; t < nt; ++t) scratch[t] = worker_scratch(t);
+  // The threads take chunks of blocks in turn rather than one equal share each: a block of zero
+  // gradient costs a fraction of one that pulses, and a fresh ResNet's zero blocks gather in
+  // some tensors, so equal shares left one thread waiting for the other. Every block's
+  // arithmetic and random numbers are its own, and the totals are integer sums, so which
+  // thread takes a chunk changes no result.
+  const int64_t chunk = std::max<int64_t>(kChunkBlocks, nblocks / (static_cast<int64_t>(nt) * kChunksPerThread));
+  std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(nt)
   {
-    const int64_t T = omp_get_num_threads();
-    const int64_t t = omp_get_thread_num();
-    work(nblocks * t / T, nblocks * (t + 1) / T, scratch[t]);
+    void* s = scratch[omp_get_thread_num()];
+    for (;;) {
+      const int64_t b0 = next.fetch_add(chunk, std::memory_order_relaxed);
+      if (b0 >= nblocks) break;
+      work(b0, std::min(nblocks, b0 + chunk), s);
+    }
   }
 }
 
