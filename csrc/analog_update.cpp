@@ -465,6 +465,11 @@ void residual_common(StepArgs& a, at::Tensor& W, at::Tensor& P, at::Tensor& Wbar
 }
 
 // ----- many tensors in one call ------------------------------------------------------------
+// The chunks the threads take in turn: at least kChunkBlocks blocks (4096 elements), about
+// kChunksPerThread per thread.
+constexpr int64_t kChunkBlocks = 16;
+constexpr int64_t kChunksPerThread = 16;
+
 // One step of one algorithm on a group of tensors that share a configuration (their keys,
 // offsets, tensor ids and so variation keys apart). The threads split the group's blocks,
 // tensor after tensor, in one parallel region: no per-tensor dispatch, thread start or
@@ -474,11 +479,6 @@ void residual_common(StepArgs& a, at::Tensor& W, at::Tensor& P, at::Tensor& Wbar
 // A tensor's blocks end at the multiples of kBlock of the global index (offset + position),
 // so every block but a tensor's first starts at a multiple of four: its Philox calls serve
 // four of its elements each, none is computed twice or for elements of another block.
-// The chunks the threads take in turn: at least kChunkBlocks blocks (4096 elements), about
-// kChunksPerThread per thread.
-constexpr int64_t kChunkBlocks = 16;
-constexpr int64_t kChunksPerThread = 16;
-
 void run_parallel_multi(const std::vector<RangeFn>& fns, const std::vector<StepArgs>& args) {
   const size_t m = args.size();
   std::vector<int64_t> start(m + 1, 0);  // first block of each tensor in the group's block sequence
