@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -11,7 +12,7 @@ from .config import AnalogConfig
 from .nn.layers import module_attr
 from .ops import cpp, philox
 from .ops.dispatch import StepItem, analog_step_group
-from .step_plan import StepPlan, fast_update
+from .step_plan import StepPlan, fast_launch
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -104,11 +105,11 @@ def _count_step(counters: torch.Tensor, finite: bool, grads: list[torch.Tensor],
     )
 
 
-def _stepped_with_counters(items: list[StepItem], lasts: list[torch.Tensor], totals: list[torch.Tensor], *, lr: float, step: int) -> None:
-    """Step ``items`` whose kernels add their pulses into ``lasts`` (the layers' ``analog_last_pulses``,
+def _stepped_with_counters(launch, lasts: list[torch.Tensor], totals: list[torch.Tensor]) -> None:
+    """Run ``launch()``, a step whose kernels add their pulses into ``lasts`` (the layers' ``analog_last_pulses``,
     zeroed first: index 0 W, 1 P), then add this step's pulses to ``totals`` (``analog_pulses``)."""
     torch._foreach_zero_(lasts)
-    analog_step_group(items, lr=lr, step=step, totals=True)
+    launch()
     torch._foreach_add_(totals, lasts)
 
 
@@ -188,7 +189,7 @@ def _update_op(
         )
         for i, tid in enumerate(tensor_ids)
     ]
-    _stepped_with_counters(items, list(last_pulses), list(pulses), lr=lr, step=step)
+    _stepped_with_counters(functools.partial(analog_step_group, items, lr=lr, step=step, totals=True), list(last_pulses), list(pulses))
 
 
 @_update_op.register_fake
@@ -443,17 +444,18 @@ class AnalogSGD(Optimizer):
                 # W was written since the layer's last forward, not by us: say so before the update clips it.
                 _note_version(layer, version)
                 layer.check_range("(W was changed outside AnalogSGD: by hand or by another optimizer)")
-        if not (single and fast_update(analog, lr, self.seed, k)):
+        # The layers' counters, each looked up once (``module_attr``: no nn.Module.__getattr__).
+        lasts = [module_attr(layer, "analog_last_pulses") for layer in layers]
+        totals = [module_attr(layer, "analog_pulses") for layer in layers]
+        launch = fast_launch(analog, lr, self.seed, k, lasts) if single else None
+        if launch is None:
             keys = philox.step_keys(self.seed, k, [entry[2] for entry in analog])
-            # The layers' arrays and counters, each looked up once (``module_attr``: no nn.Module.__getattr__).
-            items, lasts, totals = [], [], []
-            for (_, layer, tid, d_p, A), key in zip(analog, keys):
-                last = module_attr(layer, "analog_last_pulses")
-                mixed = module_attr(layer, "analog_mixed")
-                items.append(StepItem(layer.analog_state(), mixed, d_p, layer.analog_config, key, tid, A, last))
-                lasts.append(last)
-                totals.append(module_attr(layer, "analog_pulses"))
-            _stepped_with_counters(items, lasts, totals, lr=lr, step=k)
+            items = [
+                StepItem(layer.analog_state(), module_attr(layer, "analog_mixed"), d_p, layer.analog_config, key, tid, A, last)
+                for (_, layer, tid, d_p, A), key, last in zip(analog, keys, lasts)
+            ]
+            launch = functools.partial(analog_step_group, items, lr=lr, step=k, totals=True)
+        _stepped_with_counters(launch, lasts, totals)
         for layer in layers:
             # Our own writes (a backend may write through copy_) are not edits by someone else.
             if hasattr(layer, "_fa_version"):

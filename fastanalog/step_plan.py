@@ -12,7 +12,7 @@ a new plan.
 The plan keeps no array: a step reads each layer's W, P, H and counters where they live, so
 replacing or moving them (``.data =``, ``model.to``) needs no invalidation. Where a group's
 analog tensors form one call of the compiled kernels (one config, dtype and device,
-contiguous arrays of W's shape), :func:`fast_update` makes that call directly, without the
+contiguous arrays of W's shape), :func:`fast_launch` prepares that call, without the
 per-tensor checks of ``dispatch.analog_step_group``: the kernels check every array of the
 call before they write any (sizes, dtypes, contiguity, overlap). Anything else takes the
 general path, which gives the same numbers.
@@ -20,6 +20,7 @@ general path, which gives the same numbers.
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -39,7 +40,7 @@ class StepPlan:
     ``analog[i]``: ``(p, layer reference, config, tid)`` of group ``i``'s analog weights, in
     parameter order; ``digital[i]``: ``(p, layer reference or None, config or None)`` of its
     other parameters; ``single[i]``: the group's analog tensors share one config, dtype and
-    device (one call of the kernels), so :func:`fast_update` may serve them. Layers are held
+    device (one call of the kernels), so :func:`fast_launch` may serve them. Layers are held
     by the weak references their weights carry, so a plan keeps no replaced layer alive.
     """
 
@@ -83,12 +84,13 @@ class StepPlan:
         return True
 
 
-def fast_update(entries: list[tuple], lr: float, seed: int, step: int) -> bool:
-    """The analog update of one group's tensors ``(p, layer, tid, signal, A)`` in one call of the compiled kernels.
+def fast_launch(entries: list[tuple], lr: float, seed: int, step: int, lasts: list[torch.Tensor]):
+    """The analog update of one group's tensors ``(p, layer, tid, signal, A)`` as one call of the compiled kernels,
+    ready to run (``lasts``: the layers' ``analog_last_pulses``, into which it adds the pulses); or None.
 
-    Returns False, having written nothing, where that call cannot serve them (another
-    backend, a strided or misshapen array); the caller then takes the general path. The
-    arrays go to the kernels in their own shapes (they address elements in memory order).
+    None, having written nothing, where that call cannot serve them (another backend, a
+    strided or misshapen array); the caller then takes the general path. The arrays go to
+    the kernels in their own shapes (they address elements in memory order).
     """
     first = entries[0][1]
     config = first.analog_config
@@ -97,7 +99,7 @@ def fast_update(entries: list[tuple], lr: float, seed: int, step: int) -> bool:
     W = [state["main"] for state in states]
     dtype, device = W[0].dtype, W[0].device
     if not all(w.dtype == dtype and w.device == device for w in W) or not library._eager_native(W[0], algorithm):
-        return False  # e.g. one layer cast since the plan was made: the general path splits the call
+        return None  # e.g. one layer cast since the plan was made: the general path splits the call
     arrays: dict[str, list[torch.Tensor] | None] = {"main": W, "residual": None, "buffer": None, "weight": None}
     for n in reference.ALGORITHMS[algorithm].op_arrays[1:]:  # W's first
         role = library.STATE_NAMES[n]
@@ -108,22 +110,19 @@ def fast_update(entries: list[tuple], lr: float, seed: int, step: int) -> bool:
         else:
             found = [state[role] for state in states]
         if any(t is None for t in found):
-            return False
+            return None
         arrays[role] = found
     for ts in arrays.values():  # the general path copies strided arrays, and names a misshapen one
         if ts is not None and not all(t.is_contiguous() and t.shape == w.shape for t, w in zip(ts, W)):
-            return False
+            return None
     grads = [g if g.is_contiguous() else g.contiguous() for _, _, _, g, _ in entries]
     has_A = entries[0][4] is not None
     if any((A is not None) != has_A for *_, A in entries):
-        return False
+        return None
     As = [A if A.is_contiguous() else A.contiguous() for *_, A in entries] if has_A else None
-    lasts = [module_attr(layer, "analog_last_pulses") for _, layer, _, _, _ in entries]
-    totals = [module_attr(layer, "analog_pulses") for _, layer, _, _, _ in entries]
-    counters = [_counter_views(last) for last in lasts]
     tids = [tid for _, _, tid, _, _ in entries]
-    torch._foreach_zero_(lasts)
-    library.step(
+    return functools.partial(
+        library.step,
         algorithm,
         arrays,
         grads,
@@ -134,7 +133,5 @@ def fast_update(entries: list[tuple], lr: float, seed: int, step: int) -> bool:
         flag=reference.ALGORITHMS[algorithm].step_flag(config, step),
         As=As,
         native=True,
-        counters=counters,
+        counters=[_counter_views(last) for last in lasts],
     )
-    torch._foreach_add_(totals, lasts)
-    return True

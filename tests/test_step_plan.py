@@ -53,15 +53,16 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 def _count_fast(monkeypatch) -> list:
-    """Record whether each fast_update call served its group (True) or handed it back (False)."""
+    """Record whether each fast_launch call served its group (True) or handed it back (False)."""
     calls = []
-    real = step_plan.fast_update
+    real = step_plan.fast_launch
 
     def spy(*args):
-        calls.append(real(*args))
-        return calls[-1]
+        launch = real(*args)
+        calls.append(launch is not None)
+        return launch
 
-    monkeypatch.setattr("fastanalog.optim.fast_update", spy)
+    monkeypatch.setattr("fastanalog.optim.fast_launch", spy)
     return calls
 
 
